@@ -1,0 +1,104 @@
+"""``Probe``: realizes one module's operator from what it computed in a forward pass.
+
+A probe owns the hooks it registers (returned by :meth:`Probe.attach` and removed
+by the :class:`~esswatch.capture.Capture` that owns it) and stores the tensors
+one forward call produced in a *record*. Its :meth:`build` turns a record into an
+operator of :mod:`esswatch.operators`. Probes never set attributes on the module.
+
+Hot-path contract (hooks run on every training step):
+
+- a hook first checks ``self.session.armed`` and returns immediately when it is
+  False (nothing else runs);
+- no host syncs (no ``.item()``, ``bool(tensor)``, ``.cpu()``, printing) inside
+  hooks: only slicing, ``.detach()`` and storing references;
+- :meth:`record` slices batch rows / heads as configured and detaches unless
+  the session keeps the graph (the regularizer asks for that).
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ..operators import Operator
+
+__all__ = ["Probe", "CaptureError"]
+
+
+class CaptureError(RuntimeError):
+    """Raised when a layer cannot be captured faithfully (names the layer)."""
+
+
+class Probe:
+    """Base class; subclasses implement :meth:`attach` and :meth:`build`.
+
+    Attributes:
+        layer_type: a short human name of the layer family (README, messages).
+        name: qualified module name in the model.
+        session: the owning :class:`~esswatch.capture.Capture` (config + ``armed`` flag).
+    """
+
+    layer_type: str = "layer"
+
+    def __init__(self, name: str, module: torch.nn.Module, session) -> None:
+        self.name = name
+        self._module = weakref.ref(module)
+        self.session = session
+        self._record: Optional[Dict[str, Any]] = None
+
+    # -- to implement ----------------------------------------------------------
+    def attach(self) -> List[Any]:
+        """Register hooks on the module; return their handles (objects with ``.remove()``)."""
+        raise NotImplementedError
+
+    def build(self, record: Dict[str, Any]) -> Operator:
+        """Turn one record into an operator with leading dims ``(batch, head or channel)``."""
+        raise NotImplementedError
+
+    def tss(self) -> Optional[int]:
+        """The layer's theoretical state size per channel (``None`` = grows / unbounded)."""
+        return None
+
+    # -- helpers for subclasses -----------------------------------------------
+    @property
+    def module(self) -> torch.nn.Module:
+        m = self._module()
+        if m is None:  # pragma: no cover - the model was garbage collected
+            raise CaptureError(f"{self.name}: the module no longer exists")
+        return m
+
+    def wants_record(self) -> bool:
+        """True when armed and no record was taken yet in this armed window (first call wins)."""
+        return self.session.armed and self._record is None
+
+    def keep(self, x: Optional[torch.Tensor], head_dim: Optional[int] = None) -> Optional[torch.Tensor]:
+        """Slice batch rows (dim 0) and heads/channels (``head_dim``), detach unless the graph is kept."""
+        if x is None:
+            return None
+        rows = self.session.batch_rows
+        if rows is not None and x.dim() > 0:
+            x = x[:rows]
+        heads = self.session.heads
+        if heads is not None and head_dim is not None:
+            x = x.narrow(head_dim, 0, min(heads, x.shape[head_dim]))
+        if not self.session.keep_graph:
+            x = x.detach()
+        return x
+
+    def record(self, **tensors: Any) -> None:
+        """Store one forward call's tensors (already sliced with :meth:`keep`)."""
+        self._record = tensors
+
+    # -- used by Capture -------------------------------------------------------
+    @property
+    def has_record(self) -> bool:
+        return self._record is not None
+
+    def operator(self) -> Optional[Operator]:
+        if self._record is None:
+            return None
+        return self.build(self._record)
+
+    def clear(self) -> None:
+        self._record = None

@@ -1,0 +1,301 @@
+"""The functional API: entropy-ESS and tolerance-ESS of an operator.
+
+``entropy_ess(op, indices)`` returns ``batch_shape + (len(indices),)``: the
+entropy-ESS of ``H_i = T[..., i:, :i]`` at each 0-based index ``i`` in ``1..L-1``
+(spec section 2). ``op`` is a dense causal tensor ``(..., L, L)`` or an operator
+from :mod:`esswatch.operators`.
+
+Estimators (all compute in float32, or float64 for float64 input; autocast is
+disabled inside; results are on the operator's device):
+
+===============  ==========================================================================
+``"exact"``      batched singular values of each ``H_i``. O(L^3) per index (O(L^4) for all).
+                 Differentiable. The reference.
+``"gram"``       exact, for :class:`~esswatch.operators.GatedRecurrence` only: Gramian
+                 recursions in float64, O(L N^2) for *all* indices plus an ``N x N``
+                 eigenproblem per index. Differentiable. Indices with ``min(i, L-i) < N``
+                 (rank-deficient Gramians) are computed densely, which is cheap there.
+``"randomized"`` matrix-free subspace iteration with adaptive rank and deterministic
+                 bounds from the exact ``||H_i||_F`` (see :mod:`esswatch.engine.randomized`);
+                 rank doubles from 32 until ``upper/lower <= (1+rtol)^2`` and falls back to
+                 exact when the rank would exceed ``min(i, L-i)/4``. O((2q+2) m n k) per
+                 index. Not differentiable (computed under ``no_grad``).
+``"auto"``       gram for gated recurrences; otherwise exact where ``min(i, L-i) <= 64`` or
+                 gradients are needed, randomized elsewhere.
+===============  ==========================================================================
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .engine.gram import gram_singular_values
+from .engine.hankel import hankel_fro2_dense
+from .engine.randomized import entropy_bounds, sketch_singular_values
+from .engine.spectral import compute_dtype, entropy_from_singular_values, tolerance_from_singular_values
+from .engine.validation import check_indices
+from .operators import Dense, GatedRecurrence, Operator
+
+__all__ = ["entropy_ess", "tolerance_ess", "as_operator", "ESTIMATORS",
+           "DEFAULT_RTOL", "DEFAULT_TOL", "DEFAULT_RELATIVE"]
+
+ESTIMATORS = ("auto", "exact", "gram", "randomized")
+DEFAULT_RTOL = 0.02
+#: tolerance-ESS default: count singular values above 1e-3 * s_1 (relative mode).
+DEFAULT_TOL = 1e-3
+DEFAULT_RELATIVE = True
+
+#: auto: indices with min(i, L - i) at most this are computed exactly.
+EXACT_BELOW = 64
+#: randomized: starting rank, power iterations, and the fallback fraction of min(i, L-i).
+SKETCH_RANK0 = 32
+SKETCH_POWER_ITERS = 2
+SKETCH_FALLBACK_FRACTION = 0.25
+
+
+def as_operator(op) -> Operator:
+    """A tensor becomes :class:`~esswatch.operators.Dense`; operators pass through."""
+    if isinstance(op, Operator):
+        return op
+    if isinstance(op, torch.Tensor):
+        return Dense(op)
+    raise ValueError(f"expected a (..., L, L) tensor or an esswatch.operators.Operator, got {type(op).__name__}")
+
+
+@contextlib.contextmanager
+def _no_autocast(device: torch.device):
+    kinds = {"cpu", device.type} if device.type in ("cuda", "cpu", "xpu", "mps") else {"cpu"}
+    with contextlib.ExitStack() as stack:
+        for kind in kinds:
+            try:
+                stack.enter_context(torch.autocast(device_type=kind, enabled=False))
+            except RuntimeError:  # pragma: no cover - device without autocast support
+                pass
+        yield
+
+
+def _prepare(op, indices, estimator):
+    op = as_operator(op)
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if estimator == "gram" and not isinstance(op, GatedRecurrence):
+        raise ValueError(f"estimator='gram' needs a GatedRecurrence operator, got {type(op).__name__}")
+    if op.seq_len < 2:
+        raise ValueError(f"ESS needs a sequence length of at least 2, got L={op.seq_len}")
+    op.validate()
+    idx = check_indices(indices, op.seq_len)
+    cdt = compute_dtype(op.dtype)
+    if op.dtype != cdt:
+        op = op.to(dtype=cdt)
+    return op, idx, cdt
+
+
+def _plan(op: Operator, idx: torch.Tensor, estimator: str, need_grad: bool) -> list:
+    """One estimator name per index."""
+    L = op.seq_len
+    out = []
+    for i in idx.tolist():
+        p = min(i, L - i)
+        if estimator != "auto":
+            out.append(estimator)
+        elif isinstance(op, GatedRecurrence):
+            out.append("gram")
+        elif need_grad or p <= EXACT_BELOW:
+            out.append("exact")
+        else:
+            out.append("randomized")
+    return out
+
+
+class _Cache:
+    """Lazily materialized dense matrix and Frobenius norms shared by all indices."""
+
+    def __init__(self, op: Operator):
+        self.op = op
+        self._dense = None
+
+    def dense(self):
+        if self._dense is None:
+            self._dense = self.op.dense()
+        return self._dense
+
+    def hankel(self, i: int):
+        if self._dense is None and isinstance(self.op, GatedRecurrence):
+            return self.op.hankel(i)
+        return self.dense()[..., i:, :i]
+
+
+def _randomized_entropy(op: Operator, cache: _Cache, i: int, rtol: float, generator):
+    """``(est, lower, upper, sv_or_None)`` for one index by the adaptive sketch."""
+    L = op.seq_len
+    m, n = L - i, i
+    p = min(m, n)
+    t_dense = cache.dense() if not isinstance(op, GatedRecurrence) else None
+    fro2 = (op.hankel_fro2(torch.tensor([i]), dense=t_dense)[..., 0]
+            if t_dense is not None else op.hankel_fro2(torch.tensor([i]))[..., 0])
+    h = t_dense[..., i:, :i] if t_dense is not None else op.hankel(i)
+    dt = h.dtype
+    fro2 = fro2.to(device=h.device, dtype=dt)
+    matmul = lambda v: h @ v
+    rmatmul = lambda w: h.transpose(-1, -2) @ w
+    k = min(SKETCH_RANK0, p)
+    while True:
+        if k > SKETCH_FALLBACK_FRACTION * p and k < p:
+            sv = torch.linalg.svdvals(h)
+            e = entropy_from_singular_values(sv)
+            return e, e, e
+        t = sketch_singular_values(matmul, rmatmul, n, op.batch_shape, k, SKETCH_POWER_ITERS, dt, h.device,
+                                   generator)
+        if k >= p:
+            e = entropy_from_singular_values(t)
+            return e, e, e
+        est, lo, hi = entropy_bounds(t.to(torch.float64), fro2.to(torch.float64), p)
+        if bool((hi <= lo * (1 + rtol) ** 2).all()):
+            return est.to(dt), lo.to(dt), hi.to(dt)
+        k = min(2 * k, p)
+
+
+def _default_generator(device: torch.device) -> torch.Generator:
+    # a private generator: the estimator never draws from (or advances) the global RNG stream
+    g = torch.Generator(device=device)
+    g.manual_seed(0x5EED)
+    return g
+
+
+def _singular_values_by_plan(op, idx, plan, cache):
+    """Exact singular values per index for the 'exact' and 'gram' entries of the plan (dict i -> sv)."""
+    out = {}
+    L = op.seq_len
+    gram_idx = [i for i, e in zip(idx.tolist(), plan) if e == "gram"]
+    if gram_idx:
+        N = op.state_width
+        via_gram = [i for i in gram_idx if min(i, L - i) >= N]
+        dense_small = [i for i in gram_idx if min(i, L - i) < N]
+        if via_gram:
+            q, k, ld = op.expanded()
+            sv, ok, _ = gram_singular_values(q, k, ld, torch.tensor(via_gram))
+            sv = sv.to(compute_dtype(op.dtype))
+            ok_all = ok.all(dim=tuple(range(ok.dim() - 1))) if ok.dim() > 1 else ok
+            for j, i in enumerate(via_gram):
+                if bool(ok_all[j]):
+                    out[i] = sv[..., j, :]
+                else:
+                    dense_small.append(i)
+        for i in dense_small:
+            out[i] = torch.linalg.svdvals(cache.hankel(i))
+    for i, e in zip(idx.tolist(), plan):
+        if e == "exact":
+            out[i] = torch.linalg.svdvals(cache.hankel(i))
+    return out
+
+
+def entropy_ess(op: Union[torch.Tensor, Operator], indices: Optional[Sequence[int]] = None, *,
+                estimator: str = "auto", rtol: float = DEFAULT_RTOL, return_bounds: bool = False,
+                generator: Optional[torch.Generator] = None):
+    """Entropy-ESS of ``H_i = T[..., i:, :i]`` at each index (spec section 2).
+
+    Args:
+        op: a dense causal tensor ``(..., L, L)`` or an operator from :mod:`esswatch.operators`.
+        indices: 0-based indices in ``1..L-1``; ``None`` = all ``L - 1``.
+        estimator: ``"auto"`` (default), ``"exact"``, ``"gram"`` or ``"randomized"`` (module doc).
+        rtol: relative accuracy the randomized estimator must reach (default 0.02).
+        return_bounds: also return ``(lower, upper)`` with ``lower <= exact <= upper``
+            (equal to the estimate for exact entries).
+        generator: random generator for the sketch (default: a private, fixed-seed one; the
+            global RNG is never touched).
+
+    Returns:
+        A tensor ``batch_shape + (len(indices),)`` (float32, or float64 for float64 input),
+        or ``(estimate, lower, upper)`` with ``return_bounds=True``.
+
+    Raises:
+        ValueError: malformed or non-causal operator, NaN/Inf, bad indices or estimator.
+    """
+    if not (isinstance(rtol, (int, float)) and rtol > 0):
+        raise ValueError(f"rtol must be a positive number, got {rtol!r}")
+    op, idx, cdt = _prepare(op, indices, estimator)
+    need_grad = torch.is_grad_enabled() and op.requires_grad
+    plan = _plan(op, idx, estimator, need_grad)
+    with _no_autocast(op.device):
+        cache = _Cache(op)
+        svs = _singular_values_by_plan(op, idx, plan, cache)
+        ests, los, his = [], [], []
+        gen = generator
+        for i, e in zip(idx.tolist(), plan):
+            if e == "randomized":
+                if gen is None:
+                    gen = _default_generator(op.device)
+                with torch.no_grad():
+                    est, lo, hi = _randomized_entropy(op, cache, i, float(rtol), gen)
+            else:
+                est = entropy_from_singular_values(svs[i])
+                lo = hi = est
+            ests.append(est.to(cdt))
+            los.append(lo.to(cdt))
+            his.append(hi.to(cdt))
+    est = torch.stack(ests, dim=-1)
+    if return_bounds:
+        return est, torch.stack(los, dim=-1), torch.stack(his, dim=-1)
+    return est
+
+
+def tolerance_ess(op: Union[torch.Tensor, Operator], indices: Optional[Sequence[int]] = None, *,
+                  tol: float = DEFAULT_TOL, relative: bool = DEFAULT_RELATIVE,
+                  estimator: str = "auto") -> torch.Tensor:
+    """Tolerance-ESS: the number of singular values of ``H_i`` above a threshold.
+
+    Args:
+        tol: the threshold; with ``relative=True`` (default) it is ``tol * s_1`` (default
+            ``1e-3 * s_1``), otherwise the absolute value ``tol``.
+        estimator: ``"auto"``, ``"exact"``, ``"gram"`` (gated recurrences) or ``"randomized"``.
+            Exact counts on every estimator: ``"randomized"`` raises its rank until the energy it
+            has not seen, ``r``, is below the threshold (then no unseen singular value can pass it)
+            and falls back to exact otherwise.
+
+    Returns:
+        A float tensor ``batch_shape + (len(indices),)`` of counts.
+    """
+    if not (isinstance(tol, (int, float)) and tol >= 0):
+        raise ValueError(f"tol must be a non-negative number, got {tol!r}")
+    op, idx, cdt = _prepare(op, indices, estimator)
+    plan = _plan(op, idx, estimator, need_grad=False)
+    with torch.no_grad(), _no_autocast(op.device):
+        cache = _Cache(op)
+        svs = _singular_values_by_plan(op, idx, plan, cache)
+        out = []
+        gen = None
+        for i, e in zip(idx.tolist(), plan):
+            if e == "randomized":
+                gen = gen or _default_generator(op.device)
+                sv = _randomized_tolerance_sv(op, cache, i, tol, relative, gen)
+            else:
+                sv = svs[i]
+            out.append(tolerance_from_singular_values(sv, tol, relative).to(cdt))
+    return torch.stack(out, dim=-1)
+
+
+def _randomized_tolerance_sv(op, cache, i, tol, relative, generator):
+    """Sketched top singular values, enough that counting them above the threshold is exact."""
+    L = op.seq_len
+    m, n = L - i, i
+    p = min(m, n)
+    h = cache.hankel(i)
+    fro2 = (h.to(torch.float64) ** 2).sum(dim=(-1, -2))
+    k = min(SKETCH_RANK0, p)
+    while True:
+        if k > SKETCH_FALLBACK_FRACTION * p and k < p:
+            return torch.linalg.svdvals(h)
+        t = sketch_singular_values(lambda v: h @ v, lambda w: h.transpose(-1, -2) @ w, n, op.batch_shape, k,
+                                   SKETCH_POWER_ITERS, h.dtype, h.device, generator)
+        if k >= p:
+            return t
+        r = torch.sqrt(torch.clamp(fro2 - (t.to(torch.float64) ** 2).sum(-1), min=0))
+        thresh = tol * t[..., 0].to(torch.float64) if relative else torch.full_like(r, tol)
+        # every unseen singular value is <= ||H - Q Q^T H||_2 <= r; every seen one within r of t_j
+        t64 = t.to(torch.float64)
+        near = ((t64 - thresh[..., None]).abs() <= r[..., None]).any(-1)
+        if bool(((r < thresh) & ~near).all()):
+            return t
+        k = min(2 * k, p)

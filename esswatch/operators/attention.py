@@ -1,0 +1,107 @@
+"""``SoftmaxAttention``: causal (optionally sliding-window, masked) softmax attention."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..engine.validation import check_finite
+from .base import Operator
+
+__all__ = ["SoftmaxAttention"]
+
+
+class SoftmaxAttention(Operator):
+    """``T[r, c] = softmax_c(scale * q_r . k_c + mask[r, c])`` over ``c <= r``.
+
+    Args:
+        q, k: ``(..., L, d)``; leading dims broadcast (e.g. grouped-query heads
+            can pass ``k`` with a head dim of 1 after ``unsqueeze``).
+        scale: defaults to ``1 / sqrt(d)``.
+        window: sliding window width ``w``: ``T[r, c] = 0`` for ``r - c >= w``.
+            The natural state size is then ``w``; otherwise it grows with the index.
+        mask: optional ``(..., L, L)`` mask broadcastable to the scores; boolean
+            (``True`` = may attend, as in ``scaled_dot_product_attention``) or
+            additive float. Causality is always applied on top.
+        value_dim: value channels sharing this head (metadata for total ESS).
+
+    A row that can attend to nothing (fully masked) is all zero.
+    """
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, *, scale: Optional[float] = None,
+                 window: Optional[int] = None, mask: Optional[torch.Tensor] = None, value_dim: int = 1):
+        for name, x in (("q", q), ("k", k)):
+            if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
+                raise ValueError(f"SoftmaxAttention: {name} must be a floating tensor (..., L, d), got "
+                                 f"{getattr(x, 'shape', type(x).__name__)}")
+        if q.shape[-2:] != k.shape[-2:]:
+            raise ValueError(f"SoftmaxAttention: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in (L, d)")
+        try:
+            batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+        except RuntimeError as e:
+            raise ValueError(f"SoftmaxAttention: leading dims of q {tuple(q.shape)} and k {tuple(k.shape)} "
+                             f"do not broadcast") from e
+        if window is not None and (int(window) != window or window < 1):
+            raise ValueError(f"SoftmaxAttention: window must be a positive int, got {window}")
+        L = q.shape[-2]
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dim() < 2 or mask.shape[-2:] != (L, L):
+                raise ValueError(f"SoftmaxAttention: mask must be (..., L, L) = (..., {L}, {L}), got "
+                                 f"{getattr(mask, 'shape', type(mask).__name__)}")
+            try:
+                batch = torch.broadcast_shapes(batch, mask.shape[:-2])
+            except RuntimeError as e:
+                raise ValueError(f"SoftmaxAttention: mask {tuple(mask.shape)} does not broadcast with q/k") from e
+        self.q, self.k, self.mask = q, k, mask
+        self.scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        self.window = None if window is None else int(window)
+        self.seq_len = L
+        self.batch_shape = torch.Size(batch)
+        self.state_size = self.window
+        self.value_dim = value_dim
+
+    def _tensors(self):
+        return tuple(x for x in (self.q, self.k, self.mask) if x is not None)
+
+    @property
+    def dtype(self):
+        return self.q.dtype
+
+    def validate(self) -> None:
+        for name, x in (("q", self.q), ("k", self.k)):
+            check_finite(x, f"SoftmaxAttention.{name}")
+        if self.mask is not None and self.mask.is_floating_point() and bool(torch.isnan(self.mask).any()):
+            raise ValueError("SoftmaxAttention.mask contains NaN")
+
+    def allowed(self) -> torch.Tensor:
+        """Boolean ``(L, L)`` structural mask: causal and within the window."""
+        L = self.seq_len
+        r = torch.arange(L, device=self.q.device)
+        diff = r[:, None] - r[None, :]
+        ok = diff >= 0
+        if self.window is not None:
+            ok = ok & (diff < self.window)
+        return ok
+
+    def dense(self) -> torch.Tensor:
+        dt = torch.float64 if self.q.dtype == torch.float64 else torch.float32
+        scores = (self.q.to(dt) @ self.k.to(dt).transpose(-1, -2)) * self.scale
+        scores = scores.expand(*self.batch_shape, self.seq_len, self.seq_len)
+        ok = self.allowed()
+        if self.mask is not None:
+            if self.mask.dtype == torch.bool:
+                ok = ok & self.mask
+            else:
+                scores = scores + self.mask.to(dt)
+                ok = ok & torch.isfinite(self.mask)
+        scores = scores.masked_fill(~ok, float("-inf"))
+        row_has = torch.isfinite(scores).any(dim=-1, keepdim=True)
+        scores = torch.where(row_has, scores, torch.zeros_like(scores))
+        probs = torch.softmax(scores, dim=-1)
+        return torch.where(row_has & ok, probs, torch.zeros_like(probs))
+
+    def to(self, dtype=None, device=None) -> "SoftmaxAttention":
+        cast = lambda x: None if x is None else x.to(dtype=dtype if x.is_floating_point() else None, device=device)
+        return SoftmaxAttention(cast(self.q), cast(self.k), scale=self.scale, window=self.window,
+                                mask=cast(self.mask), value_dim=self.value_dim)

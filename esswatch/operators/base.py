@@ -1,0 +1,112 @@
+"""The operator interface every structured causal operator implements.
+
+An operator is a batch of causal ``L x L`` matrices ``T`` (leading dims are batch
+dims: batch row, head or channel). The ESS estimators only ever touch ``T``
+through the methods below, so a new operator type needs ``dense()`` and, if it
+has cheaper structure, faster versions of the Hankel products.
+
+``H_i = T[..., i:, :i]`` is the past-to-future submatrix at 0-based index ``i``
+(``1 <= i <= L-1``), see ``shared/ess-spec.md`` section 2.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from ..engine import hankel as _hankel
+from ..engine.validation import check_finite
+
+__all__ = ["Operator"]
+
+
+class Operator:
+    """Base class of a batch of causal ``L x L`` operators.
+
+    Subclasses set ``seq_len``, ``batch_shape``, ``dtype``, ``device`` and
+    ``state_size`` and implement :meth:`dense`.
+
+    Attributes:
+        seq_len: sequence length ``L``.
+        batch_shape: the leading (batch, head or channel) dims.
+        state_size: the natural state size per channel of the family (spec
+            section 1), or ``None`` where it grows with the index or is
+            unbounded (softmax attention, long convolutions).
+        value_dim: how many value channels share this operator (a head of
+            width ``d_v`` counts ``d_v`` times in *total* ESS). Metadata only.
+    """
+
+    seq_len: int
+    batch_shape: torch.Size
+    state_size: Optional[int] = None
+    value_dim: int = 1
+
+    # -- required -----------------------------------------------------------
+    def dense(self) -> torch.Tensor:
+        """The materialized operator ``T`` of shape ``batch_shape + (L, L)``."""
+        raise NotImplementedError
+
+    # -- dtype / device -----------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._tensors()[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._tensors()[0].device
+
+    def _tensors(self) -> Sequence[torch.Tensor]:
+        """The tensors the operator is built from (for dtype/device/validation)."""
+        raise NotImplementedError
+
+    def to(self, dtype: Optional[torch.dtype] = None, device=None) -> "Operator":
+        """A copy with every tensor cast/moved (differentiable)."""
+        raise NotImplementedError
+
+    @property
+    def requires_grad(self) -> bool:
+        return any(t.requires_grad for t in self._tensors() if t is not None)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` on NaN/Inf or a malformed operator."""
+        for t in self._tensors():
+            if t is not None and t.is_floating_point():
+                check_finite(t, type(self).__name__)
+
+    # -- Hankel blocks and their products -----------------------------------
+    def hankel(self, i: int) -> torch.Tensor:
+        """``H_i = T[..., i:, :i]`` materialized, shape ``batch + (L-i, i)``."""
+        return self.dense()[..., i:, :i]
+
+    def hankel_matmul(self, i: int, v: torch.Tensor, dense: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``H_i @ v`` with ``v`` of shape ``batch + (i, k)``."""
+        t = self.dense() if dense is None else dense
+        return t[..., i:, :i] @ v
+
+    def hankel_rmatmul(self, i: int, w: torch.Tensor, dense: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``H_i^T @ w`` with ``w`` of shape ``batch + (L-i, k)``."""
+        t = self.dense() if dense is None else dense
+        return t[..., i:, :i].transpose(-1, -2) @ w
+
+    def hankel_fro2(self, indices: torch.Tensor, dense: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Exact ``||H_i||_F^2`` for each index, shape ``batch + (n,)`` (2-D prefix sums of ``T^2``)."""
+        t = self.dense() if dense is None else dense
+        return _hankel.hankel_fro2_dense(t, indices)
+
+    # -- state sizes -----------------------------------------------------------
+    def tss(self, indices: torch.Tensor) -> torch.Tensor:
+        """``TSS_i = min(TSS, i, L - i)`` per index (spec section 3), float64 on CPU."""
+        idx = torch.as_tensor(indices, dtype=torch.float64).cpu()
+        geo = torch.minimum(idx, self.seq_len - idx)
+        if self.state_size is None:
+            return geo
+        return torch.clamp(geo, max=float(self.state_size))
+
+    # -- misc ------------------------------------------------------------------
+    def numel_batch(self) -> int:
+        return int(math.prod(self.batch_shape))
+
+    def __repr__(self) -> str:  # pragma: no cover - cosmetic
+        return (f"{type(self).__name__}(batch_shape={tuple(self.batch_shape)}, L={self.seq_len}, "
+                f"state_size={self.state_size}, dtype={self.dtype})")

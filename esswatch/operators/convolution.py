@@ -1,0 +1,52 @@
+"""``Convolution``: LTI causal long convolutions (Hyena, long conv)."""
+from __future__ import annotations
+
+import torch
+
+from .base import Operator
+
+__all__ = ["Convolution"]
+
+
+class Convolution(Operator):
+    """``T[r, c] = h[r - c]`` for ``c <= r`` (a lower-triangular Toeplitz matrix).
+
+    Args:
+        h: kernel ``(..., L)``.
+        value_dim: value channels sharing this kernel (metadata for total ESS).
+
+    The natural state size is unbounded (``TSS_i = min(i, L - i)``).
+    """
+
+    def __init__(self, h: torch.Tensor, *, value_dim: int = 1):
+        if not isinstance(h, torch.Tensor) or h.dim() < 1 or not h.is_floating_point():
+            raise ValueError(f"Convolution: h must be a floating tensor (..., L), got "
+                             f"{getattr(h, 'shape', type(h).__name__)}")
+        self.h = h
+        self.seq_len = h.shape[-1]
+        self.batch_shape = h.shape[:-1]
+        self.state_size = None
+        self.value_dim = value_dim
+
+    def _tensors(self):
+        return (self.h,)
+
+    def dense(self) -> torch.Tensor:
+        L = self.seq_len
+        dt = torch.float64 if self.h.dtype == torch.float64 else torch.float32
+        r = torch.arange(L, device=self.h.device)
+        lag = r[:, None] - r[None, :]
+        t = self.h.to(dt)[..., lag.clamp(min=0)]
+        return t * (lag >= 0)
+
+    def hankel_fro2(self, indices, dense=None):
+        """Exact ``||H_i||_F^2 = sum_d h[d]^2 * #{(r, c): r - c = d, r >= i > c}`` in O(L) per index."""
+        L = self.seq_len
+        d = torch.arange(L, dtype=torch.float64, device=self.h.device)
+        i = indices.to(device=self.h.device, dtype=torch.float64)[:, None]
+        # c ranges over [max(0, i - d), min(i - 1, L - 1 - d)]
+        count = torch.clamp(torch.minimum(i - 1, L - 1 - d) - torch.clamp(i - d, min=0) + 1, min=0)
+        return (self.h.detach().to(torch.float64) ** 2)[..., None, :].mul(count).sum(-1)
+
+    def to(self, dtype=None, device=None) -> "Convolution":
+        return Convolution(self.h.to(dtype=dtype, device=device), value_dim=self.value_dim)

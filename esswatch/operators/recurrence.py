@@ -1,0 +1,119 @@
+"""``GatedRecurrence``: diagonal gated recurrences and linear attention."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .base import Operator
+
+__all__ = ["GatedRecurrence"]
+
+_CHUNK_ELEMS = 1 << 24      # elements per block when materializing (..., rows, L, N)
+
+
+class GatedRecurrence(Operator):
+    """``T[r, c] = sum_n q[r, n] k[c, n] prod_{s=c+1..r} a[s, n]`` for ``c <= r``, ``a = exp(log_decay)``.
+
+    One class covers linear attention (``log_decay=None``), RetNet (a constant
+    scalar decay per head), GLA (``(..., L, N)`` gates), Mamba2/SSD (``(..., L, 1)``,
+    one decay per head: ``log_decay = dt * A``), Mamba/S6 per channel
+    (``q = C``, ``k = dt * B``, ``log_decay = dt * A``) and S4D.
+
+    Args:
+        q, k: ``(..., L, N)``; leading dims broadcast.
+        log_decay: broadcastable to ``(..., L, N)`` (``(..., L, 1)`` for one decay
+            per head), or ``None`` (no decay: linear attention).
+        value_dim: value channels sharing this operator (metadata for total ESS).
+
+    Natural state size: ``N``.
+    """
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, log_decay: Optional[torch.Tensor] = None, *,
+                 value_dim: int = 1):
+        for name, x in (("q", q), ("k", k)):
+            if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
+                raise ValueError(f"GatedRecurrence: {name} must be a floating tensor (..., L, N), got "
+                                 f"{getattr(x, 'shape', type(x).__name__)}")
+        if q.shape[-2:] != k.shape[-2:]:
+            raise ValueError(f"GatedRecurrence: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in (L, N)")
+        try:
+            batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+        except RuntimeError as e:
+            raise ValueError(f"GatedRecurrence: leading dims of q {tuple(q.shape)} and k {tuple(k.shape)} "
+                             "do not broadcast") from e
+        L, N = q.shape[-2:]
+        if log_decay is not None:
+            if not isinstance(log_decay, torch.Tensor) or not log_decay.is_floating_point() or log_decay.dim() < 2:
+                raise ValueError("GatedRecurrence: log_decay must be a floating tensor (..., L, N) or (..., L, 1)")
+            if log_decay.shape[-2] != L or log_decay.shape[-1] not in (1, N):
+                raise ValueError(f"GatedRecurrence: log_decay must be (..., L, N) or (..., L, 1) with L={L}, "
+                                 f"N={N}; got {tuple(log_decay.shape)}")
+            try:
+                batch = torch.broadcast_shapes(batch, log_decay.shape[:-2])
+            except RuntimeError as e:
+                raise ValueError(f"GatedRecurrence: log_decay {tuple(log_decay.shape)} does not broadcast "
+                                 "with q/k") from e
+        self.q, self.k, self.log_decay = q, k, log_decay
+        self.seq_len = L
+        self.state_width = N
+        self.batch_shape = torch.Size(batch)
+        self.state_size = N
+        self.value_dim = value_dim
+
+    def _tensors(self):
+        return tuple(x for x in (self.q, self.k, self.log_decay) if x is not None)
+
+    @property
+    def dtype(self):
+        return self.q.dtype
+
+    def expanded(self):
+        """``(q, k, log_decay)`` broadcast to ``batch + (L, N)`` / ``batch + (L, N|1)``."""
+        L, N = self.seq_len, self.state_width
+        q = self.q.expand(*self.batch_shape, L, N)
+        k = self.k.expand(*self.batch_shape, L, N)
+        ld = None
+        if self.log_decay is not None:
+            ld = self.log_decay.expand(*self.batch_shape, L, self.log_decay.shape[-1])
+        return q, k, ld
+
+    def _block(self, rows: slice, cols: slice, dt) -> torch.Tensor:
+        """``T[..., rows, cols]`` computed from the formula (masked to ``c <= r``)."""
+        q, k, ld = self.expanded()
+        q, k = q.to(dt), k.to(dt)
+        L = self.seq_len
+        r_idx = torch.arange(L, device=q.device)[rows]
+        c_idx = torch.arange(L, device=q.device)[cols]
+        causal = c_idx[None, :] <= r_idx[:, None]
+        if ld is None:
+            out = q[..., rows, :] @ k[..., cols, :].transpose(-1, -2)
+            return out * causal
+        cum = torch.cumsum(ld.to(dt), dim=-2)                 # cum[t] = sum_{s <= t} log a_s
+        if ld.shape[-1] == 1:
+            diff = cum[..., rows, :] - cum[..., cols, :].transpose(-1, -2)       # (..., R, C)
+            diff = diff.masked_fill(~causal, float("-inf"))
+            return (q[..., rows, :] @ k[..., cols, :].transpose(-1, -2)) * torch.exp(diff)
+        qr, kc, cr, cc = q[..., rows, :], k[..., cols, :], cum[..., rows, :], cum[..., cols, :]
+        R, C, N = qr.shape[-2], kc.shape[-2], qr.shape[-1]
+        per_row = max(1, _CHUNK_ELEMS // max(1, self.numel_batch() * C * N))
+        outs = []
+        for s in range(0, R, per_row):
+            e = min(R, s + per_row)
+            diff = cr[..., s:e, None, :] - cc[..., None, :, :]                    # (..., r, C, N)
+            diff = diff.masked_fill(~causal[s:e, :, None], float("-inf"))
+            outs.append((qr[..., s:e, None, :] * kc[..., None, :, :] * torch.exp(diff)).sum(-1))
+        return torch.cat(outs, dim=-2)
+
+    def _dt(self):
+        return torch.float64 if self.q.dtype == torch.float64 else torch.float32
+
+    def dense(self) -> torch.Tensor:
+        return self._block(slice(None), slice(None), self._dt())
+
+    def hankel(self, i: int) -> torch.Tensor:
+        return self._block(slice(i, None), slice(0, i), self._dt())
+
+    def to(self, dtype=None, device=None) -> "GatedRecurrence":
+        cast = lambda x: None if x is None else x.to(dtype=dtype, device=device)
+        return GatedRecurrence(cast(self.q), cast(self.k), cast(self.log_decay), value_dim=self.value_dim)
