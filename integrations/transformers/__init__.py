@@ -1,0 +1,1 @@
+"""Hugging Face transformers adapter (imported lazily; needs the `transformers` extra)."""
