@@ -15,11 +15,13 @@ disabled inside; results are on the operator's device):
                  recursions in float64, O(L N^2) for *all* indices plus an ``N x N``
                  eigenproblem per index. Differentiable. Indices with ``min(i, L-i) < N``
                  (rank-deficient Gramians) are computed densely, which is cheap there.
-``"randomized"`` matrix-free subspace iteration with adaptive rank and deterministic
-                 bounds from the exact ``||H_i||_F`` (see :mod:`esswatch.engine.randomized`);
-                 rank doubles from 32 until ``upper/lower <= (1+rtol)^2`` and falls back to
-                 exact when the rank would exceed ``min(i, L-i)/4``. O((2q+2) m n k) per
-                 index. Not differentiable (computed under ``no_grad``).
+``"randomized"`` matrix-free subspace iteration (2 power iterations, float64) with adaptive
+                 rank and bounds from the exact ``||H_i||_F`` (see
+                 :mod:`esswatch.engine.randomized`); the rank doubles from 32 until
+                 ``upper/lower <= (1+rtol)^2`` and falls back to exact when the sketches would
+                 cost half an exact SVD, or at once when the first sketch shows a long tail
+                 (``upper/lower > 1.5``). O(6 m n k) per index. Not differentiable (computed
+                 under ``no_grad``).
 ``"auto"``       gram for gated recurrences; otherwise exact where ``min(i, L-i) <= 64`` or
                  gradients are needed, randomized elsewhere.
 ===============  ==========================================================================
@@ -49,10 +51,16 @@ DEFAULT_RELATIVE = True
 
 #: auto: indices with min(i, L - i) at most this are computed exactly.
 EXACT_BELOW = 64
-#: randomized: starting rank, power iterations, and the fallback fraction of min(i, L-i).
+#: randomized: starting rank and power iterations.
 SKETCH_RANK0 = 32
 SKETCH_POWER_ITERS = 2
-SKETCH_FALLBACK_FRACTION = 0.25
+#: cost model (measured on CPU, examples/benchmarks/estimators.py): a rank-k sketch with
+#: 2 power iterations costs about SKETCH_COST * k / p of the exact SVD of the same block.
+SKETCH_COST = 3.0
+#: fall back to exact once the sketches would have cost SKETCH_BUDGET of the exact SVD, or
+#: at once if the first sketch leaves upper/lower above SKETCH_HOPELESS_RATIO (a long tail).
+SKETCH_BUDGET = 0.5
+SKETCH_HOPELESS_RATIO = 1.5
 
 
 def as_operator(op) -> Operator:
@@ -110,11 +118,13 @@ def _plan(op: Operator, idx: torch.Tensor, estimator: str, need_grad: bool) -> l
 
 
 class _Cache:
-    """Lazily materialized dense matrix and Frobenius norms shared by all indices."""
+    """Lazily materialized blocks of ``T`` shared by all indices of one call."""
 
     def __init__(self, op: Operator):
         self.op = op
         self._dense = None
+        self._left = None      # T[:, :N]   (recurrences: every H_i with i <= N lies in it)
+        self._bottom = None    # T[L-N:, :] (every H_i with L - i <= N)
 
     def dense(self):
         if self._dense is None:
@@ -122,39 +132,55 @@ class _Cache:
         return self._dense
 
     def hankel(self, i: int):
-        if self._dense is None and isinstance(self.op, GatedRecurrence):
-            return self.op.hankel(i)
+        op = self.op
+        if self._dense is None and isinstance(op, GatedRecurrence):
+            L, n = op.seq_len, op.state_width
+            if i <= n:
+                if self._left is None:
+                    self._left = op._block(slice(None), slice(0, n), op._dt())
+                return self._left[..., i:, :i]
+            if L - i <= n:
+                if self._bottom is None:
+                    self._bottom = op._block(slice(L - n, None), slice(None), op._dt())
+                return self._bottom[..., i - (L - n):, :i]
+            return op.hankel(i)
         return self.dense()[..., i:, :i]
 
 
 def _randomized_entropy(op: Operator, cache: _Cache, i: int, rtol: float, generator):
-    """``(est, lower, upper, sv_or_None)`` for one index by the adaptive sketch."""
+    """``(est, lower, upper)`` for one index by the adaptive sketch (falls back to exact)."""
     L = op.seq_len
     m, n = L - i, i
     p = min(m, n)
-    t_dense = cache.dense() if not isinstance(op, GatedRecurrence) else None
-    fro2 = (op.hankel_fro2(torch.tensor([i]), dense=t_dense)[..., 0]
-            if t_dense is not None else op.hankel_fro2(torch.tensor([i]))[..., 0])
-    h = t_dense[..., i:, :i] if t_dense is not None else op.hankel(i)
-    dt = h.dtype
-    fro2 = fro2.to(device=h.device, dtype=dt)
+    h = cache.dense()[..., i:, :i]
+    # power iterations in the compute dtype; the final projection and ||H||_F^2 in float64,
+    # since the unseen energy r^2 = ||H||_F^2 - sum t_j^2 is a difference of near-equal numbers
+    h64 = h.to(torch.float64)
+    fro2 = (h64 * h64).sum(dim=(-1, -2))
     matmul = lambda v: h @ v
     rmatmul = lambda w: h.transpose(-1, -2) @ w
+    rmatmul64 = lambda w: h64.transpose(-1, -2) @ w
+
+    def exact():
+        e = entropy_from_singular_values(torch.linalg.svdvals(h))
+        return e, e, e
+
     k = min(SKETCH_RANK0, p)
+    spent = 0.0
     while True:
-        if k > SKETCH_FALLBACK_FRACTION * p and k < p:
-            sv = torch.linalg.svdvals(h)
-            e = entropy_from_singular_values(sv)
-            return e, e, e
-        t = sketch_singular_values(matmul, rmatmul, n, op.batch_shape, k, SKETCH_POWER_ITERS, dt, h.device,
-                                   generator)
         if k >= p:
-            e = entropy_from_singular_values(t)
-            return e, e, e
-        est, lo, hi = entropy_bounds(t.to(torch.float64), fro2.to(torch.float64), p)
-        if bool((hi <= lo * (1 + rtol) ** 2).all()):
-            return est.to(dt), lo.to(dt), hi.to(dt)
-        k = min(2 * k, p)
+            return exact()
+        t = sketch_singular_values(matmul, rmatmul, n, op.batch_shape, k, SKETCH_POWER_ITERS, h.dtype,
+                                   h.device, generator, rmatmul_exact=rmatmul64)
+        spent += SKETCH_COST * k
+        est, lo, hi = entropy_bounds(t, fro2, p)
+        ratio = float((hi / torch.clamp(lo, min=1e-300)).max())
+        if ratio <= (1 + rtol) ** 2:
+            return est, lo, hi
+        k_next = min(2 * k, p)
+        if ratio > SKETCH_HOPELESS_RATIO or spent + SKETCH_COST * k_next > SKETCH_BUDGET * p:
+            return exact()
+        k = k_next
 
 
 def _default_generator(device: torch.device) -> torch.Generator:
@@ -177,9 +203,9 @@ def _singular_values_by_plan(op, idx, plan, cache):
             q, k, ld = op.expanded()
             sv, ok, _ = gram_singular_values(q, k, ld, torch.tensor(via_gram))
             sv = sv.to(compute_dtype(op.dtype))
-            ok_all = ok.all(dim=tuple(range(ok.dim() - 1))) if ok.dim() > 1 else ok
+            ok_all = (ok.all(dim=tuple(range(ok.dim() - 1))) if ok.dim() > 1 else ok).tolist()
             for j, i in enumerate(via_gram):
-                if bool(ok_all[j]):
+                if ok_all[j]:
                     out[i] = sv[..., j, :]
                 else:
                     dense_small.append(i)
@@ -221,6 +247,7 @@ def entropy_ess(op: Union[torch.Tensor, Operator], indices: Optional[Sequence[in
     with _no_autocast(op.device):
         cache = _Cache(op)
         svs = _singular_values_by_plan(op, idx, plan, cache)
+        exact = _entropy_of_padded(svs, cdt)          # one batched entropy for all exact entries
         ests, los, his = [], [], []
         gen = generator
         for i, e in zip(idx.tolist(), plan):
@@ -230,8 +257,7 @@ def entropy_ess(op: Union[torch.Tensor, Operator], indices: Optional[Sequence[in
                 with torch.no_grad():
                     est, lo, hi = _randomized_entropy(op, cache, i, float(rtol), gen)
             else:
-                est = entropy_from_singular_values(svs[i])
-                lo = hi = est
+                est = lo = hi = exact[i]
             ests.append(est.to(cdt))
             los.append(lo.to(cdt))
             his.append(hi.to(cdt))
@@ -239,6 +265,21 @@ def entropy_ess(op: Union[torch.Tensor, Operator], indices: Optional[Sequence[in
     if return_bounds:
         return est, torch.stack(los, dim=-1), torch.stack(his, dim=-1)
     return est
+
+
+def _entropy_of_padded(svs: dict, dtype) -> dict:
+    """Entropy-ESS of every entry of ``svs`` (index -> singular values) in one batched call.
+
+    Zero padding leaves entropy-ESS unchanged (``0 log 0 = 0``).
+    """
+    if not svs:
+        return {}
+    keys = list(svs)
+    width = max(svs[i].shape[-1] for i in keys)
+    padded = torch.stack([torch.nn.functional.pad(svs[i].to(dtype), (0, width - svs[i].shape[-1])) for i in keys],
+                         dim=-2)
+    ess = entropy_from_singular_values(padded)
+    return {i: ess[..., j] for j, i in enumerate(keys)}
 
 
 def tolerance_ess(op: Union[torch.Tensor, Operator], indices: Optional[Sequence[int]] = None, *,
@@ -282,20 +323,24 @@ def _randomized_tolerance_sv(op, cache, i, tol, relative, generator):
     m, n = L - i, i
     p = min(m, n)
     h = cache.hankel(i)
-    fro2 = (h.to(torch.float64) ** 2).sum(dim=(-1, -2))
+    h64 = h.to(torch.float64)
+    fro2 = (h64 ** 2).sum(dim=(-1, -2))
     k = min(SKETCH_RANK0, p)
+    spent = 0.0
     while True:
-        if k > SKETCH_FALLBACK_FRACTION * p and k < p:
+        if k >= p:
             return torch.linalg.svdvals(h)
         t = sketch_singular_values(lambda v: h @ v, lambda w: h.transpose(-1, -2) @ w, n, op.batch_shape, k,
-                                   SKETCH_POWER_ITERS, h.dtype, h.device, generator)
-        if k >= p:
-            return t
-        r = torch.sqrt(torch.clamp(fro2 - (t.to(torch.float64) ** 2).sum(-1), min=0))
-        thresh = tol * t[..., 0].to(torch.float64) if relative else torch.full_like(r, tol)
-        # every unseen singular value is <= ||H - Q Q^T H||_2 <= r; every seen one within r of t_j
-        t64 = t.to(torch.float64)
-        near = ((t64 - thresh[..., None]).abs() <= r[..., None]).any(-1)
+                                   SKETCH_POWER_ITERS, h.dtype, h.device, generator,
+                                   rmatmul_exact=lambda w: h64.transpose(-1, -2) @ w)
+        spent += SKETCH_COST * k
+        r = torch.sqrt(torch.clamp(fro2 - (t ** 2).sum(-1), min=0))
+        thresh = tol * t[..., 0] if relative else torch.full_like(r, tol)
+        # every unseen singular value is <= ||H - Q Q^T H||_2 <= r; every seen one lies in [t_j, t_j + r]
+        near = ((t - thresh[..., None]).abs() <= r[..., None]).any(-1)
         if bool(((r < thresh) & ~near).all()):
             return t
-        k = min(2 * k, p)
+        k_next = min(2 * k, p)
+        if spent + SKETCH_COST * k_next > SKETCH_BUDGET * p:
+            return torch.linalg.svdvals(h)
+        k = k_next

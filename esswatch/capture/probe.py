@@ -23,11 +23,15 @@ import torch
 
 from ..operators import Operator
 
-__all__ = ["Probe", "CaptureError"]
+__all__ = ["Probe", "CaptureError", "CaptureWarning"]
 
 
 class CaptureError(RuntimeError):
     """Raised when a layer cannot be captured faithfully (names the layer)."""
+
+
+class CaptureWarning(UserWarning):
+    """Warned when a layer is skipped because its call cannot be captured faithfully (names the layer)."""
 
 
 class Probe:

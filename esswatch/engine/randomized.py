@@ -51,15 +51,25 @@ def sketch_singular_values(
     dtype: torch.dtype,
     device: torch.device,
     generator: Optional[torch.Generator],
+    rmatmul_exact: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """Top-``k`` singular values of ``Q^T H`` from a subspace iteration (lower bounds of ``s_1..s_k``)."""
+    """Top-``k`` singular values of ``Q^T H`` from a subspace iteration (lower bounds of ``s_1..s_k``).
+
+    The power iterations run in ``dtype``; if ``rmatmul_exact`` is given (a float64
+    ``H^T @ W``), the final basis is re-orthonormalized in float64 and projected with
+    it, so ``sum t_j^2`` is accurate to float64 round-off (the unseen energy
+    ``||H||_F^2 - sum t_j^2`` is a difference of nearly equal numbers).
+    """
     omega = torch.randn(*batch_shape, n, k, dtype=dtype, device=device, generator=generator)
     qm = _orth(matmul(omega))
     for _ in range(n_iter):
         qn = _orth(rmatmul(qm))
         qm = _orth(matmul(qn))
-    b = rmatmul(qm)                       # H^T Q  (n x k); its singular values are those of Q^T H
-    return torch.linalg.svdvals(b)
+    if rmatmul_exact is None:
+        b = rmatmul(qm)
+    else:
+        b = rmatmul_exact(_orth(qm.to(torch.float64)))
+    return torch.linalg.svdvals(b)        # singular values of H^T Q = those of Q^T H
 
 
 def water_fill(t2: torch.Tensor, total: torch.Tensor, p: int) -> torch.Tensor:

@@ -1,0 +1,58 @@
+"""``Schedule``: which training steps are sampled, and the step counter.
+
+The schedule is a pure function of the step number (``step % every_n_steps == 0``),
+so every rank of a distributed run, and a run resumed from a checkpoint, agrees on
+which steps are measured without communicating. Step numbers are 0-based: the
+first training step is step 0, the number of optimizer steps completed before it.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+__all__ = ["Schedule"]
+
+
+def _positive_int(name: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return v
+
+
+class Schedule:
+    """Every ``every_n_steps``-th step, counted from step 0.
+
+    Attributes:
+        every_n_steps: the period.
+        step: the number of the current (upcoming, or running) training step.
+    """
+
+    def __init__(self, every_n_steps: int, step: int = 0) -> None:
+        self.every_n_steps = _positive_int("every_n_steps", every_n_steps)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        self.step = step
+
+    def due(self, step: int) -> bool:
+        """True when ``step`` is sampled."""
+        return step % self.every_n_steps == 0
+
+    @property
+    def due_now(self) -> bool:
+        return self.due(self.step)
+
+    def advance(self) -> int:
+        """Move to the next step; returns its number."""
+        self.step += 1
+        return self.step
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"step": self.step, "every_n_steps": self.every_n_steps}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        step = state["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"Schedule state: step must be a non-negative int, got {step!r}")
+        self.step = step
+
+    def __repr__(self) -> str:  # pragma: no cover - cosmetic
+        return f"Schedule(every_n_steps={self.every_n_steps}, step={self.step})"

@@ -1,0 +1,134 @@
+"""Where results go: a :class:`Sink` receives the watch's configuration once and every
+result (the plain-data dict of :meth:`ESSWatch.latest`) on rank 0.
+
+- :class:`TensorBoardSink` writes the tags of :mod:`esswatch.watch.tags`;
+- :class:`CallableSink` hands each result to a function (any other logger);
+- framework adapters subclass :class:`Sink` to log through the framework's loggers.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+
+from . import tags
+from .plot import matplotlib_available, render_profile
+
+__all__ = ["Sink", "CallableSink", "TensorBoardSink", "as_sink"]
+
+
+class Sink:
+    """Base class. ``start`` is called once before the first ``write``; all three are called
+    on rank 0 only."""
+
+    def start(self, config: Dict[str, Any]) -> None:
+        """Receive the watch's configuration (plain data)."""
+
+    def write(self, result: Dict[str, Any]) -> None:
+        """Receive one result; ``result["step"]`` is the global step, ``result["scalars"]``
+        the flat ``{tag: value}`` dict."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Flush and release resources."""
+
+
+class CallableSink(Sink):
+    """Calls ``fn(result)`` with each result (a plain dict; see :meth:`ESSWatch.latest`)."""
+
+    def __init__(self, fn: Callable[[Dict[str, Any]], Any]) -> None:
+        if not callable(fn):
+            raise ValueError(f"CallableSink needs a callable, got {type(fn).__name__}")
+        self.fn = fn
+
+    def write(self, result: Dict[str, Any]) -> None:
+        self.fn(result)
+
+    def __repr__(self) -> str:  # pragma: no cover - cosmetic
+        return f"CallableSink({self.fn!r})"
+
+
+def as_sink(x: Any) -> Sink:
+    """A :class:`Sink` passes through; a callable is wrapped in :class:`CallableSink`."""
+    if isinstance(x, Sink):
+        return x
+    if callable(x):
+        return CallableSink(x)
+    raise ValueError(f"sinks: expected a esswatch.watch.Sink or a callable, got {type(x).__name__}")
+
+
+def _config_markdown(config: Dict[str, Any]) -> str:
+    rows = ["| setting | value |", "|---|---|"]
+    for k, v in config.items():
+        if k == "layers":
+            v = ", ".join(f"`{n or 'root'}` ({t})" for n, t in v.items())
+        rows.append(f"| {k} | {v} |")
+    return "\n".join(rows)
+
+
+class TensorBoardSink(Sink):
+    """Writes scalars (``add_scalar`` at the global step), per-head histograms, the
+    ESS-versus-index profile image (when matplotlib is installed), a custom-scalars layout
+    with all layers of one metric on one chart, and the configuration as text.
+
+    Args:
+        logdir: directory for a new ``SummaryWriter`` (created lazily, on rank 0, on the
+            first write; closed by :meth:`close`).
+        writer: an existing ``torch.utils.tensorboard.SummaryWriter`` (flushed, not closed).
+        histograms, images, layout: switch those parts off.
+    """
+
+    def __init__(self, logdir: Optional[str] = None, writer: Any = None, *, histograms: bool = True,
+                 images: bool = True, layout: bool = True) -> None:
+        if (logdir is None) == (writer is None):
+            raise ValueError("TensorBoardSink needs exactly one of logdir= or writer=")
+        if writer is not None and not callable(getattr(writer, "add_scalar", None)):
+            raise ValueError(f"writer must be a torch.utils.tensorboard.SummaryWriter, got {type(writer).__name__}")
+        self.logdir = logdir
+        self._writer = writer
+        self._owned = writer is None
+        self.histograms = histograms
+        self.images = images
+        self.layout = layout
+
+    @property
+    def writer(self):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+            self._writer = SummaryWriter(log_dir=self.logdir)
+        return self._writer
+
+    def start(self, config: Dict[str, Any]) -> None:
+        w = self.writer
+        w.add_text(tags.CONFIG_TAG, _config_markdown(config), global_step=config.get("start_step", 0))
+        if self.layout:
+            w.add_custom_scalars(tags.custom_scalars_layout(config["metrics"]))
+
+    def write(self, result: Dict[str, Any]) -> None:
+        w = self.writer
+        step = result["step"]
+        for tag, value in result["scalars"].items():
+            w.add_scalar(tag, value, global_step=step)
+        for metric in result.get("metrics", ()):
+            if self.histograms:
+                for name, lay in result["layers"].items():
+                    if metric in lay:
+                        w.add_histogram(tags.histogram_tag(metric, name),
+                                        np.asarray(lay[metric]["per_head"], dtype=np.float64), global_step=step)
+            if self.images and matplotlib_available():
+                img = render_profile(result, metric)
+                if img is not None:
+                    w.add_image(tags.profile_tag(metric), img, global_step=step, dataformats="HWC")
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is None:
+            return
+        if self._owned:
+            self._writer.close()
+            self._writer = None
+        else:
+            self._writer.flush()
