@@ -360,3 +360,17 @@ def test_cuda_matches_cpu():
     e = ew.entropy_ess(op, [100, 128])
     ref = entropy_ess_ref(op.dense().double().cpu().numpy(), [100, 128])
     assert np.all(np.abs(e.cpu().numpy() - ref) <= 0.021 * ref)
+
+
+def test_flush_denormal_state_is_restored():
+    from esswatch.ess import _flush_denormal_enabled
+    op = SoftmaxAttention(_rand(1, 30, 4, seed=1), _rand(1, 30, 4, seed=2))
+    assert not _flush_denormal_enabled()
+    ew.entropy_ess(op)
+    assert not _flush_denormal_enabled()
+    try:
+        torch.set_flush_denormal(True)
+        ew.entropy_ess(op)
+        assert _flush_denormal_enabled()
+    finally:
+        torch.set_flush_denormal(False)
