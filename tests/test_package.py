@@ -1,0 +1,39 @@
+"""Packaging: lazy framework imports, the integrations mapping, the quickstart."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                          cwd=str(ROOT / "tests")).stdout
+
+
+def test_import_esswatch_does_not_import_frameworks():
+    out = _run("import sys, esswatch, esswatch.ess, esswatch.operators, esswatch.capture;"
+               "print(sorted(m for m in ('lightning', 'transformers', 'pytorch_lightning', 'matplotlib') "
+               "if m in sys.modules))")
+    assert out.strip() == "[]"
+
+
+def test_integrations_install_as_esswatch_integrations():
+    out = _run("import esswatch.integrations, esswatch.integrations.transformers as t; print(t.__name__)")
+    assert out.strip() == "esswatch.integrations.transformers"
+
+
+def test_quickstart_prints_bounded_ess():
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")], check=True,
+                         capture_output=True, text=True).stdout
+    rows = [line.split() for line in out.splitlines() if line.startswith("blocks.")]
+    assert len(rows) == 4
+    for row in rows:
+        values = [float(v) for v in row[3:7]]
+        bounds = [16, 32, 64, 32]                      # min(i, L - i) at i = 16, 32, 64, 96 with L = 128
+        assert all(0 < v <= b for v, b in zip(values, bounds))
+        tss = None if row[2] == "grows" else int(row[2])
+        if tss is not None:
+            assert all(v <= tss + 1e-6 for v in values)
