@@ -24,17 +24,22 @@ What is not a causal self-attention is never turned into a number:
   diagonal that is not ``True`` / not below ``-1e4``): building the operator raises
   :class:`~esswatch.capture.CaptureError` naming the layer (checking values needs a
   host sync, so it happens outside the hooks);
-- ``add_bias_kv`` / ``add_zero_attn`` (an extra key that is no sequence position):
-  a warning at attach, and the layer is not hooked.
+- ``add_bias_kv`` / ``add_zero_attn`` (an extra key that is no sequence position),
+  and subclasses that override ``forward`` (their ``q``, ``k`` are unknown): a
+  warning at attach, and the layer is not hooked.
 
 ``nn.TransformerEncoderLayer``'s fused fast path (eval mode, no grad) calls a
 fused kernel instead of ``self_attn.forward``, so hooks on the attention module
-do not fire on older torch versions (torch >= 2.5 instead leaves the fast path
-whenever a hook is attached to the layer or its children). The probe therefore
-also puts a forward *pre*-hook on a parent ``TransformerEncoderLayer`` and
-records its self-attention from the layer's inputs (``norm1(src)`` when
-``norm_first``), which is correct on both paths and never changes what the layer
-computes; the global ``torch.backends.mha`` fast-path switch is left alone.
+do not fire on older torch versions (pytorch/pytorch#128413; newer versions
+instead leave the fast path whenever a hook is attached to the layer or its
+children, so in eval mode under ``no_grad`` a hooked layer runs the unfused path,
+whose outputs differ from the fused kernel's at the rounding level). The probe
+therefore also puts a forward *pre*-hook on a parent ``TransformerEncoderLayer``
+(only when its ``forward`` and ``_sa_block`` are torch's own, so the attention
+input is known) and records its self-attention from the layer's inputs
+(``norm1(src)`` when ``norm_first``): correct on both paths, and what the layer
+computes is never changed; the global ``torch.backends.mha`` fast-path switch is
+left alone.
 (``nn.TransformerDecoderLayer`` has no fast path; its ``self_attn`` is captured by
 the module hook, its ``multihead_attn`` is cross-attention.)
 """
@@ -102,13 +107,18 @@ class MultiheadAttentionProbe(Probe):
             parent = model.get_submodule(parent_name)
         except AttributeError:  # pragma: no cover - name from named_modules always resolves
             return None
-        if isinstance(parent, torch.nn.TransformerEncoderLayer) and attr == "self_attn" \
-                and parent.self_attn is self.module:
+        base = torch.nn.TransformerEncoderLayer
+        if (isinstance(parent, base) and attr == "self_attn" and parent.self_attn is self.module
+                and type(parent).forward is base.forward and type(parent)._sa_block is base._sa_block):
             return parent
-        return None
+        return None  # a subclass may feed self_attn something else: rely on the module hook
 
     def attach(self) -> List[Any]:
         mha = self.module
+        if type(mha).forward is not torch.nn.MultiheadAttention.forward:
+            self._warn("subclass", f"{type(mha).__qualname__} overrides MultiheadAttention.forward, so its q and k "
+                       "are unknown; register a probe for it (esswatch.capture.register_probe)")
+            return []
         if mha.bias_k is not None or mha.add_zero_attn:
             self._warn("extra-key", "add_bias_kv / add_zero_attn append a key that is no sequence position, "
                        "which esswatch does not model")

@@ -5,15 +5,11 @@ operator through ``featurize`` / ``operator_from`` and registers
 :class:`~esswatch.layers.probe.MixerProbe` for itself on import, so
 ``esswatch.capture`` finds it:
 
-====================================  ==========================================  ============
-mixer                                 operator (leading dims)                      TSS
-====================================  ==========================================  ============
-:class:`CausalSelfAttention`          SoftmaxAttention (batch, head)               window / grows
-:class:`LinearAttention`              GatedRecurrence, no decay (batch, head)      head_dim
-:class:`GatedLinearAttention`         GatedRecurrence, per-key decay (batch, head)  key_dim
-:class:`SelectiveSSM`                 GatedRecurrence per channel (batch, channel)  d_state
-:class:`LongConvolution`              Convolution (1, channel)                     unbounded
-====================================  ==========================================  ============
+- :class:`CausalSelfAttention`: SoftmaxAttention ``(batch, head)``; TSS = window, or grows;
+- :class:`LinearAttention`: GatedRecurrence without decay ``(batch, head)``; TSS = head_dim;
+- :class:`GatedLinearAttention`: GatedRecurrence with per-key decays ``(batch, head)``; TSS = key_dim;
+- :class:`SelectiveSSM`: GatedRecurrence per channel ``(batch, channel)``; TSS = d_state;
+- :class:`LongConvolution`: Convolution ``(1, channel)`` (input-independent); TSS unbounded.
 
 :class:`SequenceModel` stacks one kind of them into a tiny language model.
 """

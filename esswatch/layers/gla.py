@@ -83,9 +83,10 @@ class GatedLinearAttention(nn.Module):
         B, H, L, D = v.shape
         state = v.new_zeros(B, H, self.key_dim, D)
         outs = []
-        for t in range(L):
-            state = a[:, :, t, :, None] * state + k[:, :, t, :, None] * v[:, :, t, None, :]
-            outs.append((q[:, :, t, :, None] * state).sum(-2))
+        # unbind once (indexing inside the loop would cost a full-size gradient per step)
+        for a_t, k_t, v_t, q_t in zip(a.unbind(2), k.unbind(2), v.unbind(2), q.unbind(2)):
+            state = a_t[..., None] * state + k_t[..., None] * v_t[..., None, :]
+            outs.append((q_t[..., None] * state).sum(-2))
         o = torch.stack(outs, dim=2)                                     # (B, H, L, D)
         return self.out(o.transpose(1, 2).reshape(B, L, H * D) * f["gate"])
 

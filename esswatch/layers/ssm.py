@@ -92,12 +92,13 @@ class SelectiveSSM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.featurize(x)
         u, q, k, a = f["u"], f["q"], f["k"], torch.exp(f["log_decay"])
-        B, D, L = u.shape
+        B, D, _ = u.shape
         h = u.new_zeros(B, D, self.d_state)
         ys = []
-        for t in range(L):
-            h = a[:, :, t] * h + k[:, :, t] * u[:, :, t, None]
-            ys.append((q[:, :, t] * h).sum(-1))
+        # unbind once (indexing inside the loop would cost a full-size gradient per step)
+        for a_t, k_t, u_t, q_t in zip(a.unbind(2), k.unbind(2), u.unbind(2), q.unbind(2)):
+            h = a_t * h + k_t * u_t[..., None]
+            ys.append((q_t * h).sum(-1))
         y = torch.stack(ys, dim=-1) + self.D[:, None] * u                # (B, D, L)
         return self.out(y.transpose(1, 2) * f["gate"])
 
