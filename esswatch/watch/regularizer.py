@@ -1,0 +1,124 @@
+"""The ESS regularizer: a differentiable penalty built from captured operators.
+
+Two kinds, chosen with ``kind=``:
+
+``"ess"`` (default) - from the entropy-ESS of each captured layer at a few indices,
+normalized by ``TSS_i = min(TSS, i, L - i)`` so layers of different widths weigh alike
+(``u = ESS_i / TSS_i`` in ``[0, 1]``):
+
+- ``mode="collapse"`` (default) counters state collapse: a layer's term is
+  ``mean(relu(floor - u)^2) / floor^2`` over batch rows, heads and indices: zero once
+  utilization reaches ``floor`` (default 0.5), quadratic below it, 1 at ``u = 0``; heads
+  that already use their state are left alone.
+- ``mode="target"`` holds utilization at ``target``: ``mean((u - target)^2)`` (for models
+  that must later be compressed or distilled to a known state size).
+
+``"identity"`` - the paper's second regularizer for gated recurrences: pull the
+transitions toward the identity, ``mean_t ||A_t - I||_F`` with ``A_t = diag(exp(log_decay_t))``
+(per batch row and head or channel). Only layers whose operator is a
+:class:`~esswatch.operators.GatedRecurrence` with decays contribute.
+
+The penalty is ``weight * mean over layers of the layer terms``. Gradients flow through
+``entropy_ess`` with the ``gram`` estimator for recurrences and ``exact`` otherwise (both
+differentiable, finite at zero and repeated singular values).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..ess import entropy_ess
+from ..operators import GatedRecurrence, Operator
+
+__all__ = ["RegularizerConfig", "penalty_terms"]
+
+KINDS = ("ess", "identity")
+MODES = ("collapse", "target")
+
+
+@dataclass(frozen=True)
+class RegularizerConfig:
+    """Validated configuration of the regularizer.
+
+    Args:
+        weight: the penalty's weight (``0`` or ``None`` = off).
+        kind: ``"ess"`` or ``"identity"``.
+        mode: ``"collapse"`` or ``"target"`` (kind ``"ess"``).
+        floor: utilization below which the collapse penalty acts (default 0.5).
+        target: the utilization ``mode="target"`` holds (required there).
+        every_n_steps: compute the penalty every k-th step (default every step).
+        indices: number of indices spread over the sequence per layer (default 4).
+    """
+
+    weight: float
+    kind: str = "ess"
+    mode: str = "collapse"
+    floor: float = 0.5
+    target: Optional[float] = None
+    every_n_steps: int = 1
+    indices: int = 4
+
+    def __post_init__(self):
+        if not isinstance(self.weight, (int, float)) or self.weight < 0:
+            raise ValueError(f"regularizer weight must be a non-negative number, got {self.weight!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"regularizer kind must be one of {KINDS}, got {self.kind!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"regularizer mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "target" and (self.target is None or not 0 <= self.target <= 1):
+            raise ValueError(f"mode='target' needs target= in [0, 1], got {self.target!r}")
+        if not 0 < self.floor <= 1:
+            raise ValueError(f"floor must be in (0, 1], got {self.floor!r}")
+        if not isinstance(self.every_n_steps, int) or self.every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be a positive int, got {self.every_n_steps!r}")
+        if not isinstance(self.indices, int) or self.indices < 1:
+            raise ValueError(f"indices must be a positive int, got {self.indices!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.weight)
+
+
+def spread_indices(seq_len: int, n: int) -> torch.Tensor:
+    """``n`` distinct indices spread evenly over ``1..L-1`` (fewer if ``L`` is short)."""
+    if seq_len < 2:
+        return torch.zeros(0, dtype=torch.int64)
+    idx = torch.linspace(1, seq_len - 1, n + 2)[1:-1].round().long() if n < seq_len - 1 else torch.arange(1, seq_len)
+    return torch.unique(idx.clamp(1, seq_len - 1))
+
+
+def _ess_term(op: Operator, cfg: RegularizerConfig) -> torch.Tensor:
+    idx = spread_indices(op.seq_len, cfg.indices)
+    est = "gram" if isinstance(op, GatedRecurrence) else "exact"
+    ess = entropy_ess(op, idx, estimator=est)
+    u = ess / op.tss(idx).to(device=ess.device, dtype=ess.dtype).clamp(min=1)
+    if cfg.mode == "target":
+        return ((u - cfg.target) ** 2).mean()
+    return (torch.relu(cfg.floor - u) ** 2).mean() / cfg.floor ** 2
+
+
+def _identity_term(op: Operator) -> Optional[torch.Tensor]:
+    if not isinstance(op, GatedRecurrence) or op.log_decay is None:
+        return None
+    ld = op.log_decay if op.log_decay.dtype == torch.float64 else op.log_decay.float()
+    a = torch.exp(ld)
+    return torch.sqrt(((a - 1) ** 2).sum(-1) + 1e-12).mean()
+
+
+def penalty_terms(operators: Mapping[str, Operator], cfg: RegularizerConfig
+                  ) -> Tuple[Optional[torch.Tensor], Dict[str, torch.Tensor]]:
+    """``(weight * mean of layer terms, {layer: term})``; ``(None, {})`` when nothing contributes."""
+    terms: Dict[str, torch.Tensor] = {}
+    for name, op in operators.items():
+        if op.seq_len < 2:
+            continue
+        term = _ess_term(op, cfg) if cfg.kind == "ess" else _identity_term(op)
+        if term is not None:
+            terms[name] = term
+    if not terms:
+        return None, terms
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in terms.values()) else torch.float32
+    total = torch.stack([t.to(dtype) for t in terms.values()]).mean() * float(cfg.weight)
+    return total, terms
