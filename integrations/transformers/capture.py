@@ -1,0 +1,110 @@
+"""Capture of Hugging Face transformers layers: registers esswatch's transformers provider.
+
+``esswatch.capture.probe_for`` imports this module as soon as ``transformers`` is
+imported; importing it calls :func:`esswatch.capture.add_provider` with
+:func:`provider`. Supported:
+
+- attention modules whose ``forward`` calls transformers' attention-function registry
+  (``ALL_ATTENTION_FUNCTIONS`` / ``AttentionInterface``): Llama, Mistral, Qwen2, GPT-2,
+  GPT-NeoX and most decoder models of transformers >= 4.48, with any kernel
+  (eager, sdpa, flash, flex) -> :class:`~.attention.HFAttentionProbe`;
+- ``MambaMixer`` (Mamba), ``FalconMambaMixer``, ``JambaMambaMixer`` -> :class:`~.mamba.MambaProbe`;
+- ``Mamba2Mixer`` -> :class:`~.mamba.Mamba2Probe`.
+
+Attention modules that are statically bidirectional (``is_causal = False``, e.g. BERT
+encoders, ViT) or cross-attention (``is_cross_attention = True``) are not selected.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+import weakref
+from typing import Optional, Type
+
+import torch
+
+from esswatch.capture import Probe, add_provider
+
+from .attention import BypassingAttentionProbe, HFAttentionProbe
+from .mamba import Mamba2Probe, MambaProbe, UnsupportedMixerProbe
+
+__all__ = ["provider", "HFAttentionProbe", "BypassingAttentionProbe", "MambaProbe", "Mamba2Probe",
+           "UnsupportedMixerProbe", "calls_attention_registry"]
+
+# classes matched by name along the MRO (no import of the model files needed)
+_MIXERS = {
+    ("transformers.models.mamba.modeling_mamba", "MambaMixer"): MambaProbe,
+    ("transformers.models.falcon_mamba.modeling_falcon_mamba", "FalconMambaMixer"): MambaProbe,
+    ("transformers.models.jamba.modeling_jamba", "JambaMambaMixer"): MambaProbe,
+    ("transformers.models.mamba2.modeling_mamba2", "Mamba2Mixer"): Mamba2Probe,
+}
+
+_REGISTRY_NAMES = {"ALL_ATTENTION_FUNCTIONS", "AttentionInterface"}
+_ATTENTION_NAME = re.compile(r"Attention\d*$")
+_by_type: "weakref.WeakKeyDictionary[type, Optional[Type[Probe]]]" = weakref.WeakKeyDictionary()
+
+
+def _code_names(fn) -> set:
+    """Global / attribute names a function's code refers to (nested code objects included)."""
+    fn = inspect.unwrap(fn)
+    code = getattr(fn, "__code__", None)
+    names, stack = set(), [code] if code is not None else []
+    while stack:
+        c = stack.pop()
+        names.update(c.co_names)
+        stack.extend(x for x in c.co_consts if inspect.iscode(x))
+    return names
+
+
+def calls_attention_registry(module_type: type) -> bool:
+    """True when ``module_type`` is a transformers class whose ``forward`` looks its kernel up in the registry."""
+    if not any(c.__module__.startswith("transformers.") for c in module_type.__mro__):
+        return False
+    forward = getattr(module_type, "forward", None)
+    return forward is not None and bool(_code_names(forward) & _REGISTRY_NAMES)
+
+
+def _looks_like_attention(t: type) -> bool:
+    """A ``transformers.models`` class named ``...Attention`` (``...Attention2``)."""
+    return t.__module__.startswith("transformers.models.") and bool(_ATTENTION_NAME.search(t.__name__))
+
+
+def _probe_for_type(t: type) -> Optional[Type[Probe]]:
+    for c in t.__mro__:
+        p = _MIXERS.get((c.__module__, c.__qualname__))
+        if p is not None:
+            return p
+    if calls_attention_registry(t):
+        return HFAttentionProbe
+    if _looks_like_attention(t):
+        return BypassingAttentionProbe
+    if t.__module__.startswith("transformers.models.") and t.__name__.endswith("Mixer"):
+        return UnsupportedMixerProbe     # kept only if it has an `A_log` (a state-space mixer), see provider()
+    return None
+
+
+def provider(module: torch.nn.Module) -> Optional[Type[Probe]]:
+    """The probe class for a transformers module, or ``None``.
+
+    Statically bidirectional (``is_causal = False``) and cross-attention modules are not
+    selected. An ``...Attention`` module of transformers that does not call the registry
+    (and contains no other attention module) gets :class:`BypassingAttentionProbe`, and a
+    state-space ``...Mixer`` (with an ``A_log``) that esswatch has no probe for gets
+    :class:`UnsupportedMixerProbe`: both warn, naming the layer, that it cannot be captured.
+    """
+    t = type(module)
+    try:
+        p = _by_type[t]
+    except KeyError:
+        p = _by_type[t] = _probe_for_type(t)
+    if p in (HFAttentionProbe, BypassingAttentionProbe) and (
+            getattr(module, "is_causal", True) is False or getattr(module, "is_cross_attention", False) is True):
+        return None
+    if p is UnsupportedMixerProbe and not isinstance(getattr(module, "A_log", None), torch.Tensor):
+        return None
+    if p is BypassingAttentionProbe and any(_looks_like_attention(type(m)) for m in module.modules() if m is not module):
+        return None     # a wrapper around the real attention module
+    return p
+
+
+add_provider(provider)

@@ -1,0 +1,550 @@
+"""Capture of Hugging Face transformers models (tiny random configs, nothing downloaded).
+
+References are the models' own tensors: the attention probabilities transformers
+returns with ``output_attentions=True`` under eager attention, the attention module's
+output rebuilt from its own value projection, the Mamba mixers' outputs rebuilt from
+their own ``x_proj`` / ``in_proj`` / ``norm`` inputs, and the logits without capture.
+"""
+from __future__ import annotations
+
+import gc
+import warnings
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+import esswatch  # noqa: E402
+from esswatch.capture import CaptureWarning  # noqa: E402
+from esswatch.integrations.transformers import attention_registry  # noqa: E402
+from esswatch.operators import GatedRecurrence, SoftmaxAttention  # noqa: E402
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface  # noqa: E402
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
+
+L = 8
+VOCAB = 100
+TOL = dict(atol=2e-6, rtol=1e-5)
+
+
+# -- tiny models and how to read their value path ---------------------------------------------------
+def _proj_value(attn, proj_out):
+    """Llama / Mistral / Qwen2: v from v_proj's output, (batch, kv_heads, L, head_dim)."""
+    b, n, _ = proj_out.shape
+    return proj_out.view(b, n, -1, attn.head_dim).transpose(1, 2)
+
+
+def _gpt2_value(attn, proj_out):
+    b, n, _ = proj_out.shape
+    v = proj_out.split(attn.split_size, dim=2)[2]
+    return v.view(b, n, -1, attn.head_dim).transpose(1, 2)
+
+
+def _neox_value(attn, proj_out):
+    b, n, _ = proj_out.shape
+    qkv = proj_out.view(b, n, -1, 3 * attn.head_size).transpose(1, 2)
+    return qkv.chunk(3, dim=-1)[2]
+
+
+def _make(kind: str):
+    """(model, attention module names, value projection attr, value reader, output projection attr)."""
+    T = transformers
+    if kind == "llama":
+        cfg = T.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=64, vocab_size=VOCAB)
+        model, attn = T.LlamaForCausalLM, "model.layers.{}.self_attn"
+        spec = ("v_proj", _proj_value, "o_proj")
+    elif kind == "mistral":
+        cfg = T.MistralConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              intermediate_size=64, vocab_size=VOCAB, sliding_window=3)
+        model, attn = T.MistralForCausalLM, "model.layers.{}.self_attn"
+        spec = ("v_proj", _proj_value, "o_proj")
+    elif kind == "qwen2":   # layer 0 full attention, layer 1 sliding window 3
+        cfg = T.Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                            intermediate_size=64, vocab_size=VOCAB, use_sliding_window=True, sliding_window=3,
+                            max_window_layers=1)
+        model, attn = T.Qwen2ForCausalLM, "model.layers.{}.self_attn"
+        spec = ("v_proj", _proj_value, "o_proj")
+    elif kind == "gpt2":
+        cfg = T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64)
+        model, attn = T.GPT2LMHeadModel, "transformer.h.{}.attn"
+        spec = ("c_attn", _gpt2_value, "c_proj")
+    elif kind == "gpt_neox":
+        cfg = T.GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                              vocab_size=VOCAB, max_position_embeddings=64)
+        model, attn = T.GPTNeoXForCausalLM, "gpt_neox.layers.{}.attention"
+        spec = ("query_key_value", _neox_value, "dense")
+    else:  # pragma: no cover
+        raise ValueError(kind)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    m = model(cfg).eval()
+    return m, [attn.format(i) for i in range(2)], spec
+
+
+MODELS = ["llama", "mistral", "qwen2", "gpt2", "gpt_neox"]
+EXPECTED_WINDOW = {"mistral": [3, 3], "qwen2": [None, 3]}
+
+
+def _ids(batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, L), generator=g)
+
+
+def _left_padding():
+    mask = torch.ones(2, L, dtype=torch.long)
+    mask[0, :3] = 0
+    return mask
+
+
+def _registry_state():
+    return dict(AttentionInterface.__dict__), dict(AttentionInterface._global_mapping)
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def tiny(request):
+    return (request.param, *_make(request.param))
+
+
+# -- attention: probabilities, kernels, faithfulness ----------------------------------------------------
+def _capture(model, ids, mask=None, **kw):
+    """Capture one forward pass; returns (capture, model output, esswatch warnings incl. those of building)."""
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with esswatch.capture(model) as cap:
+            out = model(ids, attention_mask=mask, **kw)
+        cap.operators
+    return cap, out, [str(x.message) for x in w if issubclass(x.category, CaptureWarning)]
+
+
+def test_eager_dense_equals_output_attentions_and_sdpa(tiny):
+    kind, model, names, _ = tiny
+    ids = _ids()
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        cap, out, _ = _capture(model, ids, output_attentions=True)
+        assert list(cap.operators) == names
+        for i, name in enumerate(names):
+            op = cap.operators[name]
+            assert isinstance(op, SoftmaxAttention) and op.batch_shape == (2, 4) and op.seq_len == L
+            assert op.window == EXPECTED_WINDOW.get(kind, [None, None])[i]
+            assert cap.tss[name] == op.window
+            torch.testing.assert_close(op.dense(), out.attentions[i].float(), **TOL)
+        eager_dense = [cap.operators[n].dense() for n in names]
+        eager_logits = out.logits
+        model.set_attn_implementation("sdpa")
+        assert model.config._attn_implementation == "sdpa"
+        try:
+            cap, out, _ = _capture(model, ids)
+            for name, ref in zip(names, eager_dense):
+                torch.testing.assert_close(cap.operators[name].dense(), ref, **TOL)
+            torch.testing.assert_close(out.logits, eager_logits, atol=1e-5, rtol=1e-5)
+        finally:
+            model.set_attn_implementation("eager")
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_left_padding_handled_and_warned(tiny, impl):
+    kind, model, names, _ = tiny
+    ids, mask = _ids(), _left_padding()
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        ref = model(ids, attention_mask=mask, output_attentions=True).attentions
+        model.set_attn_implementation(impl)
+        try:
+            cap, _, msgs = _capture(model, ids, mask)
+        finally:
+            model.set_attn_implementation("eager")
+    for i, name in enumerate(names):
+        t = cap.operators[name].dense()
+        torch.testing.assert_close(t[0, :, 3:, 3:], ref[i][0, :, 3:, 3:].float(), **TOL)   # real tokens
+        torch.testing.assert_close(t[1], ref[i][1].float(), **TOL)                        # unpadded row
+        assert torch.all(t[0, :, :3, :] == 0) and torch.all(t[0, :, :, :3] == 0)          # pads: zero
+        assert any(name in m and "padded batch" in m for m in msgs), msgs
+
+
+def _flash_like_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A user kernel registered in transformers' registry that gets flash-style (batch, keys) padding masks."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+    key, value = repeat_kv(key, module.num_key_value_groups), repeat_kv(value, module.num_key_value_groups)
+    n = query.shape[-2]
+    ok = torch.ones(n, n, dtype=torch.bool).tril()
+    if attention_mask is not None:
+        ok = ok & attention_mask.bool()[:, None, None, :]
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=ok, scale=scaling)
+    return out.nan_to_num().transpose(1, 2).contiguous(), None
+
+
+def test_user_registered_kernel_with_flash_style_padding_mask():
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    model, names, _ = _make("llama")
+    ids, mask = _ids(), _left_padding()
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask, output_attentions=True)
+    AttentionInterface.register("esswatch_padding_kernel", _flash_like_attention)
+    AttentionMaskInterface.register("esswatch_padding_kernel", flash_attention_mask)
+    try:
+        model.set_attn_implementation("esswatch_padding_kernel")
+        with torch.no_grad():
+            cap, out, msgs = _capture(model, ids, mask)
+    finally:
+        model.set_attn_implementation("eager")
+        AttentionInterface._global_mapping.pop("esswatch_padding_kernel")
+        AttentionMaskInterface._global_mapping.pop("esswatch_padding_kernel")
+    torch.testing.assert_close(out.logits[:, 3:], ref.logits[:, 3:], atol=1e-5, rtol=1e-5)   # the kernel ran
+    for i, name in enumerate(names):
+        assert cap.probes[name]._record["mask"].dim() == 2                # it got the 2-D padding mask
+        t = cap.operators[name].dense()
+        torch.testing.assert_close(t[0, :, 3:, 3:], ref.attentions[i][0, :, 3:, 3:], **TOL)
+        torch.testing.assert_close(t[1], ref.attentions[i][1], **TOL)
+        assert torch.all(t[0, :, :3] == 0) and torch.all(t[0, :, :, :3] == 0)
+    assert any("padded batch" in m for m in msgs)
+
+
+def test_operator_times_values_reproduces_attention_output(tiny):
+    kind, model, names, (vproj, read_value, oproj) = tiny
+    ids = _ids()
+    for impl in ("eager", "sdpa"):
+        model.set_attn_implementation(impl)
+        seen = {}
+        hooks = []
+        for name in names:
+            attn = model.get_submodule(name)
+            hooks.append(getattr(attn, vproj).register_forward_hook(
+                lambda m, a, o, name=name: seen.__setitem__((name, "proj"), o)))
+            hooks.append(attn.register_forward_hook(lambda m, a, o, name=name: seen.__setitem__((name, "out"), o[0])))
+        try:
+            with torch.no_grad():
+                cap, _, _ = _capture(model, ids)
+        finally:
+            for h in hooks:
+                h.remove()
+            model.set_attn_implementation("eager")
+        for name in names:
+            attn = model.get_submodule(name)
+            v = read_value(attn, seen[(name, "proj")])                   # (b, kv_heads, L, hd)
+            op = cap.operators[name]
+            v = v.repeat_interleave(op.batch_shape[1] // v.shape[1], dim=1)
+            y = (op.dense() @ v).transpose(1, 2).reshape(2, L, -1)
+            with torch.no_grad():
+                y = getattr(attn, oproj)(y)
+            torch.testing.assert_close(y, seen[(name, "out")], atol=1e-5, rtol=1e-4)
+            assert op.value_dim == v.shape[-1]
+
+
+def test_capture_keeps_logits_and_rng_in_training_mode(tiny):
+    kind, model, names, _ = tiny
+    ids = _ids()
+    model.train()
+    try:
+        torch.manual_seed(5)
+        ref = model(ids).logits
+        after_ref = torch.rand(3)
+        torch.manual_seed(5)
+        cap, out, _ = _capture(model, ids)
+        assert torch.equal(out.logits, ref)
+        assert torch.equal(torch.rand(3), after_ref)
+        assert set(cap.operators) == set(names)
+        assert not cap.operators[names[0]].q.requires_grad
+    finally:
+        model.eval()
+
+
+def test_gemma2_softcapped_sliding_attention():
+    T = transformers
+    cfg = T.Gemma2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=8, intermediate_size=64, vocab_size=VOCAB, sliding_window=3,
+                         attn_logit_softcapping=5.0)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = T.Gemma2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        cap, out, _ = _capture(model, _ids(), output_attentions=True)
+    names = [f"model.layers.{i}.self_attn" for i in range(2)]
+    assert list(cap.operators) == names and [cap.tss[n] for n in names] == [3, None]
+    for i, name in enumerate(names):
+        torch.testing.assert_close(cap.operators[name].dense(), out.attentions[i].float(), **TOL)
+    assert cap.operators[names[0]].dense()[..., 5, :3].abs().max() == 0          # outside the window
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_short_sequences(n):
+    model, names, _ = _make("llama")
+    mamba = _mamba("mamba2")
+    ids = _ids()[:, :n]
+    with torch.no_grad():
+        cap, out, _ = _capture(model, ids, output_attentions=True)
+        mcap, _, _ = _capture(mamba, ids)
+    for i, name in enumerate(names):
+        assert cap.operators[name].seq_len == n
+        torch.testing.assert_close(cap.operators[name].dense(), out.attentions[i], **TOL)
+    op = mcap.operators["backbone.layers.0.mixer"]
+    assert op.seq_len == n and torch.isfinite(op.dense()).all()
+    if n == 2:      # a single index: H_1 is 1 x 1, its ESS is 1 unless T[1, 0] == 0
+        ess = esswatch.entropy_ess(op, [1])
+        assert ess.shape == (2, 4, 1) and torch.allclose(ess, torch.ones_like(ess))
+
+
+def test_keep_graph_lets_gradients_reach_the_parameters():
+    model, names, _ = _make("llama")
+    with esswatch.capture(model, keep_graph=True) as cap:
+        model(_ids())
+    cap.operators[names[0]].dense().square().sum().backward()
+    layer = model.get_submodule(names[0])
+    assert layer.q_proj.weight.grad.abs().sum() > 0 and layer.k_proj.weight.grad.abs().sum() > 0
+    assert layer.v_proj.weight.grad is None
+
+    mamba = _mamba("mamba2")
+    with esswatch.capture(mamba, keep_graph=True) as cap:
+        mamba(_ids())
+    op = cap.operators["backbone.layers.0.mixer"]
+    assert op.q.requires_grad
+    op.dense().square().sum().backward()
+    mixer = mamba.get_submodule("backbone.layers.0.mixer")
+    assert mixer.A_log.grad.abs().sum() > 0 and mixer.in_proj.weight.grad.abs().sum() > 0
+
+
+def test_heads_and_rows_are_sliced_consistently():
+    model, names, _ = _make("llama")          # 4 query heads, 2 kv heads
+    ids = _ids(batch=3)
+    with torch.no_grad(), esswatch.capture(model) as full:
+        model(ids)
+    with torch.no_grad(), esswatch.capture(model, batch_rows=2, heads=3) as part:
+        model(ids)
+    for name in names:
+        a, b = full.operators[name].dense(), part.operators[name].dense()
+        assert b.shape == (2, 3, L, L)
+        torch.testing.assert_close(b, a[:2, :3])
+
+
+# -- registry hygiene, freeing, warnings ------------------------------------------------------------------
+def test_registry_restored_after_exit_exception_and_nesting():
+    before = _registry_state()
+    m1, names1, _ = _make("llama")
+    m2, _, _ = _make("gpt2")
+    ids = _ids()
+    with esswatch.capture(m1):
+        assert AttentionInterface.__dict__["get_interface"] is not before[0]["get_interface"]
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is not sdpa_attention_forward      # wrapped
+        with esswatch.capture(m2):
+            m2(ids)
+        assert "__getitem__" in AttentionInterface.__dict__                       # still one capture open
+        m1(ids)
+    assert _registry_state() == before
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward
+    with pytest.raises(ZeroDivisionError):
+        with esswatch.capture(m1):
+            m1(ids)
+            1 / 0
+    assert _registry_state() == before
+    cap = esswatch.capture(m1).attach()
+    cap.armed = True
+    m1(ids)
+    cap.detach()
+    cap.detach()                                       # safe to repeat
+    assert _registry_state() == before
+    assert not cap.operators
+    for _ in range(20):                                # repeated steps leave nothing behind
+        with torch.no_grad(), esswatch.capture(m1) as cap:
+            m1(ids)
+    assert not attention_registry._listeners and not attention_registry._wrappers
+    assert not attention_registry.is_installed() and _registry_state() == before
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in m1.modules())
+
+
+def test_captured_tensors_and_model_are_freed():
+    model, names, _ = _make("qwen2")
+    with torch.no_grad(), esswatch.capture(model) as cap:
+        model(_ids())
+    op = cap.operators[names[0]]
+    refs = [weakref.ref(op.q), weakref.ref(op.k), weakref.ref(cap)]
+    model_ref = weakref.ref(model)
+    del cap, op
+    gc.collect()
+    assert all(r() is None for r in refs)
+    del model
+    gc.collect()
+    assert model_ref() is None
+
+
+def test_bypassed_registry_and_kv_cache_are_warned():
+    T = transformers
+    cfg = T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
+                       reorder_and_upcast_attn=True)
+    cfg._attn_implementation = "eager"
+    model = T.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        cap, _, msgs = _capture(model, _ids())
+    assert not cap.operators
+    assert any("transformer.h.0.attn" in m and "did not call" in m for m in msgs), msgs
+
+    cfg = T.FalconConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, vocab_size=VOCAB)
+    with pytest.warns(CaptureWarning, match=r"transformer\.h\.0\.self_attention .*FalconAttention.* without "):
+        falcon = T.FalconForCausalLM(cfg)
+        cap = esswatch.capture(falcon).attach()
+    cap.detach()
+
+    model, names, _ = _make("llama")
+    ids = _ids()
+    with torch.no_grad():
+        past = model(ids, use_cache=True).past_key_values
+        cap, _, msgs = _capture(model, ids[:, :1], past_key_values=past, use_cache=True)
+    assert not cap.operators
+    assert any(names[0] in m and "key length" in m for m in msgs), msgs
+
+
+def test_cross_attention_is_not_selected():
+    T = transformers
+    cfg = T.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=VOCAB, n_positions=64, add_cross_attention=True)
+    model = T.GPT2LMHeadModel(cfg).eval()
+    cap = esswatch.capture(model)
+    assert list(cap.probes) == ["transformer.h.0.attn"]
+
+
+# -- Mamba / FalconMamba / Mamba2 ---------------------------------------------------------------------------
+def _mamba(kind):
+    T = transformers
+    torch.manual_seed(0)
+    if kind == "mamba":
+        cfg = T.MambaConfig(hidden_size=16, state_size=4, num_hidden_layers=2, vocab_size=VOCAB, expand=2,
+                            conv_kernel=3, time_step_rank=4)
+        return T.MambaForCausalLM(cfg).eval()
+    if kind == "falcon_mamba":
+        cfg = T.FalconMambaConfig(hidden_size=16, state_size=4, num_hidden_layers=2, vocab_size=VOCAB, expand=2,
+                                  conv_kernel=3, time_step_rank=4)
+        return T.FalconMambaForCausalLM(cfg).eval()
+    if kind == "jamba":     # layer 0: JambaMambaMixer, layer 1: attention
+        cfg = T.JambaConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=32, vocab_size=VOCAB, attn_layer_period=2, attn_layer_offset=1,
+                            expert_layer_period=2, num_experts=2, mamba_d_state=4, mamba_dt_rank=4, mamba_d_conv=3,
+                            mamba_expand=2)
+        cfg._attn_implementation = "eager"
+        return T.JambaForCausalLM(cfg).eval()
+    cfg = T.Mamba2Config(hidden_size=16, state_size=4, num_hidden_layers=2, vocab_size=VOCAB, expand=2,
+                         conv_kernel=3, num_heads=4, head_dim=8, n_groups=2, chunk_size=4)
+    return T.Mamba2ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["mamba", "falcon_mamba", "jamba"])
+def test_mamba_operator_reproduces_mixer_output(kind):
+    model = _mamba(kind)
+    ids = _ids()
+    seen, hooks = {}, []
+    mixers = {n: m for n, m in model.named_modules() if type(m).__name__.endswith("MambaMixer")}
+    for name, mixer in mixers.items():
+        hooks.append(mixer.x_proj.register_forward_hook(lambda m, a, o, n=name: seen.__setitem__((n, "u"), a[0])))
+        hooks.append(mixer.in_proj.register_forward_hook(lambda m, a, o, n=name: seen.__setitem__((n, "xz"), o)))
+        hooks.append(mixer.register_forward_hook(lambda m, a, o, n=name: seen.__setitem__((n, "out"), o)))
+    try:
+        with torch.no_grad():
+            ref = model(ids).logits
+            cap, out, _ = _capture(model, ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.equal(out.logits, ref)
+    assert set(mixers) <= set(cap.operators)
+    for name, mixer in mixers.items():
+        op = cap.operators[name]
+        D = mixer.intermediate_size
+        assert isinstance(op, GatedRecurrence) and op.batch_shape == (2, D) and op.state_size == 4
+        assert cap.tss[name] == 4 and op.value_dim == 1
+        u = seen[(name, "u")].transpose(1, 2)                        # (b, D, L), the scan's input
+        gate = seen[(name, "xz")].chunk(2, dim=-1)[1].transpose(1, 2)
+        y = (op.dense() @ u[..., None])[..., 0] + mixer.D[None, :, None] * u
+        y = y * F.silu(gate)
+        with torch.no_grad():
+            y = mixer.out_proj(y.transpose(1, 2))
+        torch.testing.assert_close(y, seen[(name, "out")], atol=1e-5, rtol=1e-4)
+
+
+def _mamba2_x(mixer, xbc_pre_conv):
+    """The scan input x of a Mamba2 mixer from in_proj's output (depthwise causal conv + SiLU)."""
+    w = mixer.conv1d.weight
+    x = F.conv1d(xbc_pre_conv.transpose(1, 2), w, mixer.conv1d.bias, padding=w.shape[-1] - 1,
+                 groups=w.shape[0])[..., :L]
+    x = F.silu(x).transpose(1, 2)[..., : mixer.intermediate_size]
+    return x.reshape(x.shape[0], L, mixer.num_heads, mixer.head_dim).permute(0, 2, 1, 3)   # (b, h, L, p)
+
+
+def test_mamba2_operator_reproduces_scan_and_mixer_output():
+    model = _mamba("mamba2")
+    ids = _ids()
+    seen, hooks = {}, []
+    mixers = {n: m for n, m in model.named_modules() if type(m).__name__ == "Mamba2Mixer"}
+    for name, mixer in mixers.items():
+        hooks.append(mixer.in_proj.register_forward_hook(lambda m, a, o, n=name: seen.__setitem__((n, "zxbcdt"), o)))
+        hooks.append(mixer.norm.register_forward_hook(lambda m, a, o, n=name: seen.__setitem__((n, "norm_in"), a)))
+        hooks.append(mixer.register_forward_hook(lambda m, a, o, n=name: seen.__setitem__((n, "out"), o)))
+    try:
+        with torch.no_grad():
+            ref = model(ids).logits
+            cap, out, _ = _capture(model, ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.equal(out.logits, ref)
+    assert set(cap.operators) == set(mixers)
+    for name, mixer in mixers.items():
+        op = cap.operators[name]
+        assert isinstance(op, GatedRecurrence) and op.batch_shape == (2, 4) and op.state_size == 4
+        assert op.value_dim == 8 and cap.tss[name] == 4
+        zxbcdt = seen[(name, "zxbcdt")]
+        gate, xbc, _ = zxbcdt.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
+        x = _mamba2_x(mixer, xbc)
+        y = op.dense() @ x + mixer.D[None, :, None, None] * x                      # (b, h, L, p)
+        y = y.permute(0, 2, 1, 3).reshape(2, L, -1)
+        scan_out, norm_gate = seen[(name, "norm_in")]
+        torch.testing.assert_close(y, scan_out, atol=1e-5, rtol=1e-4)
+        with torch.no_grad():
+            full = mixer.out_proj(mixer.norm(y, gate))
+        torch.testing.assert_close(full, seen[(name, "out")], atol=1e-5, rtol=1e-4)
+
+    with torch.no_grad(), esswatch.capture(model, heads=3, batch_rows=1) as part:
+        model(ids)
+    for name in mixers:
+        torch.testing.assert_close(part.operators[name].dense(), cap.operators[name].dense()[:1, :3])
+
+
+def test_mamba_padding_is_warned():
+    model = _mamba("mamba")
+    with torch.no_grad():
+        cap, _, msgs = _capture(model, _ids(), _left_padding())
+    t = cap.operators["backbone.layers.0.mixer"].dense()
+    assert torch.all(t[0, :, :3, :] == 0) and torch.all(t[0, :, :, :3] == 0)
+    assert any("backbone.layers.0.mixer" in m and "padded batch" in m for m in msgs), msgs
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_sdpa_kernel_matches_eager_probabilities():
+    model, names, _ = _make("mistral")
+    model = model.cuda()
+    ids, mask = _ids().cuda(), _left_padding().cuda()
+    try:
+        for attention_mask in (None, mask):
+            with torch.no_grad():
+                model.set_attn_implementation("eager")
+                ref = model(ids, attention_mask=attention_mask, output_attentions=True)
+                model.set_attn_implementation("sdpa")
+                cap, out, _ = _capture(model, ids, attention_mask)
+            rows = slice(3, None) if attention_mask is not None else slice(None)
+            for i, name in enumerate(names):
+                t = cap.operators[name].dense()
+                assert t.is_cuda
+                torch.testing.assert_close(t[..., rows, rows], ref.attentions[i][..., rows, rows].float(),
+                                           atol=1e-4, rtol=1e-4)
+    finally:
+        model.set_attn_implementation("eager")
+
+
+def test_mamba_decoding_step_is_skipped_with_warning():
+    model = _mamba("mamba")
+    ids = _ids()
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).cache_params
+        cap, _, msgs = _capture(model, ids[:, :1], cache_params=cache, use_cache=True)
+    assert not cap.operators
+    assert any("backbone.layers.0.mixer" in m and "cached state" in m for m in msgs), msgs
