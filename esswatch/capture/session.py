@@ -116,15 +116,19 @@ class Capture:
         _ACTIVE[model] = self
         return self
 
-    def detach(self) -> None:
-        """Remove every hook (idempotent) and drop all records."""
+    def _remove_hooks(self) -> None:
+        """Disarm and remove every hook (idempotent); records are kept."""
+        self.armed = False
         handles, self._handles = self._handles, []
         for h in handles:
             h.remove()
         model = self._model()
         if model is not None and _ACTIVE.get(model) is self:
             del _ACTIVE[model]
-        self.armed = False
+
+    def detach(self) -> None:
+        """Remove every hook (idempotent) and drop all records."""
+        self._remove_hooks()
         self.clear()
 
     def clear(self) -> None:
@@ -150,13 +154,7 @@ class Capture:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.armed = False
-        handles, self._handles = self._handles, []
-        for h in handles:
-            h.remove()
-        model = self._model()
-        if model is not None and _ACTIVE.get(model) is self:
-            del _ACTIVE[model]
+        self._remove_hooks()
         # records stay readable after the block (cap.operators); they are dropped with `cap`.
 
 
