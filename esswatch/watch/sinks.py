@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 
 from . import tags
-from .plot import matplotlib_available, render_profile
+from .plot import ProfilePlot, matplotlib_available
 
 __all__ = ["Sink", "CallableSink", "TensorBoardSink", "as_sink"]
 
@@ -90,6 +90,7 @@ class TensorBoardSink(Sink):
         self.histograms = histograms
         self.images = images
         self.layout = layout
+        self._plots: Dict[str, ProfilePlot] = {}
 
     @property
     def writer(self):
@@ -112,11 +113,11 @@ class TensorBoardSink(Sink):
         for metric in result.get("metrics", ()):
             if self.histograms:
                 for name, lay in result["layers"].items():
-                    if metric in lay:
+                    if metric in lay and "per_head" in lay[metric]:
                         w.add_histogram(tags.histogram_tag(metric, name),
                                         np.asarray(lay[metric]["per_head"], dtype=np.float64), global_step=step)
             if self.images and matplotlib_available():
-                img = render_profile(result, metric)
+                img = self._plots.setdefault(metric, ProfilePlot(metric)).render(result)
                 if img is not None:
                     w.add_image(tags.profile_tag(metric), img, global_step=step, dataformats="HWC")
 

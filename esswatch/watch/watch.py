@@ -172,6 +172,7 @@ class ESSWatch:
         self._started = False
         self._failures = 0
         self._failed_layers: set = set()
+        self._failed_sinks: set = set()
         self._warned_empty = False
         self._samples = 0
         self._latest: Optional[Dict[str, Any]] = None
@@ -204,7 +205,7 @@ class ESSWatch:
             "batch_rows": cap.batch_rows, "heads": cap.heads,
             **self.measure_config.as_dict(),
             "strict": self.strict, "reduce": self.reduce,
-            "layers": {n: p.layer_type for n, p in cap.probes.items()},
+            "layers": {n: f"{type(p.module).__name__}: {p.layer_type}" for n, p in cap.probes.items()},
             "esswatch": __version__,
         }
 
@@ -326,15 +327,26 @@ class ESSWatch:
                 "Pass strict=True to raise instead.", ESSWarning, stacklevel=4)
 
     def _emit(self, result: Dict[str, Any]) -> None:
+        """Hand the result to every sink (rank 0 only). A failing sink warns once and is skipped
+        unless ``strict``: logging problems never stop training either."""
         if dist_utils.rank() != 0:
             return
-        if not self._started:
-            self._started = True
-            config = dict(self.config(), start_step=result["step"])
-            for sink in self._sinks:
-                sink.start(config)
+        first = not self._started
+        self._started = True
+        config = dict(self.config(), start_step=result["step"]) if first else None
         for sink in self._sinks:
-            sink.write(result)
+            try:
+                if first:
+                    sink.start(config)
+                sink.write(result)
+            except Exception as e:  # noqa: BLE001
+                if self.strict:
+                    raise
+                if id(sink) not in self._failed_sinks:
+                    self._failed_sinks.add(id(sink))
+                    warnings.warn(f"esswatch: sink {sink!r} failed at step {result['step']}: "
+                                  f"{type(e).__name__}: {e}. Later failures of this sink are not reported.",
+                                  ESSWarning, stacklevel=4)
 
     # -- results and state -------------------------------------------------------------
     def latest(self) -> Optional[Dict[str, Any]]:

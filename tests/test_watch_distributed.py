@@ -1,0 +1,79 @@
+"""ESSWatch under DistributedDataParallel: 2 processes, gloo, CPU."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+VOCAB, L, B, STEPS, EVERY = 11, 12, 4, 5, 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, tmp: str) -> None:
+    import esswatch
+    from esswatch.layers import SequenceModel
+
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = nn.parallel.DistributedDataParallel(
+            SequenceModel(VOCAB, d_model=16, n_layers=2, mixer="attention", n_heads=2))
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+        seen = []
+        watch = esswatch.ESSWatch(model, logdir=os.path.join(tmp, "tb"), every_n_steps=EVERY, reduce=True,
+                                  sinks=[seen.append])
+        g = torch.Generator().manual_seed(100 + rank)   # every rank trains on its own data
+        out = []
+        for _ in range(STEPS):
+            x = torch.randint(0, VOCAB, (B, L), generator=g)
+            logits = model(x)
+            nn.functional.cross_entropy(logits.reshape(-1, VOCAB), x.reshape(-1)).backward()
+            opt.step()
+            opt.zero_grad()
+            r = watch.step()
+            if r is not None:
+                out.append({"step": r["step"], "reduced": r["layers"]["blocks.0.mixer"]["entropy"]["avg"],
+                            "local": sum(r["layers"]["blocks.0.mixer"]["entropy"]["per_index"])
+                            / len(r["layers"]["blocks.0.mixer"]["entropy"]["per_index"]),
+                            "ranks": r["layers"]["blocks.0.mixer"]["ranks"]})
+        watch.close()
+        with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
+            json.dump({"results": out, "sink_calls": len(seen)}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_ddp_two_ranks_reduce_and_rank_zero_writes(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    steps = [x["step"] for x in r0["results"]]
+    assert steps == [x["step"] for x in r1["results"]] == [0, 2, 4]
+    for a, b in zip(r0["results"], r1["results"]):
+        assert a["ranks"] == b["ranks"] == 2
+        assert a["local"] != b["local"]                               # each rank measured its own batch
+        assert a["reduced"] == pytest.approx((a["local"] + b["local"]) / 2, rel=1e-9)
+        assert a["reduced"] == b["reduced"]
+    assert r0["sink_calls"] == 3 and r1["sink_calls"] == 0            # sinks run on rank 0 only
+    files = list((tmp_path / "tb").iterdir())
+    assert len(files) == 1                                              # one writer: rank 0
+    ea = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    ea.Reload()
+    logged = [(e.step, e.value) for e in ea.Scalars("ess/entropy/avg/blocks.0.mixer")]
+    assert [s for s, _ in logged] == [0, 2, 4]
+    assert [v for _, v in logged] == pytest.approx([x["reduced"] for x in r0["results"]], rel=1e-6)
