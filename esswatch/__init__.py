@@ -14,7 +14,7 @@ from .ess import entropy_ess, tolerance_ess
 
 __version__ = "0.1.0"
 
-__all__ = ["entropy_ess", "tolerance_ess", "operators", "capture", "ESSWatch", "__version__"]
+__all__ = ["entropy_ess", "tolerance_ess", "operators", "capture", "ESSWatch", "Regularizer", "__version__"]
 
 
 def __getattr__(name):  # lazy: keep `import esswatch` light
@@ -24,4 +24,7 @@ def __getattr__(name):  # lazy: keep `import esswatch` light
     if name == "ESSWatch":
         from .watch import ESSWatch
         return ESSWatch
+    if name == "Regularizer":
+        from .watch.regularizer import Regularizer
+        return Regularizer
     raise AttributeError(f"module 'esswatch' has no attribute {name!r}")

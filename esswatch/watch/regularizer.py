@@ -32,7 +32,10 @@ import torch
 from ..ess import entropy_ess
 from ..operators import GatedRecurrence, Operator
 
-__all__ = ["RegularizerConfig", "penalty_terms"]
+__all__ = ["Regularizer", "RegularizerConfig", "penalty_terms", "PENALTY_TAG"]
+
+#: the scalar tag of the penalty; per layer ``ess/penalty/<layer>``
+PENALTY_TAG = "ess/penalty/total"
 
 KINDS = ("ess", "identity")
 MODES = ("collapse", "target")
@@ -107,14 +110,24 @@ def _identity_term(op: Operator) -> Optional[torch.Tensor]:
     return torch.sqrt(((a - 1) ** 2).sum(-1) + 1e-12).mean()
 
 
-def penalty_terms(operators: Mapping[str, Operator], cfg: RegularizerConfig
+def penalty_terms(operators: Mapping[str, Operator], cfg: RegularizerConfig, on_error=None
                   ) -> Tuple[Optional[torch.Tensor], Dict[str, torch.Tensor]]:
-    """``(weight * mean of layer terms, {layer: term})``; ``(None, {})`` when nothing contributes."""
+    """``(weight * mean of layer terms, {layer: term})``; ``(None, {})`` when nothing contributes.
+
+    ``on_error(name, exception)``: called when a layer's term fails (the layer is then
+    left out); without it the exception propagates.
+    """
     terms: Dict[str, torch.Tensor] = {}
     for name, op in operators.items():
         if op.seq_len < 2:
             continue
-        term = _ess_term(op, cfg) if cfg.kind == "ess" else _identity_term(op)
+        try:
+            term = _ess_term(op, cfg) if cfg.kind == "ess" else _identity_term(op)
+        except Exception as e:  # noqa: BLE001 - reported through on_error
+            if on_error is None:
+                raise
+            on_error(name, e)
+            continue
         if term is not None:
             terms[name] = term
     if not terms:
@@ -122,3 +135,7 @@ def penalty_terms(operators: Mapping[str, Operator], cfg: RegularizerConfig
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in terms.values()) else torch.float32
     total = torch.stack([t.to(dtype) for t in terms.values()]).mean() * float(cfg.weight)
     return total, terms
+
+
+#: the public name: ``esswatch.Regularizer(weight, kind=..., mode=..., target=..., every_n_steps=...)``
+Regularizer = RegularizerConfig

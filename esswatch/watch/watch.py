@@ -52,9 +52,10 @@ from ..capture import Capture
 from ..ess import DEFAULT_RELATIVE, DEFAULT_TOL
 from . import distributed as dist_utils
 from .measure import MeasureConfig, aggregate_model, measure_operator
+from .regularizer import PENALTY_TAG, Regularizer, penalty_terms
 from .schedule import Schedule
 from .sinks import Sink, TensorBoardSink, as_sink
-from .tags import scalar_tags
+from .tags import layer_tag_name, scalar_tags
 from .training_state import preserved
 
 __all__ = ["ESSWatch", "ESSWarning", "ESSMeasurementError"]
@@ -133,6 +134,9 @@ class ESSWatch:
             ``all_reduce`` per sampled step, on every rank).
         train_forwards_only: record only forwards of the model in training mode (default True).
         histograms, images: TensorBoard per-head histograms and profile images (default on).
+        regularizer: the ESS regularizer's weight (``None`` or ``0`` = off, the default), or an
+            :class:`esswatch.Regularizer` for its other options (kind, mode, target, every k
+            steps). When on, :meth:`penalty` returns a differentiable term to add to the loss.
     """
 
     def __init__(self, model: torch.nn.Module, logdir: Optional[str] = None, *, writer: Any = None,
@@ -142,7 +146,7 @@ class ESSWatch:
                  tol: float = DEFAULT_TOL, relative: bool = DEFAULT_RELATIVE, layers=None,
                  sinks: Iterable[Union[Sink, Callable[[Dict[str, Any]], Any]]] = (), strict: bool = False,
                  reduce: bool = False, train_forwards_only: bool = True, histograms: bool = True,
-                 images: bool = True) -> None:
+                 images: bool = True, regularizer: Union[None, float, Regularizer] = None) -> None:
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"ESSWatch expects an nn.Module, got {type(model).__name__}")
         if logdir is not None and writer is not None:
@@ -153,6 +157,16 @@ class ESSWatch:
         if probe_batch is not None and not isinstance(probe_batch, (torch.Tensor, tuple, list, dict)):
             raise ValueError("probe_batch must be a tensor, a tuple/list of positional arguments or a dict of "
                              f"keyword arguments, got {type(probe_batch).__name__}")
+        if regularizer is None or isinstance(regularizer, Regularizer):
+            reg = regularizer
+        elif isinstance(regularizer, (int, float)) and not isinstance(regularizer, bool):
+            reg = Regularizer(float(regularizer))
+        else:
+            raise ValueError(f"regularizer must be a weight (float), an esswatch.Regularizer or None, "
+                             f"got {regularizer!r}")
+        self.regularizer: Optional[Regularizer] = reg if reg is not None and reg.enabled else None
+        self._stash: Optional[Dict[str, Any]] = None       # operators consumed by penalty() on a measured step
+        self._penalty_log: List[Any] = []                  # (total, {layer: term}) detached, this step
         self.schedule = Schedule(every_n_steps)
         self.measure_config = MeasureConfig(indices=indices, estimator=estimator, metrics=metrics, tol=tol,
                                             relative=relative)
@@ -215,12 +229,71 @@ class ESSWatch:
         """The number of the current training step (0-based)."""
         return self.schedule.step
 
+    def _penalty_due(self) -> bool:
+        reg = self.regularizer
+        return reg is not None and self.schedule.step % reg.every_n_steps == 0
+
     def _arm(self) -> None:
         """Prepare the capture for the current step (clears any stale record)."""
         self.capture.clear()
-        want = self.probe_batch is None and self.schedule.due_now
+        self._stash = None
+        self._penalty_log = []
+        penalize = self._penalty_due()
+        want = (self.probe_batch is None and self.schedule.due_now) or penalize
+        self.capture.keep_graph = penalize
         self._gate.want = want
         self.capture.armed = want
+
+    # -- the regularizer ---------------------------------------------------------------
+    def penalty(self) -> Union[float, torch.Tensor]:
+        """The ESS regularizer's term for the forward that just ran, to add to the loss.
+
+        Exactly ``0.0`` (a Python float: no graph, no cost) when the regularizer is off, on
+        steps it skips (``every_n_steps`` of :class:`esswatch.Regularizer`) and when no
+        watched layer ran a training-mode forward since the last call. Otherwise a
+        differentiable scalar tensor (float32, or float64 for a float64 model). Call it once
+        per forward, before ``backward()``; with gradient accumulation, once per micro-batch
+        (each call consumes the forward it penalizes). A layer whose term fails is skipped
+        with a warning (``strict=True`` raises).
+        """
+        if self.regularizer is None or not self._penalty_due():
+            return 0.0
+        step = self.schedule.step
+        ops: Dict[str, Any] = {}
+        for name, probe in self.capture.probes.items():
+            if not probe.has_record:
+                continue
+            try:
+                ops[name] = probe.operator()
+            except Exception as e:  # noqa: BLE001 - the monitor never stops training
+                self._layer_error(name, step, e)
+        if self.probe_batch is None and self.schedule.due_now and self._stash is None:
+            self._stash = ops            # the step's measurement uses this forward (first one wins)
+        self.capture.clear()             # the next micro-batch records anew
+        if not ops:
+            return 0.0
+        total, terms = penalty_terms(ops, self.regularizer, on_error=lambda n, e: self._layer_error(n, step, e))
+        if total is None:
+            return 0.0
+        self._penalty_log.append((total.detach(), {n: t.detach() for n, t in terms.items()}))
+        return total
+
+    def _layer_error(self, name: str, step: int, err: BaseException) -> None:
+        if self.strict:
+            raise ESSMeasurementError(f"esswatch: layer {name!r} at step {step} failed: "
+                                      f"{type(err).__name__}: {err}") from err
+        self._failed(name, step, err)
+
+    def _penalty_result(self) -> Optional[Dict[str, Any]]:
+        """Mean penalty over this step's micro-batches, as plain floats (one sync, in step())."""
+        if not self._penalty_log:
+            return None
+        n = len(self._penalty_log)
+        total = float(sum(float(t) for t, _ in self._penalty_log) / n)
+        names = {k for _, terms in self._penalty_log for k in terms}
+        layers = {k: float(sum(float(terms[k]) for _, terms in self._penalty_log if k in terms)
+                           / sum(1 for _, terms in self._penalty_log if k in terms)) for k in names}
+        return {"total": total, "layers": layers, "micro_batches": n}
 
     def set_step(self, global_step: int) -> None:
         """Declare the number of the training step about to run (e.g. a framework's
@@ -274,12 +347,15 @@ class ESSWatch:
         cfg = self.measure_config
         layers: Dict[str, Dict[str, Any]] = {}
         skipped: List[str] = []
+        stash = self._stash or {}
         try:
             for name, probe in self.capture.probes.items():
-                if not probe.has_record:
+                if not probe.has_record and name not in stash:
                     continue
                 try:
-                    layers[name] = measure_operator(probe.operator(), cfg, self._tss.get(name))
+                    op = probe.operator() if probe.has_record else stash[name]
+                    with torch.no_grad():
+                        layers[name] = measure_operator(op, cfg, self._tss.get(name))
                 except Exception as e:  # noqa: BLE001 - the monitor never stops training
                     if self.strict:
                         raise ESSMeasurementError(
@@ -312,6 +388,12 @@ class ESSWatch:
             "seconds": time.perf_counter() - t0,
         }
         result["scalars"] = scalar_tags(result)
+        pen = self._penalty_result()
+        if pen is not None:
+            result["penalty"] = pen
+            result["scalars"][PENALTY_TAG] = pen["total"]
+            for name, v in pen["layers"].items():
+                result["scalars"][f"ess/penalty/{layer_tag_name(name)}"] = v
         self._latest = result
         self._samples += 1
         self._emit(result)
