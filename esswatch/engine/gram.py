@@ -49,26 +49,30 @@ def _gramians(q: torch.Tensor, k: torch.Tensor, log_decay: Optional[torch.Tensor
         a = torch.exp(log_decay.to(torch.float64))
         a = a.expand(*q.shape[:-1], a.shape[-1])
         aa = a[..., :, :, None] * a[..., :, None, :]             # batch + (L, N|1, N|1)
-    kk = k64[..., :, :, None] * k64[..., :, None, :]             # batch + (L, N, N)
-    qq = q64[..., :, :, None] * q64[..., :, None, :]
+    # unbind along time once: indexing one step at a time would make autograd's backward
+    # scatter into a full (L, N, N) zero tensor per step (O(L^2 N^2) instead of O(L N^2))
+    kk = (k64[..., :, :, None] * k64[..., :, None, :]).unbind(-3)   # L x batch + (N, N)
+    qq = (q64[..., :, :, None] * q64[..., :, None, :]).unbind(-3)
+    if aa is not None:
+        aa = aa.unbind(-3)
 
     n = len(pos)
     p_out = [None] * n
     q_out = [None] * n
 
     # forward: P_1 = k_0 k_0^T ; P_{i+1} = aa_i * P_i + kk_i
-    P = kk[..., 0, :, :]
+    P = kk[0]
     if want_list[1]:
         p_out[pos[1]] = P
     for i in range(1, L - 1):
-        P = (aa[..., i, :, :] * P if aa is not None else P) + kk[..., i, :, :]
+        P = (aa[i] * P if aa is not None else P) + kk[i]
         if want_list[i + 1]:
             p_out[pos[i + 1]] = P
     # backward: Q_L = 0 ; Q_i = aa_i * (qq_i + Q_{i+1})
     Q = None
     for i in range(L - 1, 0, -1):
-        inner = qq[..., i, :, :] if Q is None else qq[..., i, :, :] + Q
-        Q = aa[..., i, :, :] * inner if aa is not None else inner
+        inner = qq[i] if Q is None else qq[i] + Q
+        Q = aa[i] * inner if aa is not None else inner
         if want_list[i]:
             q_out[pos[i]] = Q
     return torch.stack(p_out, dim=-3), torch.stack(q_out, dim=-3)
