@@ -1,0 +1,267 @@
+"""Hugging Face ``Trainer`` adapter: :class:`ESSCallback`.
+
+::
+
+    from esswatch.integrations.transformers import ESSCallback
+
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      callbacks=[ESSCallback(every_n_steps=100)])
+    trainer.train()
+
+A thin adapter over :class:`esswatch.ESSWatch` (all measuring happens there; the
+Hugging Face capture of :mod:`esswatch.integrations.transformers.capture` finds the
+attention layers and Mamba mixers):
+
+- the watch is built on ``on_train_begin`` on the Trainer's model and closed on
+  ``on_train_end``;
+- steps follow the Trainer's own numbering: the forward of the optimizer step that ends
+  with ``state.global_step == s`` is measured when ``s`` is a multiple of
+  ``every_n_steps`` and logged at ``s``, exactly like the Trainer logs that step's loss
+  (so ``every_n_steps == logging_steps`` puts ESS and loss on the same steps);
+- results go into the Trainer's own log stream through ``Trainer.log``: they appear in
+  ``trainer.state.log_history`` and reach every ``report_to`` integration (TensorBoard,
+  W&B, MLflow, ...) and the console. With ``writer=`` or ``logdir=`` they go to that
+  TensorBoard writer instead (with per-head histograms, profile images, layout, config);
+- only the main process (rank zero) logs; every rank measures its own batch
+  (``reduce=True`` averages across ranks);
+- the regularizer: a ``TrainerCallback`` cannot change the loss, so the penalty enters
+  through the Trainer's loss hook, ``compute_loss_func``::
+
+      ess = ESSCallback(every_n_steps=100, regularizer=1e-2)
+      trainer = Trainer(..., callbacks=[ess], compute_loss_func=ess.compute_loss_func())
+
+  The function computes the model's own loss (``model.loss_function``, what the model's
+  ``forward`` would compute from ``labels``) or the ``base`` you give it, and adds the
+  penalty; the watch logs the penalty (``ess/penalty/total`` and per layer) on its
+  measured steps.
+
+How the callback reaches ``Trainer.log``: ``TrainerCallback`` events do not receive the
+Trainer, so on ``on_train_begin`` the callback looks up the calling ``Trainer`` whose
+callback list holds it (by identity). Call :meth:`ESSCallback.bind` to give it the
+Trainer explicitly instead.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
+
+import torch
+
+from esswatch.watch import ESSWatch, Sink
+from esswatch.watch.sinks import as_sink
+
+from .._versions import require
+
+__all__ = ["ESSCallback", "SUPPORTED_TRANSFORMERS"]
+
+#: The transformers versions this adapter supports (the ``transformers`` extra installs them).
+SUPPORTED_TRANSFORMERS = ">=4.48,<6"
+
+require("transformers", SUPPORTED_TRANSFORMERS, "transformers")
+
+import transformers  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from . import capture as _capture  # noqa: E402,F401  (registers the Hugging Face capture provider)
+
+_NO_LOSS_HOOK = (
+    "ESSCallback(regularizer=...): a TrainerCallback cannot change the loss, so the penalty enters through the "
+    "Trainer's loss hook. Pass it: Trainer(..., callbacks=[ess], compute_loss_func=ess.compute_loss_func()).")
+
+
+class _Pending(Sink):
+    """Keeps the scalars of the latest result until the callback hands them to ``Trainer.log``
+    (written on rank zero only, like every sink)."""
+
+    def __init__(self) -> None:
+        self.scalars: Optional[Dict[str, float]] = None
+
+    def write(self, result: Dict[str, Any]) -> None:
+        self.scalars = dict(result["scalars"])
+
+    def pop(self) -> Optional[Dict[str, float]]:
+        out, self.scalars = self.scalars, None
+        return out
+
+
+def _calling_trainer(callback: "ESSCallback") -> Optional["transformers.Trainer"]:
+    """The ``Trainer`` on the call stack whose callback handler holds ``callback``."""
+    frame = sys._getframe(1)
+    for _ in range(16):
+        if frame is None:
+            return None
+        obj = frame.f_locals.get("self")
+        if isinstance(obj, transformers.Trainer) and any(
+                cb is callback for cb in getattr(getattr(obj, "callback_handler", None), "callbacks", ())):
+            return obj
+        frame = frame.f_back
+    return None
+
+
+class ESSCallback(TrainerCallback):
+    """Measure and log each sequence-mixing layer's ESS during ``Trainer.train``.
+
+    Args:
+        every_n_steps: measure the steps ``every_n_steps, 2 * every_n_steps, ...`` of the
+            Trainer's ``state.global_step``.
+        writer: log to this ``torch.utils.tensorboard.SummaryWriter`` instead of the
+            Trainer's log stream.
+        logdir: or to a new TensorBoard writer in this directory.
+        regularizer: the ESS regularizer's weight (``None`` or ``0`` = off) or an
+            :class:`esswatch.Regularizer`, passed to :class:`~esswatch.ESSWatch`; also pass
+            ``compute_loss_func=callback.compute_loss_func()`` to the Trainer.
+        sinks: more destinations for the results (see :class:`~esswatch.ESSWatch`).
+        **watch_kwargs: any other :class:`~esswatch.ESSWatch` option (``batch_rows``,
+            ``heads``, ``indices``, ``estimator``, ``metrics``, ``layers``, ``probe_batch``,
+            ``reduce``, ``strict``, ``histograms``, ``images``, ...).
+
+    Attributes:
+        watch: the :class:`~esswatch.ESSWatch` of the running ``train()`` (``None`` outside it).
+    """
+
+    def __init__(self, every_n_steps: int = 100, *, writer: Any = None, logdir: Optional[str] = None,
+                 regularizer: Any = None, sinks: Iterable[Union[Sink, Callable[[Dict[str, Any]], Any]]] = (),
+                 **watch_kwargs: Any) -> None:
+        if "model" in watch_kwargs:
+            raise TypeError("ESSCallback: `model=` is not an option (the callback watches the Trainer's model)")
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps!r}")
+        if writer is not None and logdir is not None:
+            raise ValueError("ESSCallback: pass writer= or logdir=, not both")
+        self.every_n_steps = every_n_steps
+        self.regularizer = regularizer
+        self.watch_kwargs = watch_kwargs
+        self.sinks: List[Sink] = [as_sink(s) for s in
+                                  ([sinks] if isinstance(sinks, Sink) or callable(sinks) else sinks)]
+        if writer is not None and not callable(getattr(writer, "add_scalar", None)):
+            raise ValueError(f"writer must be a torch.utils.tensorboard.SummaryWriter, got {type(writer).__name__}")
+        self.writer = writer
+        self.logdir = logdir
+        self._pending = _Pending()
+        self._trainer = None
+        self._args = None
+        self._watched: Optional[torch.nn.Module] = None
+        self.watch: Optional[ESSWatch] = None
+        self._loss_func_calls = 0
+
+    # -- wiring ----------------------------------------------------------------------
+    def bind(self, trainer: "transformers.Trainer") -> "ESSCallback":
+        """Give the callback its Trainer explicitly (otherwise found on ``on_train_begin``)."""
+        if not isinstance(trainer, transformers.Trainer):
+            raise ValueError(f"ESSCallback.bind expects a transformers.Trainer, got {type(trainer).__name__}")
+        self._trainer = trainer
+        return self
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise ValueError("ESSCallback: the Trainer passed no model to on_train_begin")
+        if self._trainer is None:
+            self._trainer = _calling_trainer(self)
+        own_writer = self.writer is not None or self.logdir is not None
+        if not own_writer and self._trainer is None:
+            raise RuntimeError(
+                "ESSCallback could not find the Trainer running it, so it cannot send its scalars into the "
+                "Trainer's log. Call `callback.bind(trainer)` before `trainer.train()`, or give the callback its "
+                "own TensorBoard writer: ESSCallback(writer=...) or ESSCallback(logdir=...).")
+        self._close_watch()
+        self._args = args
+        self._watched = model
+        self._loss_func_calls = 0
+        wk = dict(self.watch_kwargs)
+        if self.regularizer is not None:
+            wk["regularizer"] = self.regularizer
+        sinks = ([] if own_writer else [self._pending]) + self.sinks
+        self.watch = ESSWatch(model, self.logdir, writer=self.writer, every_n_steps=self.every_n_steps, sinks=sinks,
+                              **wk)
+        hooked = getattr(getattr(self._trainer, "compute_loss_func", None), "_esswatch_callback", None) is self
+        if self.watch.regularizer is not None and self._trainer is not None and not hooked:
+            self._close_watch()
+            raise ValueError(_NO_LOSS_HOOK)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._close_watch()
+
+    def _close_watch(self) -> None:
+        if self.watch is not None:
+            self.watch.close()    # flushes a given writer, closes the one it opened in logdir
+            self.watch = None
+
+    # -- the schedule ----------------------------------------------------------------
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.watch is not None:
+            # the step now starting ends with state.global_step == global_step + 1
+            self.watch.set_step(state.global_step + 1)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.watch is None:
+            return
+        if self.watch.regularizer is not None and self._loss_func_calls == 0:
+            self._close_watch()
+            raise ValueError(_NO_LOSS_HOOK)
+        if self.watch.global_step == state.global_step:
+            self.watch.step()
+        logs = self._pending.pop()
+        if logs:
+            # Trainer.log runs on_log, which clears control.should_log: keep the Trainer's own
+            # decision to log its loss at this step
+            should_log = control.should_log
+            self._trainer.log(logs)
+            control.should_log = should_log
+
+    # -- the regularizer -------------------------------------------------------------
+    def penalty(self) -> Union[torch.Tensor, float]:
+        """The watch's current penalty (``0.0`` when the regularizer is off or outside training)."""
+        return 0.0 if self.watch is None else self.watch.penalty()
+
+    def compute_loss_func(self, base: Optional[Callable[..., torch.Tensor]] = None) -> Callable[..., torch.Tensor]:
+        """A ``compute_loss_func`` for the Trainer: the task loss plus the ESS penalty.
+
+        Args:
+            base: ``base(outputs, labels, num_items_in_batch=None) -> loss``; default: the
+                model's own loss, ``model.loss_function(logits=outputs.logits, labels=labels,
+                vocab_size=model.config.vocab_size, num_items_in_batch=...)``, which is what
+                the model's ``forward`` computes when given ``labels``.
+
+        The Trainer does not divide a ``compute_loss_func`` loss by the gradient-accumulation
+        steps (it is normalized by ``num_items_in_batch`` over the accumulated batch) and, with
+        ``average_tokens_across_devices``, multiplies it by the number of processes; the
+        penalty is divided by both, so that each optimizer step gets the mean penalty of its
+        micro-batches (averaged over ranks by DDP). No penalty is added in evaluation.
+        """
+        callback = self
+
+        def loss_func(outputs, labels, num_items_in_batch=None):
+            callback._loss_func_calls += 1
+            if base is not None:
+                loss = base(outputs, labels, num_items_in_batch=num_items_in_batch)
+            else:
+                model = callback._model()
+                kw = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+                loss = model.loss_function(logits=outputs["logits"], labels=labels,
+                                           vocab_size=model.config.vocab_size, **kw)
+            if callback.watch is None or not torch.is_grad_enabled() or not callback._watched.training:
+                return loss
+            p = callback.watch.penalty()
+            if not isinstance(p, torch.Tensor):
+                return loss
+            return loss + p.to(loss.dtype) / callback._penalty_divisor(num_items_in_batch)
+
+        loss_func._esswatch_callback = self
+        return loss_func
+
+    def _model(self) -> torch.nn.Module:
+        if self._watched is not None:
+            return self._watched
+        if self._trainer is not None:
+            return self._trainer.model
+        raise RuntimeError("ESSCallback.compute_loss_func: no model (is the callback in the Trainer's callbacks?)")
+
+    def _penalty_divisor(self, num_items_in_batch) -> float:
+        args, trainer = self._args, self._trainer
+        ga = getattr(trainer, "current_gradient_accumulation_steps", None) or args.gradient_accumulation_steps
+        world = args.world_size if (getattr(args, "average_tokens_across_devices", False)
+                                    and num_items_in_batch is not None) else 1
+        return float(ga * world)
+
+    def __repr__(self) -> str:  # pragma: no cover - cosmetic
+        return f"ESSCallback(every_n_steps={self.every_n_steps}, regularizer={self.regularizer!r})"

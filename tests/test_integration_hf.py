@@ -1,0 +1,225 @@
+"""The Hugging Face adapter in real ``transformers.Trainer.train`` runs on CPU.
+
+Tiny random-initialised Llama and Mamba models on a small in-memory dataset (nothing is
+downloaded). Logs are read back from ``trainer.state.log_history`` and from the event
+files of the Trainer's own TensorBoard integration (TensorBoard's EventAccumulator);
+Llama's logged ESS is checked against a NumPy SVD of the attention probabilities the
+model itself returns (eager attention, ``output_attentions=True``) for the very batch and
+parameters of the sampled step, both recorded by test-owned hooks.
+"""
+from __future__ import annotations
+
+import copy
+import glob
+import math
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from esswatch import Regularizer  # noqa: E402
+from esswatch.integrations._versions import UnsupportedVersionError, require  # noqa: E402
+from esswatch.watch.regularizer import PENALTY_TAG  # noqa: E402
+from esswatch.integrations.transformers import ESSCallback  # noqa: E402
+
+from reference import entropy_ess_ref  # noqa: E402
+
+VOCAB, SEQ, BATCH = 64, 16, 4
+STATS = ("avg", "max", "total", "utilization")
+INDICES = [3, 8, 12]
+LLAMA_LAYERS = ("model.layers.0.self_attn", "model.layers.1.self_attn")
+MAMBA_LAYERS = ("backbone.layers.0.mixer", "backbone.layers.1.mixer")
+
+
+def llama(attn: str = "sdpa"):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64)
+    cfg._attn_implementation = attn
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def mamba():
+    torch.manual_seed(0)
+    cfg = transformers.MambaConfig(hidden_size=16, state_size=4, num_hidden_layers=2, vocab_size=VOCAB, expand=2,
+                                   conv_kernel=3, time_step_rank=4)
+    return transformers.MambaForCausalLM(cfg)
+
+
+def dataset(n: int = 48, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randint(0, VOCAB, (SEQ,), generator=g)
+        out.append({"input_ids": x, "labels": x.clone()})
+    return out
+
+
+def train(tmp_path, model, callbacks, max_steps=6, logging_steps=2, report_to=("tensorboard",), **kw):
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=BATCH,
+                             logging_steps=logging_steps, report_to=list(report_to), use_cpu=True,
+                             save_strategy="no", disable_tqdm=True, learning_rate=1e-2, seed=0,
+                             **{k: v for k, v in kw.items() if k != "compute_loss_func"})
+    trainer = Trainer(model=model, args=args, train_dataset=dataset(), callbacks=list(callbacks),
+                      compute_loss_func=kw.get("compute_loss_func"))
+    trainer.train()
+    return trainer
+
+
+def read_events(output_dir):
+    (logdir,) = glob.glob(os.path.join(str(output_dir), "runs", "*"))
+    ea = EventAccumulator(logdir, size_guidance={"scalars": 0, "tensors": 0, "images": 0, "histograms": 0})
+    ea.Reload()
+    return ea
+
+
+def ess_history(trainer):
+    return {e["step"]: e for e in trainer.state.log_history if "ess/entropy/avg/model" in e}
+
+
+class Snapshot(TrainerCallback):
+    """Test-only: the parameters at the start of chosen steps and the input_ids of their first
+    forward (a forward pre-hook owned by the test)."""
+
+    def __init__(self, model, steps) -> None:
+        self.steps, self.params, self.inputs, self.current = set(steps), {}, {}, None
+        self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        if self.current is not None and self.current not in self.inputs and module.training:
+            self.inputs[self.current] = kwargs["input_ids"].detach().clone()
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        s = state.global_step + 1       # the step that ends with global_step == s (the Trainer's numbering)
+        self.current = s if s in self.steps else None
+        if self.current is not None:
+            self.params[s] = copy.deepcopy(model.state_dict())
+
+
+def reference_avg(params, input_ids, rows: int = 2):
+    """Per layer: NumPy entropy-ESS of the attention probabilities the eager Llama returns."""
+    model = llama("eager").eval()
+    model.load_state_dict(params)
+    with torch.no_grad():
+        att = model(input_ids=input_ids[:rows], output_attentions=True).attentions
+    return {name: float(entropy_ess_ref(a.double().numpy(), INDICES).mean()) for name, a in zip(LLAMA_LAYERS, att)}
+
+
+# -- tests ----------------------------------------------------------------------------------------
+def test_llama_scalars_reach_log_history_and_tensorboard(tmp_path):
+    """Steps 2, 4, 6 (the Trainer's numbering, like its loss): every tag in log_history and in
+    the event file of the Trainer's TensorBoard integration, equal to each other and to the NumPy
+    reference of the step's batch; other steps carry no ESS."""
+    model = llama()
+    snap = Snapshot(model, [2, 4, 6])
+    trainer = train(tmp_path, model, [snap, ESSCallback(every_n_steps=2, indices=INDICES)])
+    snap.handle.remove()
+
+    hist = ess_history(trainer)
+    assert sorted(hist) == [2, 4, 6]
+    assert sorted(e["step"] for e in trainer.state.log_history if "loss" in e) == [2, 4, 6]   # loss still logged
+    ea = read_events(tmp_path)
+    for layer in LLAMA_LAYERS + ("model",):
+        for stat in STATS:
+            tag = f"ess/entropy/{stat}/{layer}"
+            events = ea.Scalars("train/" + tag)        # the Trainer's TensorBoard integration prefixes "train/"
+            assert [e.step for e in events] == [2, 4, 6]
+            for e in events:
+                assert math.isfinite(e.value)
+                assert e.value == pytest.approx(hist[e.step][tag], rel=1e-6)       # float32 in the event file
+        assert all(0 <= hist[s][f"ess/entropy/utilization/{layer}"] <= 1 + 1e-6 for s in hist)
+    for step in (2, 4, 6):
+        ref = reference_avg(snap.params[step], snap.inputs[step])
+        for layer in LLAMA_LAYERS:
+            assert hist[step][f"ess/entropy/avg/{layer}"] == pytest.approx(ref[layer], rel=1e-4), (step, layer)
+
+
+def test_mamba_scalars_reach_log_history_and_tensorboard(tmp_path):
+    trainer = train(tmp_path, mamba(), [ESSCallback(every_n_steps=3)], max_steps=6, logging_steps=3)
+    hist = ess_history(trainer)
+    assert sorted(hist) == [3, 6]
+    ea = read_events(tmp_path)
+    for layer in MAMBA_LAYERS:
+        for stat in STATS:
+            tag = f"ess/entropy/{stat}/{layer}"
+            events = ea.Scalars("train/" + tag)
+            assert [e.step for e in events] == [3, 6]
+            assert all(e.value == pytest.approx(hist[e.step][tag], rel=1e-6) for e in events)
+        for s in hist:
+            assert 0 < hist[s][f"ess/entropy/avg/{layer}"] <= 4 + 1e-6            # state_size = 4
+            assert 0 < hist[s][f"ess/entropy/utilization/{layer}"] <= 1 + 1e-6
+
+
+def test_own_writer_instead_of_the_trainer_log(tmp_path):
+    """writer=: everything (histograms, config) goes to that writer; the Trainer's log stays ESS-free."""
+    logdir = tmp_path / "ess"
+    writer = SummaryWriter(str(logdir))
+    trainer = train(tmp_path / "out", llama(), [ESSCallback(every_n_steps=2, writer=writer, images=False)],
+                    max_steps=4, report_to=())
+    writer.close()
+    assert ess_history(trainer) == {}
+    ea = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("ess/entropy/avg/model")] == [2, 4]
+    assert [e.step for e in ea.Histograms(f"ess_heads/entropy/{LLAMA_LAYERS[0]}")] == [2, 4]
+    assert "esswatch/config/text_summary" in ea.Tags()["tensors"]
+
+
+def test_callback_validates_its_arguments():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        ESSCallback(every_n_steps=0)
+    with pytest.raises(ValueError, match="not both"):
+        ESSCallback(writer=object(), logdir="x")
+
+
+def test_version_check_names_the_installed_version_and_the_range():
+    assert require("transformers", ">=4.48,<6", "transformers").__version__ == transformers.__version__
+    with pytest.raises(UnsupportedVersionError, match=rf"transformers>=99.*{transformers.__version__}.*esswatch\["):
+        require("transformers", ">=99", "transformers")
+    with pytest.raises(UnsupportedVersionError, match="not installed"):
+        require("esswatch_no_such_framework", ">=1", "transformers")
+
+
+# -- the regularizer ------------------------------------------------------------------------------
+# floor=1: the collapse penalty acts on every head below full utilization, so it is positive here
+REG = Regularizer(0.5, floor=1.0)
+
+
+@pytest.mark.parametrize("kind,accumulate", [("llama", 2), ("mamba", 1)])
+def test_regularizer_through_compute_loss_func(tmp_path, kind, accumulate):
+    """The stock Trainer with compute_loss_func=ess.compute_loss_func(): at step 1 the loss the
+    Trainer logs (what it backpropagated) is the unregularized run's loss plus the logged penalty
+    (also with gradient accumulation: the mean penalty of the micro-batches); later the task
+    losses depart; the penalty (total and per layer) reaches log_history and TensorBoard, finite
+    and positive, next to the ESS scalars."""
+    make, layers = (llama, LLAMA_LAYERS) if kind == "llama" else (mamba, MAMBA_LAYERS)
+    logs = {}
+    for reg in (None, REG):
+        ess = ESSCallback(every_n_steps=1, regularizer=reg, images=False)
+        extra = {"compute_loss_func": ess.compute_loss_func()} if reg else {}
+        out = tmp_path / ("reg" if reg else "plain")
+        trainer = train(out, make(), [ess], max_steps=4, logging_steps=1, gradient_accumulation_steps=accumulate,
+                        **extra)
+        logs[reg] = trainer.state.log_history
+        assert sorted(ess_history(trainer)) == [1, 2, 3, 4]
+    loss = {r: {e["step"]: e["loss"] for e in h if "loss" in e} for r, h in logs.items()}
+    pen = {e["step"]: e[PENALTY_TAG] for e in logs[REG] if PENALTY_TAG in e}
+    assert sorted(pen) == [1, 2, 3, 4] and all(math.isfinite(v) and v > 0 for v in pen.values())
+    assert all(math.isfinite(e[f"ess/penalty/{n}"]) for e in logs[REG] if PENALTY_TAG in e for n in layers)
+    assert not any(PENALTY_TAG in e for e in logs[None])
+    assert loss[REG][1] == pytest.approx(loss[None][1] + pen[1], rel=1e-5)
+    assert loss[REG][4] - pen[4] != pytest.approx(loss[None][4], rel=1e-6)     # the task losses diverged
+    ea = read_events(tmp_path / "reg")
+    assert [e.step for e in ea.Scalars("train/" + PENALTY_TAG)] == [1, 2, 3, 4]
+
+
+def test_regularizer_without_the_loss_hook_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="compute_loss_func=ess.compute_loss_func"):
+        train(tmp_path, llama(), [ESSCallback(every_n_steps=2, regularizer=0.5)], max_steps=1)

@@ -1,0 +1,363 @@
+"""The Lightning adapter in real ``lightning.Trainer.fit`` runs on CPU.
+
+Logs are read back from the loggers' own files (TensorBoard's EventAccumulator,
+CSVLogger's metrics.csv); logged ESS values are checked against a NumPy SVD of the
+operator the layer computed on the very batch and parameters of the sampled step
+(snapshotted independently at batch start).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+L = pytest.importorskip("lightning")
+
+from lightning.fabric.utilities.exceptions import MisconfigurationException  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+import esswatch  # noqa: E402
+from esswatch.integrations.lightning import ESSCallback  # noqa: E402
+from esswatch.layers import SequenceModel  # noqa: E402
+from esswatch.watch.regularizer import PENALTY_TAG  # noqa: E402
+
+from reference import entropy_ess_ref  # noqa: E402
+
+VOCAB, D, SEQ, VAL_SEQ, BATCH = 11, 16, 12, 9, 4
+LAYERS = ("model.blocks.0.mixer", "model.blocks.1.mixer")
+STATS = ("avg", "max", "total", "utilization")
+INDICES = [2, 5, 9]
+
+
+# -- a tiny LightningModule (module level: ddp_spawn pickles it) ---------------------------------
+def make_seq_model(seed: int = 0) -> SequenceModel:
+    torch.manual_seed(seed)
+    return SequenceModel(VOCAB, d_model=D, n_layers=2, mixer="attention", n_heads=2)
+
+
+class TinyLM(L.LightningModule):
+    """Calls ``self.model`` (not ``self``) in ``training_step``, as many LightningModules do."""
+
+    def __init__(self, seed: int = 0, lr: float = 0.1) -> None:
+        super().__init__()
+        self.model = make_seq_model(seed)
+        self.lr = lr
+
+    def training_step(self, x, batch_idx):
+        logits = self.model(x)
+        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+        self.log("train_loss", loss, on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, x, batch_idx):
+        self.model(x)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def loaders(n_train: int = 64, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    train = [torch.randint(0, VOCAB, (SEQ,), generator=g) for _ in range(n_train)]
+    val = [torch.randint(0, VOCAB, (VAL_SEQ,), generator=g) for _ in range(2 * BATCH)]
+    dl = torch.utils.data.DataLoader
+    return dl(train, batch_size=BATCH), dl(val, batch_size=BATCH)
+
+
+def trainer(tmp_path, callbacks, logger, **kw) -> L.Trainer:
+    opts = dict(max_steps=10, accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
+                log_every_n_steps=1, enable_checkpointing=False, default_root_dir=str(tmp_path))
+    opts.update(kw)
+    return L.Trainer(callbacks=callbacks, logger=logger, **opts)
+
+
+class Snapshot(L.Callback):
+    """Test-only: the parameters and the batch at the start of chosen steps."""
+
+    def __init__(self, steps) -> None:
+        self.steps, self.snaps = set(steps), {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        s = trainer.global_step
+        if s in self.steps and s not in self.snaps:
+            self.snaps[s] = (copy.deepcopy(pl_module.model.state_dict()), batch.clone())
+
+
+def reference_avg(state, batch, rows: int = 2):
+    """Per layer: NumPy entropy-ESS of the attention matrix on ``batch[:rows]``, mean over rows, heads, INDICES."""
+    model = make_seq_model()
+    model.load_state_dict(state)
+    with torch.no_grad(), esswatch.capture(model) as cap:
+        model(batch[:rows])
+    return {f"model.{n}": float(entropy_ess_ref(op.dense().numpy(), INDICES).mean())
+            for n, op in cap.operators.items()}
+
+
+def read_events(logdir):
+    ea = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0, "images": 0, "histograms": 0})
+    ea.Reload()
+    return ea
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def ess_rows(rows, tag="ess/entropy/avg/model"):
+    return {int(r["step"]): r for r in rows if r.get(tag)}
+
+
+# -- tests ----------------------------------------------------------------------------------------
+def test_tensorboard_logger_gets_all_tags_at_the_sampled_steps(tmp_path):
+    """TensorBoardLogger: scalars at global steps 0, 4, 8 equal to the NumPy reference of the
+    training batch of that step (not the validation or sanity-check batches, which have another
+    length), per-head histograms, the profile image and the configuration, in the logger's file."""
+    snap = Snapshot([0, 4, 8])
+    tb = TensorBoardLogger(str(tmp_path), name="tb")
+    train, val = loaders()
+    t = trainer(tmp_path, [snap, ESSCallback(every_n_steps=4, indices=INDICES)], tb, val_check_interval=4,
+                num_sanity_val_steps=1)
+    t.fit(TinyLM(), train, val)
+
+    ea = read_events(tb.log_dir)
+    scalars = set(ea.Tags()["scalars"])
+    for layer in LAYERS + ("model",):
+        for stat in STATS:
+            tag = f"ess/entropy/{stat}/{layer}"
+            assert tag in scalars, tag
+            assert [e.step for e in ea.Scalars(tag)] == [0, 4, 8]
+            assert all(math.isfinite(e.value) and e.value >= 0 for e in ea.Scalars(tag))
+        util = [e.value for e in ea.Scalars(f"ess/entropy/utilization/{layer}")]
+        assert all(0 <= u <= 1 + 1e-6 for u in util)
+    assert "train_loss" in scalars                        # Lightning's own metrics share the file
+    for step in (0, 4, 8):
+        ref = reference_avg(*snap.snaps[step])
+        for layer in LAYERS:
+            got = {e.step: e.value for e in ea.Scalars(f"ess/entropy/avg/{layer}")}[step]
+            assert got == pytest.approx(ref[layer], rel=1e-4), (step, layer)
+        model = {e.step: e.value for e in ea.Scalars("ess/entropy/avg/model")}[step]
+        assert model == pytest.approx(np.mean([ref[n] for n in LAYERS]), rel=1e-4)
+    for layer in LAYERS:
+        assert [e.step for e in ea.Histograms(f"ess_heads/entropy/{layer}")] == [0, 4, 8]
+    assert {"esswatch/config/text_summary", "custom_scalars__config__"} <= set(ea.Tags()["tensors"])
+    if "ess_profile/entropy" in ea.Tags()["images"]:      # only when matplotlib is installed
+        assert [e.step for e in ea.Images("ess_profile/entropy")] == [0, 4, 8]
+
+
+def test_csv_logger_rows_match_the_results(tmp_path):
+    """CSVLogger: metrics.csv has the ESS scalars exactly at the sampled steps, with the values the
+    watch produced, next to Lightning's own train_loss."""
+    results = []
+    csv_logger = CSVLogger(str(tmp_path), name="csv")
+    train, _ = loaders()
+    t = trainer(tmp_path, [ESSCallback(every_n_steps=3, sinks=[results.append], images=False)], csv_logger,
+                max_steps=8)
+    t.fit(TinyLM(), train)
+
+    rows = read_csv(os.path.join(csv_logger.log_dir, "metrics.csv"))
+    by_step = ess_rows(rows)
+    assert sorted(by_step) == [0, 3, 6] == [r["step"] for r in results]
+    for res in results:
+        row = by_step[res["step"]]
+        for tag, value in res["scalars"].items():
+            assert float(row[tag]) == pytest.approx(value, rel=1e-12, abs=1e-12), tag
+    assert sum(1 for r in rows if r.get("train_loss")) == 8
+
+
+def test_resume_from_checkpoint_continues_the_schedule(tmp_path):
+    """A checkpoint at step 5 holds the callback's state; the resumed fit measures steps 8 and 12
+    (not 0 again) and its sample count continues from the checkpoint."""
+    ckpt_dir = tmp_path / "ckpt"
+    first = []
+    train, _ = loaders()
+    t1 = trainer(tmp_path, [ESSCallback(every_n_steps=4, sinks=[first.append], images=False),
+                            ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=5, save_top_k=-1)],
+                 CSVLogger(str(tmp_path), name="run1"), max_steps=7, enable_checkpointing=True)
+    t1.fit(TinyLM(), train)
+    assert [r["step"] for r in first] == [0, 4]
+    ckpt = ckpt_dir / "epoch=0-step=5.ckpt"
+    state = torch.load(ckpt, weights_only=False)["callbacks"]["ESSCallback"]["watch"]
+    assert state["schedule"]["step"] == 5 and state["samples"] == 2
+
+    second = []
+    cb = ESSCallback(every_n_steps=4, sinks=[second.append], images=False)
+    csv_logger = CSVLogger(str(tmp_path), name="run2")
+    t2 = trainer(tmp_path, [cb], csv_logger, max_steps=14)
+    t2.fit(TinyLM(seed=3), train, ckpt_path=str(ckpt))
+    assert [r["step"] for r in second] == [8, 12]
+    assert sorted(ess_rows(read_csv(os.path.join(csv_logger.log_dir, "metrics.csv")))) == [8, 12]
+    assert cb.state_dict()["watch"]["samples"] == 4
+    assert cb.state_dict()["watch"]["schedule"]["step"] == 14
+
+
+def test_no_logger_and_no_logdir_is_a_clear_error(tmp_path):
+    train, _ = loaders(16)
+    t = trainer(tmp_path, [ESSCallback(every_n_steps=2)], False, max_steps=2)
+    with pytest.raises(MisconfigurationException, match="no logger.*logdir"):
+        t.fit(TinyLM(), train)
+
+    logdir = tmp_path / "own"
+    t = trainer(tmp_path, [ESSCallback(every_n_steps=2, logdir=str(logdir), images=False)], False, max_steps=4)
+    t.fit(TinyLM(), train)
+    assert [e.step for e in read_events(logdir).Scalars("ess/entropy/avg/model")] == [0, 2]
+
+
+def test_bf16_mixed_precision_with_the_regularizer(tmp_path):
+    results = []
+    train, _ = loaders(32)
+    logger = CSVLogger(str(tmp_path))
+    t = trainer(tmp_path, [ESSCallback(every_n_steps=2, regularizer=0.1, sinks=[results.append], images=False)],
+                logger, max_steps=5, precision="bf16-mixed")
+    t.fit(TinyLM(), train)
+    assert [r["step"] for r in results] == [0, 2, 4]
+    pen = [float(r[PENALTY_TAG]) for r in read_csv(os.path.join(logger.log_dir, "metrics.csv"))
+           if r.get(PENALTY_TAG)]
+    assert len(pen) == 3 and all(math.isfinite(v) and v > 0 for v in pen)     # on the measured steps
+    for r in results:
+        for layer in LAYERS:
+            e = r["layers"][layer]["entropy"]
+            assert math.isfinite(e["avg"]) and 0 < e["utilization"] <= 1 + 1e-6
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    """strategy="ddp_spawn", 2 CPU processes (gloo), reduce=True, with the regularizer: each sampled
+    step is written once, by rank zero, no collective deadlocks, no DDP backward error."""
+    csv_logger = CSVLogger(str(tmp_path), name="ddp", version=0)   # the spawned rank 0 writes version_0
+    train, _ = loaders(48)
+    t = trainer(tmp_path, [ESSCallback(every_n_steps=2, reduce=True, regularizer=0.1, images=False)], csv_logger,
+                max_steps=5, strategy="ddp_spawn", devices=2)
+    t.fit(TinyLM(), train)
+    rows = read_csv(os.path.join(csv_logger.log_dir, "metrics.csv"))
+    steps = [int(r["step"]) for r in rows if r.get("ess/entropy/avg/model")]
+    assert steps == [0, 2, 4]
+    assert [int(r["step"]) for r in rows if r.get(PENALTY_TAG)] == [0, 2, 4]
+    for r in rows:
+        if r.get("ess/entropy/avg/model"):
+            assert all(math.isfinite(float(r[f"ess/entropy/{s}/{n}"])) for s in STATS for n in LAYERS)
+
+
+def test_callback_validates_its_arguments():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        ESSCallback(every_n_steps=0)
+    with pytest.raises(TypeError, match="writer"):
+        ESSCallback(writer=object())
+
+
+# -- the regularizer ------------------------------------------------------------------------------
+WEIGHT = 0.5
+
+
+class Grads(L.Callback):
+    """Test-only: the parameter gradients just before the first optimizer step."""
+
+    def __init__(self) -> None:
+        self.grads = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.grads is None:
+            self.grads = {n: p.grad.detach().clone() for n, p in pl_module.model.named_parameters()}
+
+
+def task_loss(model, x):
+    logits = model(x)
+    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_regularizer_gradient_is_that_of_loss_plus_penalty(tmp_path, accumulate):
+    """The gradient of Lightning's first optimizer step equals that of a plain loop computing
+    ``(task loss + watch.penalty()) / accumulate`` per micro-batch with a plain ESSWatch, and
+    differs from the unregularized gradient."""
+    train, _ = loaders(16)
+    grads = Grads()
+    t = trainer(tmp_path, [ESSCallback(every_n_steps=100, regularizer=WEIGHT, images=False), grads],
+                CSVLogger(str(tmp_path)), max_steps=1, accumulate_grad_batches=accumulate)
+    t.fit(TinyLM(), train)
+
+    model = make_seq_model()
+    batches = [b for _, b in zip(range(accumulate), train)]
+    with esswatch.ESSWatch(model, regularizer=WEIGHT, every_n_steps=100) as watch:
+        for x in batches:
+            loss = task_loss(model, x)
+            pen = watch.penalty()
+            assert isinstance(pen, torch.Tensor) and float(pen) > 0
+            ((loss + pen) / accumulate).backward()
+    ref = {n: p.grad for n, p in model.named_parameters()}
+    plain = make_seq_model()
+    sum(task_loss(plain, x) / accumulate for x in batches).backward()
+    for n, g in grads.grads.items():
+        torch.testing.assert_close(g, ref[n], rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(p.grad, ref[n]) for n, p in plain.named_parameters())
+
+
+def test_regularizer_is_logged_and_changes_training(tmp_path):
+    """The penalty (total and per layer) reaches the logger on the measured steps, finite and
+    positive; the task loss Lightning logs is the same at step 0 and then departs from the
+    unregularized run with the same seed."""
+    train, _ = loaders(40)
+    runs = {}
+    for weight in (None, WEIGHT):
+        logger = CSVLogger(str(tmp_path), name=f"w{weight}")
+        t = trainer(tmp_path, [ESSCallback(every_n_steps=4, regularizer=weight, images=False)], logger,
+                    max_steps=6)
+        t.fit(TinyLM(), train)
+        runs[weight] = read_csv(os.path.join(logger.log_dir, "metrics.csv"))
+    loss = {w: {int(r["step"]): float(r["train_loss"]) for r in rows if r.get("train_loss")}
+            for w, rows in runs.items()}
+    pen = {int(r["step"]): float(r[PENALTY_TAG]) for r in runs[WEIGHT] if r.get(PENALTY_TAG)}
+    assert sorted(pen) == [0, 4]
+    assert all(math.isfinite(v) and v > 0 for v in pen.values())
+    for step in (0, 4):
+        row = ess_rows(runs[WEIGHT])[step]
+        assert all(math.isfinite(float(row[f"ess/penalty/{n}"])) for n in LAYERS)
+    assert not any(r.get(PENALTY_TAG) for r in runs[None])
+    assert loss[None][0] == pytest.approx(loss[WEIGHT][0], rel=1e-6)
+    assert all(loss[None][s] != pytest.approx(loss[WEIGHT][s], rel=1e-6) for s in range(2, 6))
+    assert sorted(ess_rows(runs[WEIGHT])) == [0, 4]
+
+
+def test_regularizer_with_manual_optimization_is_a_clear_error(tmp_path):
+    class Manual(TinyLM):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+    train, _ = loaders(8)
+    t = trainer(tmp_path, [ESSCallback(regularizer=WEIGHT)], CSVLogger(str(tmp_path)), max_steps=1)
+    with pytest.raises(MisconfigurationException, match="manual_backward"):
+        t.fit(Manual(), train)
+
+
+def test_fp16_grad_scaler_scales_the_penalty_like_the_loss(tmp_path):
+    """fp16 autocast with a GradScaler (init scale 1024): the unscaled gradient Lightning steps with
+    matches the float32 gradient of loss + penalty, much closer than the float32 gradient without the
+    penalty is (an unscaled penalty would be 1024 times too small)."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    train, _ = loaders(8)
+    grads = Grads()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    t = trainer(tmp_path, [ESSCallback(every_n_steps=100, regularizer=WEIGHT, images=False), grads],
+                CSVLogger(str(tmp_path)), max_steps=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    t.fit(TinyLM(), train)
+
+    x = next(iter(train))
+    ref_model, plain = make_seq_model(), make_seq_model()
+    with esswatch.ESSWatch(ref_model, regularizer=WEIGHT, every_n_steps=100) as watch:
+        loss = task_loss(ref_model, x)
+        (loss + watch.penalty()).backward()
+    task_loss(plain, x).backward()
+    flat = lambda gs: torch.cat([g.flatten() for g in gs])  # noqa: E731
+    got = flat(grads.grads[n] for n, _ in ref_model.named_parameters())
+    ref = flat(p.grad for p in ref_model.parameters())
+    unreg = flat(p.grad for p in plain.parameters())
+    assert (got - ref).norm() < 0.1 * (ref - unreg).norm()
