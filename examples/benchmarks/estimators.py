@@ -72,7 +72,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="L in {256, 1024} only")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--n-indices", type=int, default=4, help="interior indices timed per estimator")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
