@@ -1,0 +1,103 @@
+"""The ``esswatch`` command: ``demo``, ``report``, ``profile`` (a thin argparse front end;
+the work lives in :mod:`esswatch.demo`)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+__all__ = ["main", "build_parser"]
+
+
+def _demo(args) -> int:
+    import torch
+
+    from .demo.run import run_demo
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu"):
+        torch.set_num_threads(1)   # a 100k-parameter model: one thread is fastest and never oversubscribes
+    run_demo(steps=args.steps, mixer=args.mixer, d_model=args.width, device=args.device, logdir=args.logdir,
+             every_n_steps=args.every, seed=args.seed, run_name=args.run_name, progress=not args.quiet)
+    return 0
+
+
+def _report(args) -> int:
+    from .demo.report import report
+
+    try:
+        return report(args.logdir, k=args.last, as_json=args.json)
+    except FileNotFoundError as e:
+        print(f"esswatch report: {e}", file=sys.stderr)
+        return 2
+
+
+def _profile(args) -> int:
+    from .demo.profile import run_profile
+
+    run_profile(args.model, text=args.text, tokens=args.tokens, delimiters=args.delimiter,
+                delimiter_ids=args.delimiter_id, out=args.out, device=args.device, max_length=args.max_length,
+                add_special_tokens=args.special_tokens, estimator=args.estimator)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .demo.run import DEMO_DEFAULTS
+    from .layers import MIXERS
+
+    p = argparse.ArgumentParser(prog="esswatch", description="Effective state-size (ESS) of sequence models.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{demo,report,profile}")
+
+    d = sub.add_parser("demo", help="train a small model on MQAR with ESSWatch and log to TensorBoard",
+                       description="Train a small model on multi-query associative recall with ESSWatch attached "
+                                   "(under 3 minutes on one CPU core), then print the TensorBoard command.")
+    d.add_argument("--steps", type=int, default=DEMO_DEFAULTS["steps"], help="optimizer steps (default %(default)s)")
+    d.add_argument("--mixer", default=DEMO_DEFAULTS["mixer"], choices=sorted(MIXERS), help="default %(default)s")
+    d.add_argument("--width", type=int, default=DEMO_DEFAULTS["d_model"], help="d_model (default %(default)s)")
+    d.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    d.add_argument("--logdir", default="runs/demo", help="TensorBoard directory (default %(default)s)")
+    d.add_argument("--run-name", default=None, help="subdirectory of --logdir (default <mixer>-<time>)")
+    d.add_argument("--every", type=int, default=None, help="measure ESS every N steps (default steps/40)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--threads", type=int, default=None, help="CPU threads (default 1 on CPU)")
+    d.add_argument("--quiet", action="store_true", help="no progress line")
+    d.set_defaults(func=_demo)
+
+    r = sub.add_parser("report", help="per-layer table of the latest ESS from TensorBoard event files",
+                       description="Print, from the event files alone, the latest ESS, utilization and trend of "
+                                   "every layer of every run under LOGDIR.")
+    r.add_argument("logdir")
+    r.add_argument("--last", type=int, default=5, help="trend window in logged points (default %(default)s)")
+    r.add_argument("--json", action="store_true", help="machine-readable output")
+    r.set_defaults(func=_report)
+
+    f = sub.add_parser("profile", help="per-position ESS of a local Hugging Face checkpoint on a text",
+                       description="Per-position ESS of every layer of a local Hugging Face causal LM "
+                                   "(a save_pretrained directory) on a text, with delimiters marked; writes "
+                                   "OUT.csv and OUT.png.")
+    f.add_argument("--model", required=True, help="save_pretrained directory (nothing is downloaded)")
+    src = f.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="text to tokenize with the directory's tokenizer")
+    src.add_argument("--tokens", type=int, nargs="+", help="token ids (when there is no tokenizer)")
+    f.add_argument("--delimiter", action="append", default=[], metavar="TOKEN",
+                   help="token string to mark (repeatable); the end-of-sequence token is always marked")
+    f.add_argument("--delimiter-id", action="append", type=int, default=[], metavar="ID",
+                   help="token id to mark (repeatable)")
+    f.add_argument("--out", default="esswatch_profile", help="output path without extension (default %(default)s)")
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--max-length", type=int, default=1024)
+    f.add_argument("--estimator", default="auto", choices=["auto", "exact", "randomized"])
+    f.add_argument("--special-tokens", action=argparse.BooleanOptionalAction, default=True,
+                   help="let the tokenizer add its special tokens (BOS) (default: yes)")
+    f.set_defaults(func=_profile)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
