@@ -120,7 +120,7 @@ def test_every_k_steps_and_identity_kind():
 def test_gradient_accumulation_penalizes_each_micro_batch():
     model = _model()
     batches = _batches(4, batch=2)
-    watch = ew.ESSWatch(model, every_n_steps=1, regularizer=1.0)
+    watch = ew.ESSWatch(model, every_n_steps=1, regularizer=1.0, batch_rows=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)       # lr 0: the model stays fixed, compare values
     values = []
     for j, x in enumerate(batches):
