@@ -17,11 +17,11 @@ disabled inside; results are on the operator's device):
                  (rank-deficient Gramians) are computed densely, which is cheap there.
 ``"randomized"`` matrix-free subspace iteration (2 power iterations, float64) with adaptive
                  rank and bounds from the exact ``||H_i||_F`` (see
-                 :mod:`esswatch.engine.randomized`); the rank doubles from 32 until
-                 ``upper/lower <= (1+rtol)^2`` and falls back to exact when the sketches would
-                 cost half an exact SVD, or at once when the first sketch shows a long tail
-                 (``upper/lower > 1.5``). O(6 m n k) per index. Not differentiable (computed
-                 under ``no_grad``).
+                 :mod:`esswatch.engine.randomized`); a rank-16 pilot without power iterations
+                 first screens out long-tailed blocks (``upper/lower > 1.5``: exact at once),
+                 then the rank doubles from 32 until ``upper/lower <= (1+rtol)^2``, falling
+                 back to exact when the sketches would cost half an exact SVD. O(6 m n k) per
+                 index. Not differentiable (computed under ``no_grad``).
 ``"auto"``       gram for gated recurrences; otherwise exact where ``min(i, L-i) <= 64`` or
                  gradients are needed, randomized elsewhere.
 ===============  ==========================================================================
@@ -61,6 +61,8 @@ SKETCH_COST = 3.0
 #: at once if the first sketch leaves upper/lower above SKETCH_HOPELESS_RATIO (a long tail).
 SKETCH_BUDGET = 0.5
 SKETCH_HOPELESS_RATIO = 1.5
+#: rank of the pilot sketch (no power iteration) that screens out long-tailed blocks
+SKETCH_PILOT_RANK = 16
 
 
 def as_operator(op) -> Operator:
@@ -183,8 +185,23 @@ def _randomized_entropy(op: Operator, cache: _Cache, i: int, rtol: float, genera
         e = entropy_from_singular_values(torch.linalg.svdvals(h))
         return e, e, e
 
-    k = min(SKETCH_RANK0, p)
+    def bounds(k, n_iter):
+        t = sketch_singular_values(matmul, rmatmul, n, op.batch_shape, k, n_iter, h.dtype, h.device, generator,
+                                   rmatmul_exact=rmatmul64)
+        est, lo, hi = entropy_bounds(t, fro2, p)
+        return est, lo, hi, float((hi / torch.clamp(lo, min=1e-300)).max())
+
     spent = 0.0
+    if p >= 4 * SKETCH_PILOT_RANK:
+        # a pilot: rank 16, no power iteration (about 2% of an exact SVD) decides whether
+        # sketching can pay off at all; a long flat tail goes to exact at once
+        est, lo, hi, ratio = bounds(SKETCH_PILOT_RANK, 0)
+        if ratio <= (1 + rtol) ** 2:
+            return est, lo, hi
+        if ratio > SKETCH_HOPELESS_RATIO:
+            return exact()
+        spent += SKETCH_COST * SKETCH_PILOT_RANK / 3
+    k = min(SKETCH_RANK0, p)
     while True:
         if k >= p:
             return exact()

@@ -89,6 +89,9 @@ class SoftmaxAttention(Operator):
         scores = (self.q.to(dt) @ self.k.to(dt).transpose(-1, -2)) * self.scale
         scores = scores.expand(*self.batch_shape, self.seq_len, self.seq_len)
         ok = self.allowed()
+        if self.mask is None:
+            # every row can attend at least to itself: one masked softmax, no empty-row handling
+            return torch.softmax(scores.masked_fill(~ok, float("-inf")), dim=-1)
         if self.mask is not None:
             if self.mask.dtype == torch.bool:
                 ok = ok & self.mask

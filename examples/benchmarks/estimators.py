@@ -85,7 +85,9 @@ def main():
     print(f"| operator | L | exact s | gram s | randomized s | auto s | gram all L-1 s | err gram | err rand | err auto |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     Ls = [256, 1024] if args.quick else [256, 1024, 4096]
-    ew.entropy_ess(make_ops(64, device)["softmax_attention(random)"])        # warm-up
+    for op in make_ops(128, device).values():                                  # warm-up: first calls load kernels
+        for est in ("exact", "randomized", "auto") + (("gram",) if isinstance(op, GatedRecurrence) else ()):
+            ew.entropy_ess(op, [64], estimator=est)
     for L in Ls:
         for name, op in make_ops(L, device).items():
             idx = interior(L, args.n_indices)
