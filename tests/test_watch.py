@@ -121,7 +121,8 @@ def test_training_loop_writes_event_files_with_correct_values(tmp_path):
     results = []
     rec = InputRecorder(model)
     check_step = 15
-    with esswatch.ESSWatch(model, logdir=str(tmp_path), every_n_steps=5, sinks=[results.append]) as watch:
+    with esswatch.ESSWatch(model, logdir=str(tmp_path), every_n_steps=5, sinks=[results.append], batch_rows=2,
+                           images=True) as watch:
         for s, x in enumerate(batches(30)):
             rec.on = s == check_step
             train_step(model, opt, x)
@@ -194,7 +195,7 @@ def test_recurrence_and_tolerance_metric_match_numpy():
     rec = InputRecorder(model)
     rec.on = True
     watch = esswatch.ESSWatch(model, every_n_steps=3, indices="all", estimator="gram",
-                              metrics=("entropy", "tolerance"), heads=1)
+                              metrics=("entropy", "tolerance"), heads=1, batch_rows=2)
     train_step(model, opt, batches(1)[0])
     feats = {n: f for n, (m, f) in rec.feats.items()}
     r = watch.step()
@@ -282,7 +283,7 @@ def test_eval_forwards_are_not_recorded():
     r = watch.step()
     watch.close()
     cap_model = make_model()           # same weights, reference through the capture API
-    with esswatch.capture(cap_model, batch_rows=2) as cap:
+    with esswatch.capture(cap_model, batch_rows=2) as cap:    # the watch's default: 2 rows
         cap_model(xs[1])
     ops = cap.operators
     for n, op in ops.items():
@@ -383,6 +384,8 @@ def test_nan_layer_warns_once_counts_and_others_still_log(tmp_path):
     assert [e.step for e in ea.Scalars("ess/entropy/avg/2")] == [0, 2, 4]
     assert not any(t.endswith("/1") for t in ea.Tags()["scalars"])
     assert latest["skipped"] == ["1"] and set(latest["layers"]) == {"0", "2"} and latest["failures"] == 3
+    if esswatch.watch.plot.matplotlib_available():     # default: a profile image every 10th sample
+        assert [i.step for i in ea.Images("ess_profile/entropy")] == [0]
     assert watch.state_dict()["failed_layers"] == ["1"]
 
 
@@ -421,7 +424,7 @@ def test_autocast_training_computes_ess_in_float32(dtype):
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     rec = InputRecorder(model)
     rec.on = True
-    watch = esswatch.ESSWatch(model, every_n_steps=1)
+    watch = esswatch.ESSWatch(model, every_n_steps=1, batch_rows=2)
     x = batches(1)[0]
     with torch.autocast("cpu", dtype=dtype):
         logits = model(x)
@@ -570,3 +573,34 @@ def test_cuda_training_loop_memory_constant():
     assert torch.cuda.memory_allocated() <= base
     assert math.isfinite(r["model"]["entropy"]["avg"]) if r else True
     watch.close()
+
+
+def test_without_matplotlib_everything_but_the_image_is_logged(tmp_path):
+    """matplotlib is optional: in a fresh interpreter where it cannot be imported, the watch logs
+    scalars and histograms and no image (and importing esswatch never imports matplotlib)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["matplotlib"] = None           # import matplotlib -> ImportError
+        import torch, esswatch
+        from esswatch.layers import SequenceModel
+        torch.set_num_threads(1)
+        model = SequenceModel({VOCAB}, d_model=16, n_layers=1, mixer="attention", n_heads=2)
+        with esswatch.ESSWatch(model, logdir={str(tmp_path)!r}, every_n_steps=1) as watch:
+            for _ in range(2):
+                model(torch.randint(0, {VOCAB}, (2, 8))).sum().backward()
+                watch.step()
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    ea = read_events(tmp_path)
+    assert not ea.Tags()["images"]
+    assert [e.step for e in ea.Scalars("ess/entropy/avg/blocks.0.mixer")] == [0, 1]
+    assert ea.Tags()["histograms"] == ["ess_heads/entropy/blocks.0.mixer"]
+
+    out = subprocess.run([sys.executable, "-c", "import sys, esswatch; esswatch.ESSWatch; "
+                          "print('matplotlib' in sys.modules, 'torch._dynamo' in sys.modules)"],
+                         check=True, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "False"]

@@ -7,7 +7,7 @@ result (the plain-data dict of :meth:`ESSWatch.latest`) on rank 0.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Union
 
 import numpy as np
 
@@ -75,11 +75,15 @@ class TensorBoardSink(Sink):
         logdir: directory for a new ``SummaryWriter`` (created lazily, on rank 0, on the
             first write; closed by :meth:`close`).
         writer: an existing ``torch.utils.tensorboard.SummaryWriter`` (flushed, not closed).
-        histograms, images, layout: switch those parts off.
+        histograms, layout: switch those parts off.
+        images: the profile image on every ``images``-th sampled step (``True`` = every one,
+            ``False`` or 0 = none; default 10: rendering costs about as much as measuring).
+            Sampled step ``s`` gets one when ``(s // every_n_steps) % images == 0``, so the steps
+            with images do not depend on restarts.
     """
 
     def __init__(self, logdir: Optional[str] = None, writer: Any = None, *, histograms: bool = True,
-                 images: bool = True, layout: bool = True) -> None:
+                 images: Union[bool, int] = 10, layout: bool = True) -> None:
         if (logdir is None) == (writer is None):
             raise ValueError("TensorBoardSink needs exactly one of logdir= or writer=")
         if writer is not None and not callable(getattr(writer, "add_scalar", None)):
@@ -87,8 +91,13 @@ class TensorBoardSink(Sink):
         self.logdir = logdir
         self._writer = writer
         self._owned = writer is None
+        if isinstance(images, bool):
+            images = 1 if images else 0
+        if not isinstance(images, int) or images < 0:
+            raise ValueError(f"images must be a bool or a non-negative int, got {images!r}")
         self.histograms = histograms
         self.images = images
+        self._every = 1
         self.layout = layout
         self._plots: Dict[str, ProfilePlot] = {}
 
@@ -100,6 +109,7 @@ class TensorBoardSink(Sink):
         return self._writer
 
     def start(self, config: Dict[str, Any]) -> None:
+        self._every = int(config.get("every_n_steps", 1))
         w = self.writer
         w.add_text(tags.CONFIG_TAG, _config_markdown(config), global_step=config.get("start_step", 0))
         if self.layout:
@@ -116,7 +126,7 @@ class TensorBoardSink(Sink):
                     if metric in lay and "per_head" in lay[metric]:
                         w.add_histogram(tags.histogram_tag(metric, name),
                                         np.asarray(lay[metric]["per_head"], dtype=np.float64), global_step=step)
-            if self.images and matplotlib_available():
+            if self.images and (step // self._every) % self.images == 0 and matplotlib_available():
                 img = self._plots.setdefault(metric, ProfilePlot(metric)).render(result)
                 if img is not None:
                     w.add_image(tags.profile_tag(metric), img, global_step=step, dataformats="HWC")

@@ -133,7 +133,9 @@ class ESSWatch:
         reduce: average the scalars over all ranks of ``torch.distributed`` (one
             ``all_reduce`` per sampled step, on every rank).
         train_forwards_only: record only forwards of the model in training mode (default True).
-        histograms, images: TensorBoard per-head histograms and profile images (default on).
+        histograms: TensorBoard per-head histograms (default on).
+        images: the TensorBoard profile image on every ``images``-th sampled step (default 10;
+            ``True`` = every sampled step, ``False`` = never).
         regularizer: the ESS regularizer's weight (``None`` or ``0`` = off, the default), or an
             :class:`esswatch.Regularizer` for its other options (kind, mode, target, every k
             steps). When on, :meth:`penalty` returns a differentiable term to add to the loss.
@@ -146,7 +148,7 @@ class ESSWatch:
                  tol: float = DEFAULT_TOL, relative: bool = DEFAULT_RELATIVE, layers=None,
                  sinks: Iterable[Union[Sink, Callable[[Dict[str, Any]], Any]]] = (), strict: bool = False,
                  reduce: bool = False, train_forwards_only: bool = True, histograms: bool = True,
-                 images: bool = True, regularizer: Union[None, float, Regularizer] = None) -> None:
+                 images: Union[bool, int] = 10, regularizer: Union[None, float, Regularizer] = None) -> None:
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"ESSWatch expects an nn.Module, got {type(model).__name__}")
         if logdir is not None and writer is not None:
