@@ -173,34 +173,30 @@ def _randomized_entropy(op: Operator, cache: _Cache, i: int, rtol: float, genera
     m, n = L - i, i
     p = min(m, n)
     h = cache.dense()[..., i:, :i]
-    # power iterations in the compute dtype; the final projection and ||H||_F^2 in float64,
-    # since the unseen energy r^2 = ||H||_F^2 - sum t_j^2 is a difference of near-equal numbers
-    h64 = h.to(torch.float64)
-    fro2 = (h64 * h64).sum(dim=(-1, -2))
     matmul = lambda v: h @ v
     rmatmul = lambda w: h.transpose(-1, -2) @ w
-    rmatmul64 = lambda w: h64.transpose(-1, -2) @ w
 
     def exact():
         e = entropy_from_singular_values(torch.linalg.svdvals(h))
         return e, e, e
 
-    def bounds(k, n_iter):
-        t = sketch_singular_values(matmul, rmatmul, n, op.batch_shape, k, n_iter, h.dtype, h.device, generator,
-                                   rmatmul_exact=rmatmul64)
-        est, lo, hi = entropy_bounds(t, fro2, p)
-        return est, lo, hi, float((hi / torch.clamp(lo, min=1e-300)).max())
-
     spent = 0.0
     if p >= 4 * SKETCH_PILOT_RANK:
-        # a pilot: rank 16, no power iteration (about 2% of an exact SVD) decides whether
-        # sketching can pay off at all; a long flat tail goes to exact at once
-        est, lo, hi, ratio = bounds(SKETCH_PILOT_RANK, 0)
-        if ratio <= (1 + rtol) ** 2:
-            return est, lo, hi
-        if ratio > SKETCH_HOPELESS_RATIO:
+        # a pilot in the compute dtype: rank 16, no power iteration (a few % of an exact SVD)
+        # screens out long-tailed blocks, which go to exact at once
+        t = sketch_singular_values(matmul, rmatmul, n, op.batch_shape, SKETCH_PILOT_RANK, 0, h.dtype, h.device,
+                                   generator)
+        _, lo, hi = entropy_bounds(t.to(torch.float64), torch.sum(h * h, dim=(-1, -2), dtype=torch.float64), p)
+        if float((hi / torch.clamp(lo, min=1e-300)).max()) > SKETCH_HOPELESS_RATIO:
             return exact()
         spent += SKETCH_COST * SKETCH_PILOT_RANK / 3
+    # the sketches proper: power iterations in the compute dtype; the final projection and
+    # ||H||_F^2 in float64, since the unseen energy r^2 = ||H||_F^2 - sum t_j^2 is a
+    # difference of near-equal numbers that float32 round-off would swamp
+    h64 = h.to(torch.float64)
+    fro2 = (h64 * h64).sum(dim=(-1, -2))
+    rmatmul64 = lambda w: h64.transpose(-1, -2) @ w
+
     k = min(SKETCH_RANK0, p)
     while True:
         if k >= p:
