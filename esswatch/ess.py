@@ -18,8 +18,9 @@ disabled inside; results are on the operator's device):
 ``"randomized"`` matrix-free subspace iteration (2 power iterations, float64) with adaptive
                  rank and bounds from the exact ``||H_i||_F`` (see
                  :mod:`esswatch.engine.randomized`); a rank-16 pilot without power iterations
-                 first screens out long-tailed blocks (``upper/lower > 1.5``: exact at once),
-                 then the rank doubles from 32 until ``upper/lower <= (1+rtol)^2``, falling
+                 first screens out long-tailed blocks (``upper/lower > 1.5``: exact at once)
+                 and often already resolves low-ESS blocks; otherwise the rank doubles from 32
+                 until ``upper/lower <= (1+rtol)^2``, falling
                  back to exact when the sketches would cost half an exact SVD. O(6 m n k) per
                  index. Not differentiable (computed under ``no_grad``).
 ``"auto"``       gram for gated recurrences; otherwise exact where ``min(i, L-i) <= 64`` or
@@ -197,6 +198,14 @@ def _randomized_entropy(op: Operator, cache: _Cache, i: int, rtol: float, genera
     fro2 = (h64 * h64).sum(dim=(-1, -2))
     rmatmul64 = lambda w: h64.transpose(-1, -2) @ w
 
+    if p >= 4 * SKETCH_PILOT_RANK:
+        # low-ESS blocks (trained attention) are often resolved by the pilot's rank already
+        t = sketch_singular_values(matmul, rmatmul, n, op.batch_shape, SKETCH_PILOT_RANK, 0, h.dtype, h.device,
+                                   generator, rmatmul_exact=rmatmul64)
+        est, lo, hi = entropy_bounds(t, fro2, p)
+        if float((hi / torch.clamp(lo, min=1e-300)).max()) <= (1 + rtol) ** 2:
+            return est, lo, hi
+        spent += SKETCH_COST * SKETCH_PILOT_RANK / 3
     k = min(SKETCH_RANK0, p)
     while True:
         if k >= p:
