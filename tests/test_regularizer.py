@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -163,16 +162,11 @@ def test_fp16_autocast_with_grad_scaler_matches_float32():
     assert den > 0 and num / den < 0.05
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, tmp):
+def _ddp_worker(rank, world, tmp):
     torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file rendezvous: no TCP port to race for with other tests
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'rendezvous')}", rank=rank,
+                            world_size=world)
     try:
         model = torch.nn.parallel.DistributedDataParallel(_model())
         watch = ew.ESSWatch(model, every_n_steps=2, regularizer=1.0)
@@ -195,7 +189,7 @@ def _ddp_worker(rank, world, port, tmp):
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_ddp_two_ranks_with_regularizer(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in (0, 1))
     assert all(np.isfinite(r0["loss"])) and r0["loss"] != r1["loss"]     # own data per rank
     np.testing.assert_allclose(r0["params"], r1["params"], rtol=0, atol=0)  # gradients all-reduced

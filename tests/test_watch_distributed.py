@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -14,19 +13,14 @@ from torch import nn
 VOCAB, L, B, STEPS, EVERY = 11, 12, 4, 5, 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, tmp: str) -> None:
+def _worker(rank: int, world: int, tmp: str) -> None:
     import esswatch
     from esswatch.layers import SequenceModel
 
     torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file rendezvous: no TCP port to race for with other tests
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'rendezvous')}", rank=rank,
+                            world_size=world)
     try:
         torch.manual_seed(0)
         model = nn.parallel.DistributedDataParallel(
@@ -60,7 +54,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
 def test_ddp_two_ranks_reduce_and_rank_zero_writes(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     steps = [x["step"] for x in r0["results"]]
     assert steps == [x["step"] for x in r1["results"]] == [0, 2, 4]
