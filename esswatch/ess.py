@@ -35,7 +35,6 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .engine.gram import gram_singular_values
-from .engine.hankel import hankel_fro2_dense
 from .engine.randomized import entropy_bounds, sketch_singular_values
 from .engine.spectral import compute_dtype, entropy_from_singular_values, tolerance_from_singular_values
 from .engine.validation import check_indices
