@@ -24,13 +24,7 @@ STATS = ("avg", "max", "total", "utilization")
 
 
 # -- helpers ------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models: one intra-op thread is much faster than contended threads on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_model(mixer="attention", seed=0, **kw):

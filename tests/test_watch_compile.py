@@ -12,12 +12,7 @@ from esswatch.layers import SequenceModel
 VOCAB, L, B = 11, 12, 4
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def run(compile_mode):
