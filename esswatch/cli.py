@@ -24,11 +24,12 @@ def _demo(args) -> int:
 
 
 def _report(args) -> int:
-    from .demo.report import report
+    from .demo.report import report, validate_window
 
     try:
+        validate_window(args.last)
         return report(args.logdir, k=args.last, as_json=args.json)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"esswatch report: {e}", file=sys.stderr)
         return 2
 
@@ -68,8 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print, from the event files alone, the latest ESS, utilization and trend of "
                                    "every layer of every run under LOGDIR.")
     r.add_argument("logdir")
-    r.add_argument("--last", type=int, default=5, help="trend window in logged points (default %(default)s)")
-    r.add_argument("--json", action="store_true", help="machine-readable output")
+    r.add_argument("--last", type=int, default=5,
+                   help="trend window in logged points, an integer >= 2 (default %(default)s)")
+    r.add_argument("--json", action="store_true",
+                   help="machine-readable output (strict JSON: NaN and infinities are written as null)")
     r.set_defaults(func=_report)
 
     f = sub.add_parser("profile", help="per-position ESS of a local Hugging Face checkpoint on a text",

@@ -1,32 +1,46 @@
 """``esswatch report LOGDIR``: the latest per-layer ESS of TensorBoard runs, as a text table.
 
 Reads the event files only (TensorBoard's ``EventAccumulator``), so it works over SSH
-on any run ESSWatch wrote: plain loops, the Lightning ``TensorBoardLogger`` and the
-Hugging Face callback use the same tags (:mod:`esswatch.watch.tags`). Every directory
-under ``LOGDIR`` holding ``events.out.tfevents.*`` files is one run.
+on any run ESSWatch wrote: plain loops, the Lightning loggers and the Hugging Face
+callback, also a logdir that mixes them. Every directory under ``LOGDIR`` holding
+``events.out.tfevents.*`` files is one run. Tags are read with
+:func:`esswatch.watch.tags.parse_tag`, under any logger prefix (``ess/...``,
+``train/ess/...``); a run whose ESS tags come under two prefixes gives one report per
+prefix.
 
-Per run, metric and layer (``ess/<metric>/<stat>/<layer>``) it shows the last logged
-step, the average ESS, the total ESS, the utilization ESS / TSS and, as the trend, the
-change of the average ESS and of the utilization over the last ``k`` logged points
-(last value minus the value ``k - 1`` points earlier). The model-wide line comes last.
+Per run, metric and layer it shows the last logged step, the average ESS, the total ESS,
+the utilization ESS / TSS and, as the trend, the change of the average ESS and of the
+utilization over the last ``k`` logged points (last value minus the value ``k - 1``
+points earlier). The model-wide line comes last. A damaged event file is named, and what
+could be read before the damage is reported. ``--json`` is strict JSON: NaN and
+infinities are written as ``null``.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, TextIO
 
-__all__ = ["find_runs", "read_run", "format_report", "report"]
+from ..watch.tags import MODEL, parse_tag
+from .events import check_event_file, event_files
 
-_STATS = ("avg", "max", "total", "utilization")
+__all__ = ["find_runs", "read_run", "read_runs", "format_report", "report", "validate_window"]
+
+
+def validate_window(k: Any) -> int:
+    """``k`` (the trend window) as an int >= 2, else ``ValueError`` saying what is allowed."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise ValueError(f"--last must be an integer >= 2 (the trend window, in logged points), got {k!r}")
+    return k
 
 
 def find_runs(logdir: str | os.PathLike) -> List[Path]:
     """Directories under ``logdir`` (itself included) that contain TensorBoard event files."""
     root = Path(logdir)
-    if not root.exists():
+    if not root.is_dir():
         raise FileNotFoundError(f"no such directory: {root}")
     runs = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -48,46 +62,64 @@ def _load(run: Path):
     return acc
 
 
-def read_run(run: str | os.PathLike, k: int = 5) -> Dict[str, Any]:
-    """Summary of one run directory::
+def _finite(v: Optional[float]) -> Optional[float]:
+    return v if v is None or math.isfinite(v) else None
 
-        {"run": path, "metrics": {metric: {layer: {"step", "points", "avg", "max", "total",
-                                                  "utilization", "trend_avg", "trend_utilization"}}},
-         "failures": float | None, "other": {tag: (step, value)}}
+
+def read_runs(run: str | os.PathLike, k: int = 5) -> List[Dict[str, Any]]:
+    """Summaries of one run directory, one per tag prefix (at least one)::
+
+        {"run": path, "prefix": "" | "train/" | ..., "metrics": {metric: {layer: {"step", "points",
+            "avg", "max", "total", "utilization", "trend_avg", "trend_utilization"}}},
+         "failures": float | None, "other": {tag: (step, value)}, "corrupt": [{"file", "error",
+            "events_before"}]}
 
     ``layer`` is the tag's layer component (``model`` = the whole model). Values are the
-    event file's latest values; trends are ``None`` with fewer than two points.
+    event files' latest values (NaN stays NaN here); trends are ``None`` with fewer than two
+    points. ``other`` holds the run's non-ESS scalars (shown once, on the first summary).
     """
-    if k < 2:
-        raise ValueError(f"k must be at least 2, got {k}")
+    k = validate_window(k)
+    corrupt = [c for c in (check_event_file(f) for f in event_files(run)) if c is not None]
     acc = _load(Path(run))
-    metrics: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    by_prefix: Dict[str, Dict[str, Any]] = {}
     other: Dict[str, Any] = {}
-    failures = None
+
+    def summary(prefix: str) -> Dict[str, Any]:
+        return by_prefix.setdefault(prefix, {"metrics": {}, "failures": None})
+
     for tag in acc.Tags().get("scalars", []):
         events = acc.Scalars(tag)
         if not events:
             continue
-        parts = tag.split("/", 3)
-        if len(parts) == 4 and parts[0] == "ess" and parts[2] in _STATS:
-            _, metric, stat, layer = parts
-            row = metrics.setdefault(metric, {}).setdefault(layer, {})
-            row[stat] = events[-1].value
+        t = parse_tag(tag)
+        if t is None:
+            other[tag] = (events[-1].step, events[-1].value)
+        elif t.kind == "stat":
+            row = summary(t.prefix)["metrics"].setdefault(t.metric, {}).setdefault(t.layer, {})
+            row[t.stat] = events[-1].value
             row["step"] = max(row.get("step", -1), events[-1].step)
             row["points"] = len(events)
-            if stat in ("avg", "utilization"):
+            if t.stat in ("avg", "utilization"):
                 window = events[-k:]
-                row[f"trend_{stat}"] = window[-1].value - window[0].value if len(window) > 1 else None
-        elif tag == "ess/failures":
-            failures = events[-1].value
-        elif not tag.startswith("ess/"):
-            other[tag] = (events[-1].step, events[-1].value)
-    ordered = {}
-    for metric in sorted(metrics):
-        layers = metrics[metric]
-        names = sorted((n for n in layers if n != "model"), key=_natural) + (["model"] if "model" in layers else [])
-        ordered[metric] = {n: layers[n] for n in names}
-    return {"run": str(run), "metrics": ordered, "failures": failures, "other": other}
+                row[f"trend_{t.stat}"] = window[-1].value - window[0].value if len(window) > 1 else None
+        elif t.kind == "failures":
+            summary(t.prefix)["failures"] = events[-1].value
+    out = []
+    for prefix in sorted(by_prefix) or [""]:
+        s = by_prefix.get(prefix, {"metrics": {}, "failures": None})
+        ordered = {}
+        for metric in sorted(s["metrics"]):
+            layers = s["metrics"][metric]
+            names = sorted((n for n in layers if n != MODEL), key=_natural) + ([MODEL] if MODEL in layers else [])
+            ordered[metric] = {n: layers[n] for n in names}
+        out.append({"run": str(run), "prefix": prefix, "metrics": ordered, "failures": s["failures"],
+                    "other": other if not out else {}, "corrupt": corrupt if not out else []})
+    return out
+
+
+def read_run(run: str | os.PathLike, k: int = 5) -> Dict[str, Any]:
+    """The first summary of :func:`read_runs` (the run's only one unless it mixes prefixes)."""
+    return read_runs(run, k)[0]
 
 
 def _num(v: Optional[float], signed: bool = False) -> str:
@@ -107,7 +139,11 @@ def format_report(summaries: Sequence[Dict[str, Any]], k: int = 5, root: Optiona
     out: List[str] = []
     for s in summaries:
         name = os.path.relpath(s["run"], root) if root else s["run"]
-        out.append(f"run: {name}")
+        out.append(f"run: {name}" + (f"  (tags under {s['prefix']})" if s.get("prefix") else ""))
+        for c in s.get("corrupt", ()):
+            fname = os.path.relpath(c["file"], root) if root else c["file"]
+            out.append(f"  corrupt event file: {fname}: {c['error']}; reporting what could be read "
+                       f"({c['events_before']} events before the damage)")
         if not s["metrics"]:
             out.append("  (no ESS scalars: not an ESSWatch run?)")
         for metric, layers in s["metrics"].items():
@@ -126,21 +162,43 @@ def format_report(summaries: Sequence[Dict[str, Any]], k: int = 5, root: Optiona
     return "\n".join(out).rstrip() + "\n"
 
 
+def _strict(x: Any) -> Any:
+    """``x`` with every non-finite float replaced by ``None`` (JSON ``null``)."""
+    if isinstance(x, float):
+        return _finite(x)
+    if isinstance(x, dict):
+        return {key: _strict(v) for key, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict(v) for v in x]
+    return x
+
+
+def to_json(summaries: Sequence[Dict[str, Any]], logdir: str) -> List[Dict[str, Any]]:
+    """The ``--json`` document: strict JSON data (NaN and infinities as ``None``), run paths
+    relative to ``logdir``."""
+    out = []
+    for s in summaries:
+        s = dict(s, run=os.path.relpath(s["run"], logdir),
+                 other={t: {"step": st, "value": v} for t, (st, v) in s["other"].items()},
+                 corrupt=[dict(c, file=os.path.relpath(c["file"], logdir)) for c in s.get("corrupt", ())])
+        out.append(_strict(s))
+    return out
+
+
 def report(logdir: str, k: int = 5, as_json: bool = False, stream: Optional[TextIO] = None) -> int:
-    """Print the report of every run under ``logdir``; returns a process exit code."""
+    """Print the report of every run under ``logdir``; returns a process exit code (0: some
+    run has ESS scalars, 1: none has)."""
     import sys
 
+    k = validate_window(k)
     stream = sys.stdout if stream is None else stream
     runs = find_runs(logdir)
     if not runs:
         print(f"esswatch report: no TensorBoard event files under {logdir}", file=sys.stderr)
         return 1
-    summaries = [read_run(r, k) for r in runs]
+    summaries = [s for r in runs for s in read_runs(r, k)]
     if as_json:
-        for s in summaries:
-            s["run"] = os.path.relpath(s["run"], logdir)
-            s["other"] = {t: {"step": st, "value": v} for t, (st, v) in s["other"].items()}
-        json.dump(summaries, stream, indent=1)
+        json.dump(to_json(summaries, logdir), stream, indent=1, allow_nan=False)
         stream.write("\n")
     else:
         stream.write(format_report(summaries, k, root=logdir))

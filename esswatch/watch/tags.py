@@ -13,20 +13,36 @@
 ``ess_profile/<metric>``                      image: ESS versus index for every layer (matplotlib)
 ``esswatch/config``                           text: the watch's configuration
 ============================================  =================================================
+
+The prefix rule: esswatch writes these tags as they are (plain loops, Lightning's
+loggers, the Hugging Face callback's TensorBoard writer and its log stream). A logger
+may put its own namespace in front, ending in ``/`` (the Trainer's ``report_to``
+integrations turn ``ess/...`` into ``train/ess/...``); everything that reads tags
+(:func:`parse_tag`, ``esswatch report``, the custom-scalars layout) accepts
+``<prefix>ess/...`` for any such prefix.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+import re
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 from .measure import STATS
 
 __all__ = ["MODEL", "layer_tag_name", "scalar_tags", "histogram_tag", "profile_tag", "CONFIG_TAG",
-           "FAILURES_TAG", "SECONDS_TAG", "custom_scalars_layout"]
+           "FAILURES_TAG", "SECONDS_TAG", "PENALTY_PREFIX", "STATS", "ParsedTag", "parse_tag",
+           "custom_scalars_layout"]
 
 MODEL = "model"
 CONFIG_TAG = "esswatch/config"
 FAILURES_TAG = "ess/failures"
 SECONDS_TAG = "ess/measure_seconds"
+PENALTY_PREFIX = "ess/penalty/"
+
+#: a logger's namespace in front of a tag: zero or more ``component/`` (regular expression)
+_PREFIX = r"(?:[^/]+/)*"
+_STAT_RE = "|".join(STATS)
+_PARSE = re.compile(rf"^(?P<prefix>{_PREFIX}?)ess/(?:(?P<metric>[^/]+)/(?P<stat>{_STAT_RE})/(?P<layer>.+)"
+                    rf"|(?P<failures>failures)|(?P<seconds>measure_seconds)|penalty/(?P<penalty>[^/]+))$")
 
 
 def layer_tag_name(name: str) -> str:
@@ -56,6 +72,37 @@ def scalar_tags(result: Dict[str, Any]) -> Dict[str, float]:
     return out
 
 
+class ParsedTag(NamedTuple):
+    """A scalar tag of ESSWatch, taken apart (see :func:`parse_tag`)."""
+
+    prefix: str                   # the logger's namespace ("" or e.g. "train/")
+    kind: str                     # "stat", "failures", "seconds" or "penalty"
+    metric: Optional[str] = None  # kind "stat": "entropy", "tolerance"
+    stat: Optional[str] = None    # kind "stat": one of STATS
+    layer: Optional[str] = None   # kind "stat": the layer component ("model" = whole model); "penalty": "total" or it
+
+
+def parse_tag(tag: str) -> Optional[ParsedTag]:
+    """The parts of a scalar tag this module builds, under any logger prefix (``None`` for
+    any other tag)::
+
+        parse_tag("train/ess/entropy/avg/model.layers.0.self_attn")
+        -> ParsedTag(prefix="train/", kind="stat", metric="entropy", stat="avg",
+                     layer="model.layers.0.self_attn")
+    """
+    m = _PARSE.match(tag)
+    if m is None:
+        return None
+    prefix = m.group("prefix")
+    if m.group("metric") is not None:
+        return ParsedTag(prefix, "stat", m.group("metric"), m.group("stat"), m.group("layer"))
+    if m.group("failures"):
+        return ParsedTag(prefix, "failures")
+    if m.group("seconds"):
+        return ParsedTag(prefix, "seconds")
+    return ParsedTag(prefix, "penalty", layer=m.group("penalty"))
+
+
 def histogram_tag(metric: str, name: str) -> str:
     return f"ess_heads/{metric}/{layer_tag_name(name)}"
 
@@ -66,10 +113,15 @@ def profile_tag(metric: str) -> str:
 
 def custom_scalars_layout(metrics: Sequence[str]) -> Dict[str, Dict[str, list]]:
     """TensorBoard custom-scalars layout: one multi-line chart per metric and statistic,
-    holding every layer and the model-wide line (tags given as regular expressions)."""
+    holding every layer and the model-wide line (tags given as regular expressions).
+
+    The expressions accept any logger prefix (``^(?:[^/]+/)*ess/entropy/avg/`` matches
+    ``ess/entropy/avg/...`` and ``train/ess/entropy/avg/...``; TensorBoard matches them
+    from the start of the tag), so the same layout, written by every run, serves a logdir
+    that mixes plain, Lightning and Trainer runs: TensorBoard merges identical charts."""
     charts: Dict[str, list] = {}
     for m in metrics:
         for stat in STATS:
-            charts[f"{m}-ESS {stat}, all layers"] = ["Multiline", [rf"^ess/{m}/{stat}/"]]
-    charts["failures"] = ["Multiline", [rf"^{FAILURES_TAG}$"]]
+            charts[f"{m}-ESS {stat}, all layers"] = ["Multiline", [rf"^{_PREFIX}ess/{m}/{stat}/"]]
+    charts["failures"] = ["Multiline", [rf"^{_PREFIX}{FAILURES_TAG}$"]]
     return {"esswatch": charts}
