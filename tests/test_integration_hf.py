@@ -65,8 +65,8 @@ def dataset(n: int = 48, seed: int = 1):
 def train(tmp_path, model, callbacks, max_steps=6, logging_steps=2, report_to=("tensorboard",), **kw):
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=BATCH,
                              logging_steps=logging_steps, report_to=list(report_to), use_cpu=True,
-                             save_strategy="no", disable_tqdm=True, learning_rate=1e-2, seed=0,
-                             **{k: v for k, v in kw.items() if k != "compute_loss_func"})
+                             save_strategy="no", learning_rate=1e-2, seed=0,
+                             **{"disable_tqdm": True, **{k: v for k, v in kw.items() if k != "compute_loss_func"}})
     trainer = Trainer(model=model, args=args, train_dataset=dataset(), callbacks=list(callbacks),
                       compute_loss_func=kw.get("compute_loss_func"))
     trainer.train()
@@ -129,7 +129,7 @@ def test_llama_scalars_reach_log_history_and_tensorboard(tmp_path):
     for layer in LLAMA_LAYERS + ("model",):
         for stat in STATS:
             tag = f"ess/entropy/{stat}/{layer}"
-            events = ea.Scalars("train/" + tag)        # the Trainer's TensorBoard integration prefixes "train/"
+            events = ea.Scalars(tag)        # written through the Trainer's own writer, next to train/loss
             assert [e.step for e in events] == [2, 4, 6]
             for e in events:
                 assert math.isfinite(e.value)
@@ -149,7 +149,7 @@ def test_mamba_scalars_reach_log_history_and_tensorboard(tmp_path):
     for layer in MAMBA_LAYERS:
         for stat in STATS:
             tag = f"ess/entropy/{stat}/{layer}"
-            events = ea.Scalars("train/" + tag)
+            events = ea.Scalars(tag)
             assert [e.step for e in events] == [3, 6]
             assert all(e.value == pytest.approx(hist[e.step][tag], rel=1e-6) for e in events)
         for s in hist:
@@ -157,14 +157,19 @@ def test_mamba_scalars_reach_log_history_and_tensorboard(tmp_path):
             assert 0 < hist[s][f"ess/entropy/utilization/{layer}"] <= 1 + 1e-6
 
 
-def test_own_writer_instead_of_the_trainer_log(tmp_path):
-    """writer=: everything (histograms, config) goes to that writer; the Trainer's log stays ESS-free."""
+def test_own_writer_instead_of_the_trainer_writer(tmp_path):
+    """writer=: everything (histograms, config) goes to that writer; log_history still gets the
+    scalars, unless log_to_trainer=False."""
     logdir = tmp_path / "ess"
     writer = SummaryWriter(str(logdir))
     trainer = train(tmp_path / "out", llama(), [ESSCallback(every_n_steps=2, writer=writer, images=False)],
                     max_steps=4, report_to=())
     writer.close()
-    assert ess_history(trainer) == {}
+    assert sorted(ess_history(trainer)) == [2, 4]
+    quiet = train(tmp_path / "out2", llama(), [ESSCallback(every_n_steps=2, logdir=str(tmp_path / "ess2"),
+                                                           log_to_trainer=False, images=False)],
+                  max_steps=2, report_to=())
+    assert ess_history(quiet) == {}
     ea = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
     ea.Reload()
     assert [e.step for e in ea.Scalars("ess/entropy/avg/model")] == [2, 4]
@@ -177,6 +182,10 @@ def test_callback_validates_its_arguments():
         ESSCallback(every_n_steps=0)
     with pytest.raises(ValueError, match="not both"):
         ESSCallback(writer=object(), logdir="x")
+    with pytest.raises(ValueError, match="log_to_trainer must be a bool"):
+        ESSCallback(log_to_trainer="yes")
+    with pytest.raises(ValueError, match="console must be a bool"):
+        ESSCallback(console=1)
 
 
 def test_version_check_names_the_installed_version_and_the_range():
@@ -217,9 +226,65 @@ def test_regularizer_through_compute_loss_func(tmp_path, kind, accumulate):
     assert loss[REG][1] == pytest.approx(loss[None][1] + pen[1], rel=1e-5)
     assert loss[REG][4] - pen[4] != pytest.approx(loss[None][4], rel=1e-6)     # the task losses diverged
     ea = read_events(tmp_path / "reg")
-    assert [e.step for e in ea.Scalars("train/" + PENALTY_TAG)] == [1, 2, 3, 4]
+    assert [e.step for e in ea.Scalars(PENALTY_TAG)] == [1, 2, 3, 4]
 
 
 def test_regularizer_without_the_loss_hook_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="compute_loss_func=ess.compute_loss_func"):
         train(tmp_path, llama(), [ESSCallback(every_n_steps=2, regularizer=0.5)], max_steps=1)
+
+
+# -- the Trainer path: what TensorBoard gets, what the console shows, where the steps land -----------
+def test_trainer_tensorboard_gets_histograms_images_layout_and_config(tmp_path):
+    """Regression: on the Trainer path only scalars (as train/ess/...) reached TensorBoard. Now the
+    Trainer's own event file has the per-head histograms, profile images (images=True: every
+    sample), the custom-scalars layout and the configuration text, and no train/ess/ duplicates."""
+    pytest.importorskip("matplotlib")
+    train(tmp_path, llama(), [ESSCallback(every_n_steps=2, images=True)], max_steps=4)
+    ea = read_events(tmp_path)
+    tags = ea.Tags()
+    for layer in LLAMA_LAYERS:
+        assert [e.step for e in ea.Histograms(f"ess_heads/entropy/{layer}")] == [2, 4]
+    assert [e.step for e in ea.Images("ess_profile/entropy")] == [2, 4]
+    assert {"custom_scalars__config__", "esswatch/config/text_summary"} <= set(tags["tensors"])
+    assert "train/loss" in tags["scalars"]
+    assert not [t for t in tags["scalars"] if t.startswith("train/ess")]
+
+
+@pytest.mark.parametrize("tqdm", [False, True])
+def test_console_stays_quiet_by_default(tmp_path, capfd, tqdm):
+    """Regression: every ESS sample printed a dict of every tag on the console / progress bar.
+    A real Trainer run (PrinterCallback without tqdm, ProgressCallback with it) prints its loss
+    but no ESS tag by default; log_history and other callbacks' on_log (how W&B, MLflow, ... get
+    metrics) still receive them; console=True prints them."""
+
+    class OnLog(TrainerCallback):
+        def __init__(self):
+            self.seen = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.seen.append((state.global_step, dict(logs)))
+
+    rec = OnLog()
+    trainer = train(tmp_path / "quiet", llama(), [ESSCallback(every_n_steps=2, images=False), rec], max_steps=4,
+                    logging_steps=2, report_to=(), disable_tqdm=not tqdm)
+    out = capfd.readouterr()
+    printed = out.out + out.err
+    assert "'loss'" in printed and "ess/" not in printed
+    assert sorted(ess_history(trainer)) == [2, 4]
+    assert sorted(s for s, logs in rec.seen if "ess/entropy/avg/model" in logs) == [2, 4]
+    assert sorted(s for s, logs in rec.seen if "loss" in logs) == [2, 4]          # the loss still logged too
+
+    train(tmp_path / "loud", llama(), [ESSCallback(every_n_steps=2, images=False, console=True)], max_steps=4,
+          logging_steps=2, report_to=(), disable_tqdm=not tqdm)
+    out = capfd.readouterr()
+    assert "ess/entropy/avg/model" in out.out + out.err
+
+
+def test_ess_steps_are_loss_steps_in_the_event_file(tmp_path):
+    """ESS and the Trainer's loss share the x axis: every ESS step is a step of train/loss."""
+    train(tmp_path, llama(), [ESSCallback(every_n_steps=4, images=False)], max_steps=9, logging_steps=2)
+    ea = read_events(tmp_path)
+    loss = {e.step for e in ea.Scalars("train/loss")}
+    ess = [e.step for e in ea.Scalars("ess/entropy/avg/model")]
+    assert ess == [4, 8] and set(ess) <= loss

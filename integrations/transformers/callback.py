@@ -18,10 +18,14 @@ attention layers and Mamba mixers):
   with ``state.global_step == s`` is measured when ``s`` is a multiple of
   ``every_n_steps`` and logged at ``s``, exactly like the Trainer logs that step's loss
   (so ``every_n_steps == logging_steps`` puts ESS and loss on the same steps);
-- results go into the Trainer's own log stream through ``Trainer.log``: they appear in
-  ``trainer.state.log_history`` and reach every ``report_to`` integration (TensorBoard,
-  W&B, MLflow, ...) and the console. With ``writer=`` or ``logdir=`` they go to that
-  TensorBoard writer instead (with per-head histograms, profile images, layout, config);
+- TensorBoard gets everything (scalars ``ess/...``, per-head histograms, profile images,
+  the custom-scalars layout, the configuration text) through the Trainer's own TensorBoard
+  writer (``report_to`` includes ``"tensorboard"``), or through ``writer=`` / a new writer
+  in ``logdir=`` (see :mod:`.logstream` for why the Trainer's writer);
+- the scalars also go into the Trainer's log stream (``log_to_trainer=True``, the default):
+  ``trainer.state.log_history`` and every other ``report_to`` integration (W&B, MLflow,
+  ...; those prefix them ``train/``, as every Trainer metric), but not the console or
+  progress bar (``console=True`` prints them too, like the loss);
 - only the main process (rank zero) logs; every rank measures its own batch
   (``reduce=True`` averages across ranks);
 - the regularizer: a ``TrainerCallback`` cannot change the loss, so the penalty enters
@@ -63,6 +67,7 @@ import transformers  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from . import capture as _capture  # noqa: E402,F401  (registers the Hugging Face capture provider)
+from .logstream import log_quietly, trainer_tensorboard_writer  # noqa: E402
 
 _NO_LOSS_HOOK = (
     "ESSCallback(regularizer=...): a TrainerCallback cannot change the loss, so the penalty enters through the "
@@ -104,9 +109,13 @@ class ESSCallback(TrainerCallback):
     Args:
         every_n_steps: measure the steps ``every_n_steps, 2 * every_n_steps, ...`` of the
             Trainer's ``state.global_step``.
-        writer: log to this ``torch.utils.tensorboard.SummaryWriter`` instead of the
-            Trainer's log stream.
+        writer: write TensorBoard data to this ``torch.utils.tensorboard.SummaryWriter``
+            instead of the Trainer's own TensorBoard writer.
         logdir: or to a new TensorBoard writer in this directory.
+        log_to_trainer: also put the scalars into ``trainer.state.log_history`` and every
+            ``report_to`` integration other than TensorBoard (default ``True``).
+        console: with ``log_to_trainer``, also show them on the console / progress bar
+            (default ``False``: one dict of every tag per sample would flood it).
         regularizer: the ESS regularizer's weight (``None`` or ``0`` = off) or an
             :class:`esswatch.Regularizer`, passed to :class:`~esswatch.ESSWatch`; also pass
             ``compute_loss_func=callback.compute_loss_func()`` to the Trainer.
@@ -120,14 +129,19 @@ class ESSCallback(TrainerCallback):
     """
 
     def __init__(self, every_n_steps: int = 100, *, writer: Any = None, logdir: Optional[str] = None,
-                 regularizer: Any = None, sinks: Iterable[Union[Sink, Callable[[Dict[str, Any]], Any]]] = (),
-                 **watch_kwargs: Any) -> None:
+                 log_to_trainer: bool = True, console: bool = False, regularizer: Any = None,
+                 sinks: Iterable[Union[Sink, Callable[[Dict[str, Any]], Any]]] = (), **watch_kwargs: Any) -> None:
         if "model" in watch_kwargs:
             raise TypeError("ESSCallback: `model=` is not an option (the callback watches the Trainer's model)")
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps!r}")
         if writer is not None and logdir is not None:
             raise ValueError("ESSCallback: pass writer= or logdir=, not both")
+        for nm, v in (("log_to_trainer", log_to_trainer), ("console", console)):
+            if not isinstance(v, bool):
+                raise ValueError(f"{nm} must be a bool, got {v!r}")
+        self.log_to_trainer = log_to_trainer
+        self.console = console
         self.every_n_steps = every_n_steps
         self.regularizer = regularizer
         self.watch_kwargs = watch_kwargs
@@ -160,8 +174,8 @@ class ESSCallback(TrainerCallback):
         own_writer = self.writer is not None or self.logdir is not None
         if not own_writer and self._trainer is None:
             raise RuntimeError(
-                "ESSCallback could not find the Trainer running it, so it cannot send its scalars into the "
-                "Trainer's log. Call `callback.bind(trainer)` before `trainer.train()`, or give the callback its "
+                "ESSCallback could not find the Trainer running it, so it cannot use the Trainer's TensorBoard writer "
+                "or log stream. Call `callback.bind(trainer)` before `trainer.train()`, or give the callback its "
                 "own TensorBoard writer: ESSCallback(writer=...) or ESSCallback(logdir=...).")
         self._close_watch()
         self._args = args
@@ -170,8 +184,14 @@ class ESSCallback(TrainerCallback):
         wk = dict(self.watch_kwargs)
         if self.regularizer is not None:
             wk["regularizer"] = self.regularizer
-        sinks = ([] if own_writer else [self._pending]) + self.sinks
-        self.watch = ESSWatch(model, self.logdir, writer=self.writer, every_n_steps=self.every_n_steps, sinks=sinks,
+        writer = self.writer if own_writer else trainer_tensorboard_writer(self._trainer)
+        to_trainer = self.log_to_trainer and self._trainer is not None
+        if state.is_world_process_zero and writer is None and self.logdir is None and not to_trainer \
+                and not self.sinks:
+            raise ValueError("ESSCallback: the measurements would go nowhere: report_to has no \"tensorboard\", "
+                             "no writer=/logdir= was given, log_to_trainer=False and no sinks=.")
+        sinks = ([self._pending] if to_trainer else []) + self.sinks
+        self.watch = ESSWatch(model, self.logdir, writer=writer, every_n_steps=self.every_n_steps, sinks=sinks,
                               **wk)
         hooked = getattr(getattr(self._trainer, "compute_loss_func", None), "_esswatch_callback", None) is self
         if self.watch.regularizer is not None and self._trainer is not None and not hooked:
@@ -201,12 +221,8 @@ class ESSCallback(TrainerCallback):
         if self.watch.global_step == state.global_step:
             self.watch.step()
         logs = self._pending.pop()
-        if logs:
-            # Trainer.log runs on_log, which clears control.should_log: keep the Trainer's own
-            # decision to log its loss at this step
-            should_log = control.should_log
-            self._trainer.log(logs)
-            control.should_log = should_log
+        if logs and self._trainer is not None:
+            log_quietly(self._trainer, args, state, control, logs, console=self.console, exclude=(self,))
 
     # -- the regularizer -------------------------------------------------------------
     def penalty(self) -> Union[torch.Tensor, float]:
