@@ -11,10 +11,15 @@
 A thin adapter over :class:`esswatch.ESSWatch` (all measuring happens there):
 
 - the watch is built at ``setup("fit")`` on the LightningModule and closed at teardown;
-- steps: the step whose forward is measured is ``trainer.global_step`` at batch start
-  (fed with :meth:`ESSWatch.set_step`, so accumulated micro-batches share one step and a
-  resumed run keeps the schedule), and results are logged at that step, like Lightning
-  logs the loss of that batch;
+- steps: the step of a batch is ``trainer.global_step`` at batch start (fed with
+  :meth:`ESSWatch.set_step`, so accumulated micro-batches share one step and a resumed run
+  keeps the schedule). Lightning logs a batch's loss at that step when
+  ``(step + 1) % log_every_n_steps == 0``; the callback samples the same way, the steps
+  ``n - 1, 2n - 1, ...`` for ``every_n_steps=n`` (the n-th, 2n-th, ... batch), and logs
+  at that step, so ESS and the loss share the x axis whenever ``n`` is a multiple of
+  ``log_every_n_steps`` (setup warns otherwise);
+- profile images: ``images=`` as in :class:`~esswatch.ESSWatch` (default every 10th sample,
+  ``True`` every one);
 - results go to every logger of the trainer, from rank zero: a ``TensorBoardLogger``
   receives everything the watch writes (scalars, per-head histograms, profile images,
   the custom-scalars layout, the configuration) through its own ``SummaryWriter``; any
@@ -30,6 +35,8 @@ A thin adapter over :class:`esswatch.ESSWatch` (all measuring happens there):
 """
 from __future__ import annotations
 
+import inspect
+import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 import torch
@@ -40,6 +47,10 @@ from esswatch.watch.sinks import as_sink
 from ._versions import require
 
 __all__ = ["ESSCallback", "LightningLoggerSink", "SUPPORTED_LIGHTNING"]
+
+#: ESSWatch's own defaults, so that the callback's TensorBoard output follows the same rules
+_WATCH_DEFAULTS = {k: p.default for k, p in inspect.signature(ESSWatch).parameters.items()
+                   if k in ("histograms", "images")}
 
 #: The Lightning versions this adapter supports (the ``lightning`` extra installs them).
 SUPPORTED_LIGHTNING = ">=2.2,<3"
@@ -60,7 +71,8 @@ class LightningLoggerSink(Sink):
     ``{tag: value}`` scalars through ``log_metrics(scalars, step=result["step"])``.
     """
 
-    def __init__(self, loggers: Iterable[Any], *, histograms: bool = True, images: bool = True) -> None:
+    def __init__(self, loggers: Iterable[Any], *, histograms: bool = True,
+                 images: Union[bool, int] = _WATCH_DEFAULTS["images"]) -> None:
         self.loggers = list(loggers)
         self.histograms = histograms
         self.images = images
@@ -98,7 +110,8 @@ class ESSCallback(pl.Callback):
 
     Args:
         every_n_steps: measure the training forward of every ``every_n_steps``-th
-            optimizer step (``trainer.global_step`` 0, n, 2n, ...).
+            optimizer step (``trainer.global_step`` n - 1, 2n - 1, ..., where Lightning
+            logs the loss with ``log_every_n_steps`` dividing n).
         logdir: also write TensorBoard event files here (rank zero); needed when the
             trainer has no logger (``logger=False``).
         regularizer: the ESS regularizer's weight (``None`` or ``0`` = off), or an
@@ -147,10 +160,18 @@ class ESSCallback(pl.Callback):
             wk["regularizer"] = self.regularizer
         sinks: List[Sink] = []
         if trainer.loggers:
-            sinks.append(LightningLoggerSink(trainer.loggers, histograms=wk.get("histograms", True),
-                                             images=wk.get("images", True)))
+            sinks.append(LightningLoggerSink(trainer.loggers,
+                                             histograms=wk.get("histograms", _WATCH_DEFAULTS["histograms"]),
+                                             images=wk.get("images", _WATCH_DEFAULTS["images"])))
+        log_every = getattr(trainer, "log_every_n_steps", 1) or 1
+        if trainer.loggers and self.every_n_steps % log_every:
+            warnings.warn(f"ESSCallback(every_n_steps={self.every_n_steps}) is not a multiple of the Trainer's "
+                          f"log_every_n_steps={log_every}: the ESS steps will not all be steps of the logged loss.",
+                          UserWarning, stacklevel=2)
         self.watch = ESSWatch(pl_module, self.logdir, every_n_steps=self.every_n_steps, sinks=sinks + self.sinks,
                               **wk)
+        # sample where Lightning logs the loss: global steps n - 1, 2n - 1, ... (see the module docs)
+        self.watch.schedule.offset = self.every_n_steps - 1
         if self.watch.regularizer is not None and not pl_module.automatic_optimization:
             self.watch.close()
             self.watch = None
@@ -158,9 +179,9 @@ class ESSCallback(pl.Callback):
                 "ESSCallback(regularizer=...) adds the penalty to the loss of automatic optimization. With manual "
                 "optimization add it yourself: `self.manual_backward(loss + ess_callback.penalty())`.")
         self._armed_outside_validation = None
-        if self._pending_state is not None:
-            self.watch.load_state_dict(self._pending_state)
-            self._pending_state = None
+        state = self._pending_state if self._pending_state is not None else self.watch.state_dict()
+        self.watch.load_state_dict(state)       # (re-)arms the capture under the offset
+        self._pending_state = None
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage == "fit":

@@ -288,3 +288,8 @@ def test_ess_steps_are_loss_steps_in_the_event_file(tmp_path):
     loss = {e.step for e in ea.Scalars("train/loss")}
     ess = [e.step for e in ea.Scalars("ess/entropy/avg/model")]
     assert ess == [4, 8] and set(ess) <= loss
+
+
+def test_a_period_that_is_not_a_multiple_of_logging_steps_warns(tmp_path):
+    with pytest.warns(UserWarning, match="not a multiple of logging_steps=2"):
+        train(tmp_path, llama(), [ESSCallback(every_n_steps=3, images=False)], max_steps=1, logging_steps=2)

@@ -118,10 +118,10 @@ def ess_rows(rows, tag="ess/entropy/avg/model"):
 
 # -- tests ----------------------------------------------------------------------------------------
 def test_tensorboard_logger_gets_all_tags_at_the_sampled_steps(tmp_path):
-    """TensorBoardLogger: scalars at global steps 0, 4, 8 equal to the NumPy reference of the
+    """TensorBoardLogger: scalars at global steps 3, 7 (where Lightning logs the loss) equal to the NumPy reference of the
     training batch of that step (not the validation or sanity-check batches, which have another
     length), per-head histograms, the profile image and the configuration, in the logger's file."""
-    snap = Snapshot([0, 4, 8])
+    snap = Snapshot([3, 7])
     tb = TensorBoardLogger(str(tmp_path), name="tb")
     train, val = loaders()
     t = trainer(tmp_path, [snap, ESSCallback(every_n_steps=4, indices=INDICES)], tb, val_check_interval=4,
@@ -134,12 +134,12 @@ def test_tensorboard_logger_gets_all_tags_at_the_sampled_steps(tmp_path):
         for stat in STATS:
             tag = f"ess/entropy/{stat}/{layer}"
             assert tag in scalars, tag
-            assert [e.step for e in ea.Scalars(tag)] == [0, 4, 8]
+            assert [e.step for e in ea.Scalars(tag)] == [3, 7]
             assert all(math.isfinite(e.value) and e.value >= 0 for e in ea.Scalars(tag))
         util = [e.value for e in ea.Scalars(f"ess/entropy/utilization/{layer}")]
         assert all(0 <= u <= 1 + 1e-6 for u in util)
     assert "train_loss" in scalars                        # Lightning's own metrics share the file
-    for step in (0, 4, 8):
+    for step in (3, 7):
         ref = reference_avg(*snap.snaps[step])
         for layer in LAYERS:
             got = {e.step: e.value for e in ea.Scalars(f"ess/entropy/avg/{layer}")}[step]
@@ -147,10 +147,10 @@ def test_tensorboard_logger_gets_all_tags_at_the_sampled_steps(tmp_path):
         model = {e.step: e.value for e in ea.Scalars("ess/entropy/avg/model")}[step]
         assert model == pytest.approx(np.mean([ref[n] for n in LAYERS]), rel=1e-4)
     for layer in LAYERS:
-        assert [e.step for e in ea.Histograms(f"ess_heads/entropy/{layer}")] == [0, 4, 8]
+        assert [e.step for e in ea.Histograms(f"ess_heads/entropy/{layer}")] == [3, 7]
     assert {"esswatch/config/text_summary", "custom_scalars__config__"} <= set(ea.Tags()["tensors"])
     if "ess_profile/entropy" in ea.Tags()["images"]:      # only when matplotlib is installed
-        assert [e.step for e in ea.Images("ess_profile/entropy")] == [0, 4, 8]
+        assert [e.step for e in ea.Images("ess_profile/entropy")] == [3]     # images=10: every 10th sample
 
 
 def test_csv_logger_rows_match_the_results(tmp_path):
@@ -165,7 +165,7 @@ def test_csv_logger_rows_match_the_results(tmp_path):
 
     rows = read_csv(os.path.join(csv_logger.log_dir, "metrics.csv"))
     by_step = ess_rows(rows)
-    assert sorted(by_step) == [0, 3, 6] == [r["step"] for r in results]
+    assert sorted(by_step) == [2, 5] == [r["step"] for r in results]
     for res in results:
         row = by_step[res["step"]]
         for tag, value in res["scalars"].items():
@@ -174,8 +174,8 @@ def test_csv_logger_rows_match_the_results(tmp_path):
 
 
 def test_resume_from_checkpoint_continues_the_schedule(tmp_path):
-    """A checkpoint at step 5 holds the callback's state; the resumed fit measures steps 8 and 12
-    (not 0 again) and its sample count continues from the checkpoint."""
+    """A checkpoint at step 5 holds the callback's state; the resumed fit measures steps 7 and 11
+    (not 3 again) and its sample count continues from the checkpoint."""
     ckpt_dir = tmp_path / "ckpt"
     first = []
     train, _ = loaders()
@@ -183,19 +183,19 @@ def test_resume_from_checkpoint_continues_the_schedule(tmp_path):
                             ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=5, save_top_k=-1)],
                  CSVLogger(str(tmp_path), name="run1"), max_steps=7, enable_checkpointing=True)
     t1.fit(TinyLM(), train)
-    assert [r["step"] for r in first] == [0, 4]
+    assert [r["step"] for r in first] == [3]
     ckpt = ckpt_dir / "epoch=0-step=5.ckpt"
     state = torch.load(ckpt, weights_only=False)["callbacks"]["ESSCallback"]["watch"]
-    assert state["schedule"]["step"] == 5 and state["samples"] == 2
+    assert state["schedule"]["step"] == 5 and state["samples"] == 1
 
     second = []
     cb = ESSCallback(every_n_steps=4, sinks=[second.append], images=False)
     csv_logger = CSVLogger(str(tmp_path), name="run2")
     t2 = trainer(tmp_path, [cb], csv_logger, max_steps=14)
     t2.fit(TinyLM(seed=3), train, ckpt_path=str(ckpt))
-    assert [r["step"] for r in second] == [8, 12]
-    assert sorted(ess_rows(read_csv(os.path.join(csv_logger.log_dir, "metrics.csv")))) == [8, 12]
-    assert cb.state_dict()["watch"]["samples"] == 4
+    assert [r["step"] for r in second] == [7, 11]
+    assert sorted(ess_rows(read_csv(os.path.join(csv_logger.log_dir, "metrics.csv")))) == [7, 11]
+    assert cb.state_dict()["watch"]["samples"] == 3
     assert cb.state_dict()["watch"]["schedule"]["step"] == 14
 
 
@@ -208,7 +208,7 @@ def test_no_logger_and_no_logdir_is_a_clear_error(tmp_path):
     logdir = tmp_path / "own"
     t = trainer(tmp_path, [ESSCallback(every_n_steps=2, logdir=str(logdir), images=False)], False, max_steps=4)
     t.fit(TinyLM(), train)
-    assert [e.step for e in read_events(logdir).Scalars("ess/entropy/avg/model")] == [0, 2]
+    assert [e.step for e in read_events(logdir).Scalars("ess/entropy/avg/model")] == [1, 3]
 
 
 def test_bf16_mixed_precision_with_the_regularizer(tmp_path):
@@ -218,10 +218,10 @@ def test_bf16_mixed_precision_with_the_regularizer(tmp_path):
     t = trainer(tmp_path, [ESSCallback(every_n_steps=2, regularizer=0.1, sinks=[results.append], images=False)],
                 logger, max_steps=5, precision="bf16-mixed")
     t.fit(TinyLM(), train)
-    assert [r["step"] for r in results] == [0, 2, 4]
+    assert [r["step"] for r in results] == [1, 3]
     pen = [float(r[PENALTY_TAG]) for r in read_csv(os.path.join(logger.log_dir, "metrics.csv"))
            if r.get(PENALTY_TAG)]
-    assert len(pen) == 3 and all(math.isfinite(v) and v > 0 for v in pen)     # on the measured steps
+    assert len(pen) == 2 and all(math.isfinite(v) and v > 0 for v in pen)     # on the measured steps
     for r in results:
         for layer in LAYERS:
             e = r["layers"][layer]["entropy"]
@@ -238,8 +238,8 @@ def test_ddp_two_cpu_processes(tmp_path):
     t.fit(TinyLM(), train)
     rows = read_csv(os.path.join(csv_logger.log_dir, "metrics.csv"))
     steps = [int(r["step"]) for r in rows if r.get("ess/entropy/avg/model")]
-    assert steps == [0, 2, 4]
-    assert [int(r["step"]) for r in rows if r.get(PENALTY_TAG)] == [0, 2, 4]
+    assert steps == [1, 3]
+    assert [int(r["step"]) for r in rows if r.get(PENALTY_TAG)] == [1, 3]
     for r in rows:
         if r.get("ess/entropy/avg/model"):
             assert all(math.isfinite(float(r[f"ess/entropy/{s}/{n}"])) for s in STATS for n in LAYERS)
@@ -314,15 +314,15 @@ def test_regularizer_is_logged_and_changes_training(tmp_path):
     loss = {w: {int(r["step"]): float(r["train_loss"]) for r in rows if r.get("train_loss")}
             for w, rows in runs.items()}
     pen = {int(r["step"]): float(r[PENALTY_TAG]) for r in runs[WEIGHT] if r.get(PENALTY_TAG)}
-    assert sorted(pen) == [0, 4]
+    assert sorted(pen) == [3]
     assert all(math.isfinite(v) and v > 0 for v in pen.values())
-    for step in (0, 4):
+    for step in (3,):
         row = ess_rows(runs[WEIGHT])[step]
         assert all(math.isfinite(float(row[f"ess/penalty/{n}"])) for n in LAYERS)
     assert not any(r.get(PENALTY_TAG) for r in runs[None])
     assert loss[None][0] == pytest.approx(loss[WEIGHT][0], rel=1e-6)
     assert all(loss[None][s] != pytest.approx(loss[WEIGHT][s], rel=1e-6) for s in range(2, 6))
-    assert sorted(ess_rows(runs[WEIGHT])) == [0, 4]
+    assert sorted(ess_rows(runs[WEIGHT])) == [3]
 
 
 def test_regularizer_with_manual_optimization_is_a_clear_error(tmp_path):
@@ -361,3 +361,59 @@ def test_fp16_grad_scaler_scales_the_penalty_like_the_loss(tmp_path):
     ref = flat(p.grad for p in ref_model.parameters())
     unreg = flat(p.grad for p in plain.parameters())
     assert (got - ref).norm() < 0.1 * (ref - unreg).norm()
+
+
+# -- the x axis and the profile images ------------------------------------------------------------
+def test_ess_steps_are_steps_of_the_logged_loss(tmp_path):
+    """Regression: ESS was logged at global steps 0, 5, 10 while Lightning's train_loss landed at
+    4, 9, 14. Read back from a real fit's TensorBoard and CSV files: every ESS step is a step of
+    train_loss, in both loggers, with log_every_n_steps dividing every_n_steps."""
+    train, _ = loaders(64)
+    tb = TensorBoardLogger(str(tmp_path), name="tb")
+    csv_logger = CSVLogger(str(tmp_path), name="csv")
+    t = trainer(tmp_path, [ESSCallback(every_n_steps=5, images=False, histograms=False)], [tb, csv_logger],
+                max_steps=15, log_every_n_steps=5)
+    t.fit(TinyLM(), train)
+    ea = read_events(tb.log_dir)
+    loss = [e.step for e in ea.Scalars("train_loss")]
+    ess = [e.step for e in ea.Scalars("ess/entropy/avg/model")]
+    assert loss == [4, 9, 14] and ess == [4, 9, 14]
+    rows = read_csv(os.path.join(csv_logger.log_dir, "metrics.csv"))
+    csv_loss = {int(r["step"]) for r in rows if r.get("train_loss")}
+    assert sorted(ess_rows(rows)) == [4, 9, 14] and set(ess_rows(rows)) <= csv_loss
+
+
+def test_a_period_that_is_not_a_multiple_of_the_logging_interval_warns(tmp_path):
+    train, _ = loaders(16)
+    t = trainer(tmp_path, [ESSCallback(every_n_steps=3, images=False)], CSVLogger(str(tmp_path)), max_steps=2,
+                log_every_n_steps=2)
+    with pytest.warns(UserWarning, match="not a multiple of the Trainer's log_every_n_steps=2"):
+        t.fit(TinyLM(), train)
+
+
+@pytest.mark.parametrize("images,expected", [(None, [0, 20]), (True, [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20]),
+                                             (5, [0, 10, 20]), (False, [])])
+def test_profile_images_follow_esswatch_images_semantics(tmp_path, images, expected):
+    """Regression: Lightning wrote a profile image at every sample although ESSWatch's default is
+    every 10th. Both, on the same schedule (every_n_steps=2, 11 samples), give images at the same
+    sample numbers (k = 0, 10: the 1st and 11th sample): Lightning at global steps 2k + 1, ESSWatch at 2k."""
+    pytest.importorskip("matplotlib")
+    kw = {} if images is None else {"images": images}
+    tb = TensorBoardLogger(str(tmp_path), name="tb")
+    train, _ = loaders(88)
+    t = trainer(tmp_path, [ESSCallback(every_n_steps=2, histograms=False, indices=[3], **kw)], tb, max_steps=22,
+                log_every_n_steps=2)
+    t.fit(TinyLM(), train)
+    ea = read_events(tb.log_dir)
+    got = [e.step for e in ea.Images("ess_profile/entropy")] if ea.Tags()["images"] else []
+    assert got == [s + 1 for s in expected]
+
+    model = make_seq_model()
+    with esswatch.ESSWatch(model, logdir=str(tmp_path / "plain"), every_n_steps=2, histograms=False, indices=[3],
+                           **kw) as watch:
+        for x in (b for _, b in zip(range(22), train)):
+            model(x)
+            watch.step()
+    ea = read_events(tmp_path / "plain")
+    plain = [e.step for e in ea.Images("ess_profile/entropy")] if ea.Tags()["images"] else []
+    assert plain == expected

@@ -47,6 +47,7 @@ Trainer explicitly instead.
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 import torch
@@ -87,6 +88,15 @@ class _Pending(Sink):
     def pop(self) -> Optional[Dict[str, float]]:
         out, self.scalars = self.scalars, None
         return out
+
+
+def _check_alignment(every_n_steps: int, args: Any) -> None:
+    """Warn when the ESS steps cannot all be steps of the logged loss."""
+    strategy = getattr(args.logging_strategy, "value", args.logging_strategy)
+    steps = args.logging_steps
+    if strategy == "steps" and steps >= 1 and every_n_steps % int(steps):
+        warnings.warn(f"ESSCallback(every_n_steps={every_n_steps}) is not a multiple of logging_steps={int(steps)}: "
+                      "the ESS steps will not all be steps of the logged loss.", UserWarning, stacklevel=3)
 
 
 def _calling_trainer(callback: "ESSCallback") -> Optional["transformers.Trainer"]:
@@ -191,6 +201,7 @@ class ESSCallback(TrainerCallback):
             raise ValueError("ESSCallback: the measurements would go nowhere: report_to has no \"tensorboard\", "
                              "no writer=/logdir= was given, log_to_trainer=False and no sinks=.")
         sinks = ([self._pending] if to_trainer else []) + self.sinks
+        _check_alignment(self.every_n_steps, args)
         self.watch = ESSWatch(model, self.logdir, writer=writer, every_n_steps=self.every_n_steps, sinks=sinks,
                               **wk)
         hooked = getattr(getattr(self._trainer, "compute_loss_func", None), "_esswatch_callback", None) is self
