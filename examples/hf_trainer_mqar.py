@@ -7,9 +7,10 @@
 
 Trains a small randomly initialised ``LlamaForCausalLM`` (or ``MambaForCausalLM``) on
 multi-query associative recall, generated in memory (nothing is downloaded). The
-callback's scalars go through ``Trainer.log``: they are in ``trainer.state.log_history``
-(and ``trainer_state.json``), printed with the loss, and written by every ``report_to``
-integration (here TensorBoard, under ``train/ess/...``).
+callback writes through the Trainer's TensorBoard writer (``ess/...`` scalars next to
+``train/loss``, per-head histograms, profile images, the custom-scalars layout, the
+configuration) and puts the scalars into ``trainer.state.log_history`` (and
+``trainer_state.json``) and the other ``report_to`` integrations, without printing them.
 """
 from __future__ import annotations
 
