@@ -1,0 +1,53 @@
+"""Cost of ``esswatch report``'s event-file integrity check next to TensorBoard's own load.
+
+    python examples/benchmarks/report_integrity_check.py [--samples 200]
+
+Writes one ESSWatch run (2-layer attention model, a profile image at every sample, so the
+file is image-heavy like a real one), then times, side by side in one process, reading the
+run with TensorBoard's EventAccumulator (what the report always did) and
+``check_event_file`` (TensorBoard's record reader + Event proto over every record).
+Median and spread of 3 runs each; one thread.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+import esswatch
+from esswatch.demo.events import check_event_file, event_files
+from esswatch.demo.report import _load
+from esswatch.layers import SequenceModel
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--samples", type=int, default=200)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as d:
+        torch.manual_seed(0)
+        model = SequenceModel(32, d_model=32, n_layers=2, mixer="attention", n_heads=2)
+        with esswatch.ESSWatch(model, logdir=d, every_n_steps=1, images=True) as watch:
+            for _ in range(args.samples):
+                model(torch.randint(0, 32, (2, 64)))
+                watch.step()
+        (f,) = event_files(d)
+        size = os.path.getsize(f)
+        t_load, t_check = [], []
+        for _ in range(3):
+            t0 = time.perf_counter(); _load(d); t_load.append(time.perf_counter() - t0)
+            t0 = time.perf_counter(); assert check_event_file(f) is None; t_check.append(time.perf_counter() - t0)
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    print(f"event file: {size / 1e6:.2f} MB, {args.samples} samples (image at every one), 1 thread")
+    print(f"EventAccumulator load : median {med(t_load):.3f} s  (min {min(t_load):.3f}, max {max(t_load):.3f})")
+    print(f"check_event_file      : median {med(t_check):.3f} s  (min {min(t_check):.3f}, max {max(t_check):.3f})")
+    print(f"check / load          : {med(t_check) / med(t_load):.2f}")
+
+
+if __name__ == "__main__":
+    main()
