@@ -175,3 +175,24 @@ def test_a_cut_off_event_file_is_named(tmp_path, capsys):
     code, runs = report_json(capsys, tmp_path)
     assert code == 0 and "incomplete last record" in runs[0]["corrupt"][0]["error"]
     assert math.isfinite(runs[0]["metrics"]["entropy"]["model"]["avg"])
+
+
+def test_damage_in_the_first_of_two_event_files(tmp_path, capsys):
+    """A run resumed into a second event file: damage in the first one is named, and the later
+    file's values are still reported."""
+    import logging
+
+    run = tmp_path / "r"
+    write_run(run, steps=(0, 5, 10))
+    (first,) = [run / f for f in os.listdir(run)]
+    write_run(run, steps=(15, 20))
+    data = bytearray(first.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    first.write_bytes(bytes(data))
+    tb_logger = logging.getLogger("tensorboard")
+    before = (tb_logger.level, tb_logger.propagate, list(tb_logger.handlers))
+    code, runs = report_json(capsys, tmp_path)
+    assert (tb_logger.level, tb_logger.propagate, list(tb_logger.handlers)) == before    # logging left as found
+    assert code == 0
+    assert [c["file"] for c in runs[0]["corrupt"]] == [os.path.relpath(first, tmp_path)]
+    assert runs[0]["metrics"]["entropy"]["model"]["step"] == 20

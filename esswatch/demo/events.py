@@ -1,17 +1,58 @@
 """Integrity check of TensorBoard event files (for ``esswatch report``).
 
 TensorBoard's readers stop silently at the first damaged record of an event file (they
-treat it like a record still being written). :func:`check_event_file` reads every record
-with TensorBoard's own record reader and ``Event`` proto and says what is wrong, so the
-report can name a corrupt file and still show what could be read before the damage.
+treat it like a record still being written, and only log it at debug level).
+:func:`loader_stops` collects those debug records while TensorBoard loads a run (no extra
+reading), and :func:`check_event_file` then reads each such file with TensorBoard's own
+record reader and ``Event`` proto and says what is wrong and where, so the report can name
+a corrupt file and still show what could be read before the damage.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
-__all__ = ["event_files", "check_event_file"]
+__all__ = ["event_files", "check_event_file", "loader_stops"]
+
+#: the message TensorBoard's event_file_loader logs (debug) when it stops at a damaged record
+_STOP_MESSAGE = "Truncated record in"
+
+
+class _Stops(logging.Handler):
+    """Collects the files TensorBoard's loader stopped in; passes every other record on as
+    the ``tensorboard`` logger would have."""
+
+    def __init__(self, passthrough_level: int) -> None:
+        super().__init__(logging.DEBUG)
+        self.files: Dict[str, str] = {}
+        self.passthrough_level = passthrough_level
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if isinstance(record.msg, str) and record.msg.startswith(_STOP_MESSAGE) and record.args:
+            self.files[os.path.realpath(str(record.args[0]))] = str(record.args[1])
+        elif record.levelno >= self.passthrough_level:
+            logging.getLogger().handle(record)
+
+
+@contextlib.contextmanager
+def loader_stops() -> Iterator[Dict[str, str]]:
+    """While the block runs, ``{realpath: error}`` of every event file TensorBoard's loader
+    stopped reading early (a damaged or incomplete record)."""
+    logger = logging.getLogger("tensorboard")
+    handler = _Stops(logger.getEffectiveLevel())
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    try:
+        yield handler.files
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def event_files(run: str | os.PathLike) -> List[Path]:

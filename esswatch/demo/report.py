@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, TextIO
 
 from ..watch.tags import MODEL, parse_tag
-from .events import check_event_file, event_files
+from .events import check_event_file, event_files, loader_stops
 
 __all__ = ["find_runs", "read_run", "read_runs", "format_report", "report", "validate_window"]
 
@@ -79,15 +79,25 @@ def read_runs(run: str | os.PathLike, k: int = 5) -> List[Dict[str, Any]]:
     points. ``other`` holds the run's non-ESS scalars (shown once, on the first summary).
     """
     k = validate_window(k)
-    corrupt = [c for c in (check_event_file(f) for f in event_files(run)) if c is not None]
-    acc = _load(Path(run))
+    with loader_stops() as stopped:
+        try:
+            acc = _load(Path(run))
+            failed = None
+        except Exception as e:  # noqa: BLE001 - e.g. a record that is not an Event: report what is known
+            acc, failed = None, e
+    files = event_files(run)
+    suspects = files if failed is not None else [f for f in files if os.path.realpath(f) in stopped]
+    corrupt = [c for c in (check_event_file(f) for f in suspects) if c is not None]
+    if failed is not None and not corrupt:
+        corrupt = [{"file": str(run), "error": f"TensorBoard could not read it ({type(failed).__name__}: {failed})",
+                    "events_before": None}]
     by_prefix: Dict[str, Dict[str, Any]] = {}
     other: Dict[str, Any] = {}
 
     def summary(prefix: str) -> Dict[str, Any]:
         return by_prefix.setdefault(prefix, {"metrics": {}, "failures": None})
 
-    for tag in acc.Tags().get("scalars", []):
+    for tag in (acc.Tags().get("scalars", []) if acc is not None else []):
         events = acc.Scalars(tag)
         if not events:
             continue
@@ -142,8 +152,8 @@ def format_report(summaries: Sequence[Dict[str, Any]], k: int = 5, root: Optiona
         out.append(f"run: {name}" + (f"  (tags under {s['prefix']})" if s.get("prefix") else ""))
         for c in s.get("corrupt", ()):
             fname = os.path.relpath(c["file"], root) if root else c["file"]
-            out.append(f"  corrupt event file: {fname}: {c['error']}; reporting what could be read "
-                       f"({c['events_before']} events before the damage)")
+            before = "" if c["events_before"] is None else f" ({c['events_before']} events before the damage)"
+            out.append(f"  corrupt event file: {fname}: {c['error']}; reporting what could be read{before}")
         if not s["metrics"]:
             out.append("  (no ESS scalars: not an ESSWatch run?)")
         for metric, layers in s["metrics"].items():
