@@ -30,12 +30,12 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from esswatch.capture import CaptureError, CaptureWarning, Probe
+from esswatch.capture import CaptureError, CaptureWarning, Probe, UnsupportedProbe
 from esswatch.operators import Dense, Operator, SoftmaxAttention
 
 from . import attention_registry
 
-__all__ = ["HFAttentionProbe", "BypassingAttentionProbe"]
+__all__ = ["HFAttentionProbe", "BypassingAttentionProbe", "BidirectionalAttentionProbe", "CrossAttentionProbe"]
 
 _UNSEEN = object()
 
@@ -181,28 +181,34 @@ class HFAttentionProbe(Probe):
                        "differently padded rows (and the geometric bound min(i, L-i) is that of the full length).")
 
 
-class BypassingAttentionProbe(Probe):
+class BypassingAttentionProbe(UnsupportedProbe):
     """Stands for a transformers attention module whose ``forward`` never calls the registry.
 
     Such a module (e.g. Falcon, GPT-J, GPT-Neo, Bloom in transformers 5) computes attention
-    with its own code, so esswatch cannot see its query and key without reimplementing
-    it. :meth:`attach` warns once, naming the layer, and registers nothing; the layer never
-    has an operator.
+    with its own code, so esswatch cannot see its query and key without reimplementing it.
+    Not capturable: the capture names it (an error when nothing else can be captured,
+    otherwise one warning), see :mod:`esswatch.capture.unsupported`.
     """
 
     layer_type = "Hugging Face attention that bypasses the attention-function registry (not capturable)"
+    reason = ("its forward computes attention without transformers' attention-function registry "
+              "(ALL_ATTENTION_FUNCTIONS / AttentionInterface), so esswatch never sees its query and key")
 
-    def attach(self) -> List[Any]:
-        warnings.warn(
-            f"esswatch: {self.name} ({type(self.module).__module__}.{type(self.module).__qualname__}) computes "
-            "attention without transformers' attention-function registry (ALL_ATTENTION_FUNCTIONS), so esswatch "
-            "cannot capture it; no operator will be recorded for it. Register a probe for this type with "
-            "esswatch.capture.register_probe, or use a model whose attention calls the registry.",
-            CaptureWarning, stacklevel=2)
-        return []
 
-    def build(self, record: Dict[str, Any]) -> Operator:  # pragma: no cover - never records
-        raise CaptureError(f"{self.name}: attention bypasses transformers' attention registry")
+class BidirectionalAttentionProbe(UnsupportedProbe):
+    """Stands for a statically bidirectional attention module (``is_causal = False``: BERT, ViT, encoders)."""
+
+    layer_type = "bidirectional Hugging Face attention (not capturable)"
+    reason = ("bidirectional attention (is_causal = False): every position attends to later ones, so it is not a "
+              "causal operator and has no effective state size")
+
+
+class CrossAttentionProbe(UnsupportedProbe):
+    """Stands for a cross-attention module (``is_cross_attention = True``)."""
+
+    layer_type = "Hugging Face cross-attention (not capturable)"
+    reason = ("cross-attention (is_cross_attention = True): its keys come from another sequence, so it has no "
+              "causal sequence operator")
 
 
 def _as_mask(mask, q: torch.Tensor, L: int, name: str) -> Optional[torch.Tensor]:

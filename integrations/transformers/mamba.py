@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from esswatch.capture import CaptureError, CaptureWarning, Probe
+from esswatch.capture import CaptureWarning, Probe, UnsupportedProbe
 from esswatch.operators import GatedRecurrence, Operator
 
 __all__ = ["MambaProbe", "Mamba2Probe", "UnsupportedMixerProbe", "mamba_scan_inputs", "mamba2_scan_inputs"]
@@ -206,20 +206,13 @@ class Mamba2Probe(_MixerProbe):
         return GatedRecurrence(C, k, log_decay, value_dim=record["value_dim"])
 
 
-class UnsupportedMixerProbe(Probe):
+class UnsupportedMixerProbe(UnsupportedProbe):
     """A transformers state-space mixer esswatch has no probe for (e.g. Bamba, FalconH1, Zamba2).
 
-    :meth:`attach` warns once, naming the layer, and registers nothing.
+    Not capturable: the capture names it (an error when nothing else can be captured,
+    otherwise one warning), see :mod:`esswatch.capture.unsupported`.
     """
 
     layer_type = "Hugging Face state-space mixer without an esswatch probe (not capturable)"
-
-    def attach(self) -> List[Any]:
-        warnings.warn(
-            f"esswatch: {self.name} ({type(self.module).__qualname__}) is a state-space mixer esswatch has no "
-            "probe for (supported: MambaMixer, FalconMambaMixer, JambaMambaMixer, Mamba2Mixer); no operator will "
-            "be recorded for it. Register one with esswatch.capture.register_probe.", CaptureWarning, stacklevel=2)
-        return []
-
-    def build(self, record: Dict[str, Any]) -> Operator:  # pragma: no cover - never records
-        raise CaptureError(f"{self.name}: no esswatch probe for {type(self.module).__qualname__}")
+    reason = ("a state-space mixer esswatch has no probe for (supported: MambaMixer, FalconMambaMixer, "
+              "JambaMambaMixer, Mamba2Mixer)")
