@@ -77,6 +77,7 @@ class Capture:
         self.heads = heads
         self.keep_graph = keep_graph
         self.armed = False
+        self._warned_cached = False
         self._handles: List = []
         self.probes: Dict[str, Probe] = self._select(model, layers)
 
@@ -165,6 +166,18 @@ class Capture:
     def clear(self) -> None:
         for p in self.probes.values():
             p.clear()
+
+    def note_cached_call(self, name: str) -> None:
+        """Called by a probe when, while armed, its layer runs a call that continues a KV cache
+        or cached state (a decoding step of ``generate()``): warns once per capture that only
+        the prefill is measured. Host-side only (no device sync)."""
+        if not self._warned_cached:
+            self._warned_cached = True
+            warnings.warn(
+                f"esswatch: {name or '<model>'} ran a decoding step (a call that continues a KV cache or cached "
+                "state, e.g. a step of generate()) while capture was armed: only the prefill (the first, "
+                "full-sequence forward) is measured; decoding steps are not captured. Warned once.",
+                CaptureWarning, stacklevel=4)
 
     # -- results ---------------------------------------------------------------------
     @property

@@ -20,8 +20,10 @@ layer computes for the real tokens); since per-index ESS then mixes positions of
 differently padded rows, :meth:`build` warns once per layer. Calls that have no square
 causal operator (key length != query length: KV cache or cross-attention; a
 non-causal call) are skipped with a warning naming the layer; so is a call with an
-attention sink. A module whose forward ran while armed without calling the registry
-gets a warning too (its kernel bypasses the registry: no operator).
+attention sink. Decoding steps after a recorded prefill (``generate()`` under an armed
+capture) are not recorded: the capture warns once that only the prefill is measured. A
+module whose forward ran while armed without calling the registry gets a warning too (its
+kernel bypasses the registry: no operator).
 """
 from __future__ import annotations
 
@@ -75,9 +77,19 @@ class HFAttentionProbe(Probe):
             self._warned.add(key)
             warnings.warn(msg, CaptureWarning, stacklevel=3)
 
+    def wants_call(self) -> bool:
+        """Every call while armed reaches :meth:`on_attention`: the first is recorded, later
+        ones are only checked for a KV cache (a decoding step, warned once per capture)."""
+        return self.session.armed
+
     def on_attention(self, query, key, value, attention_mask, kwargs: Dict[str, Any]) -> None:
         """Called by the registry wrapper before the original kernel runs (no host syncs here)."""
         self._pending = False
+        if self.has_record:          # a later call in this armed window: a decoding step?
+            if isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and query.dim() == 4 \
+                    and key.dim() == 4 and query.shape[-2] != key.shape[-2]:
+                self.session.note_cached_call(self.name)
+            return
         module = self.module
         window = kwargs.get("sliding_window")
         self._window_seen = window

@@ -22,7 +22,9 @@ Operators (:class:`esswatch.operators.GatedRecurrence`):
 
 The theoretical state size is the SSM state width ``N`` (``config.state_size``).
 Calls that continue a cached state (decoding steps, chunked prefill) are skipped with
-a warning: their convolution reads tokens of earlier calls.
+a warning: their convolution reads tokens of earlier calls. After a recorded prefill
+(``generate()`` under an armed capture) the capture warns once that only the prefill is
+measured.
 """
 from __future__ import annotations
 
@@ -120,10 +122,14 @@ class _MixerProbe(Probe):
 
     def _hook(self, module, args, kwargs) -> None:
         """Forward pre-hook: the cache still shows whether this call continues a previous state."""
-        if not self.wants_record():
+        if not self.session.armed:
             return
         hidden = args[0] if args else kwargs.get("hidden_states")
         cache = args[1] if len(args) > 1 else kwargs.get("cache_params")
+        if self.has_record:         # a later call in this armed window: a decoding step (warned once)?
+            if cache is not None and _continues_state(cache, module, hidden):
+                self.session.note_cached_call(self.name)
+            return
         mask = args[2] if len(args) > 2 else kwargs.get("attention_mask")
         if cache is not None and _continues_state(cache, module, hidden):
             warnings.warn(f"esswatch: {self.name}: this call continues a cached state (decoding step or chunked "
