@@ -5,7 +5,7 @@ imported, so the user's backend and global figure state are untouched. A
 :class:`ProfilePlot` keeps its figure and only updates the lines' data between
 samples (about half the cost of building a new figure).
 
-What is drawn (``docs/ess.md``, "Utilization"): one line per layer, the metric's
+What is drawn (``docs/ess.md`` section 3): one line per layer, the metric's
 ESS at each measured index as a mean over batch rows and over the layer's heads
 (attention, linear attention, Mamba2, GLA: operators shared by ``value_dim > 1``
 value channels) or channels (Mamba, diagonal SSMs, long convolutions: one operator

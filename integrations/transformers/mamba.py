@@ -156,7 +156,8 @@ class _MixerProbe(Probe):
 
 
 class MambaProbe(_MixerProbe):
-    """Mamba / FalconMamba / Jamba mixer: a gated diagonal recurrence per channel (spec section 1, Mamba/S6)."""
+    """Mamba / FalconMamba / Jamba mixer: a gated diagonal recurrence per channel
+    (``docs/ess.md`` section 1, Mamba/S6)."""
 
     layer_type = "Hugging Face MambaMixer / FalconMambaMixer / JambaMambaMixer"
 
