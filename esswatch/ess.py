@@ -2,7 +2,7 @@
 
 ``entropy_ess(op, indices)`` returns ``batch_shape + (len(indices),)``: the
 entropy-ESS of ``H_i = T[..., i:, :i]`` at each 0-based index ``i`` in ``1..L-1``
-(spec section 2). ``op`` is a dense causal tensor ``(..., L, L)`` or an operator
+(``docs/ess.md`` section 2). ``op`` is a dense causal tensor ``(..., L, L)`` or an operator
 from :mod:`esswatch.operators`.
 
 Estimators (all compute in float32, or float64 for float64 input; autocast is
@@ -259,7 +259,7 @@ def _singular_values_by_plan(op, idx, plan, cache):
 def entropy_ess(op: Union[torch.Tensor, Operator], indices: Optional[Sequence[int]] = None, *,
                 estimator: str = "auto", rtol: float = DEFAULT_RTOL, return_bounds: bool = False,
                 generator: Optional[torch.Generator] = None):
-    """Entropy-ESS of ``H_i = T[..., i:, :i]`` at each index (spec section 2).
+    """Entropy-ESS of ``H_i = T[..., i:, :i]`` at each index (``docs/ess.md`` section 2).
 
     Args:
         op: a dense causal tensor ``(..., L, L)`` or an operator from :mod:`esswatch.operators`.

@@ -5,7 +5,7 @@
 Builds a tiny softmax-attention model and a tiny gated-linear-attention model,
 runs one batch through each under ``esswatch.capture``, and prints per layer the
 average entropy-ESS over heads and batch rows, the theoretical state size and the
-utilization ESS / TSS_i at a few sequence indices (spec sections 2 and 3).
+utilization ESS / TSS_i at a few sequence indices (docs/ess.md, sections 2 and 3).
 """
 from __future__ import annotations
 

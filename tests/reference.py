@@ -31,7 +31,7 @@ def tolerance_ess_ref(T: np.ndarray, indices, tol: float, relative: bool) -> np.
     return np.stack(out, -1)
 
 
-# -- naive loop implementations of each operator's formula (spec section 1) ----------
+# -- naive loop implementations of each operator's formula (docs/ess.md section 1) ----------
 
 def softmax_attention_loop(q, k, scale, window=None, mask=None):
     q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)

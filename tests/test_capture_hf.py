@@ -380,11 +380,11 @@ def test_bypassed_registry_and_kv_cache_are_warned():
     assert not cap.operators
     assert any("transformer.h.0.attn" in m and "did not call" in m for m in msgs), msgs
 
+    # a model whose only attention bypasses the registry: construction fails naming it (tests/test_unsupported.py)
     cfg = T.FalconConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, vocab_size=VOCAB)
-    with pytest.warns(CaptureWarning, match=r"transformer\.h\.0\.self_attention .*FalconAttention.* without "):
-        falcon = T.FalconForCausalLM(cfg)
-        cap = esswatch.capture(falcon).attach()
-    cap.detach()
+    with pytest.raises(esswatch.capture.UnsupportedModelError,
+                       match=r"FalconAttention .*transformer\.h\.0\.self_attention.*without transformers'"):
+        esswatch.capture(T.FalconForCausalLM(cfg))
 
     model, names, _ = _make("llama")
     ids = _ids()
@@ -399,8 +399,11 @@ def test_cross_attention_is_not_selected():
     T = transformers
     cfg = T.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=VOCAB, n_positions=64, add_cross_attention=True)
     model = T.GPT2LMHeadModel(cfg).eval()
-    cap = esswatch.capture(model)
+    with pytest.warns(CaptureWarning, match=r"(?s)1 sequence-mixing layer of GPT2LMHeadModel cannot be captured"
+                                            r".*transformer\.h\.0\.crossattention\): cross-attention"):
+        cap = esswatch.capture(model)
     assert list(cap.probes) == ["transformer.h.0.attn"]
+    assert list(cap.unsupported) == ["transformer.h.0.crossattention"]
 
 
 # -- Mamba / FalconMamba / Mamba2 ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from torch import nn
 
 import esswatch
 from esswatch.capture import (CaptureError, CaptureWarning, Probe, capture, probe_for, register_probe,
-                              supported_types, unregister_probe)
+                              supported_types, unregister_probe, UnsupportedModelError)
 from esswatch.capture.torch_probes import MultiheadAttentionProbe
 from esswatch.operators import GatedRecurrence, SoftmaxAttention
 
@@ -271,12 +271,16 @@ def test_non_causal_mask_raises_naming_layer(mask):
         cap.operators
 
 
-def test_add_bias_kv_is_warned_and_not_hooked():
+def test_add_bias_kv_is_not_capturable():
     mha = nn.MultiheadAttention(E, H, add_bias_kv=True, batch_first=True)
-    with pytest.warns(CaptureWarning, match="add_bias_kv"):
-        with capture(mha) as cap:
-            assert not mha._forward_hooks
-    assert cap.operators == {}
+    with pytest.raises(UnsupportedModelError, match=r"MultiheadAttention .*1 layer \(<model>\): add_bias_kv"):
+        capture(mha)
+    assert not mha._forward_hooks
+    model = nn.Sequential(nn.MultiheadAttention(E, H, batch_first=True), mha)    # with a capturable layer: warned
+    with pytest.warns(CaptureWarning, match=r"(?s)1 sequence-mixing layer of Sequential .*\(1\): add_bias_kv"):
+        with capture(model) as cap:
+            assert not mha._forward_hooks and model[0]._forward_hooks
+    assert list(cap.probes) == ["0"] and list(cap.unsupported) == ["1"]
 
 
 class RotaryMHA(nn.MultiheadAttention):
@@ -284,14 +288,11 @@ class RotaryMHA(nn.MultiheadAttention):
         return super().forward(query.flip(-1), key.flip(-1), value, **kw)
 
 
-def test_mha_subclass_with_own_forward_is_warned_and_not_hooked():
+def test_mha_subclass_with_own_forward_is_not_capturable():
     mha = RotaryMHA(E, H, batch_first=True)
-    with pytest.warns(CaptureWarning, match="RotaryMHA overrides MultiheadAttention.forward"):
-        with capture(mha) as cap:
-            assert not mha._forward_hooks
-            x = torch.randn(B, L, E)
-            mha(x, x, x, attn_mask=causal_bool(L))
-    assert cap.operators == {}
+    with pytest.raises(UnsupportedModelError, match="RotaryMHA overrides MultiheadAttention.forward"):
+        capture(mha)
+    assert not mha._forward_hooks
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,10 +5,11 @@ import types as _types
 from .probe import CaptureError, CaptureWarning, Probe
 from .registry import add_provider, probe_for, register_probe, supported_types, unregister_probe
 from .session import Capture, capture
+from .unsupported import UnsupportedModelError, UnsupportedProbe
 from . import torch_probes  # noqa: F401  (registers the nn.MultiheadAttention probe)
 
 __all__ = ["Capture", "capture", "Probe", "CaptureError", "CaptureWarning", "register_probe", "unregister_probe",
-           "add_provider", "probe_for", "supported_types"]
+           "add_provider", "probe_for", "supported_types", "UnsupportedModelError", "UnsupportedProbe"]
 
 
 class _CallableModule(_types.ModuleType):

@@ -64,6 +64,13 @@ class Probe:
         """The layer's theoretical state size per channel (``None`` = grows / unbounded)."""
         return None
 
+    def unsupported_reason(self) -> Optional[str]:
+        """Why this layer cannot be captured, decided from the module alone (``None`` = it can).
+
+        Asked once when a :class:`~esswatch.capture.Capture` selects layers; a layer with a
+        reason is not attached and is reported (see :mod:`esswatch.capture.unsupported`)."""
+        return None
+
     # -- helpers for subclasses -----------------------------------------------
     @property
     def module(self) -> torch.nn.Module:

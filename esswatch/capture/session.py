@@ -8,14 +8,17 @@ once, set ``armed`` only on sampled steps (the hooks are then a flag check), and
 """
 from __future__ import annotations
 
+import warnings
 import weakref
-from typing import Callable, Dict, Iterable, List, Optional, Union
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
 from ..operators import Operator
-from .probe import CaptureError, Probe
+from .probe import CaptureWarning, Probe
 from .registry import probe_for, supported_types
+from .unsupported import (HOW_TO_ADD, UnsupportedModelError, unprobed_mixers, unsupported_layers_warning,
+                          unsupported_model_message)
 
 __all__ = ["Capture", "capture"]
 
@@ -25,14 +28,22 @@ _ACTIVE: "weakref.WeakKeyDictionary[torch.nn.Module, Capture]" = weakref.WeakKey
 LayerSpec = Union[None, str, Iterable[str], Callable[[str, torch.nn.Module], bool]]
 
 
-def _unsupported_message(model: torch.nn.Module) -> str:
-    return (
-        f"esswatch found no supported sequence-mixing layer in {type(model).__name__}. Supported: "
-        f"{', '.join(supported_types()) or '(none registered)'}; Hugging Face attention (through the "
-        "attention-function registry) and Mamba/Mamba2 mixers once `transformers` is imported. "
-        "To add your own layer, register a probe with esswatch.capture.register_probe(ModuleType, ProbeClass) "
-        "or give the module a method `esswatch_operator(self, args, kwargs, output)` returning an "
-        "esswatch.operators operator (see the README, 'Custom layers').")
+def _supported_text() -> str:
+    return (f"{', '.join(supported_types()) or '(no registered types)'}; causal Hugging Face attention that "
+            "calls transformers' attention-function registry, and MambaMixer / FalconMambaMixer / "
+            "JambaMambaMixer / Mamba2Mixer, once `transformers` is imported")
+
+
+def _unsupported_message(model: torch.nn.Module, unsupported, prefix: str = "") -> str:
+    """The error for a selection with nothing capturable: names the unsupported layers found
+    or, when no provider recognised any, the modules that look like sequence mixers."""
+    found = dict(unsupported) or unprobed_mixers(model, lambda m: probe_for(m) is not None)
+    return unsupported_model_message(model, found, _supported_text(), prefix)
+
+
+def _explicit_message(name: str, module: torch.nn.Module, reason: str) -> str:
+    return (f"layers: {name!r} is a {type(module).__name__}, which esswatch cannot capture: {reason}. "
+            f"{HOW_TO_ADD} Supported: {_supported_text()}.")
 
 
 class Capture:
@@ -46,6 +57,12 @@ class Capture:
         heads: keep only the first ``heads`` heads / channels per layer (``None`` = all).
         keep_graph: keep captured tensors attached to the autograd graph (the regularizer);
             detached by default.
+
+    Raises:
+        UnsupportedModelError: (a ``ValueError``) no selected layer can be captured; names each
+            sequence-mixing layer type found and why. When only some cannot, one
+            ``CaptureWarning`` lists them, and ``unsupported`` holds
+            ``{name: (module type, reason)}`` (see :mod:`esswatch.capture.unsupported`).
     """
 
     def __init__(self, model: torch.nn.Module, layers: LayerSpec = None, *, batch_rows: Optional[int] = None,
@@ -60,24 +77,33 @@ class Capture:
         self.heads = heads
         self.keep_graph = keep_graph
         self.armed = False
+        self._warned_cached = False
         self._handles: List = []
         self.probes: Dict[str, Probe] = self._select(model, layers)
 
     # -- selection ---------------------------------------------------------------
     def _select(self, model, layers) -> Dict[str, Probe]:
+        """Probes of the selected layers that can be captured; the others go to ``self.unsupported``
+        (one rule: none capturable -> :class:`UnsupportedModelError`, some -> one warning)."""
         named = dict(model.named_modules())
         probes: Dict[str, Probe] = {}
+        self.unsupported: Dict[str, Tuple[type, str]] = {}
         if layers is None or callable(layers):
             for name, mod in named.items():
                 if callable(layers) and not layers(name, mod):
                     continue
                 cls = probe_for(mod)
-                if cls is not None:
-                    probes[name] = cls(name, mod, self)
+                if cls is None:
+                    continue
+                probe = cls(name, mod, self)
+                reason = probe.unsupported_reason()
+                if reason is None:
+                    probes[name] = probe
+                else:
+                    self.unsupported[name] = (type(mod), reason)
             if not probes:
-                if layers is None:
-                    raise ValueError(_unsupported_message(model))
-                raise ValueError("the `layers` predicate selected no supported layer. " + _unsupported_message(model))
+                prefix = "" if layers is None else "the `layers` predicate selected no supported layer: "
+                raise UnsupportedModelError(_unsupported_message(model, self.unsupported, prefix))
         else:
             names = [layers] if isinstance(layers, str) else list(layers)
             for name in names:
@@ -85,10 +111,16 @@ class Capture:
                     raise ValueError(f"layers: {type(model).__name__} has no submodule named {name!r}")
                 cls = probe_for(named[name])
                 if cls is None:
-                    raise ValueError(
-                        f"layers: {name!r} is a {type(named[name]).__name__}, which esswatch cannot capture. "
-                        + _unsupported_message(model))
-                probes[name] = cls(name, named[name], self)
+                    raise ValueError(_explicit_message(name, named[name], "no esswatch probe is registered for "
+                                                       "its type"))
+                probe = cls(name, named[name], self)
+                reason = probe.unsupported_reason()
+                if reason is not None:
+                    raise UnsupportedModelError(_explicit_message(name, named[name], reason))
+                probes[name] = probe
+        if self.unsupported:
+            warnings.warn(unsupported_layers_warning(model, self.unsupported, len(probes)), CaptureWarning,
+                          stacklevel=4)
         return probes
 
     # -- hooks -----------------------------------------------------------------------
@@ -134,6 +166,18 @@ class Capture:
     def clear(self) -> None:
         for p in self.probes.values():
             p.clear()
+
+    def note_cached_call(self, name: str) -> None:
+        """Called by a probe when, while armed, its layer runs a call that continues a KV cache
+        or cached state (a decoding step of ``generate()``): warns once per capture that only
+        the prefill is measured. Host-side only (no device sync)."""
+        if not self._warned_cached:
+            self._warned_cached = True
+            warnings.warn(
+                f"esswatch: {name or '<model>'} ran a decoding step (a call that continues a KV cache or cached "
+                "state, e.g. a step of generate()) while capture was armed: only the prefill (the first, "
+                "full-sequence forward) is measured; decoding steps are not captured. Warned once.",
+                CaptureWarning, stacklevel=4)
 
     # -- results ---------------------------------------------------------------------
     @property

@@ -25,8 +25,10 @@ What is not a causal self-attention is never turned into a number:
   :class:`~esswatch.capture.CaptureError` naming the layer (checking values needs a
   host sync, so it happens outside the hooks);
 - ``add_bias_kv`` / ``add_zero_attn`` (an extra key that is no sequence position),
-  and subclasses that override ``forward`` (their ``q``, ``k`` are unknown): a
-  warning at attach, and the layer is not hooked.
+  and subclasses that override ``forward`` (their ``q``, ``k`` are unknown): not
+  capturable (:meth:`MultiheadAttentionProbe.unsupported_reason`), so the capture
+  raises :class:`~esswatch.capture.UnsupportedModelError` when no other layer can be
+  captured and otherwise warns once on construction, naming the layer and the reason.
 
 ``nn.TransformerEncoderLayer``'s fused fast path (eval mode, no grad) calls a
 fused kernel instead of ``self_attn.forward``, so hooks on the attention module
@@ -113,15 +115,21 @@ class MultiheadAttentionProbe(Probe):
             return parent
         return None  # a subclass may feed self_attn something else: rely on the module hook
 
-    def attach(self) -> List[Any]:
+    def unsupported_reason(self) -> Optional[str]:
         mha = self.module
         if type(mha).forward is not torch.nn.MultiheadAttention.forward:
-            self._warn("subclass", f"{type(mha).__qualname__} overrides MultiheadAttention.forward, so its q and k "
-                       "are unknown; register a probe for it (esswatch.capture.register_probe)")
-            return []
+            return (f"{type(mha).__qualname__} overrides MultiheadAttention.forward, so its q and k are unknown "
+                    "(register a probe for it)")
         if mha.bias_k is not None or mha.add_zero_attn:
-            self._warn("extra-key", "add_bias_kv / add_zero_attn append a key that is no sequence position, "
-                       "which esswatch does not model")
+            return ("add_bias_kv / add_zero_attn append a key that is no sequence position, which esswatch does "
+                    "not model")
+        return None
+
+    def attach(self) -> List[Any]:
+        mha = self.module
+        reason = self.unsupported_reason()
+        if reason is not None:      # Capture never attaches it; a direct attach() warns and hooks nothing
+            self._warn("unsupported", reason)
             return []
         handles = [mha.register_forward_hook(self._mha_hook, with_kwargs=True)]
         parent = self._encoder_parent()

@@ -5,7 +5,7 @@
 - :mod:`.hankel`: exact singular values and Frobenius norms of the Hankel
   blocks ``H_i = T[i:, :i]`` of dense causal matrices.
 - :mod:`.gram`: exact singular values of ``H_i`` for diagonal recurrences via
-  the Gramian recursions (spec section 4).
+  the Gramian recursions (``docs/ess.md`` section 4).
 - :mod:`.randomized`: matrix-free randomized sketches of ``H_i`` with
   deterministic bounds on the entropy-ESS of the whole spectrum.
 """

@@ -1,9 +1,9 @@
 """Exact Hankel singular values of diagonal recurrences via the Gramians.
 
-For ``T[r, c] = sum_n q[r, n] k[c, n] prod_{s=c+1..r} a[s, n]`` (spec section 1,
+For ``T[r, c] = sum_n q[r, n] k[c, n] prod_{s=c+1..r} a[s, n]`` (``docs/ess.md`` section 1,
 ``a = exp(log_decay)``) the Hankel block factors as ``H_i = O_i R_i`` with an
 ``N``-dimensional state, and the squared singular values of ``H_i`` are the
-eigenvalues of ``P_i Q_i`` where (spec section 4, diagonal ``A``)::
+eigenvalues of ``P_i Q_i`` where (``docs/ess.md`` section 4, diagonal ``A``)::
 
     P_1 = k_0 k_0^T,   P_{i+1} = a_i a_i^T * P_i + k_i k_i^T          (forward)
     Q_L = 0,           Q_i     = a_i a_i^T * (q_i q_i^T + Q_{i+1})     (backward)

@@ -1,6 +1,6 @@
 """Entropy-ESS and tolerance-ESS of a vector of singular values.
 
-Spec section 2: with ``p_j = s_j / sum_k s_k``,
+``docs/ess.md`` section 2: with ``p_j = s_j / sum_k s_k``,
 ``ESS = exp(-sum_j p_j log p_j)`` (``0 log 0 = 0``; ``ESS = 0`` when all ``s = 0``).
 
 Gradients stay finite at zero and tiny singular values: the derivative of

@@ -7,7 +7,7 @@ channel's input after the causal depthwise convolution and SiLU::
     B_t, C_t = W_B u_t, W_C u_t                 (input dependent, shared by the channels)
     h_t = exp(dt_t A[d]) * h_{t-1} + dt_t B_t u_t[d],     y_t[d] = C_t . h_t + D[d] u_t[d]
 
-then ``out((y) * silu(z))``. The operator (spec section 1) is
+then ``out((y) * silu(z))``. The operator (``docs/ess.md`` section 1) is
 :class:`~esswatch.operators.GatedRecurrence` per channel with ``q = C``,
 ``k = dt * B``, ``log_decay = dt * A``, leading dims ``(batch, channel)``; the
 feedthrough ``D u`` and the output gate ``silu(z)`` are outside it. Theoretical

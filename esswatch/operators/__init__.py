@@ -1,4 +1,4 @@
-"""Structured causal operators (spec section 1) and their products.
+"""Structured causal operators (``docs/ess.md`` section 1) and their products.
 
 Every operator is a batch of causal ``L x L`` matrices with ``.dense()``, the
 Hankel products the randomized estimator needs, exact ``||H_i||_F^2`` and its

@@ -6,7 +6,7 @@ through the methods below, so a new operator type needs ``dense()`` and, if it
 has cheaper structure, faster versions of the Hankel products.
 
 ``H_i = T[..., i:, :i]`` is the past-to-future submatrix at 0-based index ``i``
-(``1 <= i <= L-1``), see ``shared/ess-spec.md`` section 2.
+(``1 <= i <= L-1``), see ``docs/ess.md`` section 2.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class Operator:
     Attributes:
         seq_len: sequence length ``L``.
         batch_shape: the leading (batch, head or channel) dims.
-        state_size: the natural state size per channel of the family (spec
+        state_size: the natural state size per channel of the family (``docs/ess.md``
             section 1), or ``None`` where it grows with the index or is
             unbounded (softmax attention, long convolutions).
         value_dim: how many value channels share this operator (a head of
@@ -96,7 +96,7 @@ class Operator:
 
     # -- state sizes -----------------------------------------------------------
     def tss(self, indices: torch.Tensor) -> torch.Tensor:
-        """``TSS_i = min(TSS, i, L - i)`` per index (spec section 3), float64 on CPU."""
+        """``TSS_i = min(TSS, i, L - i)`` per index (``docs/ess.md`` section 3), float64 on CPU."""
         idx = torch.as_tensor(indices, dtype=torch.float64).cpu()
         geo = torch.minimum(idx, self.seq_len - idx)
         if self.state_size is None:

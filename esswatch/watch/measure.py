@@ -1,4 +1,4 @@
-"""Per-layer ESS from a captured operator, aggregated as in spec section 3.
+"""Per-layer ESS from a captured operator, aggregated as in ``docs/ess.md`` section 3.
 
 Quantities only (no schedule, no logging): :func:`measure_operator` turns one
 operator into plain Python numbers; :func:`aggregate_model` combines layers.

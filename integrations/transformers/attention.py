@@ -20,8 +20,10 @@ layer computes for the real tokens); since per-index ESS then mixes positions of
 differently padded rows, :meth:`build` warns once per layer. Calls that have no square
 causal operator (key length != query length: KV cache or cross-attention; a
 non-causal call) are skipped with a warning naming the layer; so is a call with an
-attention sink. A module whose forward ran while armed without calling the registry
-gets a warning too (its kernel bypasses the registry: no operator).
+attention sink. Decoding steps after a recorded prefill (``generate()`` under an armed
+capture) are not recorded: the capture warns once that only the prefill is measured. A
+module whose forward ran while armed without calling the registry gets a warning too (its
+kernel bypasses the registry: no operator).
 """
 from __future__ import annotations
 
@@ -30,12 +32,12 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from esswatch.capture import CaptureError, CaptureWarning, Probe
+from esswatch.capture import CaptureError, CaptureWarning, Probe, UnsupportedProbe
 from esswatch.operators import Dense, Operator, SoftmaxAttention
 
 from . import attention_registry
 
-__all__ = ["HFAttentionProbe", "BypassingAttentionProbe"]
+__all__ = ["HFAttentionProbe", "BypassingAttentionProbe", "BidirectionalAttentionProbe", "CrossAttentionProbe"]
 
 _UNSEEN = object()
 
@@ -75,9 +77,19 @@ class HFAttentionProbe(Probe):
             self._warned.add(key)
             warnings.warn(msg, CaptureWarning, stacklevel=3)
 
+    def wants_call(self) -> bool:
+        """Every call while armed reaches :meth:`on_attention`: the first is recorded, later
+        ones are only checked for a KV cache (a decoding step, warned once per capture)."""
+        return self.session.armed
+
     def on_attention(self, query, key, value, attention_mask, kwargs: Dict[str, Any]) -> None:
         """Called by the registry wrapper before the original kernel runs (no host syncs here)."""
         self._pending = False
+        if self.has_record:          # a later call in this armed window: a decoding step?
+            if isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and query.dim() == 4 \
+                    and key.dim() == 4 and query.shape[-2] != key.shape[-2]:
+                self.session.note_cached_call(self.name)
+            return
         module = self.module
         window = kwargs.get("sliding_window")
         self._window_seen = window
@@ -181,28 +193,34 @@ class HFAttentionProbe(Probe):
                        "differently padded rows (and the geometric bound min(i, L-i) is that of the full length).")
 
 
-class BypassingAttentionProbe(Probe):
+class BypassingAttentionProbe(UnsupportedProbe):
     """Stands for a transformers attention module whose ``forward`` never calls the registry.
 
     Such a module (e.g. Falcon, GPT-J, GPT-Neo, Bloom in transformers 5) computes attention
-    with its own code, so esswatch cannot see its query and key without reimplementing
-    it. :meth:`attach` warns once, naming the layer, and registers nothing; the layer never
-    has an operator.
+    with its own code, so esswatch cannot see its query and key without reimplementing it.
+    Not capturable: the capture names it (an error when nothing else can be captured,
+    otherwise one warning), see :mod:`esswatch.capture.unsupported`.
     """
 
     layer_type = "Hugging Face attention that bypasses the attention-function registry (not capturable)"
+    reason = ("its forward computes attention without transformers' attention-function registry "
+              "(ALL_ATTENTION_FUNCTIONS / AttentionInterface), so esswatch never sees its query and key")
 
-    def attach(self) -> List[Any]:
-        warnings.warn(
-            f"esswatch: {self.name} ({type(self.module).__module__}.{type(self.module).__qualname__}) computes "
-            "attention without transformers' attention-function registry (ALL_ATTENTION_FUNCTIONS), so esswatch "
-            "cannot capture it; no operator will be recorded for it. Register a probe for this type with "
-            "esswatch.capture.register_probe, or use a model whose attention calls the registry.",
-            CaptureWarning, stacklevel=2)
-        return []
 
-    def build(self, record: Dict[str, Any]) -> Operator:  # pragma: no cover - never records
-        raise CaptureError(f"{self.name}: attention bypasses transformers' attention registry")
+class BidirectionalAttentionProbe(UnsupportedProbe):
+    """Stands for a statically bidirectional attention module (``is_causal = False``: BERT, ViT, encoders)."""
+
+    layer_type = "bidirectional Hugging Face attention (not capturable)"
+    reason = ("bidirectional attention (is_causal = False): every position attends to later ones, so it is not a "
+              "causal operator and has no effective state size")
+
+
+class CrossAttentionProbe(UnsupportedProbe):
+    """Stands for a cross-attention module (``is_cross_attention = True``)."""
+
+    layer_type = "Hugging Face cross-attention (not capturable)"
+    reason = ("cross-attention (is_cross_attention = True): its keys come from another sequence, so it has no "
+              "causal sequence operator")
 
 
 def _as_mask(mask, q: torch.Tensor, L: int, name: str) -> Optional[torch.Tensor]:

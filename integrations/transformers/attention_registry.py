@@ -11,8 +11,8 @@ While at least one listener is registered, :class:`AttentionInterface`'s ``get_i
 and ``__getitem__`` return a thin wrapper around the function they would have returned
 (sdpa, flash, flex, a user kernel, or the model's own eager function). The wrapper calls
 ``listener.on_attention(query, key, value, attention_mask, kwargs)`` for the listeners of
-the module passed as first argument, then calls the original function with the
-original arguments, unchanged. When the last listener is removed the two class
+the module passed as first argument that want the call (``listener.wants_call()``), then
+calls the original function with the original arguments, unchanged. When the last listener is removed the two class
 attributes are restored exactly (deleted again where they were inherited).
 
 Nothing is set on modules or configs; listeners are held in a weak-keyed table.
@@ -69,7 +69,7 @@ def _recording(fn):
         entry = _listeners.get(id(module))
         if entry is not None and entry[0]() is module:
             for listener in entry[1]:
-                if listener.wants_record():
+                if listener.wants_call():
                     q, k, v, mask = _split_args(args, kwargs)
                     listener.on_attention(q, k, v, mask, kwargs)
         return fn(module, *args, **kwargs)
@@ -148,7 +148,7 @@ class _Handle:
 def listen(module, listener) -> _Handle:
     """Call ``listener.on_attention(...)`` when ``module`` calls a registry attention function.
 
-    ``listener`` has ``wants_record() -> bool`` (checked first, on every call) and
+    ``listener`` has ``wants_call() -> bool`` (checked first, on every call) and
     ``on_attention(query, key, value, attention_mask, kwargs)``. Returns a handle
     whose ``remove()`` unregisters it (reference-counted across listeners).
     """

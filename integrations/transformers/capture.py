@@ -11,8 +11,11 @@ imported; importing it calls :func:`esswatch.capture.add_provider` with
 - ``MambaMixer`` (Mamba), ``FalconMambaMixer``, ``JambaMambaMixer`` -> :class:`~.mamba.MambaProbe`;
 - ``Mamba2Mixer`` -> :class:`~.mamba.Mamba2Probe`.
 
-Attention modules that are statically bidirectional (``is_causal = False``, e.g. BERT
-encoders, ViT) or cross-attention (``is_cross_attention = True``) are not selected.
+Recognised but not capturable (reported by name and reason when the capture is built:
+an error if nothing else in the model can be captured, otherwise one warning): statically
+bidirectional attention (``is_causal = False``, e.g. BERT encoders, ViT), cross-attention
+(``is_cross_attention = True``), attention that bypasses the registry (GPT-J, Falcon, ...),
+and state-space mixers without a probe.
 """
 from __future__ import annotations
 
@@ -25,11 +28,11 @@ import torch
 
 from esswatch.capture import Probe, add_provider
 
-from .attention import BypassingAttentionProbe, HFAttentionProbe
+from .attention import BidirectionalAttentionProbe, BypassingAttentionProbe, CrossAttentionProbe, HFAttentionProbe
 from .mamba import Mamba2Probe, MambaProbe, UnsupportedMixerProbe
 
-__all__ = ["provider", "HFAttentionProbe", "BypassingAttentionProbe", "MambaProbe", "Mamba2Probe",
-           "UnsupportedMixerProbe", "calls_attention_registry"]
+__all__ = ["provider", "HFAttentionProbe", "BypassingAttentionProbe", "BidirectionalAttentionProbe",
+           "CrossAttentionProbe", "MambaProbe", "Mamba2Probe", "UnsupportedMixerProbe", "calls_attention_registry"]
 
 # classes matched by name along the MRO (no import of the model files needed)
 _MIXERS = {
@@ -97,13 +100,16 @@ def provider(module: torch.nn.Module) -> Optional[Type[Probe]]:
         p = _by_type[t]
     except KeyError:
         p = _by_type[t] = _probe_for_type(t)
-    if p in (HFAttentionProbe, BypassingAttentionProbe) and (
-            getattr(module, "is_causal", True) is False or getattr(module, "is_cross_attention", False) is True):
-        return None
     if p is UnsupportedMixerProbe and not isinstance(getattr(module, "A_log", None), torch.Tensor):
         return None
-    if p is BypassingAttentionProbe and any(_looks_like_attention(type(m)) for m in module.modules() if m is not module):
+    if p is BypassingAttentionProbe and any(_looks_like_attention(type(m)) for m in module.modules()
+                                            if m is not module):
         return None     # a wrapper around the real attention module
+    if p in (HFAttentionProbe, BypassingAttentionProbe):
+        if getattr(module, "is_cross_attention", False) is True:
+            return CrossAttentionProbe
+        if getattr(module, "is_causal", True) is False:
+            return BidirectionalAttentionProbe
     return p
 
 

@@ -22,7 +22,9 @@ Operators (:class:`esswatch.operators.GatedRecurrence`):
 
 The theoretical state size is the SSM state width ``N`` (``config.state_size``).
 Calls that continue a cached state (decoding steps, chunked prefill) are skipped with
-a warning: their convolution reads tokens of earlier calls.
+a warning: their convolution reads tokens of earlier calls. After a recorded prefill
+(``generate()`` under an armed capture) the capture warns once that only the prefill is
+measured.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from esswatch.capture import CaptureError, CaptureWarning, Probe
+from esswatch.capture import CaptureWarning, Probe, UnsupportedProbe
 from esswatch.operators import GatedRecurrence, Operator
 
 __all__ = ["MambaProbe", "Mamba2Probe", "UnsupportedMixerProbe", "mamba_scan_inputs", "mamba2_scan_inputs"]
@@ -120,10 +122,14 @@ class _MixerProbe(Probe):
 
     def _hook(self, module, args, kwargs) -> None:
         """Forward pre-hook: the cache still shows whether this call continues a previous state."""
-        if not self.wants_record():
+        if not self.session.armed:
             return
         hidden = args[0] if args else kwargs.get("hidden_states")
         cache = args[1] if len(args) > 1 else kwargs.get("cache_params")
+        if self.has_record:         # a later call in this armed window: a decoding step (warned once)?
+            if cache is not None and _continues_state(cache, module, hidden):
+                self.session.note_cached_call(self.name)
+            return
         mask = args[2] if len(args) > 2 else kwargs.get("attention_mask")
         if cache is not None and _continues_state(cache, module, hidden):
             warnings.warn(f"esswatch: {self.name}: this call continues a cached state (decoding step or chunked "
@@ -150,7 +156,8 @@ class _MixerProbe(Probe):
 
 
 class MambaProbe(_MixerProbe):
-    """Mamba / FalconMamba / Jamba mixer: a gated diagonal recurrence per channel (spec section 1, Mamba/S6)."""
+    """Mamba / FalconMamba / Jamba mixer: a gated diagonal recurrence per channel
+    (``docs/ess.md`` section 1, Mamba/S6)."""
 
     layer_type = "Hugging Face MambaMixer / FalconMambaMixer / JambaMambaMixer"
 
@@ -206,20 +213,13 @@ class Mamba2Probe(_MixerProbe):
         return GatedRecurrence(C, k, log_decay, value_dim=record["value_dim"])
 
 
-class UnsupportedMixerProbe(Probe):
+class UnsupportedMixerProbe(UnsupportedProbe):
     """A transformers state-space mixer esswatch has no probe for (e.g. Bamba, FalconH1, Zamba2).
 
-    :meth:`attach` warns once, naming the layer, and registers nothing.
+    Not capturable: the capture names it (an error when nothing else can be captured,
+    otherwise one warning), see :mod:`esswatch.capture.unsupported`.
     """
 
     layer_type = "Hugging Face state-space mixer without an esswatch probe (not capturable)"
-
-    def attach(self) -> List[Any]:
-        warnings.warn(
-            f"esswatch: {self.name} ({type(self.module).__qualname__}) is a state-space mixer esswatch has no "
-            "probe for (supported: MambaMixer, FalconMambaMixer, JambaMambaMixer, Mamba2Mixer); no operator will "
-            "be recorded for it. Register one with esswatch.capture.register_probe.", CaptureWarning, stacklevel=2)
-        return []
-
-    def build(self, record: Dict[str, Any]) -> Operator:  # pragma: no cover - never records
-        raise CaptureError(f"{self.name}: no esswatch probe for {type(self.module).__qualname__}")
+    reason = ("a state-space mixer esswatch has no probe for (supported: MambaMixer, FalconMambaMixer, "
+              "JambaMambaMixer, Mamba2Mixer)")
