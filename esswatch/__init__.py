@@ -1,6 +1,7 @@
 """esswatch: live effective state-size (ESS) of sequence-mixing layers.
 
-Layers, each depending only on the ones before it:
+Layers, each depending only on the ones before it (checked in CI by import-linter,
+see ``[tool.importlinter]`` in ``pyproject.toml`` and CONTRIBUTING.md):
 
 - :mod:`esswatch.engine` - pure math on tensors (spectra, Gramians, sketches);
 - :mod:`esswatch.operators` - structured causal operators and their products;
@@ -9,10 +10,16 @@ Layers, each depending only on the ones before it:
 - :mod:`esswatch.watch` - schedule, budget, aggregation, sinks (:class:`ESSWatch`);
 - :mod:`esswatch.integrations` - thin framework adapters (imported lazily).
 """
+from typing import TYPE_CHECKING
+
 from . import operators
+from ._version import __version__
 from .ess import entropy_ess, tolerance_ess
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:  # the lazily exported names, visible to type checkers
+    from .capture import capture
+    from .watch import ESSWatch
+    from .watch.regularizer import Regularizer
 
 __all__ = ["entropy_ess", "tolerance_ess", "operators", "capture", "ESSWatch", "Regularizer", "__version__"]
 

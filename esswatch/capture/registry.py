@@ -6,12 +6,16 @@ Three ways, tried in this order:
 2. the module defines ``esswatch_operator(self, args, kwargs, output)`` returning an
    operator: a generic forward-hook probe calls it (see :mod:`.protocol`);
 3. providers added by integrations (:func:`add_provider`), e.g. Hugging Face
-   attention; the transformers provider is consulted only if ``transformers`` is
-   already imported, so ``import esswatch`` never imports it.
+   attention. An integration announces itself in the ``esswatch.providers`` entry-point
+   group (``pyproject.toml``): the entry point's *name* is the framework module it serves
+   and its value the module that calls :func:`add_provider` on import. It is loaded only
+   once that framework is imported, so ``import esswatch`` never imports ``transformers``,
+   and this layer never names an integration.
 """
 from __future__ import annotations
 
 import sys
+from importlib import metadata
 from typing import Callable, Dict, List, Optional, Type
 
 import torch
@@ -22,10 +26,9 @@ __all__ = ["register_probe", "unregister_probe", "probe_for", "add_provider", "s
 
 _REGISTRY: Dict[type, Type[Probe]] = {}
 _PROVIDERS: List[Callable[[torch.nn.Module], Optional[Type[Probe]]]] = []
-_LAZY_PROVIDERS = {
-    # sys.modules key -> module that calls add_provider() on import
-    "transformers": "esswatch.integrations.transformers.capture",
-}
+#: the entry-point group in which integrations announce their providers
+PROVIDER_GROUP = "esswatch.providers"
+_LOADED_PROVIDERS: set = set()
 
 
 def register_probe(module_type: type, probe_cls: Optional[Type[Probe]] = None):
@@ -54,11 +57,12 @@ def add_provider(fn: Callable[[torch.nn.Module], Optional[Type[Probe]]]) -> None
 
 
 def _load_lazy_providers() -> None:
-    import importlib
-    for key, modname in list(_LAZY_PROVIDERS.items()):
-        if key in sys.modules:
-            _LAZY_PROVIDERS.pop(key)
-            importlib.import_module(modname)
+    """Import every announced provider whose framework is already imported (once each)."""
+    for ep in metadata.entry_points(group=PROVIDER_GROUP):
+        key = (ep.name, ep.value)
+        if ep.name in sys.modules and key not in _LOADED_PROVIDERS:
+            _LOADED_PROVIDERS.add(key)
+            ep.load()
 
 
 def probe_for(module: torch.nn.Module) -> Optional[Type[Probe]]:

@@ -47,7 +47,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Unio
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..capture import Capture
 from ..ess import DEFAULT_RELATIVE, DEFAULT_TOL
 from . import distributed as dist_utils
