@@ -8,6 +8,7 @@ once, set ``armed`` only on sampled steps (the hooks are then a flag check), and
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Callable, Dict, Iterable, List, Optional, Union
 
@@ -21,6 +22,8 @@ __all__ = ["Capture", "capture"]
 
 # models with an attached Capture (weak: never keeps a model alive, never touches its attributes)
 _ACTIVE: "weakref.WeakKeyDictionary[torch.nn.Module, Capture]" = weakref.WeakKeyDictionary()
+# the "already attached" check and the attach happen under this lock (two threads never both attach)
+_ATTACH_LOCK = threading.RLock()
 
 LayerSpec = Union[None, str, Iterable[str], Callable[[str, torch.nn.Module], bool]]
 
@@ -100,20 +103,21 @@ class Capture:
         model = self._model()
         if model is None:
             raise ValueError("the model of this Capture no longer exists")
-        if model in _ACTIVE:
-            raise RuntimeError(
-                f"esswatch capture is already attached to this {type(model).__name__}; exit the other "
-                "`esswatch.capture(...)` block (or close the other ESSWatch) first")
-        handles = []
-        try:
-            for probe in self.probes.values():
-                handles.extend(probe.attach())
-        except Exception:
-            for h in handles:
-                h.remove()
-            raise
-        self._handles = handles
-        _ACTIVE[model] = self
+        with _ATTACH_LOCK:
+            if model in _ACTIVE:
+                raise RuntimeError(
+                    f"esswatch capture is already attached to this {type(model).__name__}; exit the other "
+                    "`esswatch.capture(...)` block (or close the other ESSWatch) first")
+            handles = []
+            try:
+                for probe in self.probes.values():
+                    handles.extend(probe.attach())
+            except Exception:
+                for h in handles:
+                    h.remove()
+                raise
+            self._handles = handles
+            _ACTIVE[model] = self
         return self
 
     def _remove_hooks(self) -> None:
@@ -123,8 +127,9 @@ class Capture:
         for h in handles:
             h.remove()
         model = self._model()
-        if model is not None and _ACTIVE.get(model) is self:
-            del _ACTIVE[model]
+        with _ATTACH_LOCK:
+            if model is not None and _ACTIVE.get(model) is self:
+                del _ACTIVE[model]
 
     def detach(self) -> None:
         """Remove every hook (idempotent) and drop all records."""
