@@ -54,6 +54,7 @@ from . import distributed as dist_utils
 from .measure import MeasureConfig, aggregate_model, measure_operator
 from .regularizer import PENALTY_TAG, Regularizer, penalty_terms
 from .schedule import Schedule
+from .state import validated_state
 from .sinks import Sink, TensorBoardSink, as_sink
 from .tags import layer_tag_name, scalar_tags
 from .training_state import preserved
@@ -458,13 +459,13 @@ class ESSWatch:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Resume: the step counter continues where ``state`` left it (the period is this
-        watch's own ``every_n_steps``)."""
-        if not isinstance(state, dict) or state.get("version") != 1:
-            raise ValueError("ESSWatch.load_state_dict: not an ESSWatch state (version 1)")
-        self.schedule.load_state_dict(state["schedule"])
-        self._failures = int(state.get("failures", 0))
-        self._failed_layers = set(state.get("failed_layers", ()))
-        self._samples = int(state.get("samples", 0))
+        watch's own ``every_n_steps``). Every field is validated first (``ValueError`` naming
+        it); nothing is applied unless all are valid."""
+        st = validated_state(state)          # everything is checked before anything is applied
+        self.schedule.step = st["step"]
+        self._failures = st["failures"]
+        self._failed_layers = st["failed_layers"]
+        self._samples = st["samples"]
         self._arm()
 
     # -- lifetime ----------------------------------------------------------------------
