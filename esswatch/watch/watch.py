@@ -350,6 +350,7 @@ class ESSWatch:
         cfg = self.measure_config
         layers: Dict[str, Dict[str, Any]] = {}
         skipped: List[str] = []
+        short: List[str] = []
         stash = self._stash or {}
         try:
             for name, probe in self.capture.probes.items():
@@ -357,6 +358,9 @@ class ESSWatch:
                     continue
                 try:
                     op = probe.operator() if probe.has_record else stash[name]
+                    if op is not None and op.seq_len < 2:
+                        short.append(name)      # too short to measure: not a failure, not reported
+                        continue
                     with torch.no_grad():
                         layers[name] = measure_operator(op, cfg, self._tss.get(name))
                 except Exception as e:  # noqa: BLE001 - the monitor never stops training
@@ -372,7 +376,7 @@ class ESSWatch:
         if self.reduce:
             layers, failures = dist_utils.reduce_layers(layers, self.layer_names, cfg.metrics, failures)
         if not layers and not skipped and failures == self._failures:
-            if not self._warned_empty:
+            if not self._warned_empty and not short:
                 self._warned_empty = True
                 warnings.warn(
                     f"esswatch: step {step} was sampled but no watched layer ran a "
