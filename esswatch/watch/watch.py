@@ -318,24 +318,36 @@ class ESSWatch:
         s = self.schedule.step
         result = None
         if self.schedule.due(s):
-            if self.probe_batch is not None:
-                self._run_probe()
+            if self.probe_batch is not None and not self._run_probe(s):
+                self.schedule.advance()
+                self._arm()
+                return None
             result = self.measure(step=s, source="probe" if self.probe_batch is not None else "train")
         self.schedule.advance()
         self._arm()
         return result
 
-    def _run_probe(self) -> None:
+    def _run_probe(self, step: int) -> bool:
+        """Run the model on the probe batch; False (warned once, counted) when its forward raised."""
         model = self._module
         cap = self.capture
-        with preserved(model), torch.no_grad():
-            model.train(False)
+        try:
+            with preserved(model), torch.no_grad():
+                model.train(False)
+                cap.clear()
+                cap.armed = True
+                try:
+                    _call(model, self.probe_batch)
+                finally:
+                    cap.armed = False
+        except Exception as e:  # noqa: BLE001 - the monitor never stops training
             cap.clear()
-            cap.armed = True
-            try:
-                _call(model, self.probe_batch)
-            finally:
-                cap.armed = False
+            if self.strict:
+                raise ESSMeasurementError(f"esswatch: the probe_batch forward at step {step} failed: "
+                                          f"{type(e).__name__}: {e}") from e
+            self._failed("probe_batch", step, e, what="the probe_batch forward")
+            return False
+        return True
 
     # -- measuring -------------------------------------------------------------------
     def measure(self, step: Optional[int] = None, source: str = "train") -> Optional[Dict[str, Any]]:
@@ -406,12 +418,12 @@ class ESSWatch:
         self._emit(result)
         return result
 
-    def _failed(self, name: str, step: int, err: BaseException) -> None:
+    def _failed(self, name: str, step: int, err: BaseException, what: Optional[str] = None) -> None:
         self._failures += 1
         if name not in self._failed_layers:
             self._failed_layers.add(name)
             warnings.warn(
-                f"esswatch: skipped layer {name!r} at step {step}: {type(err).__name__}: {err}. "
+                f"esswatch: skipped {what or f'layer {name!r}'} at step {step}: {type(err).__name__}: {err}. "
                 "Training continues; later failures of this layer are only counted (tag ess/failures). "
                 "Pass strict=True to raise instead.", ESSWarning, stacklevel=4)
 
