@@ -291,3 +291,62 @@ def test_load_state_dict_validates_everything_before_applying(mutate, what):
         watch.load_state_dict(state)
     assert watch.state_dict() == before
     watch.close()
+
+
+# -- 2. a watched model pickles; the loaded model is not watched --------------------------------
+def test_watched_model_pickles_and_loaded_copy_is_not_watched(tmp_path):
+    model = make_model()
+    before = hook_count(model)
+    watch = esswatch.ESSWatch(model, every_n_steps=1)
+    x = tokens()[0]
+    ref = model(x)
+    watch.step()
+    pickle.loads(pickle.dumps(model))                       # no "Can't pickle local object"
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    loaded = torch.load(path, weights_only=False)
+    torch.testing.assert_close(loaded(x), ref, rtol=0, atol=0)  # same outputs; its first forward drops the inert hooks
+    assert hook_count(loaded) == before
+    model(x)                                                 # the original is still watched
+    assert set(watch.step()["layers"]) == {"blocks.0.mixer", "blocks.1.mixer"}
+    w2 = esswatch.ESSWatch(loaded, every_n_steps=1)         # the loaded model is free to watch
+    loaded(x)
+    assert set(w2.step()["layers"]) == {"blocks.0.mixer", "blocks.1.mixer"}
+    w2.close()
+    watch.close()
+    assert hook_count(model) == before and hook_count(loaded) == before
+
+
+# -- 3. a deep copy (EMA / AveragedModel) is not watched -----------------------------------------
+def test_deepcopy_and_averaged_model_are_not_watched():
+    from torch.optim.swa_utils import AveragedModel
+    model = make_model()
+    before = hook_count(model)
+    watch = esswatch.ESSWatch(model, every_n_steps=1, batch_rows=1)
+    ema = AveragedModel(model)
+    plain = copy.deepcopy(model)
+    xs = tokens(2)
+    ema.train()
+    ema(xs[1])                              # a train-mode forward of the copy: must not be measured
+    plain(xs[1])
+    model(xs[0])
+    res = watch.step()
+    # reference: the original model's operator on xs[0], computed without the watch
+    watch_ops = res["layers"]["blocks.0.mixer"]["entropy"]["per_index"]
+    watch.close()
+    assert hook_count(model) == before and hook_count(ema.module) == before and hook_count(plain) == before
+    with esswatch.capture(model, batch_rows=1) as cap:
+        model(xs[0])
+    t = cap.operators["blocks.0.mixer"].dense().double().numpy()
+    ref = np.array([np_entropy_ess(t, i) for i in res["layers"]["blocks.0.mixer"]["indices"]]).T
+    np.testing.assert_allclose(watch_ops, ref.mean(axis=(0, 1)), rtol=1e-4)
+
+
+def test_close_removes_inert_hooks_from_copies_that_never_ran():
+    model = make_model()
+    before = hook_count(model)
+    watch = esswatch.ESSWatch(model, every_n_steps=1)
+    dup = copy.deepcopy(model)
+    assert hook_count(dup) > before                         # inert until closed or run
+    watch.close()
+    assert hook_count(dup) == before and hook_count(model) == before

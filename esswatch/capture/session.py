@@ -15,6 +15,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Union
 import torch
 
 from ..operators import Operator
+from .hooks import EssHook, adopt
 from .probe import CaptureError, Probe
 from .registry import probe_for, supported_types
 
@@ -64,6 +65,7 @@ class Capture:
         self.keep_graph = keep_graph
         self.armed = False
         self._handles: List = []
+        self._hooks: List[EssHook] = []
         self.probes: Dict[str, Probe] = self._select(model, layers)
 
     # -- selection ---------------------------------------------------------------
@@ -112,6 +114,7 @@ class Capture:
             try:
                 for probe in self.probes.values():
                     handles.extend(probe.attach())
+                self._hooks = adopt(handles, model)
             except Exception:
                 for h in handles:
                     h.remove()
@@ -121,11 +124,14 @@ class Capture:
         return self
 
     def _remove_hooks(self) -> None:
-        """Disarm and remove every hook (idempotent); records are kept."""
+        """Disarm and remove every hook (idempotent), also the inert ones of deep copies; records are kept."""
         self.armed = False
         handles, self._handles = self._handles, []
         for h in handles:
             h.remove()
+        hooks, self._hooks = self._hooks, []
+        for hook in hooks:
+            hook.remove_from_copies()
         model = self._model()
         with _ATTACH_LOCK:
             if model is not None and _ACTIVE.get(model) is self:

@@ -43,12 +43,15 @@ import copy
 import sys
 import time
 import warnings
+import weakref
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 
 from .. import __version__
 from ..capture import Capture
+from ..capture.hooks import adopt
+from .lifetime import DoneHook, GateHook, release
 from ..ess import DEFAULT_RELATIVE, DEFAULT_TOL
 from . import distributed as dist_utils
 from .measure import MeasureConfig, aggregate_model, measure_operator
@@ -74,11 +77,13 @@ class _Gate:
     """State shared with the forward pre-hook (kept apart from the watch so that hooks never
     reference it): ``want`` = the current step is sampled from training forwards."""
 
-    __slots__ = ("want", "capture")
+    __slots__ = ("want", "capture", "hooks", "in_forward")
 
     def __init__(self, capture: Capture) -> None:
         self.want = False
+        self.in_forward = False      # a forward of the model started and has not completed
         self.capture = capture
+        self.hooks: list = []
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -197,15 +202,13 @@ class ESSWatch:
         self._gate = _Gate(self.capture)
         self.capture.attach()
         self._handles = []
-        if train_forwards_only:
-            gate = self._gate
-
-            def _gate_hook(module, args):
-                if gate.want:
-                    gate.capture.armed = module.training
-                return None
-
-            self._handles.append(model.register_forward_pre_hook(_gate_hook))
+        # close() and the garbage collector release the model the same way (no reference to self)
+        self._finalizer = weakref.finalize(self, release, self._gate, self._handles, self._sinks)
+        self._train_only = train_forwards_only
+        self._handles.append(model.register_forward_pre_hook(GateHook(self._gate, train_forwards_only),
+                                                             prepend=True))
+        self._handles.append(model.register_forward_hook(DoneHook(self._gate)))
+        self._gate.hooks = adopt(self._handles, model)
         self._arm()
 
     # -- configuration ---------------------------------------------------------------
@@ -392,7 +395,7 @@ class ESSWatch:
                 self._warned_empty = True
                 warnings.warn(
                     f"esswatch: step {step} was sampled but no watched layer ran a "
-                    f"{'training-mode ' if self._handles else ''}forward since the previous step() "
+                    f"{'training-mode ' if self._train_only else ''}forward since the previous step() "
                     "(call watch.step() once per optimizer step, after the forward and backward)",
                     ESSWarning, stacklevel=3)
             return None
@@ -490,13 +493,7 @@ class ESSWatch:
         if self._closed:
             return
         self._closed = True
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self._gate.want = False
-        self.capture.detach()
-        for sink in self._sinks:
-            sink.close()
+        self._finalizer()
 
     def __enter__(self) -> "ESSWatch":
         return self
