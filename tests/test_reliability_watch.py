@@ -350,3 +350,29 @@ def test_close_removes_inert_hooks_from_copies_that_never_ran():
     assert hook_count(dup) > before                         # inert until closed or run
     watch.close()
     assert hook_count(dup) == before and hook_count(model) == before
+
+
+# -- the same class of defect elsewhere: ESSWatch / capture arguments ------------------------------
+@pytest.mark.parametrize("kwargs, what", [
+    ({"tol": float("nan")}, "tol"), ({"tol": True}, "tol"), ({"tol": float("inf")}, "tol"),
+    ({"relative": 1}, "relative"), ({"indices": [1, True]}, "indices"), ({"indices": {2, 3}}, "indices"),
+    ({"indices": [2.5]}, "indices"), ({"estimator": ["exact"]}, "estimator"), ({"metrics": 3}, "metrics"),
+    ({"every_n_steps": True}, "every_n_steps"), ({"batch_rows": True}, "batch_rows"), ({"heads": 0}, "heads"),
+    ({"images": -1}, "images"), ({"histograms": "yes"}, "histograms"), ({"logdir": 3}, "logdir"),
+])
+def test_bad_watch_arguments_raise_value_error_and_leave_nothing_attached(kwargs, what, tmp_path):
+    model = make_model()
+    before = hook_count(model)
+    with pytest.raises(ValueError, match=what):
+        esswatch.ESSWatch(model, **kwargs)
+    assert hook_count(model) == before
+    esswatch.ESSWatch(model).close()
+
+
+@pytest.mark.parametrize("kwargs, what", [
+    ({"batch_rows": True}, "batch_rows"), ({"heads": 1.5}, "heads"), ({"keep_graph": "no"}, "keep_graph"),
+    ({"layers": 3}, "layers"), ({"layers": ["nope"]}, "nope"),
+])
+def test_bad_capture_arguments_raise_value_error(kwargs, what):
+    with pytest.raises(ValueError, match=what):
+        esswatch.capture(make_model(), **kwargs)

@@ -14,6 +14,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Union
 
 import torch
 
+from ..engine.validation import check_positive_int
 from ..operators import Operator
 from .hooks import EssHook, adopt
 from .probe import CaptureError, Probe
@@ -57,8 +58,13 @@ class Capture:
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"capture expects an nn.Module, got {type(model).__name__}")
         for nm, v in (("batch_rows", batch_rows), ("heads", heads)):
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ValueError(f"{nm} must be a positive int or None, got {v!r}")
+            check_positive_int(nm, v, allow_none=True)
+        if not isinstance(keep_graph, bool):
+            raise ValueError(f"keep_graph must be a bool, got {keep_graph!r}")
+        if not (layers is None or callable(layers) or isinstance(layers, str)
+                or (isinstance(layers, (list, tuple, set, frozenset)) and all(isinstance(n, str) for n in layers))):
+            raise ValueError("layers must be None, a qualified module name, a list of names or a predicate "
+                             f"(name, module) -> bool, got {layers!r}")
         self._model = weakref.ref(model)
         self.batch_rows = batch_rows
         self.heads = heads

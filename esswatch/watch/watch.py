@@ -51,6 +51,7 @@ import torch
 from .. import __version__
 from ..capture import Capture
 from ..capture.hooks import adopt
+from .args import check_watch_args
 from .lifetime import DoneHook, GateHook, release
 from ..ess import DEFAULT_RELATIVE, DEFAULT_TOL
 from . import distributed as dist_utils
@@ -159,6 +160,7 @@ class ESSWatch:
             raise ValueError(f"ESSWatch expects an nn.Module, got {type(model).__name__}")
         if logdir is not None and writer is not None:
             raise ValueError("ESSWatch: pass logdir= or writer=, not both")
+        check_watch_args(logdir=logdir, images=images, histograms=histograms)
         for nm, v in (("strict", strict), ("reduce", reduce), ("train_forwards_only", train_forwards_only)):
             if not isinstance(v, bool):
                 raise ValueError(f"{nm} must be a bool, got {v!r}")
