@@ -10,11 +10,12 @@ Layers, each depending only on the ones before it:
 - :mod:`esswatch.integrations` - thin framework adapters (imported lazily).
 """
 from . import operators
+from .engine.memory import ESSMemoryError
 from .ess import entropy_ess, tolerance_ess
 
 __version__ = "0.1.0"
 
-__all__ = ["entropy_ess", "tolerance_ess", "operators", "capture", "ESSWatch", "Regularizer", "__version__"]
+__all__ = ["entropy_ess", "tolerance_ess", "ESSMemoryError", "operators", "capture", "ESSWatch", "Regularizer", "__version__"]
 
 
 def __getattr__(name):  # lazy: keep `import esswatch` light
