@@ -376,3 +376,18 @@ def test_bad_watch_arguments_raise_value_error_and_leave_nothing_attached(kwargs
 def test_bad_capture_arguments_raise_value_error(kwargs, what):
     with pytest.raises(ValueError, match=what):
         esswatch.capture(make_model(), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, err, what", [
+    ({"regularizer": float("nan")}, ValueError, "weight"), ({"tol": float("nan")}, ValueError, "tol"),
+    ({"batch_rows": 0}, ValueError, "batch_rows"), ({"every_n_steps": 0}, ValueError, "every_n_steps"),
+    ({"indices": []}, ValueError, "indices"), ({"no_such_option": 1}, TypeError, "no_such_option"),
+])
+def test_framework_callbacks_validate_options_at_construction(kwargs, err, what):
+    pytest.importorskip("lightning")
+    transformers = pytest.importorskip("transformers")  # noqa: F841
+    from esswatch.integrations.lightning import ESSCallback as LightningCallback
+    from esswatch.integrations.transformers import ESSCallback as HFCallback
+    for cls in (LightningCallback, HFCallback):
+        with pytest.raises(err, match=what):
+            cls(**kwargs)
