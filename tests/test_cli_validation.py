@@ -3,8 +3,6 @@ what is allowed, exit status 2, nothing created. Each case ended in a traceback,
 or an empty run folder before the fix."""
 from __future__ import annotations
 
-import json
-import os
 
 import pytest
 import torch

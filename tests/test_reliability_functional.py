@@ -2,7 +2,6 @@
 and the denormal note): each test failed before its fix."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest

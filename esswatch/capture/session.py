@@ -17,7 +17,7 @@ import torch
 from ..engine.validation import check_positive_int
 from ..operators import Operator
 from .hooks import EssHook, adopt
-from .probe import CaptureError, Probe
+from .probe import Probe
 from .registry import probe_for, supported_types
 
 __all__ = ["Capture", "capture"]

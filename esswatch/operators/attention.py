@@ -47,7 +47,8 @@ class SoftmaxAttention(Operator):
             raise ValueError(f"SoftmaxAttention: leading dims of q {tuple(q.shape)} and k {tuple(k.shape)} "
                              f"do not broadcast") from e
         if q.shape[-1] < 1:
-            raise ValueError(f"SoftmaxAttention: the head dim d (last dim of q, k) must be >= 1, got q {tuple(q.shape)}")
+            raise ValueError(f"SoftmaxAttention: the head dim d (last dim of q, k) must be >= 1, "
+                             f"got q {tuple(q.shape)}")
         window = check_positive_int("SoftmaxAttention: window", window, allow_none=True)
         if scale is not None:
             scale = check_finite_number("SoftmaxAttention: scale", scale)
