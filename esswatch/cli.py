@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train a small model on MQAR with ESSWatch and log to TensorBoard",
                        description="Train a small model on multi-query associative recall with ESSWatch attached "
                                    "(under 3 minutes on one CPU core), then print the TensorBoard command.")
-    d.add_argument("--steps", type=positive_int, default=DEMO_DEFAULTS["steps"], help="optimizer steps (default %(default)s)")
+    d.add_argument("--steps", type=positive_int, default=DEMO_DEFAULTS["steps"],
+                   help="optimizer steps (default %(default)s)")
     d.add_argument("--mixer", default=DEMO_DEFAULTS["mixer"], choices=sorted(MIXERS), help="default %(default)s")
     d.add_argument("--width", type=positive_int, default=DEMO_DEFAULTS["d_model"], help="d_model (default %(default)s)")
     d.add_argument("--device", type=device_arg, default=None, help="cpu, cuda, ... (default: cuda when available)")
