@@ -6,7 +6,8 @@
    the picklable hook objects plus the model-level forward hook that drops aborted records).
    Blocks alternate (off, watched, off, ...) and the ratio is the median of the paired blocks.
    Run it once with this tree and once with an older tree on ``PYTHONPATH`` to compare.
-2. Peak resident memory of ``Convolution(h).dense()`` at length ``L`` in a fresh process: the
+2. Peak resident memory growth of ``Convolution(h).dense()`` at length ``L`` in a fresh process
+   (resident size sampled every 0.5 ms from ``/proc/self/statm`` while the call runs): the
    current construction (a padded kernel, ``unfold`` and a flip) and the former one (an int64
    ``L x L`` lag-index matrix gathered from the kernel), re-implemented here for comparison.
 
@@ -47,7 +48,7 @@ def hook_overhead(steps: int, repeats: int) -> None:
     for _ in range(repeats):
         a = block(steps)
         watch = esswatch.ESSWatch(model, every_n_steps=10 ** 9)
-        watch.step()                                   # step 0 (sampled, nothing ran): now unsampled
+        watch.set_step(1)                              # step 1 and on: unsampled
         b = block(steps)
         watch.close()
         c = block(steps)
@@ -62,24 +63,36 @@ def hook_overhead(steps: int, repeats: int) -> None:
 
 
 _CHILD = r"""
-import resource, sys, torch
+import os, sys, threading, time, torch
 L, mode = int(sys.argv[1]), sys.argv[2]
-h = torch.randn(1, L)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-if mode == "new":
-    from esswatch.operators import Convolution
-    t = Convolution(h).dense()
-else:
-    r = torch.arange(L)
+from esswatch.operators import Convolution
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page
+def old(h):
+    r = torch.arange(h.shape[-1])
     lag = r[:, None] - r[None, :]
-    t = h[..., lag.clamp(min=0)] * (lag >= 0)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((peak - base) * 1024)
+    return h[..., lag.clamp(min=0)] * (lag >= 0)
+h = torch.randn(1, L)
+fn = (lambda h: Convolution(h).dense()) if mode == "new" else old
+fn(h[..., :8].contiguous())          # warm up at a tiny size
+base, peak, done = rss(), [0], [False]
+def poll():
+    while not done[0]:
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.0005)
+th = threading.Thread(target=poll); th.start()
+t = fn(h)
+time.sleep(0.01)
+done[0] = True; th.join()
+peak[0] = max(peak[0], rss())
+print(peak[0] - base)
 """
 
 
 def conv_memory(L: int, repeats: int) -> None:
-    print(f"Convolution.dense() at L={L}: peak resident growth (fresh process each, median of {repeats}); "
+    print(f"Convolution.dense() at L={L}: sampled peak resident growth (fresh process each, median of {repeats}); "
           f"the result alone is {L * L * 4 / 1e6:.0f} MB")
     for mode in ("old", "new"):
         vals = [int(subprocess.run([sys.executable, "-c", _CHILD, str(L), mode], check=True, capture_output=True,
