@@ -37,9 +37,9 @@ import torch
 from .engine.gram import gram_singular_values
 from .engine.randomized import entropy_bounds, sketch_singular_values
 from .engine.spectral import compute_dtype, entropy_from_singular_values, tolerance_from_singular_values
-from .engine.memory import check_memory, estimate_bytes
 from .engine.validation import check_finite_number, check_indices, check_not_meta
-from .operators import Dense, GatedRecurrence, Operator, SoftmaxAttention
+from .ess_guard import check_call_memory as _check_memory, empty_result as _empty
+from .operators import Dense, GatedRecurrence, Operator
 
 __all__ = ["entropy_ess", "tolerance_ess", "as_operator", "ESTIMATORS",
            "DEFAULT_RTOL", "DEFAULT_TOL", "DEFAULT_RELATIVE"]
@@ -126,23 +126,6 @@ def _prepare(op, indices, estimator, what="entropy_ess", normalize=True):
     if op.dtype != cdt:
         op = op.to(dtype=cdt)
     return op, idx, cdt
-
-
-def _check_memory(op: Operator, idx: torch.Tensor, estimator: str, what: str) -> None:
-    """Estimate the call's big buffers before any is allocated (:mod:`esswatch.engine.memory`)."""
-    itemsize = 8 if compute_dtype(op.dtype) == torch.float64 else 4
-    L, ind = op.seq_len, idx.tolist()
-    gram = isinstance(op, GatedRecurrence) and estimator in ("auto", "gram")
-    nbytes = estimate_bytes(op.numel_batch(), L, [] if gram else ind, itemsize, dense=not gram,
-                            scores=isinstance(op, SoftmaxAttention),
-                            sketch=estimator in ("auto", "randomized") and not gram,
-                            state_width=op.state_width if gram else 0)
-    check_memory(nbytes, op.device, f"{what} on a {type(op).__name__} (batch {tuple(op.batch_shape)}, "
-                                    f"L={L}, {len(ind)} indices)")
-
-
-def _empty(op: Operator, idx: torch.Tensor, cdt) -> torch.Tensor:
-    return torch.zeros(*op.batch_shape, len(idx), dtype=cdt, device=op.device)
 
 
 def _plan(op: Operator, idx: torch.Tensor, estimator: str, need_grad: bool) -> list:
