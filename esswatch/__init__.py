@@ -13,6 +13,7 @@ see ``[tool.importlinter]`` in ``pyproject.toml`` and CONTRIBUTING.md):
 from typing import TYPE_CHECKING
 
 from . import operators
+from .engine.memory import ESSMemoryError
 from ._version import __version__
 from .ess import entropy_ess, tolerance_ess
 
@@ -21,7 +22,7 @@ if TYPE_CHECKING:  # the lazily exported names, visible to type checkers
     from .watch import ESSWatch
     from .watch.regularizer import Regularizer
 
-__all__ = ["entropy_ess", "tolerance_ess", "operators", "capture", "ESSWatch", "Regularizer", "__version__"]
+__all__ = ["entropy_ess", "tolerance_ess", "ESSMemoryError", "operators", "capture", "ESSWatch", "Regularizer", "__version__"]
 
 
 def __getattr__(name):  # lazy: keep `import esswatch` light

@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import List, Optional
 
+from .cli_args import check_demo, check_profile, device_arg, non_negative_int, one_line, positive_int
+
 __all__ = ["main", "build_parser"]
 
 
@@ -14,12 +16,16 @@ def _demo(args) -> int:
 
     from .demo.run import run_demo
 
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     elif (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu"):
         torch.set_num_threads(1)   # a 100k-parameter model: one thread is fastest and never oversubscribes
-    run_demo(steps=args.steps, mixer=args.mixer, d_model=args.width, device=args.device, logdir=args.logdir,
-             every_n_steps=args.every, seed=args.seed, run_name=args.run_name, progress=not args.quiet)
+    try:
+        run_demo(steps=args.steps, mixer=args.mixer, d_model=args.width, device=args.device, logdir=args.logdir,
+                 every_n_steps=args.every, seed=args.seed, run_name=args.run_name, progress=not args.quiet)
+    except OSError as e:          # the log folder could not be created or written after all
+        print(f"esswatch demo: error: cannot write the run under {args.logdir}: {one_line(e)}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -37,31 +43,49 @@ def _report(args) -> int:
 def _profile(args) -> int:
     from .demo.profile import run_profile
 
+    try:
+        return _run_profile(args, run_profile)
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001 - a checkpoint that passed the checks but does not load or run
+        print(f"esswatch profile: error: cannot profile {args.model}: {one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _run_profile(args, run_profile) -> int:
     run_profile(args.model, text=args.text, tokens=args.tokens, delimiters=args.delimiter,
                 delimiter_ids=args.delimiter_id, out=args.out, device=args.device, max_length=args.max_length,
                 add_special_tokens=args.special_tokens, estimator=args.estimator)
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``esswatch demo: error: <what is wrong> (allowed: ...)``, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .demo.run import DEMO_DEFAULTS
     from .layers import MIXERS
 
-    p = argparse.ArgumentParser(prog="esswatch", description="Effective state-size (ESS) of sequence models.")
+    p = _Parser(prog="esswatch", description="Effective state-size (ESS) of sequence models.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{demo,report,profile}")
 
     d = sub.add_parser("demo", help="train a small model on MQAR with ESSWatch and log to TensorBoard",
                        description="Train a small model on multi-query associative recall with ESSWatch attached "
                                    "(under 3 minutes on one CPU core), then print the TensorBoard command.")
-    d.add_argument("--steps", type=int, default=DEMO_DEFAULTS["steps"], help="optimizer steps (default %(default)s)")
+    d.add_argument("--steps", type=positive_int, default=DEMO_DEFAULTS["steps"],
+                   help="optimizer steps (default %(default)s)")
     d.add_argument("--mixer", default=DEMO_DEFAULTS["mixer"], choices=sorted(MIXERS), help="default %(default)s")
-    d.add_argument("--width", type=int, default=DEMO_DEFAULTS["d_model"], help="d_model (default %(default)s)")
-    d.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    d.add_argument("--width", type=positive_int, default=DEMO_DEFAULTS["d_model"], help="d_model (default %(default)s)")
+    d.add_argument("--device", type=device_arg, default=None, help="cpu, cuda, ... (default: cuda when available)")
     d.add_argument("--logdir", default="runs/demo", help="TensorBoard directory (default %(default)s)")
     d.add_argument("--run-name", default=None, help="subdirectory of --logdir (default <mixer>-<time>)")
-    d.add_argument("--every", type=int, default=None, help="measure ESS every N steps (default steps/40)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--threads", type=int, default=None, help="CPU threads (default 1 on CPU)")
+    d.add_argument("--every", type=positive_int, default=None, help="measure ESS every N steps (default steps/40)")
+    d.add_argument("--seed", type=non_negative_int, default=0)
+    d.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default 1 on CPU)")
     d.add_argument("--quiet", action="store_true", help="no progress line")
     d.set_defaults(func=_demo)
 
@@ -88,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--delimiter-id", action="append", type=int, default=[], metavar="ID",
                    help="token id to mark (repeatable)")
     f.add_argument("--out", default="esswatch_profile", help="output path without extension (default %(default)s)")
-    f.add_argument("--device", default="cpu")
-    f.add_argument("--max-length", type=int, default=1024)
+    f.add_argument("--device", type=device_arg, default="cpu")
+    f.add_argument("--max-length", type=positive_int, default=1024)
     f.add_argument("--estimator", default="auto", choices=["auto", "exact", "randomized"])
     f.add_argument("--special-tokens", action=argparse.BooleanOptionalAction, default=True,
                    help="let the tokenizer add its special tokens (BOS) (default: yes)")
@@ -98,7 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sub = parser._subparsers._group_actions[0].choices.get(args.command, parser)
+    if args.command == "demo":
+        check_demo(sub, args)           # everything is checked before anything is created
+    elif args.command == "profile":
+        check_profile(sub, args)
     return int(args.func(args) or 0)
 
 

@@ -37,7 +37,8 @@ import torch
 from .engine.gram import gram_singular_values
 from .engine.randomized import entropy_bounds, sketch_singular_values
 from .engine.spectral import compute_dtype, entropy_from_singular_values, tolerance_from_singular_values
-from .engine.validation import check_indices
+from .engine.validation import check_finite_number, check_indices, check_not_meta
+from .ess_guard import check_call_memory as _check_memory, empty_result as _empty
 from .operators import Dense, GatedRecurrence, Operator
 
 __all__ = ["entropy_ess", "tolerance_ess", "as_operator", "ESTIMATORS",
@@ -104,16 +105,23 @@ def _numerics(device: torch.device):
                 torch.set_flush_denormal(False)
 
 
-def _prepare(op, indices, estimator):
+def _prepare(op, indices, estimator, what="entropy_ess", normalize=True):
     op = as_operator(op)
-    if estimator not in ESTIMATORS:
+    if not isinstance(estimator, str) or estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if estimator == "gram" and not isinstance(op, GatedRecurrence):
         raise ValueError(f"estimator='gram' needs a GatedRecurrence operator, got {type(op).__name__}")
+    for t in op._tensors():
+        check_not_meta(t, f"{type(op).__name__} operand")
     if op.seq_len < 2:
         raise ValueError(f"ESS needs a sequence length of at least 2, got L={op.seq_len}")
-    op.validate()
     idx = check_indices(indices, op.seq_len)
+    if op.numel_batch() == 0:
+        return op, idx, compute_dtype(op.dtype)
+    _check_memory(op, idx, estimator, what)
+    op.validate()
+    if normalize:                 # scale-invariant metrics: no denormal flush, no overflow
+        op = op.normalized()
     cdt = compute_dtype(op.dtype)
     if op.dtype != cdt:
         op = op.to(dtype=cdt)
@@ -278,9 +286,11 @@ def entropy_ess(op: Union[torch.Tensor, Operator], indices: Optional[Sequence[in
     Raises:
         ValueError: malformed or non-causal operator, NaN/Inf, bad indices or estimator.
     """
-    if not (isinstance(rtol, (int, float)) and rtol > 0):
-        raise ValueError(f"rtol must be a positive number, got {rtol!r}")
-    op, idx, cdt = _prepare(op, indices, estimator)
+    check_finite_number("rtol", rtol, positive=True)
+    op, idx, cdt = _prepare(op, indices, estimator, "entropy_ess")
+    if op.numel_batch() == 0:
+        e = _empty(op, idx, cdt)
+        return (e, e.clone(), e.clone()) if return_bounds else e
     need_grad = torch.is_grad_enabled() and op.requires_grad
     plan = _plan(op, idx, estimator, need_grad)
     with _numerics(op.device):
@@ -337,9 +347,12 @@ def tolerance_ess(op: Union[torch.Tensor, Operator], indices: Optional[Sequence[
     Returns:
         A float tensor ``batch_shape + (len(indices),)`` of counts.
     """
-    if not (isinstance(tol, (int, float)) and tol >= 0):
-        raise ValueError(f"tol must be a non-negative number, got {tol!r}")
-    op, idx, cdt = _prepare(op, indices, estimator)
+    check_finite_number("tol", tol, nonnegative=True)
+    if not isinstance(relative, bool):
+        raise ValueError(f"relative must be a bool, got {relative!r}")
+    op, idx, cdt = _prepare(op, indices, estimator, "tolerance_ess", normalize=relative)
+    if op.numel_batch() == 0:
+        return _empty(op, idx, cdt)
     plan = _plan(op, idx, estimator, need_grad=False)
     with torch.no_grad(), _numerics(op.device):
         cache = _Cache(op)

@@ -42,6 +42,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 import torch
 
 from esswatch.watch import ESSWatch, Sink, TensorBoardSink
+from esswatch.watch.args import check_watch_options
 from esswatch.watch.sinks import as_sink
 
 from ._versions import require
@@ -141,6 +142,7 @@ class ESSCallback(pl.Callback):
         self.regularizer = regularizer
         self.sinks = [as_sink(s) for s in ([sinks] if isinstance(sinks, Sink) or callable(sinks) else sinks)]
         self.watch_kwargs = watch_kwargs
+        check_watch_options(every_n_steps=every_n_steps, logdir=logdir, regularizer=regularizer, **watch_kwargs)
         self.watch: Optional[ESSWatch] = None
         self._pending_state: Optional[Dict[str, Any]] = None
         self._armed_outside_validation: Optional[bool] = None

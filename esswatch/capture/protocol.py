@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 from ..operators import Operator
-from .probe import Probe
+from .probe import CaptureError, Probe
 
 __all__ = ["ProtocolProbe"]
 
@@ -28,13 +28,20 @@ class ProtocolProbe(Probe):
         def hook(module, args, kwargs, output):
             if not self.wants_record():
                 return None
-            op = module.esswatch_operator(args, kwargs, output)
+            try:
+                op = module.esswatch_operator(args, kwargs, output)
+            except Exception as e:  # noqa: BLE001 - never reaches the user's forward
+                self.record(op=None, error=e)      # raised when the operator is built (a layer failure)
+                return None
             self.record(op=op)
             return None
 
         return [self.module.register_forward_hook(hook, with_kwargs=True)]
 
     def build(self, record: Dict[str, Any]) -> Operator:
+        err = record.get("error")
+        if err is not None:
+            raise CaptureError(f"{self.name}: esswatch_operator raised {type(err).__name__}: {err}") from err
         op = record["op"]
         if not isinstance(op, Operator):
             raise TypeError(f"{self.name}: esswatch_operator returned {type(op).__name__}, not an Operator")

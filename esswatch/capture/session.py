@@ -8,13 +8,16 @@ once, set ``armed`` only on sampled steps (the hooks are then a flag check), and
 """
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
+from ..engine.validation import check_positive_int
 from ..operators import Operator
+from .hooks import EssHook, adopt
 from .probe import CaptureWarning, Probe
 from .registry import probe_for, supported_types
 from .unsupported import (HOW_TO_ADD, UnsupportedModelError, unprobed_mixers, unsupported_layers_warning,
@@ -24,6 +27,8 @@ __all__ = ["Capture", "capture"]
 
 # models with an attached Capture (weak: never keeps a model alive, never touches its attributes)
 _ACTIVE: "weakref.WeakKeyDictionary[torch.nn.Module, Capture]" = weakref.WeakKeyDictionary()
+# the "already attached" check and the attach happen under this lock (two threads never both attach)
+_ATTACH_LOCK = threading.RLock()
 
 LayerSpec = Union[None, str, Iterable[str], Callable[[str, torch.nn.Module], bool]]
 
@@ -70,8 +75,13 @@ class Capture:
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"capture expects an nn.Module, got {type(model).__name__}")
         for nm, v in (("batch_rows", batch_rows), ("heads", heads)):
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ValueError(f"{nm} must be a positive int or None, got {v!r}")
+            check_positive_int(nm, v, allow_none=True)
+        if not isinstance(keep_graph, bool):
+            raise ValueError(f"keep_graph must be a bool, got {keep_graph!r}")
+        if not (layers is None or callable(layers) or isinstance(layers, str)
+                or (isinstance(layers, (list, tuple, set, frozenset)) and all(isinstance(n, str) for n in layers))):
+            raise ValueError("layers must be None, a qualified module name, a list of names or a predicate "
+                             f"(name, module) -> bool, got {layers!r}")
         self._model = weakref.ref(model)
         self.batch_rows = batch_rows
         self.heads = heads
@@ -79,6 +89,7 @@ class Capture:
         self.armed = False
         self._warned_cached = False
         self._handles: List = []
+        self._hooks: List[EssHook] = []
         self.probes: Dict[str, Probe] = self._select(model, layers)
 
     # -- selection ---------------------------------------------------------------
@@ -132,31 +143,37 @@ class Capture:
         model = self._model()
         if model is None:
             raise ValueError("the model of this Capture no longer exists")
-        if model in _ACTIVE:
-            raise RuntimeError(
-                f"esswatch capture is already attached to this {type(model).__name__}; exit the other "
-                "`esswatch.capture(...)` block (or close the other ESSWatch) first")
-        handles = []
-        try:
-            for probe in self.probes.values():
-                handles.extend(probe.attach())
-        except Exception:
-            for h in handles:
-                h.remove()
-            raise
-        self._handles = handles
-        _ACTIVE[model] = self
+        with _ATTACH_LOCK:
+            if model in _ACTIVE:
+                raise RuntimeError(
+                    f"esswatch capture is already attached to this {type(model).__name__}; exit the other "
+                    "`esswatch.capture(...)` block (or close the other ESSWatch) first")
+            handles = []
+            try:
+                for probe in self.probes.values():
+                    handles.extend(probe.attach())
+                self._hooks = adopt(handles, model)
+            except Exception:
+                for h in handles:
+                    h.remove()
+                raise
+            self._handles = handles
+            _ACTIVE[model] = self
         return self
 
     def _remove_hooks(self) -> None:
-        """Disarm and remove every hook (idempotent); records are kept."""
+        """Disarm and remove every hook (idempotent), also the inert ones of deep copies; records are kept."""
         self.armed = False
         handles, self._handles = self._handles, []
         for h in handles:
             h.remove()
+        hooks, self._hooks = self._hooks, []
+        for hook in hooks:
+            hook.remove_from_copies()
         model = self._model()
-        if model is not None and _ACTIVE.get(model) is self:
-            del _ACTIVE[model]
+        with _ATTACH_LOCK:
+            if model is not None and _ACTIVE.get(model) is self:
+                del _ACTIVE[model]
 
     def detach(self) -> None:
         """Remove every hook (idempotent) and drop all records."""

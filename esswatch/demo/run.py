@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -58,18 +59,30 @@ def run_demo(steps: int = DEMO_DEFAULTS["steps"], mixer: str = DEMO_DEFAULTS["mi
 
     stream = sys.stdout if stream is None else stream
     device = device or _default_device()
+    for name, v, allow_none in (("steps", steps, False), ("d_model", d_model, False),
+                                ("every_n_steps", every_n_steps, True)):
+        if not (allow_none and v is None) and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"run_demo: {name} must be a positive int{' or None' if allow_none else ''}, got {v!r}")
     cfg = TrainConfig(**dict(DEMO_DEFAULTS, steps=steps, mixer=mixer, d_model=d_model, seed=seed))
-    every = every_n_steps or max(1, steps // 40)
+    every = every_n_steps if every_n_steps is not None else max(1, steps // 40)
     run_dir = Path(logdir) / (run_name or f"{mixer}-{time.strftime('%Y%m%d-%H%M%S')}")
     model = build_model(cfg, device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"esswatch demo: {cfg.n_layers}-layer {mixer} model ({n_params / 1e3:.0f}k parameters) on MQAR "
           f"({cfg.num_kv} key-value pairs, {cfg.seq_len} tokens), {steps} steps on {device}; "
           f"ESS every {every} steps", file=stream, flush=True)
+    created = not run_dir.exists()
     writer = SummaryWriter(log_dir=str(run_dir))
     t0 = time.perf_counter()
     try:
-        with ESSWatch(model, writer=writer, every_n_steps=every, indices=16) as watch:
+        try:
+            watch = ESSWatch(model, writer=writer, every_n_steps=every, indices=16)
+        except Exception:
+            writer.close()
+            if created:           # leave no empty run folder behind
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        with watch:
             bar = Progress(steps, "training", enabled=progress)
             state = {"acc": float("nan")}
 

@@ -6,10 +6,14 @@ from typing import Optional
 
 import torch
 
-from ..engine.validation import check_finite
+from ..engine.validation import check_finite, check_finite_number, check_positive_int
 from .base import Operator
 
 __all__ = ["SoftmaxAttention"]
+
+#: scores whose bound exceeds this are computed in float64 for float32 inputs (softmax is
+#: invariant to the row max it subtracts, but the scores themselves must be representable)
+_F32_SAFE = 1e36
 
 
 class SoftmaxAttention(Operator):
@@ -42,8 +46,12 @@ class SoftmaxAttention(Operator):
         except RuntimeError as e:
             raise ValueError(f"SoftmaxAttention: leading dims of q {tuple(q.shape)} and k {tuple(k.shape)} "
                              f"do not broadcast") from e
-        if window is not None and (int(window) != window or window < 1):
-            raise ValueError(f"SoftmaxAttention: window must be a positive int, got {window}")
+        if q.shape[-1] < 1:
+            raise ValueError(f"SoftmaxAttention: the head dim d (last dim of q, k) must be >= 1, "
+                             f"got q {tuple(q.shape)}")
+        window = check_positive_int("SoftmaxAttention: window", window, allow_none=True)
+        if scale is not None:
+            scale = check_finite_number("SoftmaxAttention: scale", scale)
         L = q.shape[-2]
         if mask is not None:
             if not isinstance(mask, torch.Tensor) or mask.dim() < 2 or mask.shape[-2:] != (L, L):
@@ -59,7 +67,7 @@ class SoftmaxAttention(Operator):
         self.seq_len = L
         self.batch_shape = torch.Size(batch)
         self.state_size = self.window
-        self.value_dim = value_dim
+        self.value_dim = check_positive_int("SoftmaxAttention: value_dim", value_dim)
 
     def _tensors(self):
         return tuple(x for x in (self.q, self.k, self.mask) if x is not None)
@@ -85,9 +93,20 @@ class SoftmaxAttention(Operator):
         return ok
 
     def dense(self) -> torch.Tensor:
-        dt = torch.float64 if self.q.dtype == torch.float64 else torch.float32
-        scores = (self.q.to(dt) @ self.k.to(dt).transpose(-1, -2)) * self.scale
+        out_dt = torch.float64 if self.q.dtype == torch.float64 else torch.float32
+        dt = out_dt
+        if dt == torch.float32:
+            # |score| <= max|q| max|k| d |scale|: past float32's range, score in float64 (one sync)
+            bound = self.q.detach().abs().amax().double() * self.k.detach().abs().amax().double() \
+                * self.q.shape[-1] * abs(self.scale)
+            if float(bound) > _F32_SAFE:
+                dt = torch.float64
+        fmax = torch.finfo(dt).max
+        scores = torch.clamp((self.q.to(dt) @ self.k.to(dt).transpose(-1, -2)) * self.scale, -fmax, fmax)
         scores = scores.expand(*self.batch_shape, self.seq_len, self.seq_len)
+        return self._softmax(scores, dt).to(out_dt)
+
+    def _softmax(self, scores: torch.Tensor, dt) -> torch.Tensor:
         ok = self.allowed()
         if self.mask is None:
             # every row can attend at least to itself: one masked softmax, no empty-row handling

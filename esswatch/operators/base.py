@@ -18,7 +18,23 @@ import torch
 from ..engine import hankel as _hankel
 from ..engine.validation import check_finite
 
-__all__ = ["Operator"]
+#: a block whose largest magnitude lies outside [SCALE_LO, 1 / SCALE_LO] (in float32 terms) is
+#: rescaled before its spectrum is taken: denormals would flush to zero, squares would overflow
+SCALE_LO = 1e-15
+
+__all__ = ["Operator", "matrix_scale", "SCALE_LO"]
+
+
+def matrix_scale(x: torch.Tensor, dims) -> Optional[torch.Tensor]:
+    """The detached max magnitude of ``x`` over ``dims`` (zeros -> 1), or ``None`` when every
+    matrix is already in range (one host sync)."""
+    with torch.no_grad():
+        s = x.detach().abs().amax(dim=dims, keepdim=True)
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        lo = SCALE_LO if x.dtype != torch.float64 else SCALE_LO ** 10
+        if bool(((s < lo) | (s > 1 / lo)).any()):
+            return s
+    return None
 
 
 class Operator:
@@ -73,6 +89,13 @@ class Operator:
         for t in self._tensors():
             if t is not None and t.is_floating_point():
                 check_finite(t, type(self).__name__)
+
+    def normalized(self) -> "Operator":
+        """An operator with the same entropy-ESS (and relative tolerance-ESS) whose entries are of
+        order one: each matrix divided by a (detached) positive scale, so tiny (denormal) or huge
+        entries neither flush to zero nor overflow. Returns ``self`` when nothing needs rescaling
+        or the subclass cannot rescale (the default)."""
+        return self
 
     # -- Hankel blocks and their products -----------------------------------
     def hankel(self, i: int) -> torch.Tensor:

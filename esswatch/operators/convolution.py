@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Operator
+from ..engine.validation import check_positive_int
+from .base import Operator, matrix_scale
 
 __all__ = ["Convolution"]
 
@@ -26,18 +27,24 @@ class Convolution(Operator):
         self.seq_len = h.shape[-1]
         self.batch_shape = h.shape[:-1]
         self.state_size = None
-        self.value_dim = value_dim
+        self.value_dim = check_positive_int("Convolution: value_dim", value_dim)
 
     def _tensors(self):
         return (self.h,)
 
     def dense(self) -> torch.Tensor:
+        # T[r, c] = hp[L - 1 + r - c] with hp = (L - 1 zeros, h): row r of T is the window
+        # hp[r : r + L] reversed. No L x L index matrix; one L x L allocation (the flip).
         L = self.seq_len
         dt = torch.float64 if self.h.dtype == torch.float64 else torch.float32
-        r = torch.arange(L, device=self.h.device)
-        lag = r[:, None] - r[None, :]
-        t = self.h.to(dt)[..., lag.clamp(min=0)]
-        return t * (lag >= 0)
+        hp = torch.nn.functional.pad(self.h.to(dt), (L - 1, 0))
+        return hp.unfold(-1, L, 1).flip(-1)
+
+    def normalized(self) -> "Convolution":
+        s = matrix_scale(self.h, (-1,))
+        if s is None:
+            return self
+        return Convolution(self.h / s, value_dim=self.value_dim)
 
     def hankel_fro2(self, indices, dense=None):
         """Exact ``||H_i||_F^2 = sum_d h[d]^2 * #{(r, c): r - c = d, r >= i > c}`` in O(L) per index."""

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Operator
+from ..engine.validation import check_positive_int
+from .base import Operator, matrix_scale
 
 __all__ = ["Dense"]
 
@@ -27,8 +28,8 @@ class Dense(Operator):
         self.t = t
         self.seq_len = t.shape[-1]
         self.batch_shape = t.shape[:-2]
-        self.state_size = state_size
-        self.value_dim = value_dim
+        self.state_size = check_positive_int("Dense: state_size", state_size, allow_none=True)
+        self.value_dim = check_positive_int("Dense: value_dim", value_dim)
 
     def _tensors(self):
         return (self.t,)
@@ -44,6 +45,12 @@ class Dense(Operator):
 
     def dense(self) -> torch.Tensor:
         return self.t
+
+    def normalized(self) -> "Dense":
+        s = matrix_scale(self.t, (-2, -1))
+        if s is None:
+            return self
+        return Dense(self.t / s, state_size=self.state_size, value_dim=self.value_dim)
 
     def to(self, dtype=None, device=None) -> "Dense":
         return Dense(self.t.to(dtype=dtype, device=device), state_size=self.state_size, value_dim=self.value_dim)

@@ -5,7 +5,8 @@ from typing import Optional
 
 import torch
 
-from .base import Operator
+from ..engine.validation import check_positive_int
+from .base import Operator, matrix_scale
 
 __all__ = ["GatedRecurrence"]
 
@@ -43,6 +44,9 @@ class GatedRecurrence(Operator):
             raise ValueError(f"GatedRecurrence: leading dims of q {tuple(q.shape)} and k {tuple(k.shape)} "
                              "do not broadcast") from e
         L, N = q.shape[-2:]
+        if N < 1:
+            raise ValueError(f"GatedRecurrence: the state width N (last dim of q, k) must be >= 1, got "
+                             f"q {tuple(q.shape)}")
         if log_decay is not None:
             if not isinstance(log_decay, torch.Tensor) or not log_decay.is_floating_point() or log_decay.dim() < 2:
                 raise ValueError("GatedRecurrence: log_decay must be a floating tensor (..., L, N) or (..., L, 1)")
@@ -59,7 +63,7 @@ class GatedRecurrence(Operator):
         self.state_width = N
         self.batch_shape = torch.Size(batch)
         self.state_size = N
-        self.value_dim = value_dim
+        self.value_dim = check_positive_int("GatedRecurrence: value_dim", value_dim)
 
     def _tensors(self):
         return tuple(x for x in (self.q, self.k, self.log_decay) if x is not None)
@@ -113,6 +117,15 @@ class GatedRecurrence(Operator):
 
     def hankel(self, i: int) -> torch.Tensor:
         return self._block(slice(i, None), slice(0, i), self._dt())
+
+    def normalized(self) -> "GatedRecurrence":
+        sq = matrix_scale(self.q, (-2, -1))
+        sk = matrix_scale(self.k, (-2, -1))
+        if sq is None and sk is None:
+            return self
+        q = self.q if sq is None else self.q / sq
+        k = self.k if sk is None else self.k / sk
+        return GatedRecurrence(q, k, self.log_decay, value_dim=self.value_dim)
 
     def to(self, dtype=None, device=None) -> "GatedRecurrence":
         cast = lambda x: None if x is None else x.to(dtype=dtype, device=device)

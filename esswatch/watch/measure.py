@@ -22,11 +22,13 @@ Per layer and metric (``"entropy"``, ``"tolerance"``), with ``E[b, h, i]``:
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..engine.validation import check_finite_number
 from ..ess import DEFAULT_RELATIVE, DEFAULT_TOL, ESTIMATORS, entropy_ess, tolerance_ess
 from ..operators import GatedRecurrence, Operator
 
@@ -71,21 +73,24 @@ class MeasureConfig:
             if ind < 1:
                 raise ValueError(f"indices: the count must be at least 1, got {ind}")
         else:
-            try:
-                lst = tuple(int(i) for i in ind)
-            except TypeError:
-                raise ValueError(f"indices must be a positive int, 'all' or a list of ints, got {ind!r}") from None
-            if not lst or any(i < 1 for i in lst) or any(int(i) != i for i in ind):
+            if isinstance(ind, (set, frozenset, dict, bytes)) or not hasattr(ind, "__iter__") \
+                    or any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in ind):
+                raise ValueError(f"indices must be a positive int, 'all' or a list of ints, got {ind!r}")
+            lst = tuple(int(i) for i in ind)
+            if not lst or any(i < 1 for i in lst):
                 raise ValueError(f"indices: an explicit list needs ints >= 1, got {list(ind)!r}")
             object.__setattr__(self, "indices", tuple(sorted(set(lst))))
-        if self.estimator not in ESTIMATORS:
+        if not isinstance(self.estimator, str) or self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if not isinstance(self.metrics, (str, list, tuple)):
+            raise ValueError(f"metrics must be a non-empty subset of {METRICS} without repeats, got {self.metrics!r}")
         metrics = (self.metrics,) if isinstance(self.metrics, str) else tuple(self.metrics)
         if not metrics or any(m not in METRICS for m in metrics) or len(set(metrics)) != len(metrics):
             raise ValueError(f"metrics must be a non-empty subset of {METRICS} without repeats, got {self.metrics!r}")
         object.__setattr__(self, "metrics", metrics)
-        if not (isinstance(self.tol, (int, float)) and self.tol >= 0):
-            raise ValueError(f"tol must be a non-negative number, got {self.tol!r}")
+        check_finite_number("tol", self.tol, nonnegative=True)
+        if not isinstance(self.relative, bool):
+            raise ValueError(f"relative must be a bool, got {self.relative!r}")
 
     def as_dict(self) -> Dict[str, Any]:
         ind = list(self.indices) if isinstance(self.indices, tuple) else self.indices

@@ -24,6 +24,7 @@ differentiable, finite at zero and repeated singular values).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
@@ -39,6 +40,10 @@ PENALTY_TAG = "ess/penalty/total"
 
 KINDS = ("ess", "identity")
 MODES = ("collapse", "target")
+
+
+def _finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(frozen=True)
@@ -64,8 +69,12 @@ class RegularizerConfig:
     indices: int = 4
 
     def __post_init__(self):
-        if not isinstance(self.weight, (int, float)) or self.weight < 0:
-            raise ValueError(f"regularizer weight must be a non-negative number, got {self.weight!r}")
+        if not _finite_number(self.weight) or self.weight < 0:
+            raise ValueError(f"regularizer weight must be a finite non-negative number, got {self.weight!r}")
+        if self.target is not None and not _finite_number(self.target):
+            raise ValueError(f"regularizer target must be a finite number in [0, 1] or None, got {self.target!r}")
+        if not _finite_number(self.floor):
+            raise ValueError(f"regularizer floor must be a finite number in (0, 1], got {self.floor!r}")
         if self.kind not in KINDS:
             raise ValueError(f"regularizer kind must be one of {KINDS}, got {self.kind!r}")
         if self.mode not in MODES:
@@ -74,9 +83,9 @@ class RegularizerConfig:
             raise ValueError(f"mode='target' needs target= in [0, 1], got {self.target!r}")
         if not 0 < self.floor <= 1:
             raise ValueError(f"floor must be in (0, 1], got {self.floor!r}")
-        if not isinstance(self.every_n_steps, int) or self.every_n_steps < 1:
+        if isinstance(self.every_n_steps, bool) or not isinstance(self.every_n_steps, int) or self.every_n_steps < 1:
             raise ValueError(f"every_n_steps must be a positive int, got {self.every_n_steps!r}")
-        if not isinstance(self.indices, int) or self.indices < 1:
+        if isinstance(self.indices, bool) or not isinstance(self.indices, int) or self.indices < 1:
             raise ValueError(f"indices must be a positive int, got {self.indices!r}")
 
     @property

@@ -43,17 +43,22 @@ import copy
 import sys
 import time
 import warnings
+import weakref
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 
 from .._version import __version__
 from ..capture import Capture
+from ..capture.hooks import adopt
+from .args import check_watch_args
+from .lifetime import DoneHook, GateHook, release
 from ..ess import DEFAULT_RELATIVE, DEFAULT_TOL
 from . import distributed as dist_utils
 from .measure import MeasureConfig, aggregate_model, measure_operator
 from .regularizer import PENALTY_TAG, Regularizer, penalty_terms
 from .schedule import Schedule
+from .state import validated_state
 from .sinks import Sink, TensorBoardSink, as_sink
 from .tags import layer_tag_name, scalar_tags
 from .training_state import preserved
@@ -73,11 +78,13 @@ class _Gate:
     """State shared with the forward pre-hook (kept apart from the watch so that hooks never
     reference it): ``want`` = the current step is sampled from training forwards."""
 
-    __slots__ = ("want", "capture")
+    __slots__ = ("want", "capture", "hooks", "in_forward")
 
     def __init__(self, capture: Capture) -> None:
         self.want = False
+        self.in_forward = False      # a forward of the model started and has not completed
         self.capture = capture
+        self.hooks: list = []
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -153,6 +160,7 @@ class ESSWatch:
             raise ValueError(f"ESSWatch expects an nn.Module, got {type(model).__name__}")
         if logdir is not None and writer is not None:
             raise ValueError("ESSWatch: pass logdir= or writer=, not both")
+        check_watch_args(logdir=logdir, images=images, histograms=histograms)
         for nm, v in (("strict", strict), ("reduce", reduce), ("train_forwards_only", train_forwards_only)):
             if not isinstance(v, bool):
                 raise ValueError(f"{nm} must be a bool, got {v!r}")
@@ -196,15 +204,13 @@ class ESSWatch:
         self._gate = _Gate(self.capture)
         self.capture.attach()
         self._handles = []
-        if train_forwards_only:
-            gate = self._gate
-
-            def _gate_hook(module, args):
-                if gate.want:
-                    gate.capture.armed = module.training
-                return None
-
-            self._handles.append(model.register_forward_pre_hook(_gate_hook))
+        # close() and the garbage collector release the model the same way (no reference to self)
+        self._finalizer = weakref.finalize(self, release, self._gate, self._handles, self._sinks)
+        self._train_only = train_forwards_only
+        self._handles.append(model.register_forward_pre_hook(GateHook(self._gate, train_forwards_only),
+                                                             prepend=True))
+        self._handles.append(model.register_forward_hook(DoneHook(self._gate)))
+        self._gate.hooks = adopt(self._handles, model)
         self._arm()
 
     # -- configuration ---------------------------------------------------------------
@@ -317,24 +323,36 @@ class ESSWatch:
         s = self.schedule.step
         result = None
         if self.schedule.due(s):
-            if self.probe_batch is not None:
-                self._run_probe()
+            if self.probe_batch is not None and not self._run_probe(s):
+                self.schedule.advance()
+                self._arm()
+                return None
             result = self.measure(step=s, source="probe" if self.probe_batch is not None else "train")
         self.schedule.advance()
         self._arm()
         return result
 
-    def _run_probe(self) -> None:
+    def _run_probe(self, step: int) -> bool:
+        """Run the model on the probe batch; False (warned once, counted) when its forward raised."""
         model = self._module
         cap = self.capture
-        with preserved(model), torch.no_grad():
-            model.train(False)
+        try:
+            with preserved(model), torch.no_grad():
+                model.train(False)
+                cap.clear()
+                cap.armed = True
+                try:
+                    _call(model, self.probe_batch)
+                finally:
+                    cap.armed = False
+        except Exception as e:  # noqa: BLE001 - the monitor never stops training
             cap.clear()
-            cap.armed = True
-            try:
-                _call(model, self.probe_batch)
-            finally:
-                cap.armed = False
+            if self.strict:
+                raise ESSMeasurementError(f"esswatch: the probe_batch forward at step {step} failed: "
+                                          f"{type(e).__name__}: {e}") from e
+            self._failed("probe_batch", step, e, what="the probe_batch forward")
+            return False
+        return True
 
     # -- measuring -------------------------------------------------------------------
     def measure(self, step: Optional[int] = None, source: str = "train") -> Optional[Dict[str, Any]]:
@@ -349,6 +367,7 @@ class ESSWatch:
         cfg = self.measure_config
         layers: Dict[str, Dict[str, Any]] = {}
         skipped: List[str] = []
+        short: List[str] = []
         stash = self._stash or {}
         try:
             for name, probe in self.capture.probes.items():
@@ -356,6 +375,9 @@ class ESSWatch:
                     continue
                 try:
                     op = probe.operator() if probe.has_record else stash[name]
+                    if op is not None and op.seq_len < 2:
+                        short.append(name)      # too short to measure: not a failure, not reported
+                        continue
                     with torch.no_grad():
                         layers[name] = measure_operator(op, cfg, self._tss.get(name))
                 except Exception as e:  # noqa: BLE001 - the monitor never stops training
@@ -371,11 +393,11 @@ class ESSWatch:
         if self.reduce:
             layers, failures = dist_utils.reduce_layers(layers, self.layer_names, cfg.metrics, failures)
         if not layers and not skipped and failures == self._failures:
-            if not self._warned_empty:
+            if not self._warned_empty and not short:
                 self._warned_empty = True
                 warnings.warn(
                     f"esswatch: step {step} was sampled but no watched layer ran a "
-                    f"{'training-mode ' if self._handles else ''}forward since the previous step() "
+                    f"{'training-mode ' if self._train_only else ''}forward since the previous step() "
                     "(call watch.step() once per optimizer step, after the forward and backward)",
                     ESSWarning, stacklevel=3)
             return None
@@ -401,12 +423,12 @@ class ESSWatch:
         self._emit(result)
         return result
 
-    def _failed(self, name: str, step: int, err: BaseException) -> None:
+    def _failed(self, name: str, step: int, err: BaseException, what: Optional[str] = None) -> None:
         self._failures += 1
         if name not in self._failed_layers:
             self._failed_layers.add(name)
             warnings.warn(
-                f"esswatch: skipped layer {name!r} at step {step}: {type(err).__name__}: {err}. "
+                f"esswatch: skipped {what or f'layer {name!r}'} at step {step}: {type(err).__name__}: {err}. "
                 "Training continues; later failures of this layer are only counted (tag ess/failures). "
                 "Pass strict=True to raise instead.", ESSWarning, stacklevel=4)
 
@@ -458,13 +480,13 @@ class ESSWatch:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Resume: the step counter continues where ``state`` left it (the period is this
-        watch's own ``every_n_steps``)."""
-        if not isinstance(state, dict) or state.get("version") != 1:
-            raise ValueError("ESSWatch.load_state_dict: not an ESSWatch state (version 1)")
-        self.schedule.load_state_dict(state["schedule"])
-        self._failures = int(state.get("failures", 0))
-        self._failed_layers = set(state.get("failed_layers", ()))
-        self._samples = int(state.get("samples", 0))
+        watch's own ``every_n_steps``). Every field is validated first (``ValueError`` naming
+        it); nothing is applied unless all are valid."""
+        st = validated_state(state)          # everything is checked before anything is applied
+        self.schedule.step = st["step"]
+        self._failures = st["failures"]
+        self._failed_layers = st["failed_layers"]
+        self._samples = st["samples"]
         self._arm()
 
     # -- lifetime ----------------------------------------------------------------------
@@ -473,13 +495,7 @@ class ESSWatch:
         if self._closed:
             return
         self._closed = True
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self._gate.want = False
-        self.capture.detach()
-        for sink in self._sinks:
-            sink.close()
+        self._finalizer()
 
     def __enter__(self) -> "ESSWatch":
         return self

@@ -53,6 +53,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 import torch
 
 from esswatch.watch import ESSWatch, Sink
+from esswatch.watch.args import check_watch_options
 from esswatch.watch.sinks import as_sink
 
 from .._versions import require
@@ -155,6 +156,7 @@ class ESSCallback(TrainerCallback):
         self.every_n_steps = every_n_steps
         self.regularizer = regularizer
         self.watch_kwargs = watch_kwargs
+        check_watch_options(every_n_steps=every_n_steps, logdir=logdir, regularizer=regularizer, **watch_kwargs)
         self.sinks: List[Sink] = [as_sink(s) for s in
                                   ([sinks] if isinstance(sinks, Sink) or callable(sinks) else sinks)]
         if writer is not None and not callable(getattr(writer, "add_scalar", None)):

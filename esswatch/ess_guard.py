@@ -1,0 +1,28 @@
+"""Guards of the functional API that run before anything large is allocated: the memory
+estimate of one call (:mod:`esswatch.engine.memory`) and the result of an empty batch."""
+from __future__ import annotations
+
+import torch
+
+from .engine.memory import check_memory, estimate_bytes
+from .engine.spectral import compute_dtype
+from .operators import GatedRecurrence, Operator, SoftmaxAttention
+
+__all__ = ["check_call_memory", "empty_result"]
+
+
+def check_call_memory(op: Operator, idx: torch.Tensor, estimator: str, what: str) -> None:
+    """Estimate the call's big buffers before any is allocated (:mod:`esswatch.engine.memory`)."""
+    itemsize = 8 if compute_dtype(op.dtype) == torch.float64 else 4
+    L, ind = op.seq_len, idx.tolist()
+    gram = isinstance(op, GatedRecurrence) and estimator in ("auto", "gram")
+    nbytes = estimate_bytes(op.numel_batch(), L, [] if gram else ind, itemsize, dense=not gram,
+                            scores=isinstance(op, SoftmaxAttention),
+                            sketch=estimator in ("auto", "randomized") and not gram,
+                            state_width=op.state_width if gram else 0)
+    check_memory(nbytes, op.device, f"{what} on a {type(op).__name__} (batch {tuple(op.batch_shape)}, "
+                                    f"L={L}, {len(ind)} indices)")
+
+
+def empty_result(op: Operator, idx: torch.Tensor, cdt) -> torch.Tensor:
+    return torch.zeros(*op.batch_shape, len(idx), dtype=cdt, device=op.device)

@@ -1,0 +1,57 @@
+"""Validation of :class:`~esswatch.ESSWatch` arguments that no other component checks
+(``ValueError`` naming the argument and what is allowed; raised before anything is attached)."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+__all__ = ["check_watch_args", "check_watch_options"]
+
+
+def check_watch_args(*, logdir: Any, images: Any, histograms: Any) -> None:
+    if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
+        raise ValueError(f"logdir must be a path (str or os.PathLike) or None, got {type(logdir).__name__}")
+    if not isinstance(histograms, bool):
+        raise ValueError(f"histograms must be a bool, got {histograms!r}")
+    if not isinstance(images, (bool, int)) or (not isinstance(images, bool) and images < 0):
+        raise ValueError(f"images must be a bool or an int >= 0 (every n-th sampled step), got {images!r}")
+
+
+def check_watch_options(**options: Any) -> None:
+    """Validate :class:`~esswatch.ESSWatch` keyword options without a model (the framework
+    callbacks call this in their constructors, so a bad option fails at once, not when training
+    starts). Unknown names raise ``TypeError``; bad values ``ValueError`` naming the option."""
+    import inspect
+
+    import torch
+
+    from ..engine.validation import check_positive_int
+    from .measure import MeasureConfig
+    from .regularizer import Regularizer
+    from .schedule import Schedule
+    from .watch import ESSWatch
+
+    params = inspect.signature(ESSWatch.__init__).parameters
+    allowed = [n for n in params if n not in ("self", "model")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"unknown ESSWatch option(s) {unknown}; allowed: {', '.join(allowed)}")
+    opt = {n: options.get(n, params[n].default) for n in allowed}
+    Schedule(opt["every_n_steps"])
+    MeasureConfig(indices=opt["indices"], estimator=opt["estimator"], metrics=opt["metrics"], tol=opt["tol"],
+                  relative=opt["relative"])
+    for n in ("batch_rows", "heads"):
+        check_positive_int(n, opt[n], allow_none=True)
+    for n in ("strict", "reduce", "train_forwards_only"):
+        if not isinstance(opt[n], bool):
+            raise ValueError(f"{n} must be a bool, got {opt[n]!r}")
+    reg = opt["regularizer"]
+    if not (reg is None or isinstance(reg, Regularizer)):
+        if isinstance(reg, bool) or not isinstance(reg, (int, float)):
+            raise ValueError(f"regularizer must be a weight (float), an esswatch.Regularizer or None, got {reg!r}")
+        Regularizer(float(reg))
+    pb = opt["probe_batch"]
+    if pb is not None and not isinstance(pb, (torch.Tensor, tuple, list, dict)):
+        raise ValueError("probe_batch must be a tensor, a tuple/list of positional arguments or a dict of "
+                         f"keyword arguments, got {type(pb).__name__}")
+    check_watch_args(logdir=opt["logdir"], images=opt["images"], histograms=opt["histograms"])

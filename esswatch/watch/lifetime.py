@@ -1,0 +1,69 @@
+"""The lifetime of an :class:`~esswatch.ESSWatch`'s hooks.
+
+- :class:`GateHook` / :class:`DoneHook`: the model-level forward pre-hook (drops what an
+  aborted forward recorded; arms the capture only for training-mode forwards) and forward
+  hook (marks the forward complete); module-level callables (picklable through
+  :mod:`esswatch.capture.hooks`) that reference the gate, never the watch.
+- :func:`release`: what ``close()`` and the garbage collector do (``weakref.finalize``): remove
+  every hook, detach the capture, close the sinks. It holds no reference to the watch, so a
+  watch dropped without ``close()`` is collected and the model is free for a new one.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, List
+
+__all__ = ["GateHook", "DoneHook", "release"]
+
+
+class GateHook:
+    """Forward pre-hook on the model: a forward that raised left records behind (the gate's
+    ``in_forward`` is still set), so they are dropped first; then, when the current step is
+    sampled and only training forwards count, ``gate.capture.armed = module.training``."""
+
+    __slots__ = ("gate", "train_only")
+
+    def __init__(self, gate: Any, train_only: bool) -> None:
+        self.gate = gate
+        self.train_only = train_only
+
+    def __call__(self, module, args):
+        gate = self.gate
+        if gate.in_forward:
+            gate.capture.clear()
+        gate.in_forward = True
+        if self.train_only and gate.want:
+            gate.capture.armed = module.training
+        return None
+
+
+class DoneHook:
+    """Forward hook on the model: the forward completed (its records stand)."""
+
+    __slots__ = ("gate",)
+
+    def __init__(self, gate: Any) -> None:
+        self.gate = gate
+
+    def __call__(self, module, args, output):
+        self.gate.in_forward = False
+        return None
+
+
+def release(gate: Any, handles: List[Any], sinks: List[Any]) -> None:
+    """Remove the watch's own hooks, detach its capture and close its sinks (idempotent)."""
+    gate.want = False
+    gate.in_forward = False
+    hs = list(handles)
+    handles.clear()
+    for h in hs:
+        h.remove()
+    for hook in gate.hooks:
+        hook.remove_from_copies()
+    gate.hooks = []
+    gate.capture.detach()
+    for sink in sinks:
+        try:
+            sink.close()
+        except Exception as e:  # noqa: BLE001 - closing a log never raises into training
+            warnings.warn(f"esswatch: closing sink {sink!r} failed: {type(e).__name__}: {e}", RuntimeWarning)

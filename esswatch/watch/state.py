@@ -1,0 +1,40 @@
+"""Validation of an :class:`~esswatch.ESSWatch` checkpoint (``state_dict``) before it is applied.
+
+:func:`validated_state` checks every field first and returns the plain values to apply, so a
+bad checkpoint raises ``ValueError`` (naming the field and what is allowed) and changes nothing.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, FrozenSet
+
+__all__ = ["validated_state"]
+
+_WHAT = "ESSWatch.load_state_dict"
+
+
+def _count(state: Dict[str, Any], key: str, where: str = "") -> int:
+    if key not in state:
+        raise ValueError(f"{_WHAT}: missing key {where}{key!r} (a non-negative int)")
+    v = state[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{_WHAT}: {where}{key} must be a non-negative int, got {v!r}")
+    return v
+
+
+def validated_state(state: Any) -> Dict[str, Any]:
+    """``{"step", "failures", "failed_layers", "samples"}`` from an ESSWatch state (version 1)."""
+    if not isinstance(state, dict) or state.get("version") != 1:
+        raise ValueError(f"{_WHAT}: not an ESSWatch state (a dict with version 1), got "
+                         f"{type(state).__name__}")
+    sched = state.get("schedule")
+    if not isinstance(sched, dict):
+        raise ValueError(f"{_WHAT}: 'schedule' must be a dict with a non-negative int 'step', got {sched!r}")
+    step = _count(sched, "step", "schedule.")
+    failures = _count(state, "failures")
+    samples = _count(state, "samples")
+    layers = state.get("failed_layers", [])
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, (list, tuple, set, frozenset)) \
+            or not all(isinstance(n, str) for n in layers):
+        raise ValueError(f"{_WHAT}: failed_layers must be a list of layer names (str), got {layers!r}")
+    failed: FrozenSet[str] = frozenset(layers)
+    return {"step": step, "failures": failures, "failed_layers": set(failed), "samples": samples}
