@@ -24,6 +24,7 @@ LAYERS = {
     "engine": 1,
     "operators": 2,
     "ess": 3,
+    "ess_guard": 3,
     "capture": 4,
     "layers": 5,
     "watch": 5,
@@ -31,6 +32,7 @@ LAYERS = {
     "tools": 7,
     "demo": 7,  # TODO(issue 13): renamed to tools
     "cli": 8,
+    "cli_args": 8,
 }
 SIBLINGS = {frozenset({"layers", "watch"})}
 NAME_IN_STRING = re.compile(r"^esswatch(\.[A-Za-z_][A-Za-z0-9_]*)+$")
