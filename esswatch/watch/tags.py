@@ -9,6 +9,8 @@
                                               mean over layers; max: max; total: sum)
 ``ess/failures``                              layer measurements skipped so far (cumulative)
 ``ess/measure_seconds``                       wall time of this step's measurement
+``ess/skipped``                               samples skipped so far because the background
+                                              worker was still busy (cumulative; 0 when blocking)
 ``ess_heads/<metric>/<layer>``                histogram: per-head ESS (mean over rows and indices)
 ``ess_profile/<metric>``                      image: ESS versus index for every layer (matplotlib)
 ``esswatch/config``                           text: the watch's configuration
@@ -21,12 +23,13 @@ from typing import Any, Dict, List, Sequence
 from .measure import STATS
 
 __all__ = ["MODEL", "layer_tag_name", "scalar_tags", "histogram_tag", "profile_tag", "CONFIG_TAG",
-           "FAILURES_TAG", "SECONDS_TAG", "custom_scalars_layout"]
+           "FAILURES_TAG", "SECONDS_TAG", "SKIPPED_TAG", "custom_scalars_layout"]
 
 MODEL = "model"
 CONFIG_TAG = "esswatch/config"
 FAILURES_TAG = "ess/failures"
 SECONDS_TAG = "ess/measure_seconds"
+SKIPPED_TAG = "ess/skipped"
 
 
 def layer_tag_name(name: str) -> str:
@@ -53,6 +56,8 @@ def scalar_tags(result: Dict[str, Any]) -> Dict[str, float]:
     out[FAILURES_TAG] = float(result.get("failures", 0))
     if "seconds" in result:
         out[SECONDS_TAG] = float(result["seconds"])
+    if "skipped_samples" in result:
+        out[SKIPPED_TAG] = float(result["skipped_samples"])
     return out
 
 
