@@ -236,6 +236,11 @@ class Worker:
         with self._cv:
             return self._running or self._outcome is not None
 
+    def wait_idle(self, timeout: Optional[float] = None) -> bool:
+        """Block until no job runs (its outcome, if any, stays to be collected); ``False`` on timeout."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._running, timeout)
+
     def submit(self, job: Job) -> bool:
         """Start ``job``; ``False`` (and nothing happens) while another is not collected."""
         with self._cv:
