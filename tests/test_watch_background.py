@@ -309,7 +309,7 @@ def test_no_leak_over_2000_sampled_steps():
         base_tensors = live_tensors()
         run(1800)
         settle(watch)
-        watch.step()                            # collect the last one
+        run(1)                                  # collect the last one
         settle(watch)
         py = tracemalloc.get_traced_memory()[0]
         tensors = live_tensors()
