@@ -422,3 +422,38 @@ def test_cuda_background_values_equal_blocking(transfer):
                 assert b["scalars"][tag] == pytest.approx(v, rel=1e-5, abs=1e-5), tag
     for p, q in zip(mb.parameters(), mg.parameters()):
         assert torch.equal(p, q)
+
+
+def test_interpreter_exit_without_close_does_not_hang(tmp_path):
+    """The worker is a daemon thread: a script that never calls close(), with the worker stuck
+    in a measurement that never ends, still exits."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import threading, torch, esswatch
+        from torch import nn
+        from esswatch.operators import Dense
+        torch.set_num_threads(1)
+        never = threading.Event()
+
+        class Stuck(Dense):
+            def validate(self):
+                never.wait()
+
+        class Mixer(nn.Module):
+            def forward(self, x):
+                return x
+            def esswatch_operator(self, args, kwargs, output):
+                return Stuck(torch.eye({L}))
+
+        model = nn.Sequential(Mixer())
+        watch = esswatch.ESSWatch(model, every_n_steps=1, background=True, indices=2)
+        model(torch.zeros(2, {L}, 4))
+        watch.step()
+        print("handed over", watch._offload.worker.busy(), flush=True)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "handed over True"

@@ -31,6 +31,12 @@ sampled step, ``step()`` runs the model on the fixed batch in eval mode under
 ``no_grad`` and restores the train/eval flags, the CPU/CUDA RNG states and every
 buffer (BatchNorm statistics) afterwards.
 
+With ``background=True`` (default on CUDA) ``step()`` hands a copy of the captured tensors
+to one worker thread and returns; results are emitted on the training thread at a later
+``step()`` or at ``close()`` (:mod:`esswatch.watch.offload`, :mod:`esswatch.watch.background`).
+``budget_seconds`` fixes the measured rows / indices / heads after the first sample
+(:mod:`esswatch.watch.budget`).
+
 Extension points (framework adapters, the regularizer): :meth:`set_step` feeds the
 framework's global step; :meth:`measure` measures what was captured and emits it;
 :class:`~esswatch.watch.sinks.Sink` routes results to another logger;
