@@ -33,7 +33,7 @@ import torch
 from ..operators import Operator
 from .measure import MeasureConfig, measure_operator, select_indices
 
-__all__ = ["Job", "Outcome", "snapshot", "run_job", "Worker", "TRANSFERS"]
+__all__ = ["Job", "Outcome", "snapshot", "make_job", "run_job", "Worker", "TRANSFERS"]
 
 #: how CUDA tensors are handed to the worker: kept on the GPU (side-stream clone) or pinned host memory
 TRANSFERS = ("device", "host")
@@ -186,6 +186,26 @@ class _null:
 
 
 # -- the worker ------------------------------------------------------------------------
+def make_job(watch, step: int, source: str, copier: Optional[_Copier] = None) -> Job:
+    """The job for ``watch``'s current records (and the regularizer's stash), copied off the
+    graph by ``copier`` (``None``: the blocking mode, no copy); the capture is cleared."""
+    try:
+        probes = watch.capture.probes
+        records = {n: p.recorded for n, p in probes.items() if p.has_record}
+        ops = {n: op for n, op in (watch._stash or {}).items() if n not in records}
+        ready = stream = None
+        if copier is not None:
+            (records, ops), ready, stream = snapshot((records, ops), copier)
+            if copier.transfer == "host":
+                stream = None
+        budget = watch._budget
+        return Job(step=step, source=source, records={n: (probes[n], r) for n, r in records.items()},
+                   operators=ops, cfg=watch.measure_config, tss=watch._tss, penalty=watch._penalty_result(),
+                   calibrate=budget is not None and not budget.decided, ready=ready, stream=stream)
+    finally:
+        watch.capture.clear()
+
+
 class Worker:
     """One daemon thread running one job at a time (module doc)."""
 

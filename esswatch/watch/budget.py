@@ -154,6 +154,22 @@ class Budget:
         return None if self.level is None else dict(self.level, cut=list(self.level["cut"]))
 
 
+def apply(budget: "Budget", outcome, watch, agree=None) -> bool:
+    """Decide the level from a calibration ``outcome`` and apply it to ``watch`` (its capture's
+    rows / heads, its measure config's indices). True when something was cut."""
+    level = budget.decide(outcome.timings, watch.measure_config, outcome.seconds, agree=agree)
+    if level is None:
+        return False
+    cut = level["cut"]
+    if "batch_rows" in cut:
+        watch.capture.batch_rows = level["batch_rows"]
+    if "heads" in cut:
+        watch.capture.heads = level["heads"]
+    if "indices" in cut:
+        watch.measure_config = budget.measure_config(watch.measure_config)
+    return bool(cut)
+
+
 def agree_min(choice: Optional[Tuple[int, int, int]]) -> Optional[Tuple[int, int, int]]:
     """The componentwise minimum of the ranks' ``(rows, indices, heads)`` (one ``all_reduce``;
     a rank without a choice contributes nothing). ``None`` when no rank has one."""

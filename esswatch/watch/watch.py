@@ -57,7 +57,7 @@ from ..capture import Capture
 from ..ess import DEFAULT_RELATIVE, DEFAULT_TOL
 from . import budget as budget_mod
 from . import distributed as dist_utils
-from .background import Job, Outcome, run_job, snapshot
+from .background import Job, Outcome, make_job, run_job
 from .measure import MeasureConfig, aggregate_model
 from .offload import Offload
 from .regularizer import PENALTY_TAG, Regularizer, penalty_terms
@@ -388,21 +388,8 @@ class ESSWatch:
         return self._finish(run_job(self._job(step, source)))
 
     def _job(self, step: int, source: str, copier=None) -> Job:
-        """This step's records (copied off the graph by ``copier`` for the worker), then clear them."""
-        try:
-            records = {n: p.recorded for n, p in self.capture.probes.items() if p.has_record}
-            ops = {n: op for n, op in (self._stash or {}).items() if n not in records}
-            ready = stream = None
-            if copier is not None:
-                (records, ops), ready, stream = snapshot((records, ops), copier)
-                if copier.transfer == "host":
-                    stream = None
-            budget = self._budget
-            return Job(step=step, source=source, records={n: (self.capture.probes[n], r) for n, r in records.items()},
-                       operators=ops, cfg=self.measure_config, tss=self._tss, penalty=self._penalty_result(),
-                       calibrate=budget is not None and not budget.decided, ready=ready, stream=stream)
-        finally:
-            self.capture.clear()
+        """This step's records (copied off the graph by ``copier`` for the worker); clears them."""
+        return make_job(self, step, source, copier)
 
     def _finish(self, outcome: Outcome) -> Optional[Dict[str, Any]]:
         """Turn a measured sample into the result: failures, budget, reduce, sinks (training thread)."""
@@ -461,17 +448,7 @@ class ESSWatch:
     def _decide_budget(self, outcome: Outcome) -> None:
         """Fix the measured rows / indices / heads from the first sample's timings."""
         agree = budget_mod.agree_min if self.reduce and dist_utils.world_size() > 1 else None
-        level = self._budget.decide(outcome.timings, self.measure_config, outcome.seconds, agree=agree)
-        if level is None:
-            return
-        cut = level["cut"]
-        if "batch_rows" in cut:
-            self.capture.batch_rows = level["batch_rows"]
-        if "heads" in cut:
-            self.capture.heads = level["heads"]
-        if "indices" in cut:
-            self.measure_config = self._budget.measure_config(self.measure_config)
-        if cut:
+        if budget_mod.apply(self._budget, outcome, self, agree):
             self._budget_gen += 1
         if self._budget.warning:
             warnings.warn(self._budget.warning, ESSWarning, stacklevel=4)
