@@ -31,6 +31,7 @@ vocabulary 8000, Mamba hidden 256, one torch thread. ``--long`` adds L = 4096 (G
 
     python examples/benchmarks/scale.py --threads 1
     python examples/benchmarks/scale.py --device cuda --layers 12 --long
+    python examples/benchmarks/scale.py --device cuda --layers 12 --transfer host   # compare hand-overs
 """
 from __future__ import annotations
 
@@ -140,6 +141,7 @@ def bench(name, args, device, L):
 
     main, worker, busy = [], [], []
     with esswatch.ESSWatch(model, background=True, **kw) as w:
+        w._offload.copier.transfer = args.transfer     # CUDA: side-stream clone or pinned host copy
         for r in range(args.repeats + 2):       # r = 0, 1: warm-up
             step()
             dt, res = timed(w.step, device)     # emits the previous sample, hands this one over
@@ -201,6 +203,8 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--length", type=int, default=1024)
+    p.add_argument("--transfer", choices=("device", "host"), default="device",
+                   help="CUDA hand-over: clone on a side stream (default) or copy to pinned host memory")
     p.add_argument("--long", action="store_true", help="also L = 4096")
     p.add_argument("--budget", type=float, default=None, help="also run gpt2 with budget_seconds=B")
     args = p.parse_args()
