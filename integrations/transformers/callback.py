@@ -75,9 +75,11 @@ class _Pending(Sink):
 
     def __init__(self) -> None:
         self.scalars: Optional[Dict[str, float]] = None
+        self.step: Optional[int] = None
 
     def write(self, result: Dict[str, Any]) -> None:
         self.scalars = dict(result["scalars"])
+        self.step = result["step"]
 
     def pop(self) -> Optional[Dict[str, float]]:
         out, self.scalars = self.scalars, None
@@ -179,7 +181,10 @@ class ESSCallback(TrainerCallback):
             raise ValueError(_NO_LOSS_HOOK)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._close_watch()
+        background = self.watch is not None and self.watch.background
+        self._close_watch()           # waits for a background sample and emits it
+        if background:
+            self._log_pending(state, control)
 
     def _close_watch(self) -> None:
         if self.watch is not None:
@@ -200,13 +205,24 @@ class ESSCallback(TrainerCallback):
             raise ValueError(_NO_LOSS_HOOK)
         if self.watch.global_step == state.global_step:
             self.watch.step()
+        self._log_pending(state, control)
+
+    def _log_pending(self, state, control) -> None:
+        step = self._pending.step
         logs = self._pending.pop()
-        if logs:
+        if logs and self._trainer is not None:
             # Trainer.log runs on_log, which clears control.should_log: keep the Trainer's own
-            # decision to log its loss at this step
-            should_log = control.should_log
-            self._trainer.log(logs)
-            control.should_log = should_log
+            # decision to log its loss at this step. A background result (watch(background=True))
+            # arrives after its step: it is logged with the step it was sampled at.
+            should_log = control.should_log if control is not None else None
+            current = state.global_step
+            state.global_step = current if step is None else step
+            try:
+                self._trainer.log(logs)
+            finally:
+                state.global_step = current
+            if control is not None:
+                control.should_log = should_log
 
     # -- the regularizer -------------------------------------------------------------
     def penalty(self) -> Union[torch.Tensor, float]:
