@@ -215,7 +215,7 @@ def main():
         print(torch.cuda.get_device_name(device))
     rows = []
     for L in args.lengths:
-        for name in args.models.split(","):
+        for name in filter(None, args.models.split(",")):
             try:
                 rows.append(bench(name, args, device, L))
             except torch.cuda.OutOfMemoryError as e:   # "where it fits"
