@@ -457,3 +457,14 @@ def test_interpreter_exit_without_close_does_not_hang(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "handed over True"
+
+
+def test_a_watch_dropped_without_close_lets_its_worker_exit():
+    model = make_model()
+    watch = esswatch.ESSWatch(model, every_n_steps=1, background=True)
+    worker = watch._offload.worker.thread
+    watch.capture.detach()                     # (what close() would also do; keeps the model reusable)
+    del watch
+    gc.collect()
+    worker.join(timeout=30)
+    assert not worker.is_alive()

@@ -48,6 +48,7 @@ from __future__ import annotations
 import copy
 import sys
 import warnings
+import weakref
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
@@ -239,6 +240,7 @@ class ESSWatch:
             self._handles.append(model.register_forward_pre_hook(_gate_hook))
         if background:
             self._offload = Offload()
+            weakref.finalize(self, self._offload.worker.shutdown)   # a watch dropped without close()
         self._arm()
 
     # -- configuration ---------------------------------------------------------------
