@@ -468,3 +468,37 @@ def test_a_watch_dropped_without_close_lets_its_worker_exit():
     gc.collect()
     worker.join(timeout=30)
     assert not worker.is_alive()
+
+
+def _run_variant(background, **kw):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    seen = []
+    with esswatch.ESSWatch(model, every_n_steps=2, background=background, sinks=[seen.append], **kw) as watch:
+        for x in batches(5):
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+            loss = loss + watch.penalty()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            settle(watch)
+            watch.step()
+    return seen, model
+
+
+@pytest.mark.parametrize("kw", [{"probe_batch": batches(1, seed=7)[0]}, {"regularizer": 0.1}],
+                         ids=["probe_batch", "regularizer"])
+def test_probe_batch_and_regularizer_with_background_match_blocking(kw):
+    rb, mb = _run_variant(False, **kw)
+    rg, mg = _run_variant(True, **kw)
+    assert [r["step"] for r in rb] == [r["step"] for r in rg] == [0, 2, 4]
+    for a, b in zip(rb, rg):
+        assert a["source"] == b["source"]
+        for tag, v in a["scalars"].items():
+            if tag != "ess/measure_seconds":
+                assert b["scalars"][tag] == pytest.approx(v, rel=1e-5, abs=1e-5), tag
+        if "regularizer" in kw:
+            assert b["penalty"]["total"] == pytest.approx(a["penalty"]["total"], rel=1e-6)
+    for p, q in zip(mb.parameters(), mg.parameters()):   # the penalty's gradient is the same
+        assert torch.equal(p, q)
