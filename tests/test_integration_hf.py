@@ -293,3 +293,23 @@ def test_ess_steps_are_loss_steps_in_the_event_file(tmp_path):
 def test_a_period_that_is_not_a_multiple_of_logging_steps_warns(tmp_path):
     with pytest.warns(UserWarning, match="not a multiple of logging_steps=2"):
         train(tmp_path, llama(), [ESSCallback(every_n_steps=3, images=False)], max_steps=1, logging_steps=2)
+
+
+def test_background_results_reach_log_history_with_their_sampled_steps(tmp_path):
+    """ESSCallback(background=True): every result lands in log_history and the event file with
+    the step it was sampled at (values = NumPy reference), the last one at train end; samples
+    skipped because the worker was busy are counted in ess/skipped instead."""
+    model = llama()
+    snap = Snapshot(model, [2, 4, 6])
+    trainer = train(tmp_path, model, [snap, ESSCallback(every_n_steps=2, indices=INDICES, background=True)])
+    snap.handle.remove()
+    hist = ess_history(trainer)
+    assert hist and set(hist) <= {2, 4, 6}
+    last = hist[max(hist)]
+    assert len(hist) + int(last["ess/skipped"]) == 3
+    for step in hist:
+        ref = reference_avg(snap.params[step], snap.inputs[step])
+        for layer in LLAMA_LAYERS:
+            assert hist[step][f"ess/entropy/avg/{layer}"] == pytest.approx(ref[layer], rel=1e-4), (step, layer)
+    ea = read_events(tmp_path)
+    assert [e.step for e in ea.Scalars("ess/entropy/avg/model")] == sorted(hist)

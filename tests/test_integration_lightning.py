@@ -417,3 +417,23 @@ def test_profile_images_follow_esswatch_images_semantics(tmp_path, images, expec
     ea = read_events(tmp_path / "plain")
     plain = [e.step for e in ea.Images("ess_profile/entropy")] if ea.Tags()["images"] else []
     assert plain == expected
+
+
+def test_background_measurement_reaches_the_logger_with_the_sampled_steps(tmp_path):
+    """ESSCallback(background=True): each result reaches the TensorBoardLogger with the step it
+    was sampled at (values = NumPy reference of that step's batch), the last one at fit end; a
+    sample skipped because the worker was busy is counted in ess/skipped instead."""
+    snap = Snapshot([0, 4, 8])
+    tb = TensorBoardLogger(str(tmp_path), name="tb")
+    train, _ = loaders()
+    cb = ESSCallback(every_n_steps=4, indices=INDICES, background=True)
+    trainer(tmp_path, [snap, cb], tb, limit_val_batches=0).fit(TinyLM(), train)
+    ea = read_events(tb.log_dir)
+    logged = [e.step for e in ea.Scalars("ess/entropy/avg/model")]
+    skipped = [e.value for e in ea.Scalars("ess/skipped")]
+    assert logged[0] == 0 and set(logged) <= {0, 4, 8} and len(logged) + int(skipped[-1]) == 3
+    for step in logged:
+        ref = reference_avg(*snap.snaps[step])
+        for layer in LAYERS:
+            got = {e.step: e.value for e in ea.Scalars(f"ess/entropy/avg/{layer}")}[step]
+            assert got == pytest.approx(ref[layer], rel=1e-4), (step, layer)

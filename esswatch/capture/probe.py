@@ -106,6 +106,12 @@ class Probe:
     def has_record(self) -> bool:
         return self._record is not None
 
+    @property
+    def recorded(self) -> Optional[Dict[str, Any]]:
+        """The record of the last armed forward (``None`` if none); :meth:`build` turns it into
+        the operator (the watch copies it to build it on its worker thread)."""
+        return self._record
+
     def operator(self) -> Optional[Operator]:
         if self._record is None:
             return None

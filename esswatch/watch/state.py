@@ -22,7 +22,8 @@ def _count(state: Dict[str, Any], key: str, where: str = "") -> int:
 
 
 def validated_state(state: Any) -> Dict[str, Any]:
-    """``{"step", "failures", "failed_layers", "samples"}`` from an ESSWatch state (version 1)."""
+    """``{"step", "failures", "failed_layers", "samples", "skipped_samples"}`` from an ESSWatch
+    state (version 1; ``skipped_samples`` may be missing in states written before it existed)."""
     if not isinstance(state, dict) or state.get("version") != 1:
         raise ValueError(f"{_WHAT}: not an ESSWatch state (a dict with version 1), got "
                          f"{type(state).__name__}")
@@ -32,9 +33,11 @@ def validated_state(state: Any) -> Dict[str, Any]:
     step = _count(sched, "step", "schedule.")
     failures = _count(state, "failures")
     samples = _count(state, "samples")
+    skipped = _count(state, "skipped_samples") if "skipped_samples" in state else 0
     layers = state.get("failed_layers", [])
     if isinstance(layers, (str, bytes)) or not isinstance(layers, (list, tuple, set, frozenset)) \
             or not all(isinstance(n, str) for n in layers):
         raise ValueError(f"{_WHAT}: failed_layers must be a list of layer names (str), got {layers!r}")
     failed: FrozenSet[str] = frozenset(layers)
-    return {"step": step, "failures": failures, "failed_layers": set(failed), "samples": samples}
+    return {"step": step, "failures": failures, "failed_layers": set(failed), "samples": samples,
+            "skipped_samples": skipped}

@@ -9,6 +9,8 @@
                                               mean over layers; max: max; total: sum)
 ``ess/failures``                              layer measurements skipped so far (cumulative)
 ``ess/measure_seconds``                       wall time of this step's measurement
+``ess/skipped``                               samples skipped so far because the background
+                                              worker was still busy (cumulative; 0 when blocking)
 ``ess_heads/<metric>/<layer>``                histogram: per-head ESS (mean over rows and indices)
 ``ess_profile/<metric>``                      image: ESS versus index for every layer (matplotlib)
 ``esswatch/config``                           text: the watch's configuration
@@ -30,19 +32,21 @@ from .measure import STATS
 
 __all__ = ["MODEL", "layer_tag_name", "scalar_tags", "histogram_tag", "profile_tag", "CONFIG_TAG",
            "FAILURES_TAG", "SECONDS_TAG", "PENALTY_PREFIX", "STATS", "ParsedTag", "parse_tag",
-           "custom_scalars_layout"]
+           "SKIPPED_TAG", "custom_scalars_layout"]
 
 MODEL = "model"
 CONFIG_TAG = "esswatch/config"
 FAILURES_TAG = "ess/failures"
 SECONDS_TAG = "ess/measure_seconds"
+SKIPPED_TAG = "ess/skipped"
 PENALTY_PREFIX = "ess/penalty/"
 
 #: a logger's namespace in front of a tag: zero or more ``component/`` (regular expression)
 _PREFIX = r"(?:[^/]+/)*"
 _STAT_RE = "|".join(STATS)
 _PARSE = re.compile(rf"^(?P<prefix>{_PREFIX}?)ess/(?:(?P<metric>[^/]+)/(?P<stat>{_STAT_RE})/(?P<layer>.+)"
-                    rf"|(?P<failures>failures)|(?P<seconds>measure_seconds)|penalty/(?P<penalty>[^/]+))$")
+                    rf"|(?P<failures>failures)|(?P<skipped>skipped)|(?P<seconds>measure_seconds)"
+                    rf"|penalty/(?P<penalty>[^/]+))$")
 
 
 def layer_tag_name(name: str) -> str:
@@ -69,6 +73,8 @@ def scalar_tags(result: Dict[str, Any]) -> Dict[str, float]:
     out[FAILURES_TAG] = float(result.get("failures", 0))
     if "seconds" in result:
         out[SECONDS_TAG] = float(result["seconds"])
+    if "skipped_samples" in result:
+        out[SKIPPED_TAG] = float(result["skipped_samples"])
     return out
 
 
@@ -76,7 +82,7 @@ class ParsedTag(NamedTuple):
     """A scalar tag of ESSWatch, taken apart (see :func:`parse_tag`)."""
 
     prefix: str                   # the logger's namespace ("" or e.g. "train/")
-    kind: str                     # "stat", "failures", "seconds" or "penalty"
+    kind: str                     # "stat", "failures", "skipped", "seconds" or "penalty"
     metric: Optional[str] = None  # kind "stat": "entropy", "tolerance"
     stat: Optional[str] = None    # kind "stat": one of STATS
     layer: Optional[str] = None   # kind "stat": the layer component ("model" = whole model); "penalty": "total" or it
@@ -98,6 +104,8 @@ def parse_tag(tag: str) -> Optional[ParsedTag]:
         return ParsedTag(prefix, "stat", m.group("metric"), m.group("stat"), m.group("layer"))
     if m.group("failures"):
         return ParsedTag(prefix, "failures")
+    if m.group("skipped"):
+        return ParsedTag(prefix, "skipped")
     if m.group("seconds"):
         return ParsedTag(prefix, "seconds")
     return ParsedTag(prefix, "penalty", layer=m.group("penalty"))
@@ -124,4 +132,5 @@ def custom_scalars_layout(metrics: Sequence[str]) -> Dict[str, Dict[str, list]]:
         for stat in STATS:
             charts[f"{m}-ESS {stat}, all layers"] = ["Multiline", [rf"^{_PREFIX}ess/{m}/{stat}/"]]
     charts["failures"] = ["Multiline", [rf"^{_PREFIX}{FAILURES_TAG}$"]]
+    charts["skipped samples (background worker busy)"] = ["Multiline", [rf"^{_PREFIX}{SKIPPED_TAG}$"]]
     return {"esswatch": charts}

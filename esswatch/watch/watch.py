@@ -31,6 +31,12 @@ sampled step, ``step()`` runs the model on the fixed batch in eval mode under
 ``no_grad`` and restores the train/eval flags, the CPU/CUDA RNG states and every
 buffer (BatchNorm statistics) afterwards.
 
+With ``background=True`` (default on CUDA) ``step()`` hands a copy of the captured tensors
+to one worker thread and returns; results are emitted on the training thread at a later
+``step()`` or at ``close()`` (:mod:`esswatch.watch.offload`, :mod:`esswatch.watch.background`).
+``budget_seconds`` fixes the measured rows / indices / heads after the first sample
+(:mod:`esswatch.watch.budget`).
+
 Extension points (framework adapters, the regularizer): :meth:`set_step` feeds the
 framework's global step; :meth:`measure` measures what was captured and emits it;
 :class:`~esswatch.watch.sinks.Sink` routes results to another logger;
@@ -41,7 +47,6 @@ from __future__ import annotations
 
 import copy
 import sys
-import time
 import warnings
 import weakref
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
@@ -54,8 +59,11 @@ from ..capture.hooks import adopt
 from .args import check_watch_args
 from .lifetime import DoneHook, GateHook, release
 from ..ess import DEFAULT_RELATIVE, DEFAULT_TOL
+from . import budget as budget_mod
 from . import distributed as dist_utils
-from .measure import MeasureConfig, aggregate_model, measure_operator
+from .background import Job, Outcome, make_job, run_job
+from .measure import MeasureConfig, aggregate_model
+from .offload import Offload
 from .regularizer import PENALTY_TAG, Regularizer, penalty_terms
 from .schedule import Schedule
 from .state import validated_state
@@ -146,6 +154,19 @@ class ESSWatch:
         regularizer: the ESS regularizer's weight (``None`` or ``0`` = off, the default), or an
             :class:`esswatch.Regularizer` for its other options (kind, mode, target, every k
             steps). When on, :meth:`penalty` returns a differentiable term to add to the loss.
+        background: measure on a worker thread (``None``, the default: when the model's
+            parameters are on CUDA). ``step()`` then only copies the captured tensors (CUDA: on
+            a side stream) and hands them over; the result is emitted with its step number, on
+            the training thread, at a later ``step()`` or at ``close()`` (which waits). A sample
+            due while the worker is busy is skipped and counted (``ess/skipped``). With
+            ``reduce=True`` results are collected only at sampled steps and at ``close()``, after
+            a one-flag ``all_reduce`` says every rank's worker is done (see
+            :mod:`esswatch.watch.offload`); every rank must call ``close()``. The regularizer's
+            penalty stays on the training thread; :meth:`measure` stays blocking.
+        budget_seconds: a time budget per sample (``None`` = none): after timing the first
+            sample the watch fixes the batch rows, indices and heads it measures so that later
+            samples take about this long (cut in that order; see :mod:`esswatch.watch.budget`).
+            The choice is in the config text and in ``latest()["budget"]``.
     """
 
     def __init__(self, model: torch.nn.Module, logdir: Optional[str] = None, *, writer: Any = None,
@@ -155,12 +176,17 @@ class ESSWatch:
                  tol: float = DEFAULT_TOL, relative: bool = DEFAULT_RELATIVE, layers=None,
                  sinks: Iterable[Union[Sink, Callable[[Dict[str, Any]], Any]]] = (), strict: bool = False,
                  reduce: bool = False, train_forwards_only: bool = True, histograms: bool = True,
-                 images: Union[bool, int] = 10, regularizer: Union[None, float, Regularizer] = None) -> None:
+                 images: Union[bool, int] = 10, regularizer: Union[None, float, Regularizer] = None,
+                 background: Optional[bool] = None, budget_seconds: Optional[float] = None) -> None:
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"ESSWatch expects an nn.Module, got {type(model).__name__}")
         if logdir is not None and writer is not None:
             raise ValueError("ESSWatch: pass logdir= or writer=, not both")
         check_watch_args(logdir=logdir, images=images, histograms=histograms)
+        if background is not None and not isinstance(background, bool):
+            raise ValueError(f"background must be None, True or False, got {background!r}")
+        self._budget = None if budget_seconds is None else budget_mod.Budget(
+            budget_mod.validate_budget(budget_seconds))
         for nm, v in (("strict", strict), ("reduce", reduce), ("train_forwards_only", train_forwards_only)):
             if not isinstance(v, bool):
                 raise ValueError(f"{nm} must be a bool, got {v!r}")
@@ -201,6 +227,12 @@ class ESSWatch:
         self._samples = 0
         self._latest: Optional[Dict[str, Any]] = None
         self._closed = False
+        self._skipped_samples = 0
+        self._budget_gen = self._armed_gen = 0
+        if background is None:
+            background = any(p.is_cuda for p in self._module.parameters())
+        self.background = background
+        self._offload: Optional[Offload] = None
         self._gate = _Gate(self.capture)
         self.capture.attach()
         self._handles = []
@@ -211,6 +243,9 @@ class ESSWatch:
                                                              prepend=True))
         self._handles.append(model.register_forward_hook(DoneHook(self._gate)))
         self._gate.hooks = adopt(self._handles, model)
+        if background:
+            self._offload = Offload()
+            weakref.finalize(self, self._offload.worker.shutdown)   # a watch dropped without close()
         self._arm()
 
     # -- configuration ---------------------------------------------------------------
@@ -226,7 +261,9 @@ class ESSWatch:
             "sampling": "probe batch" if self.probe_batch is not None else "training forward",
             "batch_rows": cap.batch_rows, "heads": cap.heads,
             **self.measure_config.as_dict(),
-            "strict": self.strict, "reduce": self.reduce,
+            "strict": self.strict, "reduce": self.reduce, "background": self.background,
+            **({} if self._budget is None else {"budget_seconds": self._budget.seconds,
+                                                  "budget": self._budget.as_dict()}),
             "layers": {n: f"{type(p.module).__name__}: {p.layer_type}" for n, p in cap.probes.items()},
             "esswatch": __version__,
         }
@@ -249,6 +286,7 @@ class ESSWatch:
         penalize = self._penalty_due()
         want = (self.probe_batch is None and self.schedule.due_now) or penalize
         self.capture.keep_graph = penalize
+        self._armed_gen = self._budget_gen
         self._gate.want = want
         self.capture.armed = want
 
@@ -316,13 +354,16 @@ class ESSWatch:
     def step(self) -> Optional[Dict[str, Any]]:
         """End the current training step: measure and log it if it is sampled, then move on.
 
-        Returns the result (see :meth:`latest`) on sampled steps, else ``None``.
+        Returns the result (see :meth:`latest`) on sampled steps, else ``None``; with
+        ``background``, the result emitted during this call (an earlier sample's), else ``None``.
         """
         if self._closed:
             raise RuntimeError("ESSWatch.step() after close()")
         s = self.schedule.step
         result = None
-        if self.schedule.due(s):
+        if self._offload is not None:
+            result = self._offload.step(self, s)
+        elif self.schedule.due(s):
             if self.probe_batch is not None and not self._run_probe(s):
                 self.schedule.advance()
                 self._arm()
@@ -363,32 +404,30 @@ class ESSWatch:
         ``None`` when nothing was recorded (on every rank).
         """
         step = self.schedule.step if step is None else step
-        t0 = time.perf_counter()
+        return self._finish(run_job(self._job(step, source)))
+
+    def _job(self, step: int, source: str, copier=None) -> Job:
+        """This step's records (copied off the graph by ``copier`` for the worker); clears them."""
+        return make_job(self, step, source, copier)
+
+    def _finish(self, outcome: Outcome) -> Optional[Dict[str, Any]]:
+        """Turn a measured sample into the result: failures, budget, reduce, sinks (training thread)."""
+        step = outcome.step
         cfg = self.measure_config
-        layers: Dict[str, Dict[str, Any]] = {}
+        layers = outcome.layers
         skipped: List[str] = []
-        short: List[str] = []
-        stash = self._stash or {}
-        try:
-            for name, probe in self.capture.probes.items():
-                if not probe.has_record and name not in stash:
-                    continue
-                try:
-                    op = probe.operator() if probe.has_record else stash[name]
-                    if op is not None and op.seq_len < 2:
-                        short.append(name)      # too short to measure: not a failure, not reported
-                        continue
-                    with torch.no_grad():
-                        layers[name] = measure_operator(op, cfg, self._tss.get(name))
-                except Exception as e:  # noqa: BLE001 - the monitor never stops training
-                    if self.strict:
-                        raise ESSMeasurementError(
-                            f"esswatch: measuring layer {name!r} at step {step} failed: "
-                            f"{type(e).__name__}: {e}") from e
-                    self._failed(name, step, e)
-                    skipped.append(name)
-        finally:
-            self.capture.clear()
+        short = list(outcome.short)
+        errors = list(outcome.errors)
+        if outcome.fatal is not None:
+            errors.append(("<esswatch worker>", outcome.fatal))
+        for name, e in errors:
+            if self.strict:
+                raise ESSMeasurementError(f"esswatch: measuring layer {name!r} at step {step} failed: "
+                                          f"{type(e).__name__}: {e}") from e
+            self._failed(name, step, e)
+            skipped.append(name)
+        if self._budget is not None and not self._budget.decided and outcome.calibrated:
+            self._decide_budget(outcome)
         failures = self._failures
         if self.reduce:
             layers, failures = dist_utils.reduce_layers(layers, self.layer_names, cfg.metrics, failures)
@@ -403,16 +442,19 @@ class ESSWatch:
             return None
         result: Dict[str, Any] = {
             "step": step,
-            "source": source,
+            "source": outcome.source,
             "metrics": list(cfg.metrics),
             "layers": layers,
             "model": aggregate_model(layers, cfg.metrics),
             "failures": failures,
             "skipped": skipped,
-            "seconds": time.perf_counter() - t0,
+            "seconds": outcome.seconds,
+            "skipped_samples": self._skipped_samples,
         }
+        if self._budget is not None:
+            result["budget"] = self._budget.as_dict()
         result["scalars"] = scalar_tags(result)
-        pen = self._penalty_result()
+        pen = outcome.penalty
         if pen is not None:
             result["penalty"] = pen
             result["scalars"][PENALTY_TAG] = pen["total"]
@@ -422,6 +464,14 @@ class ESSWatch:
         self._samples += 1
         self._emit(result)
         return result
+
+    def _decide_budget(self, outcome: Outcome) -> None:
+        """Fix the measured rows / indices / heads from the first sample's timings."""
+        agree = budget_mod.agree_min if self.reduce and dist_utils.world_size() > 1 else None
+        if budget_mod.apply(self._budget, outcome, self, agree):
+            self._budget_gen += 1
+        if self._budget.warning:
+            warnings.warn(self._budget.warning, ESSWarning, stacklevel=4)
 
     def _failed(self, name: str, step: int, err: BaseException, what: Optional[str] = None) -> None:
         self._failures += 1
@@ -476,7 +526,8 @@ class ESSWatch:
     def state_dict(self) -> Dict[str, Any]:
         """Plain data to checkpoint: the step counter, failure counts, samples taken."""
         return {"version": 1, "schedule": self.schedule.state_dict(), "failures": self._failures,
-                "failed_layers": sorted(self._failed_layers), "samples": self._samples}
+                "failed_layers": sorted(self._failed_layers), "samples": self._samples,
+                "skipped_samples": self._skipped_samples}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Resume: the step counter continues where ``state`` left it (the period is this
@@ -487,15 +538,22 @@ class ESSWatch:
         self._failures = st["failures"]
         self._failed_layers = st["failed_layers"]
         self._samples = st["samples"]
+        self._skipped_samples = st["skipped_samples"]
         self._arm()
 
     # -- lifetime ----------------------------------------------------------------------
     def close(self) -> None:
-        """Remove every hook, flush and close the sinks (idempotent)."""
+        """Wait for the outstanding background sample and emit it, then remove every hook, flush
+        and close the sinks (idempotent)."""
         if self._closed:
             return
         self._closed = True
-        self._finalizer()
+        offload, self._offload = self._offload, None
+        try:
+            if offload is not None:
+                offload.close(self)
+        finally:
+            self._finalizer()
 
     def __enter__(self) -> "ESSWatch":
         return self

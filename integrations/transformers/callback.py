@@ -82,9 +82,11 @@ class _Pending(Sink):
 
     def __init__(self) -> None:
         self.scalars: Optional[Dict[str, float]] = None
+        self.step: Optional[int] = None
 
     def write(self, result: Dict[str, Any]) -> None:
         self.scalars = dict(result["scalars"])
+        self.step = result["step"]
 
     def pop(self) -> Optional[Dict[str, float]]:
         out, self.scalars = self.scalars, None
@@ -212,7 +214,10 @@ class ESSCallback(TrainerCallback):
             raise ValueError(_NO_LOSS_HOOK)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._close_watch()
+        background = self.watch is not None and self.watch.background
+        self._close_watch()           # waits for a background sample and emits it
+        if background:
+            self._log_pending(state, control)
 
     def _close_watch(self) -> None:
         if self.watch is not None:
@@ -233,9 +238,21 @@ class ESSCallback(TrainerCallback):
             raise ValueError(_NO_LOSS_HOOK)
         if self.watch.global_step == state.global_step:
             self.watch.step()
+        self._log_pending(state, control)
+
+    def _log_pending(self, state, control) -> None:
+        step = self._pending.step
         logs = self._pending.pop()
         if logs and self._trainer is not None:
-            log_quietly(self._trainer, args, state, control, logs, console=self.console, exclude=(self,))
+            # a background result (ESSWatch(background=True)) arrives after its step: it is
+            # logged with the step it was sampled at
+            current = state.global_step
+            state.global_step = current if step is None else step
+            try:
+                log_quietly(self._trainer, self._args, state, control, logs, console=self.console,
+                            exclude=(self,))
+            finally:
+                state.global_step = current
 
     # -- the regularizer -------------------------------------------------------------
     def penalty(self) -> Union[torch.Tensor, float]:

@@ -1,0 +1,291 @@
+"""Measurement off the training path: a snapshot of the captured tensors, one worker thread.
+
+The pieces (used by :class:`~esswatch.ESSWatch`; the schedule logic lives in
+:mod:`esswatch.watch.offload`):
+
+- :func:`snapshot` copies a step's records off the autograd graph (``detach`` + a
+  copy, so that neither the optimizer's in-place updates nor the allocator can change
+  what the worker reads). CUDA tensors are copied on a side stream that first waits for
+  the training stream (``"device"``: a ``clone`` on the side stream, and
+  ``record_stream`` on the source so its memory is not reused before the copy ran) or
+  into pinned host memory with a non-blocking copy (``"host"``); either way the
+  training thread only enqueues work and never synchronizes. A CUDA event recorded on
+  the side stream after the copies marks them done.
+- :func:`run_job` builds the operators, runs the estimators and summarizes each layer
+  (it is also what the blocking mode runs, on the training thread), under
+  ``torch.no_grad``; it never touches the global RNG (the estimators use their own
+  seeded generator) nor the torch thread count, and turns a layer's failure into an
+  entry of ``Outcome.errors`` (the watch warns or raises when it collects the outcome).
+- :class:`Worker`: one daemon thread with a single job slot. ``submit`` refuses a job
+  while one is running (the watch then skips the sample: nothing queues without bound);
+  the thread never outlives the interpreter (daemon), and ``wait`` returns the outcome.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from ..operators import Operator
+from .measure import MeasureConfig, measure_operator, select_indices
+
+__all__ = ["Job", "Outcome", "snapshot", "make_job", "run_job", "Worker", "TRANSFERS"]
+
+#: how CUDA tensors are handed to the worker: kept on the GPU (side-stream clone) or pinned host memory
+TRANSFERS = ("device", "host")
+
+
+@dataclass
+class Job:
+    """One sample to measure: per layer either a probe record (``records``) or a ready
+    operator (``operators``: the regularizer's stash), plus what the summary needs."""
+
+    step: int
+    source: str
+    records: Dict[str, Tuple[Any, Dict[str, Any]]]        # name -> (probe, record)
+    operators: Dict[str, Operator]
+    cfg: MeasureConfig
+    tss: Dict[str, Optional[int]]
+    penalty: Optional[Dict[str, Any]] = None
+    calibrate: bool = False
+    ready: Any = None                                     # CUDA event after the snapshot copies
+    stream: Any = None                                    # the side stream the worker computes on
+
+
+@dataclass
+class Outcome:
+    step: int
+    source: str
+    layers: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    errors: List[Tuple[str, BaseException]] = field(default_factory=list)
+    seconds: float = 0.0
+    penalty: Optional[Dict[str, Any]] = None
+    timings: Dict[str, Dict[str, Any]] = field(default_factory=dict)   # calibration (budget)
+    fatal: Optional[BaseException] = None
+    calibrated: bool = False
+    short: List[str] = field(default_factory=list)      # too short to measure (L < 2): not a failure
+
+
+# -- the snapshot ------------------------------------------------------------------
+class _Copier:
+    def __init__(self, transfer: str) -> None:
+        if transfer not in TRANSFERS:
+            raise ValueError(f"transfer must be one of {TRANSFERS}, got {transfer!r}")
+        self.transfer = transfer
+        self.streams: Dict[torch.device, Any] = {}
+
+    def stream(self, device: torch.device):
+        s = self.streams.get(device)
+        if s is None:
+            s = self.streams[device] = torch.cuda.Stream(device=device)
+        return s
+
+    def tensor(self, t: torch.Tensor, used: Dict[torch.device, Any]) -> torch.Tensor:
+        t = t.detach()
+        if not t.is_cuda:
+            return t.clone()
+        side = self.stream(t.device)
+        if t.device not in used:
+            side.wait_stream(torch.cuda.current_stream(t.device))   # the producer's kernels first
+            used[t.device] = side
+        with torch.cuda.stream(side):
+            if self.transfer == "host":
+                out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                out.copy_(t, non_blocking=True)
+            else:
+                out = t.clone()
+        t.record_stream(side)          # keep the source's memory until the side stream read it
+        return out
+
+    def copy(self, obj: Any, used: Dict[torch.device, Any]) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return self.tensor(obj, used)
+        if isinstance(obj, dict):
+            return {k: self.copy(v, used) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self.copy(v, used) for v in obj)
+        if isinstance(obj, Operator):
+            new = copy.copy(obj)
+            new.__dict__.update({k: self.copy(v, used) for k, v in obj.__dict__.items()})
+            return new
+        return obj
+
+
+def snapshot(obj: Any, copier: _Copier) -> Tuple[Any, Any, Any]:
+    """``(copy, ready_event, stream)``: ``obj`` (tensors, dicts, lists, operators) with every
+    tensor detached and copied. ``ready_event``/``stream`` are ``None`` without CUDA tensors."""
+    used: Dict[torch.device, Any] = {}
+    out = copier.copy(obj, used)
+    if not used:
+        return out, None, None
+    device, side = next(iter(used.items()))
+    for other in list(used.values())[1:]:   # several devices: one event after all copies
+        side.wait_stream(other)
+    ev = torch.cuda.Event()
+    ev.record(side)
+    return out, ev, side
+
+
+def make_copier(transfer: str = "device") -> _Copier:
+    return _Copier(transfer)
+
+
+# -- the measurement -----------------------------------------------------------------
+def _one_index(cfg: MeasureConfig) -> MeasureConfig:
+    import dataclasses
+    return dataclasses.replace(cfg, indices=1)
+
+
+def run_job(job: Job) -> Outcome:
+    """Measure every layer of ``job`` (module doc). Never raises for a layer; a failure of
+    the whole job (a bug) is returned in ``Outcome.fatal``."""
+    out = Outcome(step=job.step, source=job.source, penalty=job.penalty, calibrated=job.calibrate)
+    t0 = time.perf_counter()
+    try:
+        if job.ready is not None:
+            job.ready.synchronize()
+        ctx = torch.cuda.stream(job.stream) if job.stream is not None else _null()
+        with ctx, torch.no_grad():
+            names = list(job.records) + [n for n in job.operators if n not in job.records]
+            for name in names:
+                try:
+                    if name in job.records:
+                        probe, record = job.records[name]
+                        op = probe.build(record)
+                    else:
+                        op = job.operators[name]
+                    if op is not None and op.seq_len < 2:
+                        out.short.append(name)
+                        continue
+                    if job.calibrate:
+                        ta = time.perf_counter()
+                        measure_operator(op, _one_index(job.cfg), job.tss.get(name))
+                        tb = time.perf_counter()
+                    lay = measure_operator(op, job.cfg, job.tss.get(name))
+                    if job.calibrate:
+                        tc = time.perf_counter()
+                        out.timings[name] = {
+                            "seq_len": lay["seq_len"], "rows": lay["rows"], "heads": lay["heads"],
+                            "indices": list(lay["indices"]), "one": select_indices(1, lay["seq_len"]),
+                            "t_one": tb - ta, "t_full": tc - tb, "type": lay["type"]}
+                    out.layers[name] = lay
+                except Exception as e:  # noqa: BLE001 - the monitor never stops training
+                    out.errors.append((name, e))
+    except Exception as e:  # noqa: BLE001
+        out.fatal = e
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# -- the worker ------------------------------------------------------------------------
+def make_job(watch, step: int, source: str, copier: Optional[_Copier] = None) -> Job:
+    """The job for ``watch``'s current records (and the regularizer's stash), copied off the
+    graph by ``copier`` (``None``: the blocking mode, no copy); the capture is cleared."""
+    try:
+        probes = watch.capture.probes
+        records = {n: p.recorded for n, p in probes.items() if p.has_record}
+        ops = {n: op for n, op in (watch._stash or {}).items() if n not in records}
+        ready = stream = None
+        if copier is not None:
+            (records, ops), ready, stream = snapshot((records, ops), copier)
+            if copier.transfer == "host":
+                stream = None
+        budget = watch._budget
+        return Job(step=step, source=source, records={n: (probes[n], r) for n, r in records.items()},
+                   operators=ops, cfg=watch.measure_config, tss=watch._tss, penalty=watch._penalty_result(),
+                   calibrate=budget is not None and not budget.decided, ready=ready, stream=stream)
+    finally:
+        watch.capture.clear()
+
+
+class Worker:
+    """One daemon thread running one job at a time (module doc)."""
+
+    def __init__(self, fn: Callable[[Job], Outcome] = run_job, name: str = "esswatch-worker") -> None:
+        self._fn = fn
+        self._cv = threading.Condition()
+        self._job: Optional[Job] = None
+        self._outcome: Optional[Outcome] = None
+        self._running = False
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while self._job is None and not self._stop:
+                    self._cv.wait()
+                if self._stop and self._job is None:
+                    return
+                job = self._job
+            try:
+                outcome = self._fn(job)
+            except BaseException as e:  # noqa: BLE001 - reported to the training thread
+                outcome = Outcome(step=job.step, source=job.source, penalty=job.penalty, fatal=e,
+                                  calibrated=job.calibrate)
+            with self._cv:
+                self._job = None
+                self._outcome = outcome
+                self._running = False
+                self._cv.notify_all()
+
+    def busy(self) -> bool:
+        """A job was submitted and its outcome not yet collected."""
+        with self._cv:
+            return self._running or self._outcome is not None
+
+    def done(self) -> bool:
+        """The submitted job finished (its outcome is waiting to be collected)."""
+        with self._cv:
+            return self._outcome is not None
+
+    def pending(self) -> bool:
+        with self._cv:
+            return self._running or self._outcome is not None
+
+    def wait_idle(self, timeout: Optional[float] = None) -> bool:
+        """Block until no job runs (its outcome, if any, stays to be collected); ``False`` on timeout."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._running, timeout)
+
+    def submit(self, job: Job) -> bool:
+        """Start ``job``; ``False`` (and nothing happens) while another is not collected."""
+        with self._cv:
+            if self._stop or self._running or self._outcome is not None:
+                return False
+            self._job = job
+            self._running = True
+            self._cv.notify_all()
+            return True
+
+    def collect(self, wait: bool = False) -> Optional[Outcome]:
+        """The finished job's outcome (``None`` if none finished; ``wait`` blocks until it has)."""
+        with self._cv:
+            if wait:
+                while self._running:
+                    self._cv.wait()
+            out, self._outcome = self._outcome, None
+            return out
+
+    def shutdown(self) -> None:
+        """Let the thread finish its job and exit (does not wait)."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()

@@ -1,0 +1,185 @@
+"""``budget_seconds``: fix how much each sample measures so that it takes about that long.
+
+The first sample is measured as configured and timed per layer twice: once at a single
+index (the middle one) and once at the configured indices. Per layer this gives a fixed
+part (building the operator, one index) and a per-index part, with an index ``i`` of an
+``L``-long operator weighted by the cost of decomposing its ``(L - i) x i`` block,
+``(L - i) * i * min(i, L - i)`` (over-estimates the saving of dropping indices for the
+cheaper estimators: errs on the safe side). Everything scales with the kept batch rows and
+heads. The watch then picks the first level of this ladder whose predicted time is at most
+``TARGET`` (0.8) times the budget, and keeps it for the rest of the run (curves stay
+comparable):
+
+1. **batch rows**, halved down to 1: rows are samples of the same quantity, so fewer rows
+   only make each value noisier; every head, index and statistic keeps its meaning;
+2. **indices**, halved down to 1 (spread evenly as before): the ESS-versus-index profile
+   gets coarser and ``avg`` / ``max`` average / maximize over fewer positions (``max`` can
+   only drop), but every head is still measured;
+3. **heads / channels**, halved down to 1: the last resort, since ``total`` ESS then sums
+   fewer heads (its scale changes) and per-head histograms lose heads.
+
+If even the smallest level is predicted over budget, that level is used and a warning says
+so. With ``reduce=True`` the ranks agree on the most cut level of any rank (one small
+``all_reduce``), so they keep measuring the same thing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from .measure import IndexSpec, MeasureConfig, select_indices
+
+__all__ = ["Budget", "TARGET", "validate_budget", "agree_min"]
+
+#: the level is chosen so that the predicted time is at most this fraction of the budget
+TARGET = 0.8
+
+
+def validate_budget(value: Any) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"budget_seconds must be None or a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _weight(i: int, L: int) -> float:
+    return float((L - i) * i * min(i, L - i))
+
+
+def _halvings(n: int) -> List[int]:
+    out = [n]
+    while out[-1] > 1:
+        out.append((out[-1] + 1) // 2)
+    return out
+
+
+def _spread(spec: IndexSpec, n: int) -> IndexSpec:
+    """``n`` indices of the configured ones (an int count for an int / ``"all"`` spec)."""
+    if isinstance(spec, tuple):
+        if n >= len(spec):
+            return spec
+        return tuple(sorted({spec[(2 * j + 1) * len(spec) // (2 * n)] for j in range(n)}))
+    return n
+
+
+class Budget:
+    """The budget's state: ``level`` is ``None`` until the first sample was timed."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.level: Optional[Dict[str, Any]] = None
+        self.warning: Optional[str] = None
+
+    @property
+    def decided(self) -> bool:
+        return self.level is not None
+
+    def _ladder(self, timings: Dict[str, Dict[str, Any]]) -> List[Tuple[int, int, int]]:
+        rows = max(t["rows"] for t in timings.values())
+        heads = max(t["heads"] for t in timings.values())
+        n_idx = max(len(t["indices"]) for t in timings.values())
+        ladder = [(r, n_idx, heads) for r in _halvings(rows)]
+        ladder += [(1, n, heads) for n in _halvings(n_idx)[1:]]
+        ladder += [(1, 1, h) for h in _halvings(heads)[1:]]
+        return ladder
+
+    @staticmethod
+    def predict(timings: Dict[str, Dict[str, Any]], cfg: MeasureConfig, level: Tuple[int, int, int]) -> float:
+        rows, n_idx, heads = level
+        spec = cfg.indices if n_idx >= max(len(t["indices"]) for t in timings.values()) else _spread(
+            cfg.indices, n_idx)
+        total = 0.0
+        for t in timings.values():
+            L = t["seq_len"]
+            c_full = sum(_weight(i, L) for i in t["indices"])
+            c_one = sum(_weight(i, L) for i in t["one"])
+            per = 0.0
+            if c_full > c_one:
+                per = max(0.0, (t["t_full"] - t["t_one"]) / (c_full - c_one))
+            fixed = max(0.0, t["t_full"] - per * c_full, min(t["t_one"], t["t_full"]) - per * c_one)
+            c_new = sum(_weight(i, L) for i in select_indices(spec, L))
+            scale = min(rows, t["rows"]) / t["rows"] * min(heads, t["heads"]) / t["heads"]
+            total += scale * (fixed + per * c_new)
+        return total
+
+    def decide(self, timings: Dict[str, Dict[str, Any]], cfg: MeasureConfig, first_seconds: float,
+               agree=None) -> Optional[Dict[str, Any]]:
+        """Choose the level from the first sample's ``timings`` (see :func:`run_job`); ``agree``
+        (the distributed case) maps this rank's ``(rows, indices, heads)`` to the ranks'
+        componentwise minimum. ``None`` (still undecided) when no rank timed any layer."""
+        choice: Optional[Tuple[int, int, int]] = None
+        full = None
+        if timings:
+            ladder = self._ladder(timings)
+            full = ladder[0]
+            choice = ladder[-1]
+            for level in ladder:
+                if self.predict(timings, cfg, level) <= TARGET * self.seconds:
+                    choice = level
+                    break
+        if agree is not None:
+            choice = agree(choice)
+        if choice is None:
+            return None
+        rows, n_idx, heads = choice
+        if full is None:
+            full = choice
+        predicted = self.predict(timings, cfg, choice) if timings else None
+        if predicted is not None and predicted > self.seconds:
+            self.warning = (f"esswatch: budget_seconds={self.seconds:g} cannot be met: the smallest measurement "
+                            f"({rows} batch row(s), {n_idx} index(es), {heads} head(s)) is predicted to take "
+                            f"{predicted:.3g} s per sample")
+        cut_idx = n_idx < full[1]
+        self.level = {
+            "seconds": self.seconds,
+            "batch_rows": rows, "heads": heads,
+            "indices": (list(_spread(cfg.indices, n_idx)) if isinstance(cfg.indices, tuple) else n_idx)
+            if cut_idx else (list(cfg.indices) if isinstance(cfg.indices, tuple) else cfg.indices),
+            "cut": [k for k, a, b in (("batch_rows", rows, full[0]), ("indices", n_idx, full[1]),
+                                      ("heads", heads, full[2])) if a < b],
+            "first_sample_seconds": first_seconds,
+            "predicted_seconds": predicted,
+        }
+        return self.level
+
+    def measure_config(self, cfg: MeasureConfig) -> MeasureConfig:
+        ind = self.level["indices"]
+        return dataclasses.replace(cfg, indices=tuple(ind) if isinstance(ind, list) else ind)
+
+    def as_dict(self) -> Optional[Dict[str, Any]]:
+        return None if self.level is None else dict(self.level, cut=list(self.level["cut"]))
+
+
+def apply(budget: "Budget", outcome, watch, agree=None) -> bool:
+    """Decide the level from a calibration ``outcome`` and apply it to ``watch`` (its capture's
+    rows / heads, its measure config's indices). True when something was cut."""
+    level = budget.decide(outcome.timings, watch.measure_config, outcome.seconds, agree=agree)
+    if level is None:
+        return False
+    cut = level["cut"]
+    if "batch_rows" in cut:
+        watch.capture.batch_rows = level["batch_rows"]
+    if "heads" in cut:
+        watch.capture.heads = level["heads"]
+    if "indices" in cut:
+        watch.measure_config = budget.measure_config(watch.measure_config)
+    return bool(cut)
+
+
+def agree_min(choice: Optional[Tuple[int, int, int]]) -> Optional[Tuple[int, int, int]]:
+    """The componentwise minimum of the ranks' ``(rows, indices, heads)`` (one ``all_reduce``;
+    a rank without a choice contributes nothing). ``None`` when no rank has one."""
+    from . import distributed as dist_utils
+    if dist_utils.world_size() == 1:
+        return choice
+    vec = [math.inf] * 3 if choice is None else [float(c) for c in choice]
+    t = torch.tensor(vec, dtype=torch.float64, device=dist_utils._device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    vals = t.cpu().tolist()
+    if any(math.isinf(v) for v in vals):
+        return None
+    return tuple(int(v) for v in vals)

@@ -1,0 +1,80 @@
+"""The schedule of ``ESSWatch(background=True)``: when samples are handed to the worker,
+when results are collected and emitted, and how ranks stay in step.
+
+On a sampled step, ``step()`` snapshots the captured tensors (:func:`~esswatch.watch.
+background.snapshot`) and hands them to the worker (:class:`~esswatch.watch.background.
+Worker`), then returns. If the worker has not finished (or its result has not been
+collected) the sample is *skipped* and counted (``ess/skipped``, cumulative): nothing
+queues. A sample captured before a ``budget_seconds`` decision changed what is captured is
+skipped the same way. Results are collected and emitted on the training thread, so sinks
+see one thread:
+
+- ``reduce=False``: at every ``step()`` the watch checks (a lock, no wait) whether the
+  worker finished, and emits its result with the step it was sampled at;
+- ``reduce=True`` (DDP): collection points are deterministic: only sampled steps and
+  ``close()``. At a sampled step with a result outstanding, all ranks ``all_reduce`` (MIN)
+  a one-element "my worker is done" flag; if every rank is done, every rank collects and
+  the usual ``all_reduce`` of the scalars follows, in the same order on every rank; if not,
+  every rank skips the new sample and keeps waiting. ``close()`` waits for the own worker,
+  then reduces: every rank must call ``close()``. No collective ever runs on the worker.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+
+from . import distributed as dist_utils
+from .background import Worker, make_copier
+
+__all__ = ["Offload"]
+
+
+class Offload:
+    def __init__(self, transfer: str = "device") -> None:
+        self.worker = Worker()
+        self.copier = make_copier(transfer)
+
+    def _all_done(self) -> bool:
+        done = self.worker.done()
+        if dist_utils.world_size() == 1:
+            return done
+        t = torch.tensor([1.0 if done else 0.0], dtype=torch.float64, device=dist_utils._device())
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return bool(t.item() > 0.5)
+
+    def step(self, watch, step: int) -> Optional[Dict[str, Any]]:
+        """``watch.step()``'s work for step ``step`` (before the schedule advances)."""
+        result = None
+        due = watch.schedule.due(step)
+        if not watch.reduce:
+            out = self.worker.collect()
+            if out is not None:
+                result = watch._finish(out)
+        elif due and self.worker.pending() and self._all_done():
+            result = watch._finish(self.worker.collect(wait=True))
+        if due:
+            self._sample(watch, step)
+        return result
+
+    def _sample(self, watch, step: int) -> None:
+        stale = watch.probe_batch is None and watch._armed_gen != watch._budget_gen
+        if self.worker.pending() or stale:
+            watch._skipped_samples += 1
+            watch.capture.clear()
+            return
+        if watch.probe_batch is not None and not watch._run_probe(step):
+            return                      # its forward raised: counted and warned as a failure
+        job = watch._job(step, "probe" if watch.probe_batch is not None else "train", self.copier)
+        self.worker.submit(job)
+
+    def close(self, watch) -> Optional[Dict[str, Any]]:
+        """Wait for the outstanding sample and emit it (all ranks, with ``reduce``)."""
+        try:
+            if self.worker.pending():
+                out = self.worker.collect(wait=True)
+                if out is not None:
+                    return watch._finish(out)
+            return None
+        finally:
+            self.worker.shutdown()

@@ -1,0 +1,504 @@
+"""ESSWatch(background=True): the worker thread, emission on the training thread, skipping
+when busy, close/context manager, failures, leaks, bit-identical training; budget_seconds."""
+from __future__ import annotations
+
+import gc
+import math
+import threading
+import tracemalloc
+import warnings
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+import esswatch
+from esswatch.layers import SequenceModel
+from esswatch.operators import Dense
+from esswatch.watch import ESSMeasurementError, ESSWarning
+from esswatch.watch.budget import Budget
+from esswatch.watch.measure import MeasureConfig
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+VOCAB, D, L, B = 11, 16, 12, 4
+
+
+def make_model(seed=0, mixer="attention", n_layers=2, **kw):
+    torch.manual_seed(seed)
+    kw = kw or ({"n_heads": 2} if mixer in ("attention", "gla") else {})
+    return SequenceModel(VOCAB, d_model=D, n_layers=n_layers, mixer=mixer, **kw)
+
+
+def batches(n, seed=1, length=L, rows=B):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (rows, length), generator=g) for _ in range(n)]
+
+
+def train_step(model, opt, x):
+    logits = model(x)
+    loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def read_events(logdir):
+    ea = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0, "histograms": 0})
+    ea.Reload()
+    return ea
+
+
+def settle(watch):
+    """Wait (on the worker's condition, no sleeps) until the background job finished."""
+    if watch._offload is not None:
+        assert watch._offload.worker.wait_idle(timeout=60)
+
+
+def run(background, logdir, steps=13, every=3, mixer="attention", **kw):
+    model = make_model(mixer=mixer)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    results = []
+    watch = esswatch.ESSWatch(model, logdir=str(logdir), every_n_steps=every, background=background,
+                              sinks=[results.append], **kw)
+    with watch:
+        for x in batches(steps):
+            train_step(model, opt, x)
+            settle(watch)           # the worker is idle before the next sample: nothing is skipped
+            watch.step()
+    return model, watch, results
+
+
+# -- values -----------------------------------------------------------------------------
+@pytest.mark.parametrize("mixer", ["attention", "gla"])
+def test_background_writes_the_values_blocking_mode_writes(tmp_path, mixer):
+    _, wb, res_b = run(False, tmp_path / "block", mixer=mixer, metrics=("entropy", "tolerance"))
+    _, wg, res_g = run(True, tmp_path / "bg", mixer=mixer, metrics=("entropy", "tolerance"))
+    assert wb.background is False and wg.background is True
+    assert [r["step"] for r in res_b] == [r["step"] for r in res_g] == [0, 3, 6, 9, 12]
+    for rb, rg in zip(res_b, res_g):
+        assert rb["layers"].keys() == rg["layers"].keys()
+        for name in rb["layers"]:
+            for m in ("entropy", "tolerance"):
+                for k in ("avg", "max", "total", "utilization"):
+                    assert rg["layers"][name][m][k] == pytest.approx(rb["layers"][name][m][k], rel=1e-5, abs=1e-5)
+                assert rg["layers"][name][m]["per_index"] == pytest.approx(rb["layers"][name][m]["per_index"],
+                                                                           rel=1e-5, abs=1e-5)
+    lb, lg = wb.latest(), wg.latest()
+    assert lb["step"] == lg["step"] == 12
+    skip = {"ess/measure_seconds"}
+    assert {k: v for k, v in lg["scalars"].items() if k not in skip} == pytest.approx(
+        {k: v for k, v in lb["scalars"].items() if k not in skip}, rel=1e-5, abs=1e-5)
+    assert lg["skipped_samples"] == 0 and lg["scalars"]["ess/skipped"] == 0.0
+    ea_b, ea_g = read_events(tmp_path / "block"), read_events(tmp_path / "bg")
+    tags = set(ea_b.Tags()["scalars"]) - skip
+    assert tags == set(ea_g.Tags()["scalars"]) - skip
+    assert "ess/skipped" in tags and f"ess/{'entropy'}/avg/blocks.1.mixer" in tags
+    for tag in tags:
+        eb, eg = ea_b.Scalars(tag), ea_g.Scalars(tag)
+        assert [e.step for e in eb] == [e.step for e in eg] == [0, 3, 6, 9, 12]
+        for a, b in zip(eb, eg):
+            assert math.isclose(a.value, b.value, rel_tol=1e-5, abs_tol=1e-5), (tag, a, b)
+
+
+def test_background_default_follows_the_device():
+    model = make_model()
+    with esswatch.ESSWatch(model) as w:
+        assert w.background is False and w._offload is None
+    with esswatch.ESSWatch(model, background=True) as w:
+        assert w.config()["background"] is True
+    with pytest.raises(ValueError, match="background"):
+        esswatch.ESSWatch(model, background="yes")
+
+
+def test_results_are_emitted_from_the_training_thread_with_their_step(tmp_path):
+    threads = []
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    watch = esswatch.ESSWatch(model, every_n_steps=2, background=True,
+                              sinks=[lambda r: threads.append((threading.current_thread(), r["step"]))])
+    worker = watch._offload.worker.thread
+    assert worker.daemon and worker is not threading.main_thread()
+    for s, x in enumerate(batches(7)):
+        train_step(model, opt, x)
+        settle(watch)
+        out = watch.step()
+        if s == 0:
+            assert out is None          # handed over: not measured yet
+    watch.close()
+    assert [s for _, s in threads] == [0, 2, 4, 6]
+    assert all(t is threading.main_thread() for t, _ in threads)
+    assert watch.latest()["step"] == 6
+    assert not worker.is_alive() or worker.join(timeout=10) is None
+    worker.join(timeout=10)
+    assert not worker.is_alive()
+
+
+# -- a layer whose measurement blocks or fails on the worker --------------------------------
+class GateOp(Dense):
+    """A dense operator whose validation waits for ``gate`` (the worker blocks deterministically)
+    or raises ``fail``."""
+
+    def __init__(self, t, gate=None, fail=None):
+        super().__init__(t)
+        self.gate, self.fail = gate, fail
+
+    def validate(self):
+        if self.fail is not None:
+            raise self.fail
+        if self.gate is not None and not self.gate.wait(timeout=60):
+            raise TimeoutError("gate never opened")
+        super().validate()
+
+
+class GatedMixer(nn.Module):
+    def __init__(self, gate=None, fail=None):
+        super().__init__()
+        self.lin = nn.Linear(D, D)
+        self.gate, self.fail = gate, fail
+
+    def forward(self, x):
+        return self.lin(x)
+
+    def esswatch_operator(self, args, kwargs, output):
+        x = args[0]
+        s = torch.tril(torch.softmax(x @ x.transpose(-1, -2), -1))
+        return GateOp(s.detach(), self.gate, self.fail)
+
+
+class GatedModel(nn.Module):
+    def __init__(self, gate=None, fail=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, D)
+        self.mixer = GatedMixer(gate, fail)
+        self.out = nn.Linear(D, VOCAB)
+
+    def forward(self, x):
+        return self.out(self.mixer(self.embed(x)))
+
+
+def test_a_sample_due_while_the_worker_is_busy_is_skipped_and_counted(tmp_path):
+    gate = threading.Event()
+    model = GatedModel(gate)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    watch = esswatch.ESSWatch(model, logdir=str(tmp_path), every_n_steps=1, background=True, indices=3)
+    data = batches(6)
+    for s in range(4):                       # step 0 blocks the worker; 1, 2, 3 are skipped
+        train_step(model, opt, data[s])
+        assert watch.step() is None
+    assert watch._skipped_samples == 3 and watch.latest() is None
+    gate.set()
+    settle(watch)
+    train_step(model, opt, data[4])
+    r = watch.step()                          # collects step 0, hands over step 4
+    assert r["step"] == 0 and r["skipped_samples"] == 3 and r["scalars"]["ess/skipped"] == 3.0
+    watch.close()                             # waits for step 4
+    assert watch.latest()["step"] == 4
+    ea = read_events(tmp_path)
+    assert [(e.step, e.value) for e in ea.Scalars("ess/skipped")] == [(0, 3.0), (4, 3.0)]
+    assert [e.step for e in ea.Scalars("ess/entropy/avg/mixer")] == [0, 4]
+    assert watch.state_dict()["skipped_samples"] == 3
+
+
+def test_close_waits_for_the_outstanding_sample():
+    gate = threading.Event()
+    model = GatedModel(gate)
+    seen = []
+    watch = esswatch.ESSWatch(model, every_n_steps=5, background=True, sinks=[seen.append], indices=2)
+    model(batches(1)[0])
+    watch.step()
+    assert watch._offload.worker.busy() and not seen
+    threading.Timer(0.2, gate.set).start()     # opens later; close() must wait for it
+    watch.close()
+    assert [r["step"] for r in seen] == [0] and watch.latest()["step"] == 0
+    watch.close()                              # idempotent
+
+
+def test_context_manager_emits_the_last_sample():
+    model = make_model()
+    seen = []
+    with esswatch.ESSWatch(model, every_n_steps=2, background=True, sinks=[seen.append]) as watch:
+        for x in batches(5):
+            model(x)
+            settle(watch)
+            watch.step()
+    assert [r["step"] for r in seen] == [0, 2, 4]
+    assert watch._closed and not watch.capture.attached
+
+
+def test_a_failure_on_the_worker_warns_on_the_training_thread_naming_the_layer():
+    model = GatedModel(fail=RuntimeError("boom"))
+    caught = []
+    watch = esswatch.ESSWatch(model, every_n_steps=1, background=True)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for x in batches(4):
+            model(x)
+            settle(watch)
+            watch.step()
+        watch.close()
+        caught = [x for x in w if issubclass(x.category, ESSWarning) and "skipped layer" in str(x.message)]
+    assert len(caught) == 1 and "'mixer'" in str(caught[0].message) and "boom" in str(caught[0].message)
+    assert watch.failures == 4 and watch.latest()["failures"] == 4
+
+
+def test_strict_raises_at_collection():
+    model = GatedModel(fail=RuntimeError("boom"))
+    watch = esswatch.ESSWatch(model, every_n_steps=1, background=True, strict=True)
+    model(batches(1)[0])
+    watch.step()                               # handed over: no error yet
+    settle(watch)
+    model(batches(1)[0])
+    with pytest.raises(ESSMeasurementError, match="'mixer'.*step 0"):
+        watch.step()
+    watch.close()
+
+
+# -- training is untouched ------------------------------------------------------------------
+def _train(watch_kwargs, steps=12):
+    model = make_model(mixer="attention")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    torch.manual_seed(123)
+    watch = esswatch.ESSWatch(model, **watch_kwargs) if watch_kwargs is not None else None
+    for x in batches(steps):
+        x = x[:, torch.randperm(L)]            # consumes the global RNG every step
+        train_step(model, opt, x)
+        if watch is not None:
+            watch.step()
+    if watch is not None:
+        watch.close()
+    return model, torch.get_rng_state(), torch.rand(3)
+
+
+def test_training_is_bit_identical_and_the_rng_stream_unchanged_with_background():
+    threads = torch.get_num_threads()
+    ref_model, ref_rng, ref_next = _train(None)
+    model, rng, nxt = _train({"every_n_steps": 1, "background": True, "estimator": "randomized"})
+    for (n, a), (_, b) in zip(ref_model.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert torch.equal(ref_rng, rng) and torch.equal(ref_next, nxt)
+    assert torch.get_num_threads() == threads
+
+
+def test_no_leak_over_2000_sampled_steps():
+    torch.manual_seed(0)
+    model = SequenceModel(VOCAB, d_model=8, n_layers=1, mixer="attention", n_heads=2)
+    x = torch.randint(0, VOCAB, (2, 8))
+    watch = esswatch.ESSWatch(model, every_n_steps=1, background=True, indices=2, histograms=False,
+                              images=False)
+    threads0 = threading.active_count()
+
+    def live_tensors():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
+
+    def run(n):
+        with torch.no_grad():
+            model.train()
+            for _ in range(n):
+                model(x)
+                watch.step()
+
+    run(200)
+    settle(watch)
+    tracemalloc.start()
+    try:
+        base_py = tracemalloc.get_traced_memory()[0]
+        base_tensors = live_tensors()
+        run(1800)
+        settle(watch)
+        run(1)                                  # collect the last one
+        settle(watch)
+        py = tracemalloc.get_traced_memory()[0]
+        tensors = live_tensors()
+    finally:
+        tracemalloc.stop()
+    emitted = watch._samples
+    watch.close()
+    assert threading.active_count() <= threads0
+    assert emitted + watch._skipped_samples >= 1990       # every sampled step measured or skipped
+    assert emitted > 10
+    assert tensors <= base_tensors + 2
+    assert py - base_py < 256 * 1024, f"Python allocations grew by {(py - base_py) / 1024:.0f} KiB"
+
+
+# -- budget_seconds ---------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "1"])
+def test_budget_seconds_is_validated(bad):
+    with pytest.raises(ValueError, match="budget_seconds"):
+        esswatch.ESSWatch(make_model(), budget_seconds=bad)
+
+
+def _timings(t_one, t_full, rows=4, heads=8, L=256, n=16):
+    from esswatch.watch.measure import select_indices
+    return {"a": {"seq_len": L, "rows": rows, "heads": heads, "indices": select_indices(n, L),
+                  "one": select_indices(1, L), "t_one": t_one, "t_full": t_full, "type": "SoftmaxAttention"}}
+
+
+def test_budget_ladder_cuts_rows_then_indices_then_heads():
+    cfg = MeasureConfig(indices=16)
+    b = Budget(1.0)
+    lvl = b.decide(_timings(0.25, 1.5), cfg, 1.6)              # a 2x cut: rows only
+    assert lvl["cut"] == ["batch_rows"] and lvl["batch_rows"] == 2 and lvl["indices"] == 16
+    assert lvl["predicted_seconds"] <= 0.8
+    b = Budget(1.0)
+    lvl = b.decide(_timings(1.5, 8.0), cfg, 8.0)               # rows down to 1, then indices
+    assert lvl["batch_rows"] == 1 and lvl["cut"] == ["batch_rows", "indices"] and lvl["indices"] < 16
+    assert lvl["heads"] == 8
+    b = Budget(1.0)
+    lvl = b.decide(_timings(10.0, 40.0), cfg, 40.0)            # a large fixed part: heads too
+    assert lvl["cut"] == ["batch_rows", "indices", "heads"] and lvl["indices"] == 1 and lvl["heads"] < 8
+    assert lvl["predicted_seconds"] <= 0.8
+    b = Budget(1.0)
+    lvl = b.decide(_timings(0.01, 0.5), cfg, 0.5)              # within budget: nothing cut
+    assert lvl["cut"] == [] and lvl["batch_rows"] == 4 and lvl["indices"] == 16 and lvl["heads"] == 8
+    b = Budget(1e-6)
+    lvl = b.decide(_timings(1.0, 2.0), cfg, 2.0)
+    assert lvl["batch_rows"] == lvl["heads"] == lvl["indices"] == 1 and "cannot be met" in b.warning
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_budget_fixes_a_smaller_measurement_after_the_first_sample(background):
+    """Full measurement (4 rows x 4 heads x 24 exact indices at L = 192) is far over a 0.1 s budget:
+    the level cuts, stays fixed, is in latest() and the config, and later samples are far cheaper."""
+    torch.manual_seed(0)
+    model = SequenceModel(VOCAB, d_model=32, n_layers=1, mixer="attention", n_heads=4)
+    budget = 0.1
+    seen = []
+    watch = esswatch.ESSWatch(model, every_n_steps=1, background=background, batch_rows=4, indices=24,
+                              estimator="exact", budget_seconds=budget, sinks=[seen.append], histograms=False)
+    data = batches(4, length=192)
+    for x in data:
+        model(x)
+        settle(watch)
+        watch.step()
+    watch.close()
+    first, later = seen[0], seen[1:]
+    lvl = first["budget"]
+    assert lvl["cut"] and lvl["cut"][0] == "batch_rows"
+    assert lvl["predicted_seconds"] <= 0.8 * budget
+    assert lvl == watch.latest()["budget"] == watch.config()["budget"]
+    assert watch.config()["budget_seconds"] == budget
+    assert first["layers"]["blocks.0.mixer"]["rows"] == 4 and len(first["layers"]["blocks.0.mixer"]["indices"]) == 24
+    assert later, "no sample after the first"
+    for r in later:
+        lay = r["layers"]["blocks.0.mixer"]
+        assert lay["rows"] == lvl["batch_rows"] and lay["heads"] == min(4, lvl["heads"])
+        assert len(lay["indices"]) == (lvl["indices"] if isinstance(lvl["indices"], int) else 24)
+        assert r["budget"] == lvl
+        # a loose bound (the real timing is in examples/benchmarks/scale.py): far below the first sample
+        assert r["seconds"] < max(3 * budget, first["seconds"] / 3)
+
+
+# -- CUDA -------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("transfer", ["device", "host"])
+def test_cuda_background_values_equal_blocking(transfer):
+    def go(background):
+        model = make_model().cuda()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        seen = []
+        watch = esswatch.ESSWatch(model, every_n_steps=2, background=background, sinks=[seen.append])
+        if background:
+            watch._offload.copier.transfer = transfer
+        for x in batches(7):
+            train_step(model, opt, x.cuda())
+            settle(watch)
+            watch.step()
+        watch.close()
+        return watch, seen, model
+
+    wb, rb, mb = go(False)
+    wg, rg, mg = go(True)
+    assert wg.background
+    with esswatch.ESSWatch(make_model().cuda()) as w:
+        assert w.background
+    assert [r["step"] for r in rb] == [r["step"] for r in rg] == [0, 2, 4, 6]
+    for a, b in zip(rb, rg):
+        for tag, v in a["scalars"].items():
+            if tag != "ess/measure_seconds":
+                assert b["scalars"][tag] == pytest.approx(v, rel=1e-5, abs=1e-5), tag
+    for p, q in zip(mb.parameters(), mg.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_interpreter_exit_without_close_does_not_hang(tmp_path):
+    """The worker is a daemon thread: a script that never calls close(), with the worker stuck
+    in a measurement that never ends, still exits."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import threading, torch, esswatch
+        from torch import nn
+        from esswatch.operators import Dense
+        torch.set_num_threads(1)
+        never = threading.Event()
+
+        class Stuck(Dense):
+            def validate(self):
+                never.wait()
+
+        class Mixer(nn.Module):
+            def forward(self, x):
+                return x
+            def esswatch_operator(self, args, kwargs, output):
+                return Stuck(torch.eye({L}))
+
+        model = nn.Sequential(Mixer())
+        watch = esswatch.ESSWatch(model, every_n_steps=1, background=True, indices=2)
+        model(torch.zeros(2, {L}, 4))
+        watch.step()
+        print("handed over", watch._offload.worker.busy(), flush=True)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "handed over True"
+
+
+def test_a_watch_dropped_without_close_lets_its_worker_exit():
+    model = make_model()
+    watch = esswatch.ESSWatch(model, every_n_steps=1, background=True)
+    worker = watch._offload.worker.thread
+    watch.capture.detach()                     # (what close() would also do; keeps the model reusable)
+    del watch
+    gc.collect()
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+
+
+def _run_variant(background, **kw):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    seen = []
+    with esswatch.ESSWatch(model, every_n_steps=2, background=background, sinks=[seen.append], **kw) as watch:
+        for x in batches(5):
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+            loss = loss + watch.penalty()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            settle(watch)
+            watch.step()
+    return seen, model
+
+
+@pytest.mark.parametrize("kw", [{"probe_batch": batches(1, seed=7)[0]}, {"regularizer": 0.1}],
+                         ids=["probe_batch", "regularizer"])
+def test_probe_batch_and_regularizer_with_background_match_blocking(kw):
+    rb, mb = _run_variant(False, **kw)
+    rg, mg = _run_variant(True, **kw)
+    assert [r["step"] for r in rb] == [r["step"] for r in rg] == [0, 2, 4]
+    for a, b in zip(rb, rg):
+        assert a["source"] == b["source"]
+        for tag, v in a["scalars"].items():
+            if tag != "ess/measure_seconds":
+                assert b["scalars"][tag] == pytest.approx(v, rel=1e-5, abs=1e-5), tag
+        if "regularizer" in kw:
+            assert b["penalty"]["total"] == pytest.approx(a["penalty"]["total"], rel=1e-6)
+    for p, q in zip(mb.parameters(), mg.parameters()):   # the penalty's gradient is the same
+        assert torch.equal(p, q)
