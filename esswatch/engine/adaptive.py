@@ -43,7 +43,7 @@ SKETCH_HOPELESS_RATIO = 1.5
 SKETCH_PILOT_RANK = 16
 #: the deflated SLQ runs on blocks whose smaller side is at least this (below it an exact
 #: SVD is about as cheap) with a deflation rank of SLQ_RANK
-SLQ_MIN_SIZE = 512
+SLQ_MIN_SIZE = 384
 SLQ_RANK = 32
 
 
@@ -56,12 +56,12 @@ def _exact(h):
     return e, e, e
 
 
-def _slq_or_exact(h, fro2, rtol, generator):
-    """The deflated SLQ where it meets its acceptance test, exact per batch entry elsewhere."""
-    if h.shape[-2] < h.shape[-1]:
-        h = h.transpose(-1, -2)
-    p = h.shape[-1]
-    est, half_gap, se, t, _ = slq_entropy(h, SLQ_RANK, generator, fro2=fro2)
+def _slq_or_exact(h, fro2, rtol, generator, basis=None):
+    """The deflated SLQ where it meets its acceptance test, exact per batch entry elsewhere.
+
+    ``basis``: a right basis of ``h`` from a sketch already run (skips the SLQ's own)."""
+    p = min(h.shape[-2:])
+    est, half_gap, se, t, _ = slq_entropy(h, SLQ_RANK, generator, fro2=fro2, basis=basis)
     _, lo, hi = entropy_bounds(t, fro2, p)
     est = torch.minimum(torch.maximum(est.to(lo.dtype), lo), hi)
     ok = (half_gap + 2 * se <= math.log1p(rtol)) & torch.isfinite(est)
@@ -86,6 +86,9 @@ def randomized_entropy(h: torch.Tensor, rtol: float, generator, *, allow_slq: bo
     bound-closed and exact entries; for entries accepted by the deflated SLQ with about 95%
     confidence.
     """
+    if h.shape[-2] < h.shape[-1]:
+        h = h.transpose(-1, -2)            # tall: same singular values, smaller sketch vectors
+    h = h.contiguous()
     batch, (m, n) = h.shape[:-2], h.shape[-2:]
     p = min(m, n)
     matmul = lambda v: h @ v
@@ -121,17 +124,20 @@ def randomized_entropy(h: torch.Tensor, rtol: float, generator, *, allow_slq: bo
     while True:
         if k >= p:
             return _exact(h)
-        t = sketch_singular_values(matmul, rmatmul, n, batch, k, SKETCH_POWER_ITERS, h.dtype,
-                                   h.device, generator, rmatmul_exact=rmatmul64)
+        t, basis = sketch_singular_values(matmul, rmatmul, n, batch, k, SKETCH_POWER_ITERS, h.dtype, h.device,
+                                          generator, rmatmul_exact=rmatmul64, return_basis=True)
         spent += SKETCH_COST * k
         est, lo, hi = entropy_bounds(t, fro2, p)
         ratio = _ratio(lo, hi)
         if ratio <= (1 + rtol) ** 2:
             return est, lo, hi
+        if use_slq:
+            # the bounds did not close at rank 32: a flat tail; the sketch's basis deflates it
+            del h64
+            return _slq_or_exact(h, fro2, rtol, generator, basis if k == SLQ_RANK else None)
         k_next = min(2 * k, p)
         if ratio > SKETCH_HOPELESS_RATIO or spent + SKETCH_COST * k_next > SKETCH_BUDGET * p:
-            del h64
-            return _slq_or_exact(h, fro2, rtol, generator) if use_slq else _exact(h)
+            return _exact(h)
         k = k_next
 
 

@@ -32,7 +32,7 @@ import torch
 __all__ = ["slq_entropy", "SLQ_PROBES", "SLQ_STEPS"]
 
 #: probes and Lanczos steps per probe
-SLQ_PROBES = 48
+SLQ_PROBES = 16
 SLQ_STEPS = 8
 
 
@@ -59,14 +59,16 @@ def _sums(theta: torch.Tensor, w: torch.Tensor):
 
 def slq_entropy(h: torch.Tensor, k: int, generator: Optional[torch.Generator], *, probes: int = SLQ_PROBES,
                 steps: int = SLQ_STEPS, power_iters: int = 1, fro2: Optional[torch.Tensor] = None,
-                hq: Optional[torch.Tensor] = None):
+                hq: Optional[torch.Tensor] = None, basis: Optional[torch.Tensor] = None):
     """Deflated SLQ estimate of entropy-ESS of ``h`` (``batch + (m, n)``).
 
     The products run in ``h``'s dtype (they read the whole block and dominate the cost);
     the top values, the quadrature and the statistics in float64. Top values from a
     float32 product are shrunk by ``1e-5`` so that they stay below the true ones (the
     interlacing the deterministic bounds rest on). ``fro2`` (``||h||_F^2``, float64) and
-    ``hq`` (a contiguous ``h^T``) may be passed in if the caller has them.
+    ``hq`` (a contiguous ``h^T``) may be passed in if the caller has them, and ``basis``
+    (an orthonormal right basis ``n x k`` from the caller's sketch, float64) replaces the
+    subspace iteration.
 
     Returns ``(est, half_gap, se, t, fro2)``: the estimate ``batch``, half the Gauss/Radau gap
     and the standard error, both in ``log ESS`` (``batch``), the top values ``t``
@@ -81,12 +83,16 @@ def slq_entropy(h: torch.Tensor, k: int, generator: Optional[torch.Generator], *
     h = h.contiguous()
     hq = h.transpose(-1, -2).contiguous() if hq is None else hq   # row-major both ways (2x faster)
     # 1. the top of the spectrum: subspace iteration
-    omega = torch.randn(*batch, n, k, dtype=lo, device=dev, generator=generator)
-    qm = _orth(h @ omega)
-    for _ in range(power_iters):
-        qm = _orth(h @ _orth(hq @ qm))
-    V = _orth((hq @ qm).to(torch.float64)).to(lo)           # n x k right basis
+    if basis is None:
+        omega = torch.randn(*batch, n, k, dtype=lo, device=dev, generator=generator)
+        qm = _orth(h @ omega)
+        for _ in range(power_iters):
+            qm = _orth(h @ _orth(hq @ qm))
+        basis = _orth((hq @ qm).to(torch.float64))
+    V = basis.to(lo)                                         # n x k right basis
     t = torch.linalg.svdvals((h @ V).to(torch.float64))
+    # the tail's energy is known exactly: ||h (I - V V^T)||_F^2 = ||h||_F^2 - ||h V||_F^2
+    tail_energy = torch.clamp(1 - (t * t).sum(-1) / torch.clamp(fro2, min=1e-300), min=0)
     if lo != torch.float64:
         t = t * (1 - 1e-5)                                    # float32 round-off: stay below s_j
     t = t / scale[..., None]
@@ -159,6 +165,15 @@ def slq_entropy(h: torch.Tensor, k: int, generator: Optional[torch.Generator], *
         return torch.log(torch.clamp(s1, min=1e-300)) - s2 / torch.clamp(s1, min=1e-300)
 
     xm, ym = 0.5 * (x_g + x_r), 0.5 * (y_g + y_r)
+    # control variate: each probe's z^T B z = d alpha_1^2 is exact and its mean is known
+    # (tail_energy); on a flat tail sqrt(B) and B are nearly proportional, so subtracting the
+    # regression on it removes most of the probe-to-probe variance
+    e = d * al[..., 0] ** 2 - tail_energy[..., None]
+    ec = e - e.mean(-1, keepdim=True)
+    ve = torch.clamp((ec * ec).sum(-1, keepdim=True), min=1e-300)
+    for_cv = lambda x: x - ((x - x.mean(-1, keepdim=True)) * ec).sum(-1, keepdim=True) / ve * e
+    xm, ym = for_cv(xm), for_cv(ym)
+    x_g, y_g, x_r, y_r = (for_cv(x) for x in (x_g, y_g, x_r, y_r))
     log_est = log_ess(xm.mean(-1), ym.mean(-1))
     half_gap = 0.5 * (log_ess(x_g.mean(-1), y_g.mean(-1)) - log_ess(x_r.mean(-1), y_r.mean(-1))).abs()
     s1 = t1 + xm.mean(-1)
@@ -167,7 +182,7 @@ def slq_entropy(h: torch.Tensor, k: int, generator: Optional[torch.Generator], *
     g2 = -1.0 / s1
     p = xm.shape[-1]
     xc, yc = xm - xm.mean(-1, keepdim=True), ym - ym.mean(-1, keepdim=True)
-    var = ((g1[..., None] * xc + g2[..., None] * yc) ** 2).sum(-1) / max(p - 1, 1) / p
+    var = ((g1[..., None] * xc + g2[..., None] * yc) ** 2).sum(-1) / max(p - 2, 1) / p   # one dof spent on the control variate
     se = torch.sqrt(var)
     est = torch.exp(log_est)
     est = torch.where(fro2 > 0, est, torch.zeros_like(est))
