@@ -265,7 +265,6 @@ def test_slq_calibration(small_slq):
         trials += ref.size
         misses += int((np.abs(e - ref) > rtol * ref).sum())
         via_slq += int((hi / lo > (1 + rtol) ** 2 + 1e-9).sum())
-    print(f'calibration: {misses} misses in {trials} trials, {via_slq} by the SLQ')
     assert trials >= 80
     assert via_slq >= 30, via_slq                        # the calibration really exercises the SLQ
     assert misses / trials <= 0.05, (misses, trials)
