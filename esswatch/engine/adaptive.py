@@ -26,8 +26,18 @@ from .randomized import entropy_bounds, sketch_singular_values
 from .slq import slq_entropy
 from .spectral import entropy_from_singular_values
 
-__all__ = ["randomized_entropy", "randomized_tolerance_sv", "SKETCH_RANK0", "SKETCH_POWER_ITERS", "SKETCH_COST",
-           "SKETCH_BUDGET", "SKETCH_HOPELESS_RATIO", "SKETCH_PILOT_RANK", "SLQ_MIN_SIZE", "SLQ_RANK"]
+__all__ = [
+    "SKETCH_BUDGET",
+    "SKETCH_COST",
+    "SKETCH_HOPELESS_RATIO",
+    "SKETCH_PILOT_RANK",
+    "SKETCH_POWER_ITERS",
+    "SKETCH_RANK0",
+    "SLQ_MIN_SIZE",
+    "SLQ_RANK",
+    "randomized_entropy",
+    "randomized_tolerance_sv",
+]
 
 #: randomized: starting rank and power iterations.
 SKETCH_RANK0 = 32

@@ -17,11 +17,11 @@ differentiable through ``torch.linalg.svdvals``.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from collections.abc import Sequence
 
 import torch
 
-__all__ = ["trim_zero_lines", "oriented_svdvals", "batched_svdvals"]
+__all__ = ["batched_svdvals", "oriented_svdvals", "trim_zero_lines"]
 
 #: trim only when it removes at least this fraction of rows or columns (a copy is not free)
 TRIM_MIN_GAIN = 0.1
@@ -62,10 +62,10 @@ def oriented_svdvals(h: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(h)
 
 
-def batched_svdvals(blocks: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+def batched_svdvals(blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Singular values of each block; blocks of equal (oriented) shape share one batched call."""
-    out: List = [None] * len(blocks)
-    groups: Dict[tuple, list] = {}
+    out: list = [None] * len(blocks)
+    groups: dict[tuple, list] = {}
     for j, h in enumerate(blocks):
         if h.shape[-2] < h.shape[-1]:
             h = h.transpose(-1, -2)

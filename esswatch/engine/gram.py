@@ -31,13 +31,11 @@ Everything is differentiable with finite gradients (masked exponents are ``-inf`
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 
 from .spectral import safe_sqrt
 
-__all__ = ["gram_squared_singular_values", "gram_singular_values", "gramians"]
+__all__ = ["gram_singular_values", "gram_squared_singular_values", "gramians"]
 
 #: log decays below this are clamped: exp(-1000) is exactly 0 in float64, and -inf would
 #: turn the differences of cumulative sums into NaN
@@ -126,7 +124,7 @@ def _chunked_forward(k, lam, idx, C):
     return out + base
 
 
-def gramians(q: torch.Tensor, k: torch.Tensor, log_decay: Optional[torch.Tensor], indices: torch.Tensor,
+def gramians(q: torch.Tensor, k: torch.Tensor, log_decay: torch.Tensor | None, indices: torch.Tensor,
              method: str = "auto"):
     """``P_i`` and ``Q_i`` (float64) at sorted unique ``indices``, shape ``batch + (n, N, N)``.
 
@@ -141,7 +139,7 @@ def gramians(q: torch.Tensor, k: torch.Tensor, log_decay: Optional[torch.Tensor]
         method = "direct" if n * L * N * nb <= DIRECT_MAX_ELEMS else "chunked"
     if method == "direct":
         return _direct(q64, k64, lam, idx)
-    C = max(4, int(round(L ** 0.5)))
+    C = max(4, round(L ** 0.5))
     P = _chunked_forward(k64, lam, idx, C)
     # Q_i is P of the time-reversed system: r -> L-1-r, with reversed decays shifted by one
     # (O_i[r] weight exp(Lam[r] - Lam[i-1]) = prod_{s=i..r} a_s), index i -> L - i
@@ -163,9 +161,9 @@ def gramians(q: torch.Tensor, k: torch.Tensor, log_decay: Optional[torch.Tensor]
 
 
 def gram_squared_singular_values(
-    q: torch.Tensor, k: torch.Tensor, log_decay: Optional[torch.Tensor], indices: torch.Tensor,
+    q: torch.Tensor, k: torch.Tensor, log_decay: torch.Tensor | None, indices: torch.Tensor,
     method: str = "auto",
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Squared Hankel singular values (float64) for a diagonal recurrence.
 
     Args:

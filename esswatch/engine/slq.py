@@ -25,11 +25,9 @@ block's device, float64; randomness only from the given generator.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-__all__ = ["slq_entropy", "SLQ_PROBES", "SLQ_STEPS"]
+__all__ = ["SLQ_PROBES", "SLQ_STEPS", "slq_entropy"]
 
 #: probes and Lanczos steps per probe
 SLQ_PROBES = 16
@@ -57,9 +55,9 @@ def _sums(theta: torch.Tensor, w: torch.Tensor):
     return (w * s).sum(-1), (w * slogs).sum(-1)
 
 
-def slq_entropy(h: torch.Tensor, k: int, generator: Optional[torch.Generator], *, probes: int = SLQ_PROBES,
-                steps: int = SLQ_STEPS, power_iters: int = 1, fro2: Optional[torch.Tensor] = None,
-                hq: Optional[torch.Tensor] = None, basis: Optional[torch.Tensor] = None):
+def slq_entropy(h: torch.Tensor, k: int, generator: torch.Generator | None, *, probes: int = SLQ_PROBES,
+                steps: int = SLQ_STEPS, power_iters: int = 1, fro2: torch.Tensor | None = None,
+                hq: torch.Tensor | None = None, basis: torch.Tensor | None = None):
     """Deflated SLQ estimate of entropy-ESS of ``h`` (``batch + (m, n)``).
 
     The products run in ``h``'s dtype (they read the whole block and dominate the cost);
@@ -74,7 +72,7 @@ def slq_entropy(h: torch.Tensor, k: int, generator: Optional[torch.Generator], *
     and the standard error, both in ``log ESS`` (``batch``), the top values ``t``
     (``batch + (k,)``, float64, each ``<= s_j``) and ``||h||_F^2`` (float64, ``batch``).
     """
-    batch, (m, n) = h.shape[:-2], h.shape[-2:]
+    batch, n = h.shape[:-2], h.shape[-1]
     dev, lo = h.device, h.dtype
     if fro2 is None:
         fro2 = torch.sum(h * h, dim=(-1, -2), dtype=torch.float64)

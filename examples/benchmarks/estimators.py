@@ -44,7 +44,7 @@ def clustered_attention(L, heads=4, d=32, clusters=4, sharp=4.0, noise=0.05, see
 
 def make_ops(L, device):
     g = torch.Generator().manual_seed(1)
-    kw = dict(device=device, dtype=torch.float32)
+    kw = {"device": device, "dtype": torch.float32}
     rn = lambda *s: torch.randn(*s, generator=g).to(**kw)
     H, N, d = 4, 16, 32
     decay = torch.nn.functional.logsigmoid(rn(H, L, N) + 4.0)          # GLA-like gates near 1
