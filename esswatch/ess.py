@@ -24,7 +24,7 @@ disabled inside; results are on the operator's device):
                  when within ``rtol``, else exact); see :mod:`esswatch.engine.adaptive`.
                  Not differentiable (computed under ``no_grad``).
 ``"auto"``       gram for gated recurrences; otherwise exact where ``min(i, L-i)`` (or the
-                 smaller side of the block's structural non-zero range) is at most 64 or
+                 smaller side of the block's structural non-zero range) is at most 128 or
                  gradients are needed, randomized elsewhere.
 ===============  ==========================================================================
 """
@@ -53,8 +53,10 @@ DEFAULT_TOL = 1e-3
 DEFAULT_RELATIVE = True
 
 #: auto: indices with min(i, L - i) (or the smaller side of the block's structural
-#: non-zero range: windows, short kernels) at most this are computed exactly.
-EXACT_BELOW = 64
+#: non-zero range: windows, short kernels) at most this are computed exactly. An exact SVD
+#: in the tall orientation costs about max(m, n) p^2, a sketch max(m, n) p k per pass: below
+#: p = 128 the sketches do not pay (examples/benchmarks/estimators.py).
+EXACT_BELOW = 128
 
 
 def as_operator(op) -> Operator:

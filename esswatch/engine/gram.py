@@ -40,7 +40,9 @@ __all__ = ["gram_singular_values", "gram_squared_singular_values", "gramians"]
 #: log decays below this are clamped: exp(-1000) is exactly 0 in float64, and -inf would
 #: turn the differences of cumulative sums into NaN
 _LOG_FLOOR = -1000.0
-#: the direct form is used while n * L * N * batch stays below this many elements
+#: the direct form is used for at most this many indices while n * L * N * batch stays
+#: below DIRECT_MAX_ELEMS elements (its cost grows with n; the chunked form's does not)
+DIRECT_MAX_INDICES = 16
 DIRECT_MAX_ELEMS = 1 << 22
 
 
@@ -136,7 +138,7 @@ def gramians(q: torch.Tensor, k: torch.Tensor, log_decay: torch.Tensor | None, i
     n, (L, N) = idx.numel(), q.shape[-2:]
     if method == "auto":
         nb = max(1, q[..., 0, 0].numel())
-        method = "direct" if n * L * N * nb <= DIRECT_MAX_ELEMS else "chunked"
+        method = "direct" if n <= DIRECT_MAX_INDICES and n * L * N * nb <= DIRECT_MAX_ELEMS else "chunked"
     if method == "direct":
         return _direct(q64, k64, lam, idx)
     C = max(4, round(L ** 0.5))
