@@ -35,11 +35,24 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .engine.adaptive import (SKETCH_BUDGET, SKETCH_COST, SKETCH_HOPELESS_RATIO, SKETCH_PILOT_RANK,  # noqa: F401
-                              SKETCH_POWER_ITERS, SKETCH_RANK0, randomized_entropy, randomized_tolerance_sv)
-from .engine.exact import batched_svdvals, trim_zero_lines
+from .blocks import BlockCache as _Cache
+from .engine.adaptive import (  # noqa: F401
+    SKETCH_BUDGET,
+    SKETCH_COST,
+    SKETCH_HOPELESS_RATIO,
+    SKETCH_PILOT_RANK,
+    SKETCH_POWER_ITERS,
+    SKETCH_RANK0,
+    randomized_entropy,
+    randomized_tolerance_sv,
+)
+from .engine.exact import batched_svdvals
 from .engine.gram import gram_singular_values
-from .engine.spectral import compute_dtype, entropy_from_singular_values, tolerance_from_singular_values
+from .engine.spectral import (
+    compute_dtype,
+    entropy_from_singular_values,
+    tolerance_from_singular_values,
+)
 from .engine.validation import check_indices
 from .operators import Dense, GatedRecurrence, Operator
 
@@ -133,44 +146,6 @@ def _plan(op: Operator, idx: torch.Tensor, estimator: str, need_grad: bool) -> d
         else:
             out[i] = "randomized"
     return out
-
-
-class _Cache:
-    """Blocks of ``T`` shared by all indices of one call, trimmed to their non-zero range."""
-
-    def __init__(self, op: Operator):
-        self.op = op
-        self._dense = None
-        self._left = None      # T[:, :N]   (recurrences: every H_i with i <= N lies in it)
-        self._bottom = None    # T[L-N:, :] (every H_i with L - i <= N)
-
-    def dense(self):
-        if self._dense is None:
-            self._dense = self.op.dense()
-        return self._dense
-
-    def hankel(self, i: int):
-        """``H_i`` without its all-zero rows and columns (same non-zero singular values)."""
-        op = self.op
-        L = op.seq_len
-        if self._dense is None and isinstance(op, GatedRecurrence):
-            n = op.state_width
-            if i <= n:
-                if self._left is None:
-                    self._left = op.block(slice(None), slice(0, n))
-                return self._left[..., i:, :i]
-            if L - i <= n:
-                if self._bottom is None:
-                    self._bottom = op.block(slice(L - n, None), slice(None))
-                return self._bottom[..., i - (L - n):, :i]
-            return op.hankel(i)
-        rows, cols = op.hankel_support(i)
-        narrowed = (rows.indices(L)[:2], cols.indices(L)[:2]) != ((i, L), (0, i))
-        if narrowed and self._dense is None and not isinstance(op, Dense):
-            h = op.block(rows, cols)          # a window or a short kernel: never materialize T
-        else:
-            h = self.dense()[..., rows, cols]
-        return trim_zero_lines(h)
 
 
 def _default_generator(device: torch.device) -> torch.Generator:
