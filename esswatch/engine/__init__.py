@@ -5,9 +5,12 @@
 - :mod:`.hankel`: exact singular values and Frobenius norms of the Hankel
   blocks ``H_i = T[i:, :i]`` of dense causal matrices.
 - :mod:`.gram`: exact singular values of ``H_i`` for diagonal recurrences via
-  the Gramian recursions (``docs/ess.md`` section 4).
+  factored Gramians, direct for a few indices, chunked for many (``docs/ess.md`` section 4).
+- :mod:`.exact`: trimmed (all-zero rows/columns dropped), tall-oriented, batched SVDs.
 - :mod:`.randomized`: matrix-free randomized sketches of ``H_i`` with
   deterministic bounds on the entropy-ESS of the whole spectrum.
+- :mod:`.slq`: deflated stochastic Lanczos quadrature for blocks with a flat tail.
+- :mod:`.adaptive`: the adaptive randomized estimators built from the two above.
 """
 from .spectral import entropy_from_singular_values, tolerance_from_singular_values, compute_dtype
 from .validation import check_finite

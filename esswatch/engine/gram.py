@@ -1,101 +1,193 @@
-"""Exact Hankel singular values of diagonal recurrences via the Gramians.
+"""Exact Hankel singular values of diagonal recurrences via factored Gramians.
 
-For ``T[r, c] = sum_n q[r, n] k[c, n] prod_{s=c+1..r} a[s, n]`` (``docs/ess.md`` section 1,
-``a = exp(log_decay)``) the Hankel block factors as ``H_i = O_i R_i`` with an
-``N``-dimensional state, and the squared singular values of ``H_i`` are the
-eigenvalues of ``P_i Q_i`` where (``docs/ess.md`` section 4, diagonal ``A``)::
+For ``T[r, c] = sum_n q[r, n] k[c, n] prod_{s=c+1..r} a[s, n]`` (``docs/ess.md`` sections 1 and 4,
+``a = exp(log_decay)``)
+the Hankel block factors as ``H_i = O_i R_i`` through an ``N``-dimensional state. With
+``Lam[t, n] = sum_{s <= t} log_decay[s, n]`` (float64)::
 
-    P_1 = k_0 k_0^T,   P_{i+1} = a_i a_i^T * P_i + k_i k_i^T          (forward)
-    Q_L = 0,           Q_i     = a_i a_i^T * (q_i q_i^T + Q_{i+1})     (backward)
+    R_i[n, c] = k[c, n] exp(Lam[i-1, n] - Lam[c, n])     (c < i)
+    O_i[r, n] = q[r, n] exp(Lam[r, n] - Lam[i-1, n])     (r >= i)
 
-All ``L - 1`` indices cost ``O(L N^2)`` for the two recursions plus one
-``N x N`` symmetric eigenproblem per kept index. The recursions and the
-eigenproblem run in float64: squaring loses half the digits of the small
-singular values, so float64 resolves singular values down to about
-``1e-8 * s_1`` (their entropy contribution below that is under ``1e-6``).
+Every exponent is ``<= 0``, so both factors are computed directly and stably. The
+squared singular values of ``H_i`` are the eigenvalues of ``P_i Q_i`` with
+``P_i = R_i R_i^T`` and ``Q_i = O_i^T O_i``.
 
-The eigenproblem is made symmetric with a Cholesky factor ``P_i = C C^T``:
-``eig(P Q) = eig(C^T Q C)``. Where ``P_i`` is singular (``i < N``, or a
-degenerate recurrence) the Cholesky of ``Q_i`` is tried instead, and where both
-fail the index is returned as "unresolved" so the caller computes it densely.
-Everything is differentiable with finite gradients (``eigvalsh``'s backward
-``V diag(g) V^T`` is well defined for repeated eigenvalues; the square root uses
-:func:`safe_sqrt`).
+Two ways to form the Gramians, neither with a Python step per position:
+
+* **direct** (a few indices): ``R_i``/``O_i`` for all requested indices at once and two
+  batched contractions, ``O(n L N^2)``;
+* **chunked** (many or all indices): positions are cut into chunks of ``C ~ sqrt(L)``.
+  The partial sums inside every chunk advance one offset at a time for all chunks at
+  once (``C`` batched steps); between chunks ``P_{b+C} = D P_b D + S_b`` (``D`` diagonal,
+  ``<= 1``) takes ``L / C`` steps. ``O(L N^2)`` work for all indices in about
+  ``2 sqrt(L)`` steps, never one Python step per position.
+
+The eigenproblem runs in float64 and is made symmetric with a Cholesky factor
+``P_i = C C^T`` (``eig(P Q) = eig(C^T Q C)``); where ``P_i`` is singular the Cholesky of
+``Q_i`` is tried instead, and where both fail the index is returned as unresolved so the
+caller computes it densely. Squaring loses half the digits of the small singular values:
+float64 resolves them down to about ``1e-8 * s_1`` (entropy contribution below ``1e-6``).
+Everything is differentiable with finite gradients (masked exponents are ``-inf`` before
+``exp``; the square root uses :func:`safe_sqrt`).
 """
 from __future__ import annotations
-
-from typing import Optional, Tuple
 
 import torch
 
 from .spectral import safe_sqrt
 
-__all__ = ["gram_squared_singular_values", "gram_singular_values"]
+__all__ = ["gram_singular_values", "gram_squared_singular_values", "gramians"]
+
+#: log decays below this are clamped: exp(-1000) is exactly 0 in float64, and -inf would
+#: turn the differences of cumulative sums into NaN
+_LOG_FLOOR = -1000.0
+#: the direct form is used for at most this many indices while n * L * N * batch stays
+#: below DIRECT_MAX_ELEMS elements (its cost grows with n; the chunked form's does not)
+DIRECT_MAX_INDICES = 16
+DIRECT_MAX_ELEMS = 1 << 22
 
 
-def _gramians(q: torch.Tensor, k: torch.Tensor, log_decay: Optional[torch.Tensor], indices: torch.Tensor):
-    """``P_i`` and ``Q_i`` (float64) at the requested indices, shape ``batch + (n, N, N)``."""
-    L = q.shape[-2]
-    want = torch.zeros(L + 1, dtype=torch.bool)
-    want[indices] = True
-    want_list = want.tolist()
-    pos = {int(i): j for j, i in enumerate(indices.tolist())}
-
-    q64 = q.to(torch.float64)
-    k64 = k.to(torch.float64)
+def _log_cumsum(log_decay, shape):
+    """``Lam`` (float64) broadcast to ``shape`` = batch + (L, N); zeros for ``None``."""
     if log_decay is None:
-        aa = None
+        return None
+    ld = torch.clamp(log_decay.to(torch.float64), min=_LOG_FLOOR)
+    lam = torch.cumsum(ld, dim=-2)
+    return lam.expand(*shape[:-1], lam.shape[-1])
+
+
+def _direct(q, k, lam, idx):
+    """``P_i, Q_i`` for the indices ``idx`` (1-D, on q's device) from the factors."""
+    L = q.shape[-2]
+    pos = torch.arange(L, device=q.device)
+    past = pos[None, :] < idx[:, None]                                    # (n, L): c < i
+    if lam is None:
+        w_p = past.to(q.dtype)[..., None]
+        w_q = (~past).to(q.dtype)[..., None]
+        R = k[..., None, :, :] * w_p                                      # batch + (n, L, N)
+        O = q[..., None, :, :] * w_q
     else:
-        a = torch.exp(log_decay.to(torch.float64))
-        a = a.expand(*q.shape[:-1], a.shape[-1])
-        aa = a[..., :, :, None] * a[..., :, None, :]             # batch + (L, N|1, N|1)
-    # unbind along time once: indexing one step at a time would make autograd's backward
-    # scatter into a full (L, N, N) zero tensor per step (O(L^2 N^2) instead of O(L N^2))
-    kk = (k64[..., :, :, None] * k64[..., :, None, :]).unbind(-3)   # L x batch + (N, N)
-    qq = (q64[..., :, :, None] * q64[..., :, None, :]).unbind(-3)
-    if aa is not None:
-        aa = aa.unbind(-3)
+        anchor = lam[..., idx - 1, :]                                     # batch + (n, N|1): Lam[i-1]
+        d_p = anchor[..., :, None, :] - lam[..., None, :, :]              # Lam[i-1] - Lam[c]
+        d_q = lam[..., None, :, :] - anchor[..., :, None, :]              # Lam[r] - Lam[i-1]
+        ninf = torch.tensor(float("-inf"), dtype=q.dtype, device=q.device)
+        R = k[..., None, :, :] * torch.exp(torch.where(past[..., None], d_p, ninf))
+        O = q[..., None, :, :] * torch.exp(torch.where(past[..., None], ninf, d_q))
+    P = R.transpose(-1, -2) @ R
+    Q = O.transpose(-1, -2) @ O
+    return P, Q
 
-    n = len(pos)
-    p_out = [None] * n
-    q_out = [None] * n
 
-    # forward: P_1 = k_0 k_0^T ; P_{i+1} = aa_i * P_i + kk_i
-    P = kk[0]
-    if want_list[1]:
-        p_out[pos[1]] = P
-    for i in range(1, L - 1):
-        P = (aa[i] * P if aa is not None else P) + kk[i]
-        if want_list[i + 1]:
-            p_out[pos[i + 1]] = P
-    # backward: Q_L = 0 ; Q_i = aa_i * (qq_i + Q_{i+1})
-    Q = None
-    for i in range(L - 1, 0, -1):
-        inner = qq[i] if Q is None else qq[i] + Q
-        Q = aa[i] * inner if aa is not None else inner
-        if want_list[i]:
-            q_out[pos[i]] = Q
-    return torch.stack(p_out, dim=-3), torch.stack(q_out, dim=-3)
+def _chunked_forward(k, lam, idx, C):
+    """``P_i`` for the sorted unique indices ``idx`` by chunks (see module doc).
+
+    Two levels of the recurrence ``P_{t+1} = D_t P_t D_t + k_t k_t^T``: inside every chunk
+    (one step per offset, all chunks at once: ``C`` steps), then between chunks (one step
+    per chunk: ``L / C`` steps). Every factor ``D`` is ``<= 1``.
+    """
+    *batch, L, N = k.shape
+    nc = -(-L // C)
+    pad = nc * C - L
+    dev, dt = k.device, k.dtype
+    kc = torch.nn.functional.pad(k, (0, 0, 0, pad)).reshape(*batch, nc, C, N)
+    if lam is not None:
+        # padded positions repeat the last Lam (no decay); they carry k = 0
+        lamp = torch.cat([lam, lam[..., -1:, :].expand(*lam.shape[:-2], pad, lam.shape[-1])], dim=-2)
+        lc = lamp.reshape(*batch, nc, C, lamp.shape[-1])
+        step = torch.exp(lc[..., 1:, :] - lc[..., :-1, :])               # a at offsets 1..C-1 (<= 1)
+    # inside the chunks: S[j] = sum_{c in [mC, mC+j]} of k_c k_c^T weighted to position mC + j
+    kk = kc[..., :, :, None] * kc[..., :, None, :]                        # batch + (nc, C, N, N)
+    parts = [kk[..., 0, :, :]]
+    for j in range(1, C):
+        prev = parts[-1]
+        if lam is not None:
+            a = step[..., j - 1, :]
+            prev = prev * (a[..., :, None] * a[..., None, :])
+        parts.append(prev + kk[..., j, :, :])
+    S = torch.stack(parts, dim=-3)                                        # batch + (nc, C, N, N)
+    # between chunks: A[m] = P at position mC (sum over c < mC)
+    anchors = [torch.zeros(*batch, N, N, dtype=dt, device=dev)]
+    for m in range(1, nc):
+        prev = anchors[-1]
+        if lam is not None and m > 1:
+            g = torch.exp(lamp[..., m * C - 1, :] - lamp[..., (m - 1) * C - 1, :])
+            prev = prev * (g[..., :, None] * g[..., None, :])
+        anchors.append(prev + S[..., m - 1, C - 1, :, :])
+    A = torch.stack(anchors, dim=-3)                                      # batch + (nc, N, N)
+    # P_i = D A[m] D + S[m][i-1-mC], m = (i-1) // C, D = exp(Lam[i-1] - Lam[mC-1])
+    m = (idx - 1) // C
+    jj = (idx - 1) % C
+    out = S[..., m, jj, :, :]
+    base = A[..., m, :, :]
+    if lam is not None:
+        has = (m > 0).to(dt)
+        prev_pos = torch.clamp(m * C - 1, min=0)
+        g = torch.exp(lamp[..., idx - 1, :] - lamp[..., prev_pos, :])     # batch + (n, N|1)
+        base = base * (g[..., :, None] * g[..., None, :]) * has[:, None, None]
+    return out + base
+
+
+def gramians(q: torch.Tensor, k: torch.Tensor, log_decay: torch.Tensor | None, indices: torch.Tensor,
+             method: str = "auto"):
+    """``P_i`` and ``Q_i`` (float64) at sorted unique ``indices``, shape ``batch + (n, N, N)``.
+
+    ``method``: ``"direct"``, ``"chunked"`` or ``"auto"`` (direct while the factors are small).
+    """
+    q64, k64 = q.to(torch.float64), k.to(torch.float64)
+    lam = _log_cumsum(log_decay, q64.shape)
+    idx = indices.to(q.device)
+    n, (L, N) = idx.numel(), q.shape[-2:]
+    if method == "auto":
+        nb = max(1, q[..., 0, 0].numel())
+        method = "direct" if n <= DIRECT_MAX_INDICES and n * L * N * nb <= DIRECT_MAX_ELEMS else "chunked"
+    if method == "direct":
+        return _direct(q64, k64, lam, idx)
+    C = max(4, round(L ** 0.5))
+    P = _chunked_forward(k64, lam, idx, C)
+    # Q_i is P of the time-reversed system: r -> L-1-r, with reversed decays shifted by one
+    # (O_i[r] weight exp(Lam[r] - Lam[i-1]) = prod_{s=i..r} a_s), index i -> L - i
+    q_rev = q64.flip(-2)
+    lam_rev = None
+    if lam is not None:
+        ld = torch.clamp(log_decay.to(torch.float64), min=_LOG_FLOOR).expand(*q64.shape[:-1], lam.shape[-1])
+        # reversed step t' = L-1-t carries log a_t; the weight between positions needs a_s for
+        # s in [i, r]: in reversed time the decay applied "after" position t' is a_{L-1-t'}
+        shifted = ld.flip(-2)
+        lam_rev = torch.cumsum(torch.nn.functional.pad(shifted[..., :-1, :], (0, 0, 1, 0)), dim=-2)
+    Q = _chunked_forward(q_rev, lam_rev, L - idx, C)
+    if lam is not None:
+        # the reversed P sums exp(Lam'[L-i-1] - Lam'[r']) for r' < L-i; the true Q_i weights
+        # carry one more factor a_i (s = i included): multiply by exp(ld[i]) on both sides
+        g = torch.exp(ld[..., idx, :])
+        Q = Q * (g[..., :, None] * g[..., None, :])
+    return P, Q
 
 
 def gram_squared_singular_values(
-    q: torch.Tensor, k: torch.Tensor, log_decay: Optional[torch.Tensor], indices: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q: torch.Tensor, k: torch.Tensor, log_decay: torch.Tensor | None, indices: torch.Tensor,
+    method: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Squared Hankel singular values (float64) for a diagonal recurrence.
 
     Args:
         q, k: ``batch + (L, N)``.
         log_decay: broadcastable to ``batch + (L, N)`` (``(L, 1)`` for one decay
             per head), or ``None`` for plain linear attention.
-        indices: 1-D int64 CPU tensor of indices in ``1..L-1``.
+        indices: 1-D int64 tensor of indices in ``1..L-1`` (any order, repeats allowed).
+        method: ``"auto"``, ``"direct"`` or ``"chunked"`` (module doc).
 
     Returns:
-        ``(sigma2, ok, fro2)``: eigenvalues ``batch + (n, N)`` (descending, clamped
-        at 0), a bool mask ``batch + (n,)`` of the entries that were resolved
-        (False where both Gramians were numerically singular), and the exact
+        ``(sigma2, ok, fro2)`` in the order of ``indices``: eigenvalues ``batch + (n, N)``
+        (descending, clamped at 0), a bool mask ``batch + (n,)`` of the entries that were
+        resolved (False where both Gramians were numerically singular), and the exact
         ``||H_i||_F^2 = trace(P_i Q_i)``.
     """
-    P, Q = _gramians(q, k, log_decay, indices)
+    indices = torch.as_tensor(indices, dtype=torch.int64).reshape(-1).cpu()
+    uniq, inverse = torch.unique(indices, sorted=True, return_inverse=True)
+    P, Q = gramians(q, k, log_decay, uniq, method)
+    inv = inverse.to(P.device)
+    if uniq.numel() != indices.numel() or not torch.equal(uniq, indices):
+        P, Q = P[..., inv, :, :], Q[..., inv, :, :]
     fro2 = (P * Q).sum(dim=(-1, -2))                      # trace(P Q) for symmetric P, Q
     cp, info_p = torch.linalg.cholesky_ex(P)
     cq, info_q = torch.linalg.cholesky_ex(Q)
@@ -113,7 +205,7 @@ def gram_squared_singular_values(
     return lam, ok, fro2
 
 
-def gram_singular_values(q, k, log_decay, indices):
+def gram_singular_values(q, k, log_decay, indices, method: str = "auto"):
     """Like :func:`gram_squared_singular_values` but returns singular values (finite gradients)."""
-    lam, ok, fro2 = gram_squared_singular_values(q, k, log_decay, indices)
+    lam, ok, fro2 = gram_squared_singular_values(q, k, log_decay, indices, method)
     return safe_sqrt(lam), ok, fro2

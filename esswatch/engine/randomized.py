@@ -52,7 +52,8 @@ def sketch_singular_values(
     device: torch.device,
     generator: Optional[torch.Generator],
     rmatmul_exact: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-) -> torch.Tensor:
+    return_basis: bool = False,
+):
     """Top-``k`` singular values of ``Q^T H`` from a subspace iteration (lower bounds of ``s_1..s_k``).
 
     The power iterations run in ``dtype``; if ``rmatmul_exact`` is given (a float64
@@ -69,7 +70,10 @@ def sketch_singular_values(
         b = rmatmul(qm)
     else:
         b = rmatmul_exact(_orth(qm.to(torch.float64)))
-    return torch.linalg.svdvals(b)        # singular values of H^T Q = those of Q^T H
+    t = torch.linalg.svdvals(b)           # singular values of H^T Q = those of Q^T H
+    if return_basis:
+        return t, _orth(b.to(torch.float64))
+    return t
 
 
 def water_fill(t2: torch.Tensor, total: torch.Tensor, p: int) -> torch.Tensor:

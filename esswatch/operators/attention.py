@@ -92,7 +92,32 @@ class SoftmaxAttention(Operator):
             ok = ok & (diff < self.window)
         return ok
 
+    def hankel_support(self, i: int):
+        """With a window ``w``, ``H_i``'s non-zeros lie in rows ``i..i+w-2`` and columns ``i-w+1..i-1``."""
+        if self.window is None:
+            return super().hankel_support(i)
+        w = self.window
+        return slice(i, min(self.seq_len, i + w - 1)), slice(max(0, i - w + 1), i)
+
+    def block(self, rows: slice, cols: slice) -> torch.Tensor:
+        """``T[..., rows, cols]`` from the rows' scores only (the same arithmetic as :meth:`dense`)."""
+        L = self.seq_len
+        r0, r1, _ = rows.indices(L)
+        c0, c1, _ = cols.indices(L)
+        if r1 <= r0 or c1 <= c0:
+            return self.dense()[..., rows, cols]
+        # a row's softmax needs every column it may attend to: [r - w + 1, r] (causal, window)
+        lo = 0 if self.window is None else max(0, r0 - self.window + 1)
+        lo = min(lo, c0)
+        hi = max(r1, c1)
+        t = self._dense_part(slice(r0, r1), slice(lo, hi))
+        return t[..., :, c0 - lo:c1 - lo]
+
     def dense(self) -> torch.Tensor:
+        return self._dense_part(slice(None), slice(None))
+
+    def _dense_part(self, rows: slice, cols: slice) -> torch.Tensor:
+        """Rows ``rows`` of ``T`` restricted to ``cols``, which must hold every column the rows may attend to."""
         out_dt = torch.float64 if self.q.dtype == torch.float64 else torch.float32
         dt = out_dt
         if dt == torch.float32:
@@ -101,27 +126,32 @@ class SoftmaxAttention(Operator):
                 * self.q.shape[-1] * abs(self.scale)
             if float(bound) > _F32_SAFE:
                 dt = torch.float64
+        L = self.seq_len
+        r_idx = torch.arange(L, device=self.q.device)[rows]
+        c_idx = torch.arange(L, device=self.q.device)[cols]
+        q = self.q[..., rows, :]
+        k = self.k[..., cols, :]
         fmax = torch.finfo(dt).max
-        scores = torch.clamp((self.q.to(dt) @ self.k.to(dt).transpose(-1, -2)) * self.scale, -fmax, fmax)
-        scores = scores.expand(*self.batch_shape, self.seq_len, self.seq_len)
-        return self._softmax(scores, dt).to(out_dt)
-
-    def _softmax(self, scores: torch.Tensor, dt) -> torch.Tensor:
-        ok = self.allowed()
+        scores = torch.clamp((q.to(dt) @ k.to(dt).transpose(-1, -2)) * self.scale, -fmax, fmax)
+        scores = scores.expand(*self.batch_shape, r_idx.numel(), c_idx.numel())
+        diff = r_idx[:, None] - c_idx[None, :]
+        ok = diff >= 0
+        if self.window is not None:
+            ok = ok & (diff < self.window)
         if self.mask is None:
             # every row can attend at least to itself: one masked softmax, no empty-row handling
-            return torch.softmax(scores.masked_fill(~ok, float("-inf")), dim=-1)
-        if self.mask is not None:
-            if self.mask.dtype == torch.bool:
-                ok = ok & self.mask
-            else:
-                scores = scores + self.mask.to(dt)
-                ok = ok & torch.isfinite(self.mask)
+            return torch.softmax(scores.masked_fill(~ok, float("-inf")), dim=-1).to(out_dt)
+        mask = self.mask[..., rows, cols]
+        if mask.dtype == torch.bool:
+            ok = ok & mask
+        else:
+            scores = scores + mask.to(dt)
+            ok = ok & torch.isfinite(mask)
         scores = scores.masked_fill(~ok, float("-inf"))
         row_has = torch.isfinite(scores).any(dim=-1, keepdim=True)
         scores = torch.where(row_has, scores, torch.zeros_like(scores))
         probs = torch.softmax(scores, dim=-1)
-        return torch.where(row_has & ok, probs, torch.zeros_like(probs))
+        return torch.where(row_has & ok, probs, torch.zeros_like(probs)).to(out_dt)
 
     def to(self, dtype=None, device=None) -> "SoftmaxAttention":
         cast = lambda x: None if x is None else x.to(dtype=dtype if x.is_floating_point() else None, device=device)

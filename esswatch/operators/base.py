@@ -98,6 +98,18 @@ class Operator:
         return self
 
     # -- Hankel blocks and their products -----------------------------------
+    def block(self, rows: slice, cols: slice) -> torch.Tensor:
+        """``T[..., rows, cols]`` (subclasses compute it without materializing ``T`` where they can)."""
+        return self.dense()[..., rows, cols]
+
+    def hankel_support(self, i: int):
+        """``(rows, cols)``: slices of ``T`` that hold every non-zero of ``H_i`` by structure.
+
+        The default is all of ``H_i``; a sliding window or a short kernel narrows it (spec
+        section 4, trimming). Rows and columns outside are exactly zero.
+        """
+        return slice(i, self.seq_len), slice(0, i)
+
     def hankel(self, i: int) -> torch.Tensor:
         """``H_i = T[..., i:, :i]`` materialized, shape ``batch + (L-i, i)``."""
         return self.dense()[..., i:, :i]

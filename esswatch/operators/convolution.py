@@ -46,6 +46,26 @@ class Convolution(Operator):
             return self
         return Convolution(self.h / s, value_dim=self.value_dim)
 
+    def _support(self) -> int:
+        """Kernel length: 1 + the largest lag with a non-zero tap in any channel (one host sync)."""
+        if getattr(self, "_kernel_len", None) is None:
+            nz = (self.h.detach() != 0).reshape(-1, self.seq_len).any(0)
+            idx = nz.nonzero()
+            self._kernel_len = int(idx[-1]) + 1 if idx.numel() else 1
+        return self._kernel_len
+
+    def hankel_support(self, i: int):
+        """A kernel of length ``K`` leaves ``H_i`` non-zero in rows ``i..i+K-2`` and columns ``i-K+1..i-1``."""
+        K = self._support()
+        return slice(i, min(self.seq_len, i + K - 1)), slice(max(0, i - K + 1), i)
+
+    def block(self, rows: slice, cols: slice) -> torch.Tensor:
+        L = self.seq_len
+        dt = torch.float64 if self.h.dtype == torch.float64 else torch.float32
+        r = torch.arange(L, device=self.h.device)
+        lag = r[rows][:, None] - r[cols][None, :]
+        return self.h.to(dt)[..., lag.clamp(min=0)] * (lag >= 0)
+
     def hankel_fro2(self, indices, dense=None):
         """Exact ``||H_i||_F^2 = sum_d h[d]^2 * #{(r, c): r - c = d, r >= i > c}`` in O(L) per index."""
         L = self.seq_len

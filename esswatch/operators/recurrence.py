@@ -109,6 +109,10 @@ class GatedRecurrence(Operator):
             outs.append((qr[..., s:e, None, :] * kc[..., None, :, :] * torch.exp(diff)).sum(-1))
         return torch.cat(outs, dim=-2)
 
+    def block(self, rows: slice, cols: slice) -> torch.Tensor:
+        """``T[..., rows, cols]`` from the formula (float32, or float64 for float64 input)."""
+        return self._block(rows, cols, self._dt())
+
     def _dt(self):
         return torch.float64 if self.q.dtype == torch.float64 else torch.float32
 

@@ -1,0 +1,48 @@
+"""Blocks ``H_i`` of one operator for one functional-API call, trimmed to their non-zeros.
+
+Used by :mod:`esswatch.ess`; sits between the operators and the functional API.
+"""
+from __future__ import annotations
+
+from .engine.exact import trim_zero_lines
+from .operators import Dense, GatedRecurrence, Operator
+
+__all__ = ["BlockCache"]
+
+
+class BlockCache:
+    """Blocks of ``T`` shared by all indices of one call, trimmed to their non-zero range."""
+
+    def __init__(self, op: Operator):
+        self.op = op
+        self._dense = None
+        self._left = None      # T[:, :N]   (recurrences: every H_i with i <= N lies in it)
+        self._bottom = None    # T[L-N:, :] (every H_i with L - i <= N)
+
+    def dense(self):
+        if self._dense is None:
+            self._dense = self.op.dense()
+        return self._dense
+
+    def hankel(self, i: int):
+        """``H_i`` without its all-zero rows and columns (same non-zero singular values)."""
+        op = self.op
+        L = op.seq_len
+        if self._dense is None and isinstance(op, GatedRecurrence):
+            n = op.state_width
+            if i <= n:
+                if self._left is None:
+                    self._left = op.block(slice(None), slice(0, n))
+                return self._left[..., i:, :i]
+            if L - i <= n:
+                if self._bottom is None:
+                    self._bottom = op.block(slice(L - n, None), slice(None))
+                return self._bottom[..., i - (L - n):, :i]
+            return op.hankel(i)
+        rows, cols = op.hankel_support(i)
+        narrowed = (rows.indices(L)[:2], cols.indices(L)[:2]) != ((i, L), (0, i))
+        if narrowed and self._dense is None and not isinstance(op, Dense):
+            h = op.block(rows, cols)          # a window or a short kernel: never materialize T
+        else:
+            h = self.dense()[..., rows, cols]
+        return trim_zero_lines(h)

@@ -1,0 +1,178 @@
+"""The adaptive randomized estimators of one Hankel block (entropy-ESS and tolerance-ESS).
+
+Entropy-ESS (:func:`randomized_entropy`), in order of cost:
+
+1. a rank-16 pilot sketch without power iterations (a few % of an exact SVD); long-tailed
+   blocks (``upper/lower > SKETCH_HOPELESS_RATIO``) skip the bound-closing sketches;
+2. low-ESS blocks are often resolved by the pilot's rank already (bounds of
+   :mod:`.randomized` within ``(1 + rtol)^2``);
+3. sketches of rank 32, 64, ... with 2 power iterations until the bounds close, while they
+   cost less than ``SKETCH_BUDGET`` of an exact SVD;
+4. blocks where the bounds cannot close (a long flat tail) and whose smaller side is at
+   least ``SLQ_MIN_SIZE``: the deflated stochastic Lanczos quadrature of :mod:`.slq`,
+   accepted per batch entry when ``gap/2 + 2 SE <= log(1 + rtol)`` (about 95% confidence);
+5. everything else (and every rejected batch entry) is computed exactly.
+
+All randomness comes from the ``generator`` argument. Pure tensor math on the block.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .exact import oriented_svdvals
+from .randomized import entropy_bounds, sketch_singular_values
+from .slq import slq_entropy
+from .spectral import entropy_from_singular_values
+
+__all__ = [
+    "SKETCH_BUDGET",
+    "SKETCH_COST",
+    "SKETCH_HOPELESS_RATIO",
+    "SKETCH_PILOT_RANK",
+    "SKETCH_POWER_ITERS",
+    "SKETCH_RANK0",
+    "SLQ_MIN_SIZE",
+    "SLQ_RANK",
+    "randomized_entropy",
+    "randomized_tolerance_sv",
+]
+
+#: randomized: starting rank and power iterations.
+SKETCH_RANK0 = 32
+SKETCH_POWER_ITERS = 2
+#: cost model (measured on CPU, examples/benchmarks/estimators.py): a rank-k sketch with
+#: 2 power iterations costs about SKETCH_COST * k / p of the exact SVD of the same block.
+SKETCH_COST = 3.0
+#: fall back to exact once the sketches would have cost SKETCH_BUDGET of the exact SVD, or
+#: at once if the first sketch leaves upper/lower above SKETCH_HOPELESS_RATIO (a long tail).
+SKETCH_BUDGET = 0.5
+SKETCH_HOPELESS_RATIO = 1.5
+#: rank of the pilot sketch (no power iteration) that screens out long-tailed blocks
+SKETCH_PILOT_RANK = 16
+#: the deflated SLQ runs on blocks whose smaller side is at least this (below it an exact
+#: SVD is about as cheap) with a deflation rank of SLQ_RANK
+SLQ_MIN_SIZE = 384
+SLQ_RANK = 32
+
+
+def _ratio(lo, hi) -> float:
+    return float((hi / torch.clamp(lo, min=1e-300)).max())
+
+
+def _exact(h):
+    e = entropy_from_singular_values(oriented_svdvals(h))
+    return e, e, e
+
+
+def _slq_or_exact(h, fro2, rtol, generator, basis=None):
+    """The deflated SLQ where it meets its acceptance test, exact per batch entry elsewhere.
+
+    ``basis``: a right basis of ``h`` from a sketch already run (skips the SLQ's own)."""
+    p = min(h.shape[-2:])
+    est, half_gap, se, t, _ = slq_entropy(h, SLQ_RANK, generator, fro2=fro2, basis=basis)
+    _, lo, hi = entropy_bounds(t, fro2, p)
+    est = torch.minimum(torch.maximum(est.to(lo.dtype), lo), hi)
+    ok = (half_gap + 2 * se <= math.log1p(rtol)) & torch.isfinite(est)
+    if bool(ok.all()):
+        return est, lo, hi
+    # exact for the rejected batch entries only
+    flat = h.reshape(-1, *h.shape[-2:])
+    bad = (~ok).reshape(-1)
+    ex = entropy_from_singular_values(torch.linalg.svdvals(flat[bad])).to(est.dtype)
+    est, lo, hi = (x.reshape(-1).clone() for x in (est, lo, hi))
+    for x in (est, lo, hi):
+        x[bad] = ex
+    shape = ok.shape
+    return est.reshape(shape), lo.reshape(shape), hi.reshape(shape)
+
+
+def randomized_entropy(h: torch.Tensor, rtol: float, generator, *, allow_slq: bool = True):
+    """``(est, lower, upper)`` of entropy-ESS of the block ``h`` (``batch + (m, n)``).
+
+    ``lower <= exact <= upper`` always (deterministic bounds; equal to the estimate where the
+    block was computed exactly). The estimate is within ``rtol`` of the exact value for
+    bound-closed and exact entries; for entries accepted by the deflated SLQ with about 95%
+    confidence.
+    """
+    if h.shape[-2] < h.shape[-1]:
+        h = h.transpose(-1, -2)            # tall: same singular values, smaller sketch vectors
+    h = h.contiguous()
+    batch, (m, n) = h.shape[:-2], h.shape[-2:]
+    p = min(m, n)
+    matmul = lambda v: h @ v
+    rmatmul = lambda w: h.transpose(-1, -2) @ w
+    use_slq = allow_slq and p >= SLQ_MIN_SIZE
+    fro2 = torch.sum(h * h, dim=(-1, -2), dtype=torch.float64)
+
+    spent = 0.0
+    if p >= 4 * SKETCH_PILOT_RANK:
+        # a pilot in the compute dtype: rank 16, no power iteration (a few % of an exact SVD)
+        # screens out long-tailed blocks, which go to the SLQ or exact at once
+        t = sketch_singular_values(matmul, rmatmul, n, batch, SKETCH_PILOT_RANK, 0, h.dtype, h.device, generator)
+        _, lo, hi = entropy_bounds(t.to(torch.float64), fro2, p)
+        if _ratio(lo, hi) > SKETCH_HOPELESS_RATIO:
+            return _slq_or_exact(h, fro2, rtol, generator) if use_slq else _exact(h)
+        spent += SKETCH_COST * SKETCH_PILOT_RANK / 3
+    # the sketches proper: power iterations in the compute dtype; the final projection and
+    # ||H||_F^2 in float64, since the unseen energy r^2 = ||H||_F^2 - sum t_j^2 is a
+    # difference of near-equal numbers that float32 round-off would swamp
+    h64 = h.to(torch.float64)
+    fro2 = (h64 * h64).sum(dim=(-1, -2))
+    rmatmul64 = lambda w: h64.transpose(-1, -2) @ w
+
+    if p >= 4 * SKETCH_PILOT_RANK:
+        # low-ESS blocks (trained attention) are often resolved by the pilot's rank already
+        t = sketch_singular_values(matmul, rmatmul, n, batch, SKETCH_PILOT_RANK, 0, h.dtype, h.device,
+                                   generator, rmatmul_exact=rmatmul64)
+        est, lo, hi = entropy_bounds(t, fro2, p)
+        if _ratio(lo, hi) <= (1 + rtol) ** 2:
+            return est, lo, hi
+        spent += SKETCH_COST * SKETCH_PILOT_RANK / 3
+    k = min(SKETCH_RANK0, p)
+    while True:
+        if k >= p:
+            return _exact(h)
+        t, basis = sketch_singular_values(matmul, rmatmul, n, batch, k, SKETCH_POWER_ITERS, h.dtype, h.device,
+                                          generator, rmatmul_exact=rmatmul64, return_basis=True)
+        spent += SKETCH_COST * k
+        est, lo, hi = entropy_bounds(t, fro2, p)
+        ratio = _ratio(lo, hi)
+        if ratio <= (1 + rtol) ** 2:
+            return est, lo, hi
+        if use_slq:
+            # the bounds did not close at rank 32: a flat tail; the sketch's basis deflates it
+            del h64
+            return _slq_or_exact(h, fro2, rtol, generator, basis if k == SLQ_RANK else None)
+        k_next = min(2 * k, p)
+        if ratio > SKETCH_HOPELESS_RATIO or spent + SKETCH_COST * k_next > SKETCH_BUDGET * p:
+            return _exact(h)
+        k = k_next
+
+
+def randomized_tolerance_sv(h: torch.Tensor, tol: float, relative: bool, generator):
+    """Sketched top singular values of ``h``, enough that counting them above the threshold is exact."""
+    batch, (m, n) = h.shape[:-2], h.shape[-2:]
+    p = min(m, n)
+    h64 = h.to(torch.float64)
+    fro2 = (h64 ** 2).sum(dim=(-1, -2))
+    k = min(SKETCH_RANK0, p)
+    spent = 0.0
+    while True:
+        if k >= p:
+            return oriented_svdvals(h)
+        t = sketch_singular_values(lambda v: h @ v, lambda w: h.transpose(-1, -2) @ w, n, batch, k,
+                                   SKETCH_POWER_ITERS, h.dtype, h.device, generator,
+                                   rmatmul_exact=lambda w: h64.transpose(-1, -2) @ w)
+        spent += SKETCH_COST * k
+        r = torch.sqrt(torch.clamp(fro2 - (t ** 2).sum(-1), min=0))
+        thresh = tol * t[..., 0] if relative else torch.full_like(r, tol)
+        # every unseen singular value is <= ||H - Q Q^T H||_2 <= r; every seen one lies in [t_j, t_j + r]
+        near = ((t - thresh[..., None]).abs() <= r[..., None]).any(-1)
+        if bool(((r < thresh) & ~near).all()):
+            return t
+        k_next = min(2 * k, p)
+        if spent + SKETCH_COST * k_next > SKETCH_BUDGET * p:
+            return oriented_svdvals(h)
+        k = k_next
