@@ -6,7 +6,7 @@ see ``[tool.importlinter]`` in ``pyproject.toml`` and CONTRIBUTING.md):
 - :mod:`esswatch.engine` - pure math on tensors (spectra, Gramians, sketches);
 - :mod:`esswatch.operators` - structured causal operators and their products;
 - :mod:`esswatch.ess` - the functional API (:func:`entropy_ess`, :func:`tolerance_ess`);
-- :mod:`esswatch.capture` - hooks that realize operators from modules;
+- :mod:`esswatch.probes` - hooks that realize operators from modules;
 - :mod:`esswatch.watch` - schedule, budget, aggregation, sinks (:class:`ESSWatch`);
 - :mod:`esswatch.integrations` - thin framework adapters (imported lazily).
 """
@@ -18,7 +18,7 @@ from ._version import __version__
 from .ess import entropy_ess, tolerance_ess
 
 if TYPE_CHECKING:  # the lazily exported names, visible to type checkers
-    from .capture import capture
+    from .probes import capture
     from .watch import ESSWatch
     from .watch.regularizer import Regularizer
 
@@ -27,7 +27,7 @@ __all__ = ["entropy_ess", "tolerance_ess", "ESSMemoryError", "operators", "captu
 
 def __getattr__(name):  # lazy: keep `import esswatch` light
     if name == "capture":
-        from .capture import capture
+        from .probes import capture
         return capture
     if name == "ESSWatch":
         from .watch import ESSWatch

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 import esswatch  # noqa: E402
-from esswatch.capture import CaptureWarning  # noqa: E402
+from esswatch.probes import CaptureWarning  # noqa: E402
 from esswatch.integrations.transformers import attention_registry  # noqa: E402
 from esswatch.operators import GatedRecurrence, SoftmaxAttention  # noqa: E402
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface  # noqa: E402
@@ -382,7 +382,7 @@ def test_bypassed_registry_and_kv_cache_are_warned():
 
     # a model whose only attention bypasses the registry: construction fails naming it (tests/test_unsupported.py)
     cfg = T.FalconConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, vocab_size=VOCAB)
-    with pytest.raises(esswatch.capture.UnsupportedModelError,
+    with pytest.raises(esswatch.probes.UnsupportedModelError,
                        match=r"FalconAttention .*transformer\.h\.0\.self_attention.*without transformers'"):
         esswatch.capture(T.FalconForCausalLM(cfg))
 

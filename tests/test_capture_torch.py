@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import esswatch
-from esswatch.capture import (CaptureError, CaptureWarning, Probe, capture, probe_for, register_probe,
+from esswatch.probes import (CaptureError, CaptureWarning, Probe, capture, probe_for, register_probe,
                               supported_types, unregister_probe, UnsupportedModelError)
-from esswatch.capture.torch_probes import MultiheadAttentionProbe
+from esswatch.probes.torch_probes import MultiheadAttentionProbe
 from esswatch.operators import GatedRecurrence, SoftmaxAttention
 
 from reference import entropy_ess_ref

@@ -10,7 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import esswatch  # noqa: E402
-from esswatch.capture import CaptureWarning  # noqa: E402
+from esswatch.probes import CaptureWarning  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 VOCAB, L, NEW = 50, 7, 4

@@ -1,7 +1,7 @@
 """The layer rule, enforced: a lower layer never imports a higher one.
 
-From the bottom up (CONTRIBUTING.md): engine <- operators <- ess <- capture <- {layers, watch}
-<- integrations <- tools <- cli. Modules of one layer may import each other; ``layers``
+From the bottom up (CONTRIBUTING.md): engine <- operators <- ess <- probes (the capture layer) <-
+{layers, watch} <- integrations <- {tools, demo} <- cli. Modules of one layer may import each other; ``layers``
 and ``watch`` are siblings and import neither each other. ``_version`` is a leaf anyone may
 import. The graph is read from the source with ``ast`` (every ``import``, also inside
 functions, and every string literal that names an ``esswatch`` module, which catches
@@ -24,21 +24,19 @@ LAYERS = {
     "engine": 1,
     "operators": 2,
     "ess": 3,
-    "ess_guard": 3,
-    "capture": 4,
+    "probes": 4,
     "layers": 5,
     "watch": 5,
     "integrations": 6,
     "tools": 7,
-    "demo": 7,  # TODO(issue 13): renamed to tools
+    "demo": 7,
     "cli": 8,
-    "cli_args": 8,
 }
 SIBLINGS = {frozenset({"layers", "watch"})}
 NAME_IN_STRING = re.compile(r"^esswatch(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 #: names the package root re-exports, and the module each comes from
 ROOT_EXPORTS = {"entropy_ess": "esswatch.ess", "tolerance_ess": "esswatch.ess", "operators": "esswatch.operators",
-                "capture": "esswatch.capture", "ESSWatch": "esswatch.watch", "Regularizer": "esswatch.watch",
+                "capture": "esswatch.probes", "ESSWatch": "esswatch.watch", "Regularizer": "esswatch.watch",
                 "__version__": "esswatch._version"}
 
 
@@ -120,7 +118,7 @@ def test_no_import_goes_up_a_layer():
 
 @pytest.mark.parametrize("src,dst,ok", [
     ("watch", "engine", True), ("engine", "watch", False), ("layers", "watch", False),
-    ("watch", "layers", False), ("integrations", "watch", True), ("capture", "integrations", False),
+    ("watch", "layers", False), ("integrations", "watch", True), ("probes", "integrations", False),
     ("cli", "tools", True), ("tools", "cli", False), ("engine", "_version", True),
 ])
 def test_the_rule_itself(src, dst, ok):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import esswatch
-from esswatch.capture import capture, probe_for
+from esswatch.probes import capture, probe_for
 from esswatch.layers import (MIXERS, CausalSelfAttention, GatedLinearAttention, LinearAttention, LongConvolution,
                              MixerProbe, SelectiveSSM, SequenceModel, make_mixer)
 from esswatch.operators import Convolution, GatedRecurrence, SoftmaxAttention

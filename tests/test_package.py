@@ -14,7 +14,7 @@ def _run(code: str) -> str:
 
 
 def test_import_esswatch_does_not_import_frameworks():
-    out = _run("import sys, esswatch, esswatch.ess, esswatch.operators, esswatch.capture;"
+    out = _run("import sys, esswatch, esswatch.ess, esswatch.operators, esswatch.probes;"
                "print(sorted(m for m in ('lightning', 'transformers', 'pytorch_lightning', 'matplotlib') "
                "if m in sys.modules))")
     assert out.strip() == "[]"
@@ -37,3 +37,11 @@ def test_quickstart_prints_bounded_ess():
         tss = None if row[2] == "grows" else int(row[2])
         if tss is not None:
             assert all(v <= tss + 1e-6 for v in values)
+
+
+def test_capture_is_the_function_whatever_is_imported():
+    """``esswatch.capture`` names one thing, the function, also after every submodule of the
+    capture layer (``esswatch.probes``) was imported: no module doubles as a callable."""
+    out = _run("import esswatch, esswatch.probes, esswatch.probes.registry, types;"
+               "print(isinstance(esswatch.capture, types.FunctionType), esswatch.capture is esswatch.probes.capture)")
+    assert out.split() == ["True", "True"]

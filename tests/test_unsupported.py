@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import esswatch
-from esswatch.capture import CaptureWarning, UnsupportedModelError
+from esswatch.probes import CaptureWarning, UnsupportedModelError
 from esswatch.watch import ESSWarning
 
 transformers = pytest.importorskip("transformers")

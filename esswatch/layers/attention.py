@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..capture.registry import register_probe
+from ..probes.registry import register_probe
 from ..operators import SoftmaxAttention
 from .probe import MixerProbe
 

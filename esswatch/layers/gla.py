@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..capture.registry import register_probe
+from ..probes.registry import register_probe
 from ..operators import GatedRecurrence
 from .probe import MixerProbe
 

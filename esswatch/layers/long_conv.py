@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..capture.registry import register_probe
+from ..probes.registry import register_probe
 from ..operators import Convolution
 from .probe import MixerProbe
 

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..capture.probe import Probe
+from ..probes.probe import Probe
 from ..operators import Operator
 
 __all__ = ["MixerProbe"]

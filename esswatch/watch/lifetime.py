@@ -3,7 +3,7 @@
 - :class:`GateHook` / :class:`DoneHook`: the model-level forward pre-hook (drops what an
   aborted forward recorded; arms the capture only for training-mode forwards) and forward
   hook (marks the forward complete); module-level callables (picklable through
-  :mod:`esswatch.capture.hooks`) that reference the gate, never the watch.
+  :mod:`esswatch.probes.hooks`) that reference the gate, never the watch.
 - :func:`release`: what ``close()`` and the garbage collector do (``weakref.finalize``): remove
   every hook, detach the capture, close the sinks. It holds no reference to the watch, so a
   watch dropped without ``close()`` is collected and the model is free for a new one.

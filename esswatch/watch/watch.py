@@ -41,7 +41,7 @@ Extension points (framework adapters, the regularizer): :meth:`set_step` feeds t
 framework's global step; :meth:`measure` measures what was captured and emits it;
 :class:`~esswatch.watch.sinks.Sink` routes results to another logger;
 :meth:`state_dict` / :meth:`load_state_dict`; :attr:`capture` is the owned
-:class:`~esswatch.capture.Capture` (``keep_graph`` configurable).
+:class:`~esswatch.probes.Capture` (``keep_graph`` configurable).
 """
 from __future__ import annotations
 
@@ -54,8 +54,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Unio
 import torch
 
 from .._version import __version__
-from ..capture import Capture
-from ..capture.hooks import adopt
+from ..probes import Capture
+from ..probes.hooks import adopt
 from .args import check_watch_args
 from .lifetime import DoneHook, GateHook, release
 from ..ess import DEFAULT_RELATIVE, DEFAULT_TOL

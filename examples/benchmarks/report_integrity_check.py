@@ -21,7 +21,7 @@ import torch
 
 import esswatch
 from esswatch.demo.events import check_event_file, event_files
-from esswatch.demo.report import _load, read_runs
+from esswatch.tools.report import _load, read_runs
 from esswatch.layers import SequenceModel
 
 

@@ -2,7 +2,7 @@
 
 - :class:`ESSCallback` (:mod:`.callback`): a ``TrainerCallback`` that measures and logs
   ESS during ``Trainer.train``;
-- :mod:`.capture`: probes for Hugging Face attention and Mamba mixers (registered
+- :mod:`.provider`: probes for Hugging Face attention and Mamba mixers (registered
   automatically once ``transformers`` is imported).
 
 Importing this package imports nothing heavy; ``ESSCallback`` imports transformers on

@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from esswatch.capture import CaptureError, CaptureWarning, Probe, UnsupportedProbe
+from esswatch.probes import CaptureError, CaptureWarning, Probe, UnsupportedProbe
 from esswatch.operators import Dense, Operator, SoftmaxAttention
 
 from . import attention_registry
@@ -199,7 +199,7 @@ class BypassingAttentionProbe(UnsupportedProbe):
     Such a module (e.g. Falcon, GPT-J, GPT-Neo, Bloom in transformers 5) computes attention
     with its own code, so esswatch cannot see its query and key without reimplementing it.
     Not capturable: the capture names it (an error when nothing else can be captured,
-    otherwise one warning), see :mod:`esswatch.capture.unsupported`.
+    otherwise one warning), see :mod:`esswatch.probes.unsupported`.
     """
 
     layer_type = "Hugging Face attention that bypasses the attention-function registry (not capturable)"

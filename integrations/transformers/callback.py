@@ -9,7 +9,7 @@
     trainer.train()
 
 A thin adapter over :class:`esswatch.ESSWatch` (all measuring happens there; the
-Hugging Face capture of :mod:`esswatch.integrations.transformers.capture` finds the
+Hugging Face capture of :mod:`esswatch.integrations.transformers.provider` finds the
 attention layers and Mamba mixers):
 
 - the watch is built on ``on_train_begin`` on the Trainer's model and closed on
@@ -68,7 +68,7 @@ require("transformers", SUPPORTED_TRANSFORMERS, "transformers")
 import transformers  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from . import capture as _capture  # noqa: E402,F401  (registers the Hugging Face capture provider)
+from . import provider as _provider  # noqa: E402,F401  (registers the Hugging Face capture provider)
 from .logstream import log_quietly, trainer_tensorboard_writer  # noqa: E402
 
 _NO_LOSS_HOOK = (

@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from esswatch.capture import CaptureWarning, Probe, UnsupportedProbe
+from esswatch.probes import CaptureWarning, Probe, UnsupportedProbe
 from esswatch.operators import GatedRecurrence, Operator
 
 __all__ = ["MambaProbe", "Mamba2Probe", "UnsupportedMixerProbe", "mamba_scan_inputs", "mamba2_scan_inputs"]
@@ -217,7 +217,7 @@ class UnsupportedMixerProbe(UnsupportedProbe):
     """A transformers state-space mixer esswatch has no probe for (e.g. Bamba, FalconH1, Zamba2).
 
     Not capturable: the capture names it (an error when nothing else can be captured,
-    otherwise one warning), see :mod:`esswatch.capture.unsupported`.
+    otherwise one warning), see :mod:`esswatch.probes.unsupported`.
     """
 
     layer_type = "Hugging Face state-space mixer without an esswatch probe (not capturable)"

@@ -67,7 +67,7 @@ class Capture:
         UnsupportedModelError: (a ``ValueError``) no selected layer can be captured; names each
             sequence-mixing layer type found and why. When only some cannot, one
             ``CaptureWarning`` lists them, and ``unsupported`` holds
-            ``{name: (module type, reason)}`` (see :mod:`esswatch.capture.unsupported`).
+            ``{name: (module type, reason)}`` (see :mod:`esswatch.probes.unsupported`).
     """
 
     def __init__(self, model: torch.nn.Module, layers: LayerSpec = None, *, batch_rows: Optional[int] = None,

@@ -1,7 +1,7 @@
 """Capture of Hugging Face transformers layers: registers esswatch's transformers provider.
 
-``esswatch.capture.probe_for`` imports this module as soon as ``transformers`` is
-imported; importing it calls :func:`esswatch.capture.add_provider` with
+``esswatch.probes.probe_for`` imports this module as soon as ``transformers`` is
+imported; importing it calls :func:`esswatch.probes.add_provider` with
 :func:`provider`. Supported:
 
 - attention modules whose ``forward`` calls transformers' attention-function registry
@@ -26,7 +26,7 @@ from typing import Optional, Type
 
 import torch
 
-from esswatch.capture import Probe, add_provider
+from esswatch.probes import Probe, add_provider
 
 from .attention import BidirectionalAttentionProbe, BypassingAttentionProbe, CrossAttentionProbe, HFAttentionProbe
 from .mamba import Mamba2Probe, MambaProbe, UnsupportedMixerProbe

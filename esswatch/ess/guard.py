@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .engine.memory import check_memory, estimate_bytes
-from .engine.spectral import compute_dtype
-from .operators import GatedRecurrence, Operator, SoftmaxAttention
+from ..engine.memory import check_memory, estimate_bytes
+from ..engine.spectral import compute_dtype
+from ..operators import GatedRecurrence, Operator, SoftmaxAttention
 
 __all__ = ["check_call_memory", "empty_result"]
 

@@ -111,7 +111,7 @@ def check_demo(parser: argparse.ArgumentParser, args) -> None:
     """Everything ``esswatch demo`` needs, before anything is created."""
     import torch
 
-    from .layers import SequenceModel
+    from ..layers import SequenceModel
 
     with torch.device("meta"):
         try:

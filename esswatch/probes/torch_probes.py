@@ -18,16 +18,16 @@ What is not a causal self-attention is never turned into a number:
 - cross-attention (``key`` is not the same tensor as ``query``, e.g. the
   ``multihead_attn`` of ``nn.TransformerDecoderLayer``) and bidirectional calls
   (no ``attn_mask`` and no ``is_causal``, e.g. an encoder without a mask): a
-  :class:`~esswatch.capture.CaptureWarning` naming the layer, and the layer is left
+  :class:`~esswatch.probes.CaptureWarning` naming the layer, and the layer is left
   out of ``cap.operators``;
 - an ``attn_mask`` that lets a position attend to a later one (an entry above the
   diagonal that is not ``True`` / not below ``-1e4``): building the operator raises
-  :class:`~esswatch.capture.CaptureError` naming the layer (checking values needs a
+  :class:`~esswatch.probes.CaptureError` naming the layer (checking values needs a
   host sync, so it happens outside the hooks);
 - ``add_bias_kv`` / ``add_zero_attn`` (an extra key that is no sequence position),
   and subclasses that override ``forward`` (their ``q``, ``k`` are unknown): not
   capturable (:meth:`MultiheadAttentionProbe.unsupported_reason`), so the capture
-  raises :class:`~esswatch.capture.UnsupportedModelError` when no other layer can be
+  raises :class:`~esswatch.probes.UnsupportedModelError` when no other layer can be
   captured and otherwise warns once on construction, naming the layer and the reason.
 
 ``nn.TransformerEncoderLayer``'s fused fast path (eval mode, no grad) calls a

@@ -1,7 +1,7 @@
 """``Probe``: realizes one module's operator from what it computed in a forward pass.
 
 A probe owns the hooks it registers (returned by :meth:`Probe.attach` and removed
-by the :class:`~esswatch.capture.Capture` that owns it) and stores the tensors
+by the :class:`~esswatch.probes.Capture` that owns it) and stores the tensors
 one forward call produced in a *record*. Its :meth:`build` turns a record into an
 operator of :mod:`esswatch.operators`. Probes never set attributes on the module.
 
@@ -40,7 +40,7 @@ class Probe:
     Attributes:
         layer_type: a short human name of the layer family (README, messages).
         name: qualified module name in the model.
-        session: the owning :class:`~esswatch.capture.Capture` (config + ``armed`` flag).
+        session: the owning :class:`~esswatch.probes.Capture` (config + ``armed`` flag).
     """
 
     layer_type: str = "layer"
@@ -67,8 +67,8 @@ class Probe:
     def unsupported_reason(self) -> Optional[str]:
         """Why this layer cannot be captured, decided from the module alone (``None`` = it can).
 
-        Asked once when a :class:`~esswatch.capture.Capture` selects layers; a layer with a
-        reason is not attached and is reported (see :mod:`esswatch.capture.unsupported`)."""
+        Asked once when a :class:`~esswatch.probes.Capture` selects layers; a layer with a
+        reason is not attached and is reported (see :mod:`esswatch.probes.unsupported`)."""
         return None
 
     # -- helpers for subclasses -----------------------------------------------

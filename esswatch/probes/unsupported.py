@@ -1,16 +1,16 @@
 """Layers esswatch recognises but cannot capture, and the one rule for them.
 
 A probe says at selection time that its layer cannot be captured by returning a reason
-from :meth:`~esswatch.capture.Probe.unsupported_reason` (:class:`UnsupportedProbe` always
+from :meth:`~esswatch.probes.Probe.unsupported_reason` (:class:`UnsupportedProbe` always
 does: providers return a subclass of it for a sequence-mixing layer they recognise but
 cannot capture, e.g. bidirectional attention or attention that bypasses transformers'
-attention registry). :class:`~esswatch.capture.Capture` never attaches such a probe; it
+attention registry). :class:`~esswatch.probes.Capture` never attaches such a probe; it
 keeps the layer in ``Capture.unsupported`` and, on construction (so also when an
 ``ESSWatch`` or a framework callback is set up):
 
 - if **no** layer of the model can be captured, raises :class:`UnsupportedModelError`
   naming each unsupported layer type found and why, and how to add a probe;
-- if **some** can, warns once (:class:`~esswatch.capture.CaptureWarning`) listing the
+- if **some** can, warns once (:class:`~esswatch.probes.CaptureWarning`) listing the
   layers left out and why; the others are measured.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ __all__ = ["UnsupportedModelError", "UnsupportedProbe", "HOW_TO_ADD", "describe_
 #: how a user adds a probe (every message about unsupported layers ends with it)
 HOW_TO_ADD = (
     "To measure a layer type esswatch does not support, register a probe for it with "
-    "esswatch.capture.register_probe(ModuleType, ProbeClass), or give the module a method "
+    "esswatch.probes.register_probe(ModuleType, ProbeClass), or give the module a method "
     "`esswatch_operator(self, args, kwargs, output)` that returns an esswatch.operators operator "
     "(README.md, section 'Custom layers').")
 

@@ -4,8 +4,8 @@ Used by :mod:`esswatch.ess`; sits between the operators and the functional API.
 """
 from __future__ import annotations
 
-from .engine.exact import trim_zero_lines
-from .operators import Dense, GatedRecurrence, Operator
+from ..engine.exact import trim_zero_lines
+from ..operators import Dense, GatedRecurrence, Operator
 
 __all__ = ["BlockCache"]
 

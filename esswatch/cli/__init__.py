@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .cli_args import check_demo, check_profile, device_arg, non_negative_int, one_line, positive_int
+from .args import check_demo, check_profile, device_arg, non_negative_int, one_line, positive_int
 
 __all__ = ["main", "build_parser"]
 
@@ -14,7 +14,7 @@ __all__ = ["main", "build_parser"]
 def _demo(args) -> int:
     import torch
 
-    from .demo.run import run_demo
+    from ..demo.run import run_demo
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -30,7 +30,7 @@ def _demo(args) -> int:
 
 
 def _report(args) -> int:
-    from .demo.report import report, validate_window
+    from ..tools.report import report, validate_window
 
     try:
         validate_window(args.last)
@@ -41,7 +41,7 @@ def _report(args) -> int:
 
 
 def _profile(args) -> int:
-    from .demo.profile import run_profile
+    from ..tools.profile import run_profile
 
     try:
         return _run_profile(args, run_profile)
@@ -67,8 +67,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .demo.run import DEMO_DEFAULTS
-    from .layers import MIXERS
+    from ..demo.run import DEMO_DEFAULTS
+    from ..layers import MIXERS
 
     p = _Parser(prog="esswatch", description="Effective state-size (ESS) of sequence models.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{demo,report,profile}")

@@ -41,7 +41,7 @@ def register_probe(module_type: type, probe_cls: Optional[Type[Probe]] = None):
     if not (isinstance(module_type, type) and issubclass(module_type, torch.nn.Module)):
         raise ValueError(f"register_probe: {module_type!r} is not an nn.Module subclass")
     if not (isinstance(probe_cls, type) and issubclass(probe_cls, Probe)):
-        raise ValueError(f"register_probe: {probe_cls!r} is not a esswatch.capture.Probe subclass")
+        raise ValueError(f"register_probe: {probe_cls!r} is not a esswatch.probes.Probe subclass")
     _REGISTRY[module_type] = probe_cls
     return probe_cls
 

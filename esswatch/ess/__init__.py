@@ -36,7 +36,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .blocks import BlockCache as _Cache
-from .engine.adaptive import (  # noqa: F401
+from ..engine.adaptive import (  # noqa: F401
     SKETCH_BUDGET,
     SKETCH_COST,
     SKETCH_HOPELESS_RATIO,
@@ -46,12 +46,12 @@ from .engine.adaptive import (  # noqa: F401
     randomized_entropy,
     randomized_tolerance_sv,
 )
-from .engine.exact import batched_svdvals
-from .engine.gram import gram_singular_values
-from .engine.spectral import compute_dtype, entropy_from_singular_values, tolerance_from_singular_values
-from .engine.validation import check_finite_number, check_indices, check_not_meta
-from .ess_guard import check_call_memory as _check_memory, empty_result as _empty
-from .operators import Dense, GatedRecurrence, Operator
+from ..engine.exact import batched_svdvals
+from ..engine.gram import gram_singular_values
+from ..engine.spectral import compute_dtype, entropy_from_singular_values, tolerance_from_singular_values
+from ..engine.validation import check_finite_number, check_indices, check_not_meta
+from .guard import check_call_memory as _check_memory, empty_result as _empty
+from ..operators import Dense, GatedRecurrence, Operator
 
 __all__ = ["entropy_ess", "tolerance_ess", "as_operator", "ESTIMATORS",
            "DEFAULT_RTOL", "DEFAULT_TOL", "DEFAULT_RELATIVE"]
