@@ -7,7 +7,8 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["check_finite", "check_indices", "check_positive_int", "check_finite_number", "check_not_meta"]
+__all__ = ["check_finite", "check_indices", "check_positive_int", "check_finite_number", "check_not_meta",
+           "broadcast_batch"]
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:
@@ -87,3 +88,23 @@ def check_indices(indices, seq_len: int) -> torch.Tensor:
             f"indices must lie in 1..L-1 = 1..{seq_len - 1} (0-based position of the first "
             f"future output); got {bad[:8]}")
     return torch.tensor([int(v) for v in items], dtype=torch.int64)
+
+
+def broadcast_batch(*shapes) -> torch.Size:
+    """The broadcast of leading (batch) shapes, in plain Python.
+
+    ``torch.broadcast_shapes`` imports ``torch.fx.experimental.symbolic_shapes`` (and with it
+    SymPy, seconds and tens of MB) on its first call; operators are built on every sampled
+    step, so they use this instead. Raises ``RuntimeError`` like torch when shapes clash.
+    """
+    ndim = max((len(s) for s in shapes), default=0)
+    out = [1] * ndim
+    for s in shapes:
+        for j, d in enumerate(s, start=ndim - len(s)):
+            d = int(d)
+            if d == out[j] or d == 1:
+                continue
+            if out[j] != 1:
+                raise RuntimeError(f"shapes {[tuple(x) for x in shapes]} do not broadcast")
+            out[j] = d
+    return torch.Size(out)

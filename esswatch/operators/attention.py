@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ..engine.validation import check_finite, check_finite_number, check_positive_int
+from ..engine.validation import broadcast_batch, check_finite, check_finite_number, check_positive_int
 from .base import Operator
 
 __all__ = ["SoftmaxAttention"]
@@ -42,7 +42,7 @@ class SoftmaxAttention(Operator):
         if q.shape[-2:] != k.shape[-2:]:
             raise ValueError(f"SoftmaxAttention: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in (L, d)")
         try:
-            batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+            batch = broadcast_batch(q.shape[:-2], k.shape[:-2])
         except RuntimeError as e:
             raise ValueError(f"SoftmaxAttention: leading dims of q {tuple(q.shape)} and k {tuple(k.shape)} "
                              f"do not broadcast") from e
@@ -58,7 +58,7 @@ class SoftmaxAttention(Operator):
                 raise ValueError(f"SoftmaxAttention: mask must be (..., L, L) = (..., {L}, {L}), got "
                                  f"{getattr(mask, 'shape', type(mask).__name__)}")
             try:
-                batch = torch.broadcast_shapes(batch, mask.shape[:-2])
+                batch = broadcast_batch(batch, mask.shape[:-2])
             except RuntimeError as e:
                 raise ValueError(f"SoftmaxAttention: mask {tuple(mask.shape)} does not broadcast with q/k") from e
         self.q, self.k, self.mask = q, k, mask

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from ..engine.validation import check_positive_int
+from ..engine.validation import broadcast_batch, check_positive_int
 from .base import Operator, matrix_scale
 
 __all__ = ["GatedRecurrence"]
@@ -39,7 +39,7 @@ class GatedRecurrence(Operator):
         if q.shape[-2:] != k.shape[-2:]:
             raise ValueError(f"GatedRecurrence: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in (L, N)")
         try:
-            batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+            batch = broadcast_batch(q.shape[:-2], k.shape[:-2])
         except RuntimeError as e:
             raise ValueError(f"GatedRecurrence: leading dims of q {tuple(q.shape)} and k {tuple(k.shape)} "
                              "do not broadcast") from e
@@ -54,7 +54,7 @@ class GatedRecurrence(Operator):
                 raise ValueError(f"GatedRecurrence: log_decay must be (..., L, N) or (..., L, 1) with L={L}, "
                                  f"N={N}; got {tuple(log_decay.shape)}")
             try:
-                batch = torch.broadcast_shapes(batch, log_decay.shape[:-2])
+                batch = broadcast_batch(batch, log_decay.shape[:-2])
             except RuntimeError as e:
                 raise ValueError(f"GatedRecurrence: log_decay {tuple(log_decay.shape)} does not broadcast "
                                  "with q/k") from e

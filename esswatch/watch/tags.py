@@ -132,5 +132,4 @@ def custom_scalars_layout(metrics: Sequence[str]) -> Dict[str, Dict[str, list]]:
         for stat in STATS:
             charts[f"{m}-ESS {stat}, all layers"] = ["Multiline", [rf"^{_PREFIX}ess/{m}/{stat}/"]]
     charts["failures"] = ["Multiline", [rf"^{_PREFIX}{FAILURES_TAG}$"]]
-    charts["skipped samples (background worker busy)"] = ["Multiline", [rf"^{_PREFIX}{SKIPPED_TAG}$"]]
     return {"esswatch": charts}
