@@ -12,7 +12,7 @@
 - :mod:`.slq`: deflated stochastic Lanczos quadrature for blocks with a flat tail.
 - :mod:`.adaptive`: the adaptive randomized estimators built from the two above.
 """
-from .spectral import entropy_from_singular_values, tolerance_from_singular_values, compute_dtype
+from .spectral import compute_dtype, entropy_from_singular_values, tolerance_from_singular_values
 from .validation import check_finite
 
 __all__ = [

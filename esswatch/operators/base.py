@@ -114,16 +114,6 @@ class Operator:
         """``H_i = T[..., i:, :i]`` materialized, shape ``batch + (L-i, i)``."""
         return self.dense()[..., i:, :i]
 
-    def hankel_matmul(self, i: int, v: torch.Tensor, dense: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``H_i @ v`` with ``v`` of shape ``batch + (i, k)``."""
-        t = self.dense() if dense is None else dense
-        return t[..., i:, :i] @ v
-
-    def hankel_rmatmul(self, i: int, w: torch.Tensor, dense: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``H_i^T @ w`` with ``w`` of shape ``batch + (L-i, k)``."""
-        t = self.dense() if dense is None else dense
-        return t[..., i:, :i].transpose(-1, -2) @ w
-
     def hankel_fro2(self, indices: torch.Tensor, dense: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Exact ``||H_i||_F^2`` for each index, shape ``batch + (n,)`` (2-D prefix sums of ``T^2``)."""
         t = self.dense() if dense is None else dense
