@@ -18,8 +18,8 @@ disabled inside; results are on the operator's device):
                  step per position), O(L N^2) for *all* indices plus an ``N x N``
                  eigenproblem per index. Differentiable. Indices with ``min(i, L-i) < N``
                  (rank-deficient Gramians) are computed densely, which is cheap there.
-``"randomized"`` matrix-free sketches with deterministic bounds from the exact ``||H_i||_F``,
-                 then, for large blocks whose bounds cannot close (a long flat tail), the
+``"randomized"`` subspace-iteration sketches of the block with deterministic bounds from
+                 its exact ``||H_i||_F``, then, for large blocks whose bounds cannot close (a long flat tail), the
                  deflated stochastic Lanczos quadrature (accepted with about 95% confidence
                  when within ``rtol``, else exact); see :mod:`esswatch.engine.adaptive`.
                  Not differentiable (computed under ``no_grad``).
