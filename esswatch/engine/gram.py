@@ -65,16 +65,16 @@ def _direct(q, k, lam, idx):
         w_p = past.to(q.dtype)[..., None]
         w_q = (~past).to(q.dtype)[..., None]
         R = k[..., None, :, :] * w_p                                      # batch + (n, L, N)
-        O = q[..., None, :, :] * w_q
+        Ob = q[..., None, :, :] * w_q
     else:
         anchor = lam[..., idx - 1, :]                                     # batch + (n, N|1): Lam[i-1]
         d_p = anchor[..., :, None, :] - lam[..., None, :, :]              # Lam[i-1] - Lam[c]
         d_q = lam[..., None, :, :] - anchor[..., :, None, :]              # Lam[r] - Lam[i-1]
         ninf = torch.tensor(float("-inf"), dtype=q.dtype, device=q.device)
         R = k[..., None, :, :] * torch.exp(torch.where(past[..., None], d_p, ninf))
-        O = q[..., None, :, :] * torch.exp(torch.where(past[..., None], ninf, d_q))
+        Ob = q[..., None, :, :] * torch.exp(torch.where(past[..., None], ninf, d_q))
     P = R.transpose(-1, -2) @ R
-    Q = O.transpose(-1, -2) @ O
+    Q = Ob.transpose(-1, -2) @ Ob
     return P, Q
 
 

@@ -1,11 +1,9 @@
 """Hankel blocks ``H_i = T[..., i:, :i]`` of dense causal matrices."""
 from __future__ import annotations
 
-from typing import List
-
 import torch
 
-__all__ = ["hankel_fro2_dense", "hankel_singular_values_dense"]
+__all__ = ["hankel_fro2_dense"]
 
 
 def hankel_fro2_dense(t: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -24,12 +22,3 @@ def hankel_fro2_dense(t: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     rowpast = a.sum(dim=-1)
     fro2 = torch.cumsum(colfuture - rowpast, dim=-1)        # [j] = value for i = j + 1
     return torch.clamp(fro2[..., indices.to(t.device) - 1], min=0)
-
-
-def hankel_singular_values_dense(t: torch.Tensor, indices: torch.Tensor) -> List[torch.Tensor]:
-    """Singular values of each ``H_i`` (one tensor ``batch + (min(i, L-i),)`` per index).
-
-    O(L^3) per index. Differentiable (``torch.linalg.svdvals``; its backward
-    ``U diag(g) V^T`` is well defined for repeated and zero singular values).
-    """
-    return [torch.linalg.svdvals(t[..., int(i):, : int(i)]) for i in indices.tolist()]

@@ -7,8 +7,9 @@ singular values ``t_1 >= ... >= t_k`` of ``Q^T H``. Two facts hold
 deterministically, whatever the random draw:
 
 1. ``t_j <= s_j`` for ``j <= k`` (singular values of a compression interlace);
-2. ``sum_j s_j^2 = ||H||_F^2`` is known exactly (cheap prefix sums), so the
-   energy the sketch has not seen is ``r^2 = ||H||_F^2 - sum_j t_j^2 >= 0``.
+2. ``sum_j s_j^2 = ||H||_F^2`` is known exactly (the caller sums the squares of the block
+   in float64, :mod:`.adaptive`), so the energy the sketch has not seen is
+   ``r^2 = ||H||_F^2 - sum_j t_j^2 >= 0``.
 
 The entropy-ESS depends on the whole spectrum's L1 mass, so the unseen energy
 matters. Among all spectra consistent with (1) and (2) the estimator evaluates
@@ -24,7 +25,8 @@ The estimate is their geometric mean; the rank is doubled until
 value between the bounds. These bounds are functions of (1) and (2) only, so they
 do not depend on the random draw holding; that the two configurations are the
 extremes of entropy-ESS over the consistent set is checked numerically in the
-test-suite (random and adversarial spectra), not proven. See the README.
+test-suite (random and adversarial spectra), not proven. See the README and
+``docs/ess.md`` section 4.
 """
 from __future__ import annotations
 

@@ -180,7 +180,8 @@ def slq_entropy(h: torch.Tensor, k: int, generator: torch.Generator | None, *, p
     g2 = -1.0 / s1
     p = xm.shape[-1]
     xc, yc = xm - xm.mean(-1, keepdim=True), ym - ym.mean(-1, keepdim=True)
-    var = ((g1[..., None] * xc + g2[..., None] * yc) ** 2).sum(-1) / max(p - 2, 1) / p   # one dof spent on the control variate
+    # one degree of freedom spent on the control variate
+    var = ((g1[..., None] * xc + g2[..., None] * yc) ** 2).sum(-1) / max(p - 2, 1) / p
     se = torch.sqrt(var)
     est = torch.exp(log_est)
     est = torch.where(fro2 > 0, est, torch.zeros_like(est))

@@ -18,8 +18,8 @@ disabled inside; results are on the operator's device):
                  step per position), O(L N^2) for *all* indices plus an ``N x N``
                  eigenproblem per index. Differentiable. Indices with ``min(i, L-i) < N``
                  (rank-deficient Gramians) are computed densely, which is cheap there.
-``"randomized"`` matrix-free sketches with deterministic bounds from the exact ``||H_i||_F``,
-                 then, for large blocks whose bounds cannot close (a long flat tail), the
+``"randomized"`` subspace-iteration sketches of the block with deterministic bounds from
+                 its exact ``||H_i||_F``, then, for large blocks whose bounds cannot close (a long flat tail), the
                  deflated stochastic Lanczos quadrature (accepted with about 95% confidence
                  when within ``rtol``, else exact); see :mod:`esswatch.engine.adaptive`.
                  Not differentiable (computed under ``no_grad``).
@@ -27,16 +27,18 @@ disabled inside; results are on the operator's device):
                  smaller side of the block's structural non-zero range) is at most 128 or
                  gradients are needed, randomized elsewhere.
 ===============  ==========================================================================
+
+This module holds the public functions and defaults; the planner (validation, estimator per
+index, the batched exact entries) is :mod:`.plan`, the numerical environment :mod:`.numerics`,
+the block cache :mod:`.blocks` and the pre-allocation guards :mod:`.guard`.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Optional, Sequence, Union
+from typing import Literal, Optional, Sequence, Tuple, Union, overload
 
 import torch
 
-from .blocks import BlockCache as _Cache
-from ..engine.adaptive import (  # noqa: F401
+from ..engine.adaptive import (  # noqa: F401  (the sketch constants are part of this namespace)
     SKETCH_BUDGET,
     SKETCH_COST,
     SKETCH_HOPELESS_RATIO,
@@ -46,27 +48,27 @@ from ..engine.adaptive import (  # noqa: F401
     randomized_entropy,
     randomized_tolerance_sv,
 )
-from ..engine.exact import batched_svdvals
-from ..engine.gram import gram_singular_values
-from ..engine.spectral import compute_dtype, entropy_from_singular_values, tolerance_from_singular_values
-from ..engine.validation import check_finite_number, check_indices, check_not_meta
-from .guard import check_call_memory as _check_memory, empty_result as _empty
-from ..operators import Dense, GatedRecurrence, Operator
+from ..engine.spectral import tolerance_from_singular_values
+from ..engine.validation import check_finite_number
+from ..operators import Dense, Operator
+from .blocks import BlockCache as _Cache
+from .guard import empty_result as _empty
+from .numerics import default_generator as _default_generator
+from .numerics import flush_denormal_enabled as _flush_denormal_enabled  # noqa: F401
+from .numerics import numerics as _numerics
+from .plan import ESTIMATORS, EXACT_BELOW  # noqa: F401
+from .plan import entropy_of_padded as _entropy_of_padded
+from .plan import plan as _plan
+from .plan import prepare as _prepare_operator
+from .plan import singular_values_by_plan as _singular_values_by_plan
 
 __all__ = ["entropy_ess", "tolerance_ess", "as_operator", "ESTIMATORS",
            "DEFAULT_RTOL", "DEFAULT_TOL", "DEFAULT_RELATIVE"]
 
-ESTIMATORS = ("auto", "exact", "gram", "randomized")
 DEFAULT_RTOL = 0.02
 #: tolerance-ESS default: count singular values above 1e-3 * s_1 (relative mode).
 DEFAULT_TOL = 1e-3
 DEFAULT_RELATIVE = True
-
-#: auto: indices with min(i, L - i) (or the smaller side of the block's structural
-#: non-zero range: windows, short kernels) at most this are computed exactly. An exact SVD
-#: in the tall orientation costs about max(m, n) p^2, a sketch max(m, n) p k per pass: below
-#: p = 128 the sketches do not pay (examples/benchmarks/estimators.py).
-EXACT_BELOW = 128
 
 
 def as_operator(op) -> Operator:
@@ -78,116 +80,33 @@ def as_operator(op) -> Operator:
     raise ValueError(f"expected a (..., L, L) tensor or an esswatch.operators.Operator, got {type(op).__name__}")
 
 
-def _flush_denormal_enabled() -> bool:
-    """Read the CPU flush-to-zero state (torch has a setter, no getter)."""
-    tiny = torch.tensor([torch.finfo(torch.float32).tiny], dtype=torch.float32)
-    return bool((tiny / 4 == 0).item())
-
-
-@contextlib.contextmanager
-def _numerics(device: torch.device):
-    """Autocast off (spectral code never runs in half precision) and, on CPU, denormals
-    flushed to zero for the duration: LAPACK's SVD creates denormal intermediates on
-    peaked operators (trained attention) and runs up to 50x slower on them. Values below
-    1e-38 do not move an entropy-ESS. The previous flush-to-zero state is restored.
-    """
-    kinds = {"cpu", device.type} if device.type in ("cuda", "cpu", "xpu", "mps") else {"cpu"}
-    was_ftz = _flush_denormal_enabled()
-    with contextlib.ExitStack() as stack:
-        for kind in kinds:
-            try:
-                stack.enter_context(torch.autocast(device_type=kind, enabled=False))
-            except RuntimeError:  # pragma: no cover - device without autocast support
-                pass
-        if not was_ftz:
-            torch.set_flush_denormal(True)
-        try:
-            yield
-        finally:
-            if not was_ftz:
-                torch.set_flush_denormal(False)
-
-
 def _prepare(op, indices, estimator, what="entropy_ess", normalize=True):
-    op = as_operator(op)
-    if not isinstance(estimator, str) or estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if estimator == "gram" and not isinstance(op, GatedRecurrence):
-        raise ValueError(f"estimator='gram' needs a GatedRecurrence operator, got {type(op).__name__}")
-    for t in op._tensors():
-        check_not_meta(t, f"{type(op).__name__} operand")
-    if op.seq_len < 2:
-        raise ValueError(f"ESS needs a sequence length of at least 2, got L={op.seq_len}")
-    idx = check_indices(indices, op.seq_len)
-    if op.numel_batch() == 0:
-        return op, idx, compute_dtype(op.dtype)
-    _check_memory(op, idx, estimator, what)
-    op.validate()
-    if normalize:                 # scale-invariant metrics: no denormal flush, no overflow
-        op = op.normalized()
-    cdt = compute_dtype(op.dtype)
-    if op.dtype != cdt:
-        op = op.to(dtype=cdt)
-    return op, idx, cdt
+    return _prepare_operator(as_operator(op), indices, estimator, what, normalize)
 
 
-def _support_size(op: Operator, i: int) -> int:
-    rows, cols = op.hankel_support(i)
-    L = op.seq_len
-    return min(len(range(*rows.indices(L))), len(range(*cols.indices(L))))
+@overload
+def entropy_ess(op: Union[torch.Tensor, Operator], indices: Optional[Sequence[int]] = None, *,
+                estimator: str = "auto", rtol: float = DEFAULT_RTOL, return_bounds: Literal[False] = False,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor: ...
 
 
-def _plan(op: Operator, idx: torch.Tensor, estimator: str, need_grad: bool) -> dict:
-    """One estimator name per distinct index."""
-    out = {}
-    for i in dict.fromkeys(idx.tolist()):
-        if estimator != "auto":
-            out[i] = estimator
-        elif isinstance(op, GatedRecurrence):
-            out[i] = "gram"
-        elif need_grad or _support_size(op, i) <= EXACT_BELOW:
-            out[i] = "exact"
-        else:
-            out[i] = "randomized"
-    return out
+@overload
+def entropy_ess(op: Union[torch.Tensor, Operator], indices: Optional[Sequence[int]] = None, *,
+                estimator: str = "auto", rtol: float = DEFAULT_RTOL, return_bounds: Literal[True],
+                generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
-def _default_generator(device: torch.device) -> torch.Generator:
-    # a private generator: the estimator never draws from (or advances) the global RNG stream
-    g = torch.Generator(device=device)
-    g.manual_seed(0x5EED)
-    return g
-
-
-def _singular_values_by_plan(op, plan: dict, cache: _Cache) -> dict:
-    """Exact singular values (dict i -> sv) for the 'exact' and 'gram' entries of the plan."""
-    out = {}
-    L = op.seq_len
-    dense_idx = [i for i, e in plan.items() if e == "exact"]
-    gram_idx = [i for i, e in plan.items() if e == "gram"]
-    if gram_idx:
-        N = op.state_width
-        via_gram = [i for i in gram_idx if min(i, L - i) >= N]
-        dense_idx += [i for i in gram_idx if min(i, L - i) < N]
-        if via_gram:
-            q, k, ld = op.expanded()
-            sv, ok, _ = gram_singular_values(q, k, ld, torch.tensor(via_gram))
-            sv = sv.to(compute_dtype(op.dtype))
-            ok_all = (ok.all(dim=tuple(range(ok.dim() - 1))) if ok.dim() > 1 else ok).tolist()
-            for j, i in enumerate(via_gram):
-                if ok_all[j]:
-                    out[i] = sv[..., j, :]
-                else:
-                    dense_idx.append(i)
-    if dense_idx:
-        for i, sv in zip(dense_idx, batched_svdvals([cache.hankel(i) for i in dense_idx])):
-            out[i] = sv
-    return out
+@overload
+def entropy_ess(op: Union[torch.Tensor, Operator], indices: Optional[Sequence[int]] = None, *,
+                estimator: str = "auto", rtol: float = DEFAULT_RTOL, return_bounds: bool = False,
+                generator: Optional[torch.Generator] = None
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]: ...
 
 
 def entropy_ess(op: Union[torch.Tensor, Operator], indices: Optional[Sequence[int]] = None, *,
                 estimator: str = "auto", rtol: float = DEFAULT_RTOL, return_bounds: bool = False,
-                generator: Optional[torch.Generator] = None):
+                generator: Optional[torch.Generator] = None
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Entropy-ESS of ``H_i = T[..., i:, :i]`` at each index (``docs/ess.md`` section 2).
 
     Args:
@@ -248,21 +167,6 @@ def entropy_ess(op: Union[torch.Tensor, Operator], indices: Optional[Sequence[in
     if return_bounds:
         return est, torch.stack(los, dim=-1), torch.stack(his, dim=-1)
     return est
-
-
-def _entropy_of_padded(svs: dict, dtype) -> dict:
-    """Entropy-ESS of every entry of ``svs`` (index -> singular values) in one batched call.
-
-    Zero padding leaves entropy-ESS unchanged (``0 log 0 = 0``).
-    """
-    if not svs:
-        return {}
-    keys = list(svs)
-    width = max(svs[i].shape[-1] for i in keys)
-    padded = torch.stack([torch.nn.functional.pad(svs[i].to(dtype), (0, width - svs[i].shape[-1])) for i in keys],
-                         dim=-2)
-    ess = entropy_from_singular_values(padded)
-    return {i: ess[..., j] for j, i in enumerate(keys)}
 
 
 def tolerance_ess(op: Union[torch.Tensor, Operator], indices: Optional[Sequence[int]] = None, *,

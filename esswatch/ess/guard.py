@@ -13,7 +13,7 @@ __all__ = ["check_call_memory", "empty_result"]
 
 def check_call_memory(op: Operator, idx: torch.Tensor, estimator: str, what: str) -> None:
     """Estimate the call's big buffers before any is allocated (:mod:`esswatch.engine.memory`)."""
-    itemsize = 8 if compute_dtype(op.dtype) == torch.float64 else 4
+    itemsize = torch.finfo(compute_dtype(op.dtype)).bits // 8
     L, ind = op.seq_len, idx.tolist()
     gram = isinstance(op, GatedRecurrence) and estimator in ("auto", "gram")
     nbytes = estimate_bytes(op.numel_batch(), L, [] if gram else ind, itemsize, dense=not gram,

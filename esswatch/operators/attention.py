@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from ..engine.spectral import compute_dtype
 from ..engine.validation import broadcast_batch, check_finite, check_finite_number, check_positive_int
 from .base import Operator
 
@@ -118,7 +119,7 @@ class SoftmaxAttention(Operator):
 
     def _dense_part(self, rows: slice, cols: slice) -> torch.Tensor:
         """Rows ``rows`` of ``T`` restricted to ``cols``, which must hold every column the rows may attend to."""
-        out_dt = torch.float64 if self.q.dtype == torch.float64 else torch.float32
+        out_dt = compute_dtype(self.q.dtype)
         dt = out_dt
         if dt == torch.float32:
             # |score| <= max|q| max|k| d |scale|: past float32's range, score in float64 (one sync)

@@ -1,9 +1,18 @@
 """The operator interface every structured causal operator implements.
 
 An operator is a batch of causal ``L x L`` matrices ``T`` (leading dims are batch
-dims: batch row, head or channel). The ESS estimators only ever touch ``T``
-through the methods below, so a new operator type needs ``dense()`` and, if it
-has cheaper structure, faster versions of the Hankel products.
+dims: batch row, head or channel). The functional API (:mod:`esswatch.ess`) reaches the
+entries of ``T`` through :meth:`Operator.hankel_support`, :meth:`Operator.block` and
+:meth:`Operator.dense` (recurrences also through ``hankel(i)`` and their factors for the
+Gramian route), after :meth:`Operator.validate`, :meth:`Operator.normalized` and
+:meth:`Operator.to` once per call. The randomized estimator multiplies the materialized
+block ``H_i`` (:mod:`esswatch.engine.adaptive`): there are no operator-specific products.
+:meth:`Operator.hankel_fro2` and :meth:`Operator.tss` serve callers (utilization, tests),
+not the estimators.
+
+A new operator type implements ``dense()``, ``_tensors()`` and ``to()``; where its structure
+allows, it overrides ``block()`` (a slice without materializing ``T``) and
+``hankel_support()`` (a window or a short kernel leaves most of ``H_i`` zero).
 
 ``H_i = T[..., i:, :i]`` is the past-to-future submatrix at 0-based index ``i``
 (``1 <= i <= L-1``), see ``docs/ess.md`` section 2.
@@ -40,8 +49,9 @@ def matrix_scale(x: torch.Tensor, dims) -> Optional[torch.Tensor]:
 class Operator:
     """Base class of a batch of causal ``L x L`` operators.
 
-    Subclasses set ``seq_len``, ``batch_shape``, ``dtype``, ``device`` and
-    ``state_size`` and implement :meth:`dense`.
+    Subclasses set ``seq_len``, ``batch_shape`` and ``state_size`` and implement
+    :meth:`dense`, :meth:`_tensors` and :meth:`to` (``dtype`` and ``device`` are read from
+    the first of :meth:`_tensors`).
 
     Attributes:
         seq_len: sequence length ``L``.
@@ -105,8 +115,8 @@ class Operator:
     def hankel_support(self, i: int):
         """``(rows, cols)``: slices of ``T`` that hold every non-zero of ``H_i`` by structure.
 
-        The default is all of ``H_i``; a sliding window or a short kernel narrows it (spec
-        section 4, trimming). Rows and columns outside are exactly zero.
+        The default is all of ``H_i``; a sliding window or a short kernel narrows it (the
+        trimming of :mod:`esswatch.engine.exact`). Rows and columns outside are exactly zero.
         """
         return slice(i, self.seq_len), slice(0, i)
 
@@ -114,18 +124,12 @@ class Operator:
         """``H_i = T[..., i:, :i]`` materialized, shape ``batch + (L-i, i)``."""
         return self.dense()[..., i:, :i]
 
-    def hankel_matmul(self, i: int, v: torch.Tensor, dense: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``H_i @ v`` with ``v`` of shape ``batch + (i, k)``."""
-        t = self.dense() if dense is None else dense
-        return t[..., i:, :i] @ v
-
-    def hankel_rmatmul(self, i: int, w: torch.Tensor, dense: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``H_i^T @ w`` with ``w`` of shape ``batch + (L-i, k)``."""
-        t = self.dense() if dense is None else dense
-        return t[..., i:, :i].transpose(-1, -2) @ w
-
     def hankel_fro2(self, indices: torch.Tensor, dense: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Exact ``||H_i||_F^2`` for each index, shape ``batch + (n,)`` (2-D prefix sums of ``T^2``)."""
+        """Exact ``||H_i||_F^2`` for each index, shape ``batch + (n,)``, float64.
+
+        From prefix sums of the row and column sums of ``T^2`` (:func:`~esswatch.engine.hankel.hankel_fro2_dense`):
+        ``O(L^2)`` per matrix for all indices. Not used by the estimators, which take the norm
+        of the block they hold."""
         t = self.dense() if dense is None else dense
         return _hankel.hankel_fro2_dense(t, indices)
 

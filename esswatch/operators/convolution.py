@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..engine.spectral import compute_dtype
 from ..engine.validation import check_positive_int
 from .base import Operator, matrix_scale
 
@@ -36,7 +37,7 @@ class Convolution(Operator):
         # T[r, c] = hp[L - 1 + r - c] with hp = (L - 1 zeros, h): row r of T is the window
         # hp[r : r + L] reversed. No L x L index matrix; one L x L allocation (the flip).
         L = self.seq_len
-        dt = torch.float64 if self.h.dtype == torch.float64 else torch.float32
+        dt = compute_dtype(self.h.dtype)
         hp = torch.nn.functional.pad(self.h.to(dt), (L - 1, 0))
         return hp.unfold(-1, L, 1).flip(-1)
 
@@ -61,7 +62,7 @@ class Convolution(Operator):
 
     def block(self, rows: slice, cols: slice) -> torch.Tensor:
         L = self.seq_len
-        dt = torch.float64 if self.h.dtype == torch.float64 else torch.float32
+        dt = compute_dtype(self.h.dtype)
         r = torch.arange(L, device=self.h.device)
         lag = r[rows][:, None] - r[cols][None, :]
         return self.h.to(dt)[..., lag.clamp(min=0)] * (lag >= 0)

@@ -38,7 +38,8 @@ class Dense(Operator):
         super().validate()
         upper = torch.triu(self.t.detach(), diagonal=1)
         if bool((upper != 0).any()):
-            r, c = [int(x) for x in torch.nonzero(upper.reshape(-1, self.seq_len, self.seq_len)[..., :, :].abs().amax(0))[0]]
+            worst = upper.reshape(-1, self.seq_len, self.seq_len).abs().amax(0)
+            r, c = [int(x) for x in torch.nonzero(worst)[0]]
             raise ValueError(
                 f"Dense operator is not causal: T[{r}, {c}] (above the diagonal) is non-zero; "
                 "mask future positions (T[r, c] = 0 for c > r)")

@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 
+from ..engine.spectral import compute_dtype
 from ..engine.validation import broadcast_batch, check_positive_int
 from .base import Operator, matrix_scale
 
@@ -111,16 +112,13 @@ class GatedRecurrence(Operator):
 
     def block(self, rows: slice, cols: slice) -> torch.Tensor:
         """``T[..., rows, cols]`` from the formula (float32, or float64 for float64 input)."""
-        return self._block(rows, cols, self._dt())
-
-    def _dt(self):
-        return torch.float64 if self.q.dtype == torch.float64 else torch.float32
+        return self._block(rows, cols, compute_dtype(self.q.dtype))
 
     def dense(self) -> torch.Tensor:
-        return self._block(slice(None), slice(None), self._dt())
+        return self._block(slice(None), slice(None), compute_dtype(self.q.dtype))
 
     def hankel(self, i: int) -> torch.Tensor:
-        return self._block(slice(i, None), slice(0, i), self._dt())
+        return self._block(slice(i, None), slice(0, i), compute_dtype(self.q.dtype))
 
     def normalized(self) -> "GatedRecurrence":
         sq = matrix_scale(self.q, (-2, -1))

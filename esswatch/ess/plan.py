@@ -1,0 +1,116 @@
+"""The planner of one functional-API call: validate and prepare the operator, pick an
+estimator per index, and compute the exact entries (``"exact"`` and ``"gram"``) in as few
+batched calls as possible. The randomized entries are left to the caller
+(:mod:`esswatch.engine.adaptive`)."""
+from __future__ import annotations
+
+import torch
+
+from ..engine.exact import batched_svdvals
+from ..engine.gram import gram_singular_values
+from ..engine.spectral import compute_dtype, entropy_from_singular_values
+from ..engine.validation import check_indices, check_not_meta
+from ..operators import GatedRecurrence, Operator
+from .blocks import BlockCache
+from .guard import check_call_memory
+
+__all__ = ["ESTIMATORS", "EXACT_BELOW", "prepare", "plan", "singular_values_by_plan", "entropy_of_padded"]
+
+ESTIMATORS = ("auto", "exact", "gram", "randomized")
+
+#: auto: indices with min(i, L - i) (or the smaller side of the block's structural
+#: non-zero range: windows, short kernels) at most this are computed exactly. An exact SVD
+#: in the tall orientation costs about max(m, n) p^2, a sketch max(m, n) p k per pass: below
+#: p = 128 the sketches do not pay (examples/benchmarks/estimators.py).
+EXACT_BELOW = 128
+
+
+def prepare(op: Operator, indices, estimator, what="entropy_ess", normalize=True):
+    """``(op, idx, cdt)``: the validated operator (rescaled when ``normalize``, cast to the
+    compute dtype ``cdt``) and the indices as a 1-D int64 tensor. Raises ``ValueError``."""
+    if not isinstance(estimator, str) or estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if estimator == "gram" and not isinstance(op, GatedRecurrence):
+        raise ValueError(f"estimator='gram' needs a GatedRecurrence operator, got {type(op).__name__}")
+    for t in op._tensors():
+        check_not_meta(t, f"{type(op).__name__} operand")
+    if op.seq_len < 2:
+        raise ValueError(f"ESS needs a sequence length of at least 2, got L={op.seq_len}")
+    idx = check_indices(indices, op.seq_len)
+    if op.numel_batch() == 0:
+        return op, idx, compute_dtype(op.dtype)
+    check_call_memory(op, idx, estimator, what)
+    op.validate()
+    if normalize:                 # scale-invariant metrics: no denormal flush, no overflow
+        op = op.normalized()
+    cdt = compute_dtype(op.dtype)
+    if op.dtype != cdt:
+        op = op.to(dtype=cdt)
+    return op, idx, cdt
+
+
+def support_size(op: Operator, i: int) -> int:
+    """The smaller side of ``H_i``'s structural non-zero range (:meth:`Operator.hankel_support`)."""
+    rows, cols = op.hankel_support(i)
+    L = op.seq_len
+    return min(len(range(*rows.indices(L))), len(range(*cols.indices(L))))
+
+
+def plan(op: Operator, idx: torch.Tensor, estimator: str, need_grad: bool) -> dict:
+    """One estimator name per distinct index (``"auto"`` resolved)."""
+    out = {}
+    for i in dict.fromkeys(idx.tolist()):
+        if estimator != "auto":
+            out[i] = estimator
+        elif isinstance(op, GatedRecurrence):
+            out[i] = "gram"
+        elif need_grad or support_size(op, i) <= EXACT_BELOW:
+            out[i] = "exact"
+        else:
+            out[i] = "randomized"
+    return out
+
+
+def singular_values_by_plan(op: Operator, by_index: dict, cache: BlockCache) -> dict:
+    """Exact singular values (dict i -> sv) for the ``"exact"`` and ``"gram"`` entries of the plan.
+
+    Gram indices with ``min(i, L - i) < N`` (rank-deficient Gramians) and those whose Gramians
+    are numerically singular go to the batched dense SVD with the ``"exact"`` ones.
+    """
+    out = {}
+    L = op.seq_len
+    dense_idx = [i for i, e in by_index.items() if e == "exact"]
+    gram_idx = [i for i, e in by_index.items() if e == "gram"]
+    if gram_idx:
+        N = op.state_width
+        via_gram = [i for i in gram_idx if min(i, L - i) >= N]
+        dense_idx += [i for i in gram_idx if min(i, L - i) < N]
+        if via_gram:
+            q, k, ld = op.expanded()
+            sv, ok, _ = gram_singular_values(q, k, ld, torch.tensor(via_gram))
+            sv = sv.to(compute_dtype(op.dtype))
+            ok_all = (ok.all(dim=tuple(range(ok.dim() - 1))) if ok.dim() > 1 else ok).tolist()
+            for j, i in enumerate(via_gram):
+                if ok_all[j]:
+                    out[i] = sv[..., j, :]
+                else:
+                    dense_idx.append(i)
+    if dense_idx:
+        for i, sv in zip(dense_idx, batched_svdvals([cache.hankel(i) for i in dense_idx])):
+            out[i] = sv
+    return out
+
+
+def entropy_of_padded(svs: dict, dtype) -> dict:
+    """Entropy-ESS of every entry of ``svs`` (index -> singular values) in one batched call.
+
+    Zero padding leaves entropy-ESS unchanged (``0 log 0 = 0``).
+    """
+    if not svs:
+        return {}
+    keys = list(svs)
+    width = max(svs[i].shape[-1] for i in keys)
+    padded = torch.stack([torch.nn.functional.pad(svs[i].to(dtype), (0, width - svs[i].shape[-1])) for i in keys],
+                         dim=-2)
+    ess = entropy_from_singular_values(padded)
+    return {i: ess[..., j] for j, i in enumerate(keys)}

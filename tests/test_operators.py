@@ -1,0 +1,92 @@
+"""The operators against naive loops: ``.dense()``, ``hankel(i)``/``hankel_fro2``, ``block()`` and
+``hankel_support`` against the dense matrix, and validation of their arguments."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from operator_cases import F64
+from operator_cases import ops as _ops
+from operator_cases import rand as _rand
+from reference import convolution_loop, gated_recurrence_loop, softmax_attention_loop
+
+from esswatch.operators import Convolution, GatedRecurrence, SoftmaxAttention
+
+# -- operators' dense() against naive loops -----------------------------------------------
+
+def test_dense_matches_naive_loops():
+    L = 9
+    q, k = _rand(2, L, 3, seed=1), _rand(2, L, 3, seed=2)
+    ld = -torch.rand(2, L, 3, generator=torch.Generator().manual_seed(3), dtype=F64)
+    np.testing.assert_allclose(SoftmaxAttention(q, k, scale=0.7).dense().numpy(),
+                               softmax_attention_loop(q.numpy(), k.numpy(), 0.7), atol=1e-12)
+    np.testing.assert_allclose(SoftmaxAttention(q, k, window=3).dense().numpy(),
+                               softmax_attention_loop(q.numpy(), k.numpy(), 1 / math.sqrt(3), window=3), atol=1e-12)
+    add = _rand(L, L, seed=5)
+    np.testing.assert_allclose(SoftmaxAttention(q, k, mask=add).dense().numpy(),
+                               softmax_attention_loop(q.numpy(), k.numpy(), 1 / math.sqrt(3), mask=add.numpy()),
+                               atol=1e-12)
+    bmask = torch.rand(L, L, generator=torch.Generator().manual_seed(6)) > 0.4
+    np.testing.assert_allclose(SoftmaxAttention(q, k, mask=bmask).dense().numpy(),
+                               softmax_attention_loop(q.numpy(), k.numpy(), 1 / math.sqrt(3), mask=bmask.numpy()),
+                               atol=1e-12)
+    for decay in (None, ld, ld[..., :1]):
+        ref = gated_recurrence_loop(q.numpy(), k.numpy(), None if decay is None else decay.numpy())
+        np.testing.assert_allclose(GatedRecurrence(q, k, decay).dense().numpy(), ref, atol=1e-12)
+    h = _rand(2, L, seed=7)
+    np.testing.assert_allclose(Convolution(h).dense().numpy(), convolution_loop(h.numpy()), atol=0)
+
+
+def test_hankel_blocks_and_fro2():
+    for name, op in _ops(L=16).items():
+        T = op.dense()
+        idx = torch.arange(1, 16)
+        fro2 = op.hankel_fro2(idx)
+        ref = np.stack([(T[..., i:, :i].numpy() ** 2).sum((-1, -2)) for i in range(1, 16)], -1)
+        np.testing.assert_allclose(fro2.numpy(), ref, rtol=1e-12, atol=1e-14, err_msg=name)
+        for i in (1, 7, 15):
+            np.testing.assert_allclose(op.hankel(i).numpy(), T[..., i:, :i].numpy(), atol=1e-12, err_msg=name)
+
+
+# -- block() and hankel_support() against the dense matrix ----------------------------------
+
+def test_block_matches_dense_slices():
+    for name, op in _ops(L=16).items():
+        T = op.dense()
+        for rows, cols in ((slice(3, 11), slice(0, 7)), (slice(None), slice(2, 5)), (slice(12, None), slice(None))):
+            np.testing.assert_allclose(op.block(rows, cols).numpy(), T[..., rows, cols].numpy(), atol=1e-12,
+                                       err_msg=f"{name} {rows} {cols}")
+
+
+def test_hankel_support_holds_every_nonzero():
+    L = 16
+    cases = dict(_ops(L=L))
+    cases["conv_short"] = Convolution(torch.cat([_rand(2, 3, seed=8), torch.zeros(2, L - 3, dtype=F64)], -1))
+    for name, op in cases.items():
+        T = op.dense()
+        for i in range(1, L):
+            rows, cols = op.hankel_support(i)
+            H = T[..., i:, :i]
+            inside = torch.zeros(L, L, dtype=torch.bool)
+            inside[rows, cols] = True
+            assert not bool((H * ~inside[i:, :i]).any()), (name, i)
+    w = 5
+    assert cases["softmax_window"].hankel_support(8) == (slice(8, 8 + w - 1), slice(8 - w + 1, 8))
+    assert cases["conv_short"].hankel_support(8) == (slice(8, 10), slice(6, 8))
+    assert cases["dense"].hankel_support(8) == (slice(8, L), slice(0, 8))
+
+
+# -- bad arguments ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: GatedRecurrence(torch.randn(5, 3), torch.randn(5, 2)), "agree"),
+    (lambda: GatedRecurrence(torch.randn(5, 3), torch.randn(5, 3), torch.randn(5, 2)), "log_decay"),
+    (lambda: SoftmaxAttention(torch.randn(5, 3), torch.randn(5, 3), window=0), "window"),
+    (lambda: SoftmaxAttention(torch.randn(5, 3), torch.randn(5, 3), mask=torch.ones(4, 4)), "mask"),
+    (lambda: Convolution(torch.arange(5)), "floating"),
+])
+def test_bad_inputs_raise_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
