@@ -32,11 +32,10 @@ import torch
 
 from ..ess import entropy_ess
 from ..operators import GatedRecurrence, Operator
+from .tags import PENALTY_TAG  # noqa: F401 - re-exported (the penalty's tags are built in tags.py)
 
 __all__ = ["Regularizer", "RegularizerConfig", "penalty_terms", "PENALTY_TAG"]
 
-#: the scalar tag of the penalty; per layer ``ess/penalty/<layer>``
-PENALTY_TAG = "ess/penalty/total"
 
 KINDS = ("ess", "identity")
 MODES = ("collapse", "target")
