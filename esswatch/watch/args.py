@@ -5,7 +5,19 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["check_watch_args", "check_watch_options", "check_flags", "check_probe_batch", "as_regularizer"]
+__all__ = ["check_model_args", "check_watch_args", "check_watch_options", "check_flags", "check_probe_batch",
+           "as_regularizer"]
+
+
+def check_model_args(model: Any, *, logdir: Any, writer: Any, background: Any) -> None:
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"ESSWatch expects an nn.Module, got {type(model).__name__}")
+    if logdir is not None and writer is not None:
+        raise ValueError("ESSWatch: pass logdir= or writer=, not both")
+    if background is not None and not isinstance(background, bool):
+        raise ValueError(f"background must be None, True or False, got {background!r}")
 
 
 def check_flags(**flags: Any) -> None:

@@ -5,6 +5,17 @@
 step is recorded from training forwards. :meth:`Gate.arm` sets what the current step records;
 :meth:`Gate.pause` / :meth:`Gate.resume` suspend recording (nesting) without losing it.
 :func:`unwrap` finds the module that owns the parameters; :func:`call_model` runs a batch.
+
+How sampling works. Step numbers are 0-based (step ``n`` is the training step after ``n``
+optimizer steps). ``ESSWatch.step()`` ends step ``n``: if ``n`` is sampled it measures what the
+capture recorded during step ``n``'s forward, then it arms the capture for step ``n + 1`` if
+that one is sampled (or penalized by the regularizer). Armed hooks keep the first
+training-mode forward of the step (a few batch rows, detached); forwards of the model in eval
+mode (validation) are not recorded. All spectral work happens in ``step()``, never inside
+hooks; on unsampled steps the hooks are a flag check. With ``probe_batch=`` the training
+forwards are never recorded; instead, on each sampled step, :func:`record_probe_batch` runs the
+model on the fixed batch in eval mode under ``no_grad`` and restores the train/eval flags, the
+CPU/CUDA RNG states and every buffer (BatchNorm statistics) afterwards.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import numpy as np
 from . import tags
 from .plot import ProfilePlot, matplotlib_available
 
-__all__ = ["Sink", "CallableSink", "TensorBoardSink", "as_sink", "as_sinks"]
+__all__ = ["Sink", "CallableSink", "TensorBoardSink", "as_sink", "as_sinks", "build_sinks"]
 
 
 class Sink:
@@ -147,3 +147,13 @@ class TensorBoardSink(Sink):
             self._writer = None
         else:
             self._writer.flush()
+
+
+def build_sinks(sinks: Any, *, logdir: Any = None, writer: Any = None, histograms: bool = True,
+                images: Any = 10) -> List[Sink]:
+    """The sinks of a watch: a :class:`TensorBoardSink` when ``logdir`` or ``writer`` is given,
+    then :func:`as_sinks` of ``sinks``."""
+    out: List[Sink] = []
+    if logdir is not None or writer is not None:
+        out.append(TensorBoardSink(logdir=logdir, writer=writer, histograms=histograms, images=images))
+    return out + as_sinks(sinks)

@@ -9,46 +9,18 @@
         watch.step()                  # once per optimizer step
     watch.close()                     # or: with esswatch.ESSWatch(...) as watch:
 
-What it logs at every sampled step (tags: :mod:`esswatch.watch.tags`):
+It logs per layer and over the whole model the ESS statistics, failures, timings, per-head
+histograms, the ESS-versus-index profile image and the configuration (:mod:`esswatch.watch.tags`).
 
-- per layer (qualified module name) and metric: average ESS, max over indices,
-  total ESS (value-channel weighted) and utilization ESS / TSS_i;
-- the same over the whole model; the cumulative count of skipped layer
-  measurements; the measurement's wall time;
-- per-head ESS as histograms; the ESS-versus-index profile as an image (when
-  matplotlib is installed); a custom-scalars layout with all layers of one
-  metric on one chart; the configuration as text.
+How sampling works: :mod:`esswatch.watch.gate`; ``background=True``: :mod:`esswatch.watch.offload`;
+``budget_seconds``: :mod:`esswatch.watch.budget`. Extension points (framework adapters, the
+regularizer): :meth:`set_step` feeds the framework's global step; :meth:`paused` suspends
+recording (e.g. during validation); :meth:`measure` measures what was captured and emits it;
+:class:`~esswatch.watch.sinks.Sink` routes results to another logger; :meth:`state_dict` /
+:meth:`load_state_dict`; :attr:`capture` is the owned :class:`~esswatch.probes.Capture`.
 
-How sampling works. Step numbers are 0-based (step ``n`` is the training step
-after ``n`` optimizer steps). ``step()`` ends step ``n``: if ``n`` is sampled it
-measures what the capture recorded during step ``n``'s forward, then it arms the
-capture for step ``n + 1`` if that one is sampled. Armed hooks keep the first
-training-mode forward of the step (a few batch rows, detached); forwards of the
-model in eval mode (validation) are not recorded. All spectral work happens in
-``step()``, never inside hooks; on unsampled steps the hooks are a flag check.
-With ``probe_batch=`` the training forwards are never recorded; instead, on each
-sampled step, ``step()`` runs the model on the fixed batch in eval mode under
-``no_grad`` and restores the train/eval flags, the CPU/CUDA RNG states and every
-buffer (BatchNorm statistics) afterwards.
-
-With ``background=True`` (default on CUDA) ``step()`` hands a copy of the captured tensors
-to one worker thread and returns; results are emitted on the training thread at a later
-``step()`` or at ``close()`` (:mod:`esswatch.watch.offload`, :mod:`esswatch.watch.background`).
-``budget_seconds`` fixes the measured rows / indices / heads after the first sample
-(:mod:`esswatch.watch.budget`).
-
-Extension points (framework adapters, the regularizer): :meth:`set_step` feeds the
-framework's global step; :meth:`paused` suspends recording (e.g. during validation);
-:meth:`measure` measures what was captured and emits it;
-:class:`~esswatch.watch.sinks.Sink` routes results to another logger;
-:meth:`state_dict` / :meth:`load_state_dict`; :attr:`capture` is the owned
-:class:`~esswatch.probes.Capture` (``keep_graph`` configurable).
-
-The watch is a facade: the gate and arming (:mod:`~esswatch.watch.gate`), the penalty
-bookkeeping (:mod:`~esswatch.watch.penalty`), the failure policy (:mod:`~esswatch.watch.failures`),
-result assembly (:mod:`~esswatch.watch.result`), the sink fan-out (:mod:`~esswatch.watch.emit`),
-checkpoint validation (:mod:`~esswatch.watch.state`) and hook lifetime
-(:mod:`~esswatch.watch.lifetime`) each live in their own module.
+The watch is a facade over one module per job: gate (arming), penalty, failures, finish and
+result (assembly), emit (sinks), state (checkpoints), lifetime (hooks), offload (background).
 """
 from __future__ import annotations
 
@@ -59,26 +31,24 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import torch
 
-from .._version import __version__
 from ..ess import DEFAULT_RELATIVE, DEFAULT_TOL
 from ..probes import Capture
-from ..probes.hooks import adopt
 from . import budget as budget_mod
-from . import distributed as dist_utils
-from .args import as_regularizer, check_flags, check_probe_batch, check_watch_args
-from .background import Job, Outcome, make_job, run_job
+from .args import as_regularizer, check_flags, check_model_args, check_probe_batch, check_watch_args
+from .background import Outcome, make_job, run_job
 from .emit import Emitter
-from .failures import ESSMeasurementError, ESSWarning, FailurePolicy
+from .failures import ESSMeasurementError, ESSWarning, FailurePolicy  # noqa: F401 - public names
+from .finish import finish
 from .gate import Gate, record_probe_batch, unwrap
-from .lifetime import DoneHook, GateHook, release
+from .lifetime import install, release
 from .measure import MeasureConfig
 from .offload import Offload
 from .penalty import PenaltyBook
 from .regularizer import Regularizer
-from .result import build_result, warn_empty
+from .result import watch_config
 from .schedule import Schedule
-from .sinks import Sink, TensorBoardSink, as_sinks
-from .state import validated_state
+from .sinks import Sink, build_sinks
+from .state import state_of, validated_state
 
 __all__ = ["ESSWatch", "ESSWarning", "ESSMeasurementError"]
 
@@ -120,18 +90,12 @@ class ESSWatch:
             :class:`esswatch.Regularizer` for its other options (kind, mode, target, every k
             steps). When on, :meth:`penalty` returns a differentiable term to add to the loss.
         background: measure on a worker thread (``None``, the default: when the model's
-            parameters are on CUDA). ``step()`` then only copies the captured tensors (CUDA: on
-            a side stream) and hands them over; the result is emitted with its step number, on
-            the training thread, at a later ``step()`` or at ``close()`` (which waits). A sample
-            due while the worker is busy is skipped and counted (``ess/skipped``). With
-            ``reduce=True`` results are collected only at sampled steps and at ``close()``, after
-            a one-flag ``all_reduce`` says every rank's worker is done (see
-            :mod:`esswatch.watch.offload`); every rank must call ``close()``. The regularizer's
-            penalty stays on the training thread; :meth:`measure` stays blocking.
+            parameters are on CUDA); results are emitted with their step number, on the training
+            thread, at a later ``step()`` or at ``close()``; a sample due while the worker is busy
+            is skipped and counted (``ess/skipped``). See :mod:`esswatch.watch.offload`.
         budget_seconds: a time budget per sample (``None`` = none): after timing the first
             sample the watch fixes the batch rows, indices and heads it measures so that later
-            samples take about this long (cut in that order; see :mod:`esswatch.watch.budget`).
-            The choice is in the config text and in ``latest()["budget"]``.
+            samples take about this long (:mod:`esswatch.watch.budget`; ``latest()["budget"]``).
     """
 
     def __init__(self, model: torch.nn.Module, logdir: Optional[str] = None, *, writer: Any = None,
@@ -143,15 +107,9 @@ class ESSWatch:
                  reduce: bool = False, train_forwards_only: bool = True, histograms: bool = True,
                  images: Union[bool, int] = 10, regularizer: Union[None, float, Regularizer] = None,
                  background: Optional[bool] = None, budget_seconds: Optional[float] = None) -> None:
-        if not isinstance(model, torch.nn.Module):
-            raise ValueError(f"ESSWatch expects an nn.Module, got {type(model).__name__}")
-        if logdir is not None and writer is not None:
-            raise ValueError("ESSWatch: pass logdir= or writer=, not both")
+        check_model_args(model, logdir=logdir, writer=writer, background=background)
         check_watch_args(logdir=logdir, images=images, histograms=histograms)
-        if background is not None and not isinstance(background, bool):
-            raise ValueError(f"background must be None, True or False, got {background!r}")
-        self._budget = None if budget_seconds is None else budget_mod.Budget(
-            budget_mod.validate_budget(budget_seconds))
+        self._budget = budget_mod.Budget.of(budget_seconds)
         check_flags(strict=strict, reduce=reduce, train_forwards_only=train_forwards_only)
         check_probe_batch(probe_batch)
         reg = as_regularizer(regularizer)
@@ -166,35 +124,20 @@ class ESSWatch:
         self._module = unwrap(model)
         self.capture = Capture(self._module, layers, batch_rows=batch_rows, heads=heads)
         self._tss = self.capture.tss
-        self._sinks: List[Sink] = []
-        if logdir is not None or writer is not None:
-            self._sinks.append(TensorBoardSink(logdir=logdir, writer=writer, histograms=histograms, images=images))
-        self._sinks.extend(as_sinks(sinks))
+        self._sinks = build_sinks(sinks, logdir=logdir, writer=writer, histograms=histograms, images=images)
         self._emitter = Emitter(self._sinks, strict)
         self._policy = FailurePolicy(strict)
-        self._warned_empty = False
-        self._samples = 0
+        self._warned_empty = self._closed = False
         self._latest: Optional[Dict[str, Any]] = None
-        self._closed = False
-        self._skipped_samples = 0
-        self._budget_gen = self._armed_gen = 0
-        if background is None:
-            background = any(p.is_cuda for p in self._module.parameters())
-        self.background = background
-        self._offload: Optional[Offload] = None
+        self._samples = self._skipped_samples = self._budget_gen = self._armed_gen = 0
+        self.background = any(p.is_cuda for p in self._module.parameters()) if background is None else background
         self._gate = Gate(self.capture)
         self.capture.attach()
-        self._handles: list = []
+        self._train_only = train_forwards_only
+        self._handles = install(model, self._gate, train_forwards_only)
         # close() and the garbage collector release the model the same way (no reference to self)
         self._finalizer = weakref.finalize(self, release, self._gate, self._handles, self._sinks)
-        self._train_only = train_forwards_only
-        self._handles.append(model.register_forward_pre_hook(GateHook(self._gate, train_forwards_only),
-                                                             prepend=True))
-        self._handles.append(model.register_forward_hook(DoneHook(self._gate)))
-        self._gate.hooks = adopt(self._handles, model)
-        if background:
-            self._offload = Offload()
-            weakref.finalize(self, self._offload.worker.shutdown)   # a watch dropped without close()
+        self._offload: Optional[Offload] = Offload.started(self) if self.background else None
         self._arm()
 
     # -- configuration ---------------------------------------------------------------
@@ -204,18 +147,9 @@ class ESSWatch:
 
     def config(self) -> Dict[str, Any]:
         """The configuration as plain data (what the TensorBoard text shows)."""
-        cap = self.capture
-        return {
-            "every_n_steps": self.schedule.every_n_steps,
-            "sampling": "probe batch" if self.probe_batch is not None else "training forward",
-            "batch_rows": cap.batch_rows, "heads": cap.heads,
-            **self.measure_config.as_dict(),
-            "strict": self.strict, "reduce": self.reduce, "background": self.background,
-            **({} if self._budget is None else {"budget_seconds": self._budget.seconds,
-                                                  "budget": self._budget.as_dict()}),
-            "layers": {n: f"{type(p.module).__name__}: {p.layer_type}" for n, p in cap.probes.items()},
-            "esswatch": __version__,
-        }
+        return watch_config(self.capture, every_n_steps=self.schedule.every_n_steps, probe_batch=self.probe_batch,
+                            measure=self.measure_config, strict=self.strict, reduce=self.reduce,
+                            background=self.background, budget=self._budget)
 
     # -- the schedule ----------------------------------------------------------------
     @property
@@ -239,20 +173,11 @@ class ESSWatch:
             with watch.paused():
                 evaluate(model)
         """
-        self.pause()
+        self._gate.pause()
         try:
             yield
         finally:
-            self.resume()
-
-    def pause(self) -> None:
-        """Stop recording until the matching :meth:`resume` (for adapters whose framework gives
-        a start and an end hook rather than a block; see :meth:`paused`)."""
-        self._gate.pause()
-
-    def resume(self) -> None:
-        """End a :meth:`pause` (a no-op when not paused)."""
-        self._gate.resume()
+            self._gate.resume()
 
     def set_step(self, global_step: int) -> None:
         """Declare the number of the training step about to run (e.g. a framework's
@@ -318,62 +243,15 @@ class ESSWatch:
         ``None`` when nothing was recorded (on every rank).
         """
         step = self.schedule.step if step is None else step
-        return self._finish(run_job(self._job(step, source)))
-
-    def _job(self, step: int, source: str, copier=None) -> Job:
-        """This step's records (copied off the graph by ``copier`` for the worker); clears them."""
-        return make_job(self, step, source, copier)
+        return self._finish(run_job(make_job(self, step, source)))
 
     def _finish(self, outcome: Outcome) -> Optional[Dict[str, Any]]:
-        """Turn a measured sample into the result: failures, budget, reduce, sinks (training thread)."""
-        step = outcome.step
-        errors = list(outcome.errors)
-        if outcome.fatal is not None:
-            errors.append(("<esswatch worker>", outcome.fatal))
-        skipped: List[str] = []
-        for name, e in errors:
-            self._policy.fail(name, step, e)
-            skipped.append(name)
-        if self._budget is not None and not self._budget.decided and outcome.calibrated:
-            self._decide_budget(outcome)
-        layers, failures = outcome.layers, self._policy.count
-        if self.reduce:
-            layers, failures = dist_utils.reduce_layers(layers, self.layer_names, self.measure_config.metrics,
-                                                        failures)
-        if not layers and not skipped and failures == self._policy.count:
-            if not self._warned_empty and not outcome.short:
-                self._warned_empty = True
-                warn_empty(step, self._train_only)
-            return None
-        result = build_result(outcome, layers, self.measure_config.metrics, failures=failures, skipped=skipped,
-                              skipped_samples=self._skipped_samples,
-                              budget=None if self._budget is None else self._budget.as_dict())
-        self._latest = result
-        self._samples += 1
-        self._emitter.emit(result, self.config)
-        return result
-
-    def _decide_budget(self, outcome: Outcome) -> None:
-        """Fix the measured rows / indices / heads from the first sample's timings."""
-        agree = budget_mod.agree_min if self.reduce and dist_utils.world_size() > 1 else None
-        if budget_mod.apply(self._budget, outcome, self, agree):
-            self._budget_gen += 1
-        if self._budget.warning:
-            import warnings
-            warnings.warn(self._budget.warning, ESSWarning, stacklevel=4)
+        """Turn a measured sample into the result and emit it (:func:`esswatch.watch.finish.finish`)."""
+        return finish(self, outcome)
 
     # -- results and state -------------------------------------------------------------
     def latest(self) -> Optional[Dict[str, Any]]:
-        """The last result as plain Python data (a copy), or ``None`` before the first sample::
-
-            {"step": int, "source": "train" | "probe", "metrics": ["entropy", ...],
-             "layers": {name: {"type", "seq_len", "state_size", "value_dim", "rows", "heads",
-                               "indices": [i, ...], "tss": [TSS_i, ...],
-                               "entropy": {"avg", "max", "total", "utilization",
-                                           "per_index": [...], "per_head": [...]}, ...}},
-             "model": {"entropy": {"avg", "max", "total", "utilization"}, ...},
-             "failures": int, "skipped": [names], "seconds": float, "scalars": {tag: value}}
-        """
+        """The last result as plain data (a copy; keys: :mod:`esswatch.watch.result`), or ``None``."""
         return copy.deepcopy(self._latest)
 
     @property
@@ -383,9 +261,9 @@ class ESSWatch:
 
     def state_dict(self) -> Dict[str, Any]:
         """Plain data to checkpoint: the step counter, failure counts, samples taken."""
-        return {"version": 1, "schedule": self.schedule.state_dict(), "failures": self._policy.count,
-                "failed_layers": sorted(self._policy.names), "samples": self._samples,
-                "skipped_samples": self._skipped_samples}
+        return state_of(schedule=self.schedule.state_dict(), failures=self._policy.count,
+                        failed_layers=self._policy.names, samples=self._samples,
+                        skipped_samples=self._skipped_samples)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Resume: the step counter continues where ``state`` left it (the period is this
@@ -393,10 +271,8 @@ class ESSWatch:
         it); nothing is applied unless all are valid."""
         st = validated_state(state)          # everything is checked before anything is applied
         self.schedule.step = st["step"]
-        self._policy.count = st["failures"]
-        self._policy.names = st["failed_layers"]
-        self._samples = st["samples"]
-        self._skipped_samples = st["skipped_samples"]
+        self._policy.count, self._policy.names = st["failures"], st["failed_layers"]
+        self._samples, self._skipped_samples = st["samples"], st["skipped_samples"]
         self._arm()
 
     # -- lifetime ----------------------------------------------------------------------
