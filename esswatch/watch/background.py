@@ -155,7 +155,7 @@ def run_job(job: Job) -> Outcome:
                 try:
                     if name in job.records:
                         probe, record = job.records[name]
-                        op = probe.build(record)
+                        op = probe.realize(record)
                     else:
                         op = job.operators[name]
                     if op is not None and op.seq_len < 2:
