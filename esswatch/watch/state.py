@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, FrozenSet, Iterable
 
+from ..engine.validation import check_positive_int
+
 __all__ = ["state_of", "validated_state"]
 
 _WHAT = "ESSWatch.load_state_dict"
@@ -15,10 +17,7 @@ _WHAT = "ESSWatch.load_state_dict"
 def _count(state: Dict[str, Any], key: str, where: str = "") -> int:
     if key not in state:
         raise ValueError(f"{_WHAT}: missing key {where}{key!r} (a non-negative int)")
-    v = state[key]
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ValueError(f"{_WHAT}: {where}{key} must be a non-negative int, got {v!r}")
-    return v
+    return check_positive_int(f"{_WHAT}: {where}{key}", state[key], minimum=0)
 
 
 def validated_state(state: Any) -> Dict[str, Any]:

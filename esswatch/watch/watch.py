@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import torch
 
+from ..engine.validation import check_positive_int
 from ..ess import DEFAULT_RELATIVE, DEFAULT_TOL
 from ..probes import Capture
 from . import budget as budget_mod
@@ -183,8 +184,7 @@ class ESSWatch:
         """Declare the number of the training step about to run (e.g. a framework's
         ``global_step`` at batch start). A no-op if it is already the current step, so
         calling it for every micro-batch of an accumulated step keeps the record."""
-        if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
-            raise ValueError(f"global_step must be a non-negative int, got {global_step!r}")
+        global_step = check_positive_int("global_step", global_step, minimum=0)
         if global_step != self.schedule.step:
             self.schedule.step = global_step
             self._arm()
