@@ -35,16 +35,15 @@ A thin adapter over :class:`esswatch.ESSWatch` (all measuring happens there):
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
-import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 import torch
 
 from esswatch.watch import ESSWatch, Sink, TensorBoardSink
-from esswatch.watch.args import check_watch_options
-from esswatch.watch.sinks import as_sink
 
+from ._adapter import check_callback_options, warn_unaligned, watch_options
 from ._versions import require
 
 __all__ = ["ESSCallback", "LightningLoggerSink", "SUPPORTED_LIGHTNING"]
@@ -131,21 +130,17 @@ class ESSCallback(pl.Callback):
     def __init__(self, every_n_steps: int = 100, *, logdir: Optional[str] = None, regularizer: Any = None,
                  sinks: Iterable[Union[Sink, Callable[[Dict[str, Any]], Any]]] = (), **watch_kwargs: Any) -> None:
         super().__init__()
-        for bad in ("writer", "model"):
-            if bad in watch_kwargs:
-                raise TypeError(f"ESSCallback: `{bad}=` is not an option here (the callback logs through the "
-                                "trainer's loggers, and `logdir=`, and watches the LightningModule)")
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps!r}")
+        self.sinks = check_callback_options(
+            every_n_steps, logdir=logdir, regularizer=regularizer, sinks=sinks, watch_kwargs=watch_kwargs,
+            not_here=("writer", "model"),
+            why="the callback logs through the trainer's loggers, and `logdir=`, and watches the LightningModule")
         self.every_n_steps = every_n_steps
         self.logdir = logdir
         self.regularizer = regularizer
-        self.sinks = [as_sink(s) for s in ([sinks] if isinstance(sinks, Sink) or callable(sinks) else sinks)]
         self.watch_kwargs = watch_kwargs
-        check_watch_options(every_n_steps=every_n_steps, logdir=logdir, regularizer=regularizer, **watch_kwargs)
         self.watch: Optional[ESSWatch] = None
         self._pending_state: Optional[Dict[str, Any]] = None
-        self._armed_outside_validation: Optional[bool] = None
+        self._validation = contextlib.ExitStack()     # holds watch.paused() during validation
 
     # -- lifetime --------------------------------------------------------------------
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -157,19 +152,15 @@ class ESSCallback(pl.Callback):
                 "measurements would go nowhere. Give the Trainer a logger (TensorBoardLogger, CSVLogger, ...) or "
                 "pass ESSCallback(logdir='runs/ess').")
         self._close_watch()
-        wk = dict(self.watch_kwargs)
-        if self.regularizer is not None:
-            wk["regularizer"] = self.regularizer
+        wk = watch_options(self.watch_kwargs, self.regularizer)
         sinks: List[Sink] = []
         if trainer.loggers:
             sinks.append(LightningLoggerSink(trainer.loggers,
                                              histograms=wk.get("histograms", _WATCH_DEFAULTS["histograms"]),
                                              images=wk.get("images", _WATCH_DEFAULTS["images"])))
-        log_every = getattr(trainer, "log_every_n_steps", 1) or 1
-        if trainer.loggers and self.every_n_steps % log_every:
-            warnings.warn(f"ESSCallback(every_n_steps={self.every_n_steps}) is not a multiple of the Trainer's "
-                          f"log_every_n_steps={log_every}: the ESS steps will not all be steps of the logged loss.",
-                          UserWarning, stacklevel=2)
+        if trainer.loggers:
+            warn_unaligned(self.every_n_steps, "the Trainer's log_every_n_steps",
+                           getattr(trainer, "log_every_n_steps", 1) or 1)
         self.watch = ESSWatch(pl_module, self.logdir, every_n_steps=self.every_n_steps, sinks=sinks + self.sinks,
                               **wk)
         # sample where Lightning logs the loss: global steps n - 1, 2n - 1, ... (see the module docs)
@@ -180,7 +171,7 @@ class ESSCallback(pl.Callback):
             raise MisconfigurationException(
                 "ESSCallback(regularizer=...) adds the penalty to the loss of automatic optimization. With manual "
                 "optimization add it yourself: `self.manual_backward(loss + ess_callback.penalty())`.")
-        self._armed_outside_validation = None
+        self._validation.close()
         state = self._pending_state if self._pending_state is not None else self.watch.state_dict()
         self.watch.load_state_dict(state)       # (re-)arms the capture under the offset
         self._pending_state = None
@@ -194,6 +185,7 @@ class ESSCallback(pl.Callback):
 
     def _close_watch(self) -> None:
         """Close the watch, keeping its state so that :meth:`state_dict` and a later fit continue it."""
+        self._validation.close()
         if self.watch is not None:
             self._pending_state = self.watch.state_dict()
             self.watch.close()
@@ -215,16 +207,12 @@ class ESSCallback(pl.Callback):
 
     # -- validation (and the sanity check) is never recorded --------------------------
     def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        watch = self.watch
-        if watch is not None:
-            self._armed_outside_validation = watch.capture.armed
-            watch.capture.armed = False
+        self._validation.close()
+        if self.watch is not None:
+            self._validation.enter_context(self.watch.paused())
 
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        watch = self.watch
-        if watch is not None and self._armed_outside_validation is not None:
-            watch.capture.armed = self._armed_outside_validation
-            self._armed_outside_validation = None
+        self._validation.close()
 
     # -- the regularizer -------------------------------------------------------------
     def penalty(self) -> Union[torch.Tensor, float]:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import esswatch as ew
 from esswatch.layers import SequenceModel
-from esswatch.watch.regularizer import RegularizerConfig, penalty_terms
+from esswatch.watch.regularizer import Regularizer, penalty_terms
 
 VOCAB, L, B = 16, 16, 4
 
@@ -72,7 +72,7 @@ def test_penalty_value_equals_independent_computation(mixer):
     with ew.capture(model, batch_rows=2, keep_graph=True) as cap:
         out2 = model(x)
     assert torch.equal(out, out2)
-    ref, _ = penalty_terms(cap.operators, RegularizerConfig(0.5))
+    ref, _ = penalty_terms(cap.operators, Regularizer(0.5))
     assert float(pen.detach()) == pytest.approx(float(ref.detach()), rel=1e-6)
     assert float(pen.detach()) > 0
 
@@ -135,7 +135,7 @@ def test_gradient_accumulation_penalizes_each_micro_batch():
     for x, v in zip(batches, values):
         with ew.capture(model, batch_rows=2, keep_graph=True) as cap:
             model(x)
-        assert v == pytest.approx(float(penalty_terms(cap.operators, RegularizerConfig(1.0))[0]), rel=1e-6)
+        assert v == pytest.approx(float(penalty_terms(cap.operators, Regularizer(1.0))[0]), rel=1e-6)
     assert len(set(values)) == 4
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reference import entropy_ess_ref
 
 import esswatch as ew
 from esswatch.layers import SequenceModel
-from esswatch.operators import GatedRecurrence, SoftmaxAttention
-from esswatch.watch.regularizer import RegularizerConfig, penalty_terms, spread_indices
-from reference import entropy_ess_ref
+from esswatch.watch.regularizer import Regularizer, penalty_terms, spread_indices
 
 
 def _penalty(model, tokens, cfg):
@@ -24,7 +23,7 @@ def test_penalty_value_matches_numpy_formula(mixer):
     torch.manual_seed(0)
     model = SequenceModel(32, d_model=16, n_layers=2, mixer=mixer, **({"d_state": 4} if mixer == "ssm" else {}))
     tokens = torch.randint(0, 32, (2, 24))
-    for cfg in (RegularizerConfig(0.3), RegularizerConfig(0.3, mode="target", target=0.4)):
+    for cfg in (Regularizer(0.3), Regularizer(0.3, mode="target", target=0.4)):
         total, terms, cap = _penalty(model, tokens, cfg)
         idx = spread_indices(24, cfg.indices)
         expect = []
@@ -43,7 +42,7 @@ def test_identity_penalty_matches_formula():
     torch.manual_seed(0)
     model = SequenceModel(32, d_model=16, n_layers=1, mixer="gla")
     tokens = torch.randint(0, 32, (2, 12))
-    total, terms, cap = _penalty(model, tokens, RegularizerConfig(2.0, kind="identity"))
+    total, terms, cap = _penalty(model, tokens, Regularizer(2.0, kind="identity"))
     (op,) = cap.operators.values()
     a = np.exp(op.log_decay.detach().double().numpy())
     ref = np.sqrt(((a - 1) ** 2).sum(-1)).mean()
@@ -51,10 +50,10 @@ def test_identity_penalty_matches_formula():
 
 
 @pytest.mark.parametrize("mixer,cfg", [
-    ("gla", RegularizerConfig(1.0, floor=1.0)),
-    ("gla", RegularizerConfig(1.0, mode="target", target=0.2)),
-    ("attention", RegularizerConfig(1.0, mode="target", target=0.1)),
-    ("gla", RegularizerConfig(1.0, kind="identity")),
+    ("gla", Regularizer(1.0, floor=1.0)),
+    ("gla", Regularizer(1.0, mode="target", target=0.2)),
+    ("attention", Regularizer(1.0, mode="target", target=0.1)),
+    ("gla", Regularizer(1.0, kind="identity")),
 ])
 def test_penalty_gradient_matches_finite_differences(mixer, cfg):
     torch.manual_seed(1)
@@ -86,4 +85,4 @@ def test_config_validation():
     for bad in (dict(weight=-1), dict(weight=1, kind="x"), dict(weight=1, mode="y"),
                 dict(weight=1, mode="target"), dict(weight=1, every_n_steps=0), dict(weight=1, floor=0)):
         with pytest.raises(ValueError):
-            RegularizerConfig(**bad)
+            Regularizer(**bad)

@@ -55,14 +55,14 @@ def run_demo(steps: int = DEMO_DEFAULTS["steps"], mixer: str = DEMO_DEFAULTS["mi
     """
     from torch.utils.tensorboard import SummaryWriter
 
+    from ..engine.validation import check_positive_int
     from ..watch import ESSWatch
 
     stream = sys.stdout if stream is None else stream
     device = device or _default_device()
     for name, v, allow_none in (("steps", steps, False), ("d_model", d_model, False),
                                 ("every_n_steps", every_n_steps, True)):
-        if not (allow_none and v is None) and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ValueError(f"run_demo: {name} must be a positive int{' or None' if allow_none else ''}, got {v!r}")
+        check_positive_int(f"run_demo: {name}", v, allow_none=allow_none)
     cfg = TrainConfig(**dict(DEMO_DEFAULTS, steps=steps, mixer=mixer, d_model=d_model, seed=seed))
     every = every_n_steps if every_n_steps is not None else max(1, steps // 40)
     run_dir = Path(logdir) / (run_name or f"{mixer}-{time.strftime('%Y%m%d-%H%M%S')}")

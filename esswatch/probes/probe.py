@@ -7,8 +7,8 @@ operator of :mod:`esswatch.operators`. Probes never set attributes on the module
 
 Hot-path contract (hooks run on every training step):
 
-- a hook first checks ``self.session.armed`` and returns immediately when it is
-  False (nothing else runs);
+- a hook first checks :meth:`Probe.wants_record` (armed, and nothing recorded yet in this
+  armed window) and returns immediately when it is False (nothing else runs);
 - no host syncs (no ``.item()``, ``bool(tensor)``, ``.cpu()``, printing) inside
   hooks: only slicing, ``.detach()`` and storing references;
 - :meth:`record` slices batch rows / heads as configured and detaches unless
@@ -16,6 +16,7 @@ Hot-path contract (hooks run on every training step):
 """
 from __future__ import annotations
 
+import copy
 import weakref
 from typing import Any, Dict, List, Optional
 
@@ -113,9 +114,22 @@ class Probe:
         return self._record
 
     def operator(self) -> Optional[Operator]:
+        """The operator of the last record (``None`` if none), see :meth:`realize`."""
         if self._record is None:
             return None
-        return self.build(self._record)
+        return self.realize(self._record)
+
+    def realize(self, record: Dict[str, Any]) -> Optional[Operator]:
+        """:meth:`build` the operator of ``record``; when the operator has no ``state_size`` of
+        its own, it gets the layer's :meth:`tss`. So the TSS has one source downstream, the
+        operator's ``state_size`` (read by ``Operator.tss``, the logs and the regularizer)."""
+        op = self.build(record)
+        if op is not None and op.state_size is None:
+            tss = self.tss()
+            if tss is not None:
+                op = copy.copy(op)            # never change an operator a module handed us
+                op.state_size = int(tss)
+        return op
 
     def clear(self) -> None:
         self._record = None

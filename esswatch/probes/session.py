@@ -20,8 +20,13 @@ from ..operators import Operator
 from .hooks import EssHook, adopt
 from .probe import CaptureWarning, Probe
 from .registry import probe_for, supported_types
-from .unsupported import (HOW_TO_ADD, UnsupportedModelError, unprobed_mixers, unsupported_layers_warning,
-                          unsupported_model_message)
+from .unsupported import (
+    HOW_TO_ADD,
+    UnsupportedModelError,
+    unprobed_mixers,
+    unsupported_layers_warning,
+    unsupported_model_message,
+)
 
 __all__ = ["Capture", "capture"]
 

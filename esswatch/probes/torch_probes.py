@@ -53,6 +53,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from ..engine.spectral import compute_dtype
 from ..operators import Operator, SoftmaxAttention
 from .probe import CaptureError, CaptureWarning, Probe
 from .registry import register_probe
@@ -214,7 +215,7 @@ class MultiheadAttentionProbe(Probe):
     def build(self, record: Dict[str, Any]) -> Operator:
         q, k = record["q"], record["k"]
         L = q.shape[-2]
-        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dt = compute_dtype(q.dtype)
         mask = self._merged_mask(record["attn_mask"], record["key_padding_mask"], dt)
         if mask is not None:
             future = torch.ones(L, L, dtype=torch.bool, device=mask.device).triu(1)

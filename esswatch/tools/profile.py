@@ -37,7 +37,8 @@ def load_checkpoint(path: str, device: str = "cpu"):
         import transformers  # noqa: F401  (also registers esswatch's Hugging Face probes)
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise SystemExit("esswatch profile needs Hugging Face transformers: pip install 'esswatch[transformers]'") from e
+        raise SystemExit("esswatch profile needs Hugging Face transformers: "
+                         "pip install 'esswatch[transformers]'") from e
     if not Path(path, "config.json").is_file():
         raise SystemExit(f"esswatch profile: {path} is not a saved Hugging Face model directory (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)

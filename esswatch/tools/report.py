@@ -2,11 +2,14 @@
 
 Reads the event files only (TensorBoard's ``EventAccumulator``), so it works over SSH
 on any run ESSWatch wrote: plain loops, the Lightning loggers and the Hugging Face
-callback, also a logdir that mixes them. Every directory under ``LOGDIR`` holding
-``events.out.tfevents.*`` files is one run. Tags are read with
-:func:`esswatch.watch.tags.parse_tag`, under any logger prefix (``ess/...``,
-``train/ess/...``); a run whose ESS tags come under two prefixes gives one report per
-prefix.
+callback (which writes the plain ``ess/...`` tags through the Trainer's own TensorBoard
+writer), also a logdir that mixes them. Every directory under ``LOGDIR`` holding
+``events.out.tfevents.*`` files is one run. Tags are parsed only by
+:func:`esswatch.watch.tags.parse_tag` (statistics: :data:`esswatch.watch.tags.STATS`),
+under any logger prefix: ``ess/...`` as esswatch writes them, or ``<prefix>/ess/...``
+when another logger put its namespace in front (e.g. ``train/ess/...`` from a Trainer
+``report_to`` integration fed by the log stream); a run whose ESS tags come under two
+prefixes gives one report per prefix.
 
 Per run, metric and layer it shows the last logged step, the average ESS, the total ESS,
 the utilization ESS / TSS and, as the trend, the change of the average ESS and of the

@@ -5,7 +5,45 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["check_watch_args", "check_watch_options"]
+__all__ = ["check_model_args", "check_watch_args", "check_watch_options", "check_flags", "check_probe_batch",
+           "as_regularizer"]
+
+
+def check_model_args(model: Any, *, logdir: Any, writer: Any, background: Any) -> None:
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"ESSWatch expects an nn.Module, got {type(model).__name__}")
+    if logdir is not None and writer is not None:
+        raise ValueError("ESSWatch: pass logdir= or writer=, not both")
+    if background is not None and not isinstance(background, bool):
+        raise ValueError(f"background must be None, True or False, got {background!r}")
+
+
+def check_flags(**flags: Any) -> None:
+    """Each keyword must be a bool."""
+    for n, v in flags.items():
+        if not isinstance(v, bool):
+            raise ValueError(f"{n} must be a bool, got {v!r}")
+
+
+def check_probe_batch(pb: Any) -> None:
+    import torch
+
+    if pb is not None and not isinstance(pb, (torch.Tensor, tuple, list, dict)):
+        raise ValueError("probe_batch must be a tensor, a tuple/list of positional arguments or a dict of "
+                         f"keyword arguments, got {type(pb).__name__}")
+
+
+def as_regularizer(reg: Any):
+    """The ``regularizer=`` option as an :class:`esswatch.Regularizer` (or ``None``)."""
+    from .regularizer import Regularizer
+
+    if reg is None or isinstance(reg, Regularizer):
+        return reg
+    if isinstance(reg, bool) or not isinstance(reg, (int, float)):
+        raise ValueError(f"regularizer must be a weight (float), an esswatch.Regularizer or None, got {reg!r}")
+    return Regularizer(float(reg))
 
 
 def check_watch_args(*, logdir: Any, images: Any, histograms: Any) -> None:
@@ -23,11 +61,8 @@ def check_watch_options(**options: Any) -> None:
     starts). Unknown names raise ``TypeError``; bad values ``ValueError`` naming the option."""
     import inspect
 
-    import torch
-
     from ..engine.validation import check_positive_int
     from .measure import MeasureConfig
-    from .regularizer import Regularizer
     from .schedule import Schedule
     from .watch import ESSWatch
 
@@ -42,16 +77,7 @@ def check_watch_options(**options: Any) -> None:
                   relative=opt["relative"])
     for n in ("batch_rows", "heads"):
         check_positive_int(n, opt[n], allow_none=True)
-    for n in ("strict", "reduce", "train_forwards_only"):
-        if not isinstance(opt[n], bool):
-            raise ValueError(f"{n} must be a bool, got {opt[n]!r}")
-    reg = opt["regularizer"]
-    if not (reg is None or isinstance(reg, Regularizer)):
-        if isinstance(reg, bool) or not isinstance(reg, (int, float)):
-            raise ValueError(f"regularizer must be a weight (float), an esswatch.Regularizer or None, got {reg!r}")
-        Regularizer(float(reg))
-    pb = opt["probe_batch"]
-    if pb is not None and not isinstance(pb, (torch.Tensor, tuple, list, dict)):
-        raise ValueError("probe_batch must be a tensor, a tuple/list of positional arguments or a dict of "
-                         f"keyword arguments, got {type(pb).__name__}")
+    check_flags(strict=opt["strict"], reduce=opt["reduce"], train_forwards_only=opt["train_forwards_only"])
+    as_regularizer(opt["regularizer"])
+    check_probe_batch(opt["probe_batch"])
     check_watch_args(logdir=opt["logdir"], images=opt["images"], histograms=opt["histograms"])

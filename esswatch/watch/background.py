@@ -155,7 +155,7 @@ def run_job(job: Job) -> Outcome:
                 try:
                     if name in job.records:
                         probe, record = job.records[name]
-                        op = probe.build(record)
+                        op = probe.realize(record)
                     else:
                         op = job.operators[name]
                     if op is not None and op.seq_len < 2:
@@ -196,7 +196,7 @@ def make_job(watch, step: int, source: str, copier: Optional[_Copier] = None) ->
     try:
         probes = watch.capture.probes
         records = {n: p.recorded for n, p in probes.items() if p.has_record}
-        ops = {n: op for n, op in (watch._stash or {}).items() if n not in records}
+        ops = {n: op for n, op in (watch._penalties.stash or {}).items() if n not in records}
         ready = stream = None
         if copier is not None:
             (records, ops), ready, stream = snapshot((records, ops), copier)
@@ -204,7 +204,7 @@ def make_job(watch, step: int, source: str, copier: Optional[_Copier] = None) ->
                 stream = None
         budget = watch._budget
         return Job(step=step, source=source, records={n: (probes[n], r) for n, r in records.items()},
-                   operators=ops, cfg=watch.measure_config, tss=watch._tss, penalty=watch._penalty_result(),
+                   operators=ops, cfg=watch.measure_config, tss=watch._tss, penalty=watch._penalties.result(),
                    calibrate=budget is not None and not budget.decided, ready=ready, stream=stream)
     finally:
         watch.capture.clear()

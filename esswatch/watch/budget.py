@@ -74,6 +74,11 @@ class Budget:
         self.level: Optional[Dict[str, Any]] = None
         self.warning: Optional[str] = None
 
+    @classmethod
+    def of(cls, seconds: Optional[float]) -> Optional["Budget"]:
+        """The budget for ``budget_seconds=seconds`` (validated; ``None`` = no budget)."""
+        return None if seconds is None else cls(validate_budget(seconds))
+
     @property
     def decided(self) -> bool:
         return self.level is not None

@@ -4,16 +4,17 @@
   aborted forward recorded; arms the capture only for training-mode forwards) and forward
   hook (marks the forward complete); module-level callables (picklable through
   :mod:`esswatch.probes.hooks`) that reference the gate, never the watch.
-- :func:`release`: what ``close()`` and the garbage collector do (``weakref.finalize``): remove
-  every hook, detach the capture, close the sinks. It holds no reference to the watch, so a
-  watch dropped without ``close()`` is collected and the model is free for a new one.
+- :func:`install` puts them on the model; :func:`release`: what ``close()`` and the garbage
+  collector do (``weakref.finalize``): remove every hook, detach the capture, close the sinks.
+  It holds no reference to the watch, so a watch dropped without ``close()`` is collected and
+  the model is free for a new one.
 """
 from __future__ import annotations
 
 import warnings
 from typing import Any, List
 
-__all__ = ["GateHook", "DoneHook", "release"]
+__all__ = ["GateHook", "DoneHook", "install", "release"]
 
 
 class GateHook:
@@ -50,6 +51,17 @@ class DoneHook:
         return None
 
 
+def install(model: Any, gate: Any, train_only: bool) -> List[Any]:
+    """Put the :class:`GateHook` (first) and :class:`DoneHook` on ``model``; returns the handles
+    (``gate.hooks`` follows copies of the model, :func:`esswatch.probes.hooks.adopt`)."""
+    from ..probes.hooks import adopt
+
+    handles = [model.register_forward_pre_hook(GateHook(gate, train_only), prepend=True),
+               model.register_forward_hook(DoneHook(gate))]
+    gate.hooks = adopt(handles, model)
+    return handles
+
+
 def release(gate: Any, handles: List[Any], sinks: List[Any]) -> None:
     """Remove the watch's own hooks, detach its capture and close its sinks (idempotent)."""
     gate.want = False
@@ -66,4 +78,5 @@ def release(gate: Any, handles: List[Any], sinks: List[Any]) -> None:
         try:
             sink.close()
         except Exception as e:  # noqa: BLE001 - closing a log never raises into training
-            warnings.warn(f"esswatch: closing sink {sink!r} failed: {type(e).__name__}: {e}", RuntimeWarning)
+            warnings.warn(f"esswatch: closing sink {sink!r} failed: {type(e).__name__}: {e}", RuntimeWarning,
+                          stacklevel=2)

@@ -20,12 +20,13 @@ see one thread:
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Dict, Optional
 
 import torch
 
 from . import distributed as dist_utils
-from .background import Worker, make_copier
+from .background import Worker, make_copier, make_job
 
 __all__ = ["Offload"]
 
@@ -34,6 +35,13 @@ class Offload:
     def __init__(self, transfer: str = "device") -> None:
         self.worker = Worker()
         self.copier = make_copier(transfer)
+
+    @classmethod
+    def started(cls, watch) -> "Offload":
+        """The worker of ``watch``, shut down also when the watch is dropped without ``close()``."""
+        offload = cls()
+        weakref.finalize(watch, offload.worker.shutdown)
+        return offload
 
     def _all_done(self) -> bool:
         done = self.worker.done()
@@ -65,7 +73,7 @@ class Offload:
             return
         if watch.probe_batch is not None and not watch._run_probe(step):
             return                      # its forward raised: counted and warned as a failure
-        job = watch._job(step, "probe" if watch.probe_batch is not None else "train", self.copier)
+        job = make_job(watch, step, "probe" if watch.probe_batch is not None else "train", self.copier)
         self.worker.submit(job)
 
     def close(self, watch) -> Optional[Dict[str, Any]]:

@@ -24,19 +24,22 @@ differentiable, finite at zero and repeated singular values).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
+from ..engine.spectral import compute_dtype
+from ..engine.validation import check_positive_int
 from ..ess import entropy_ess
 from ..operators import GatedRecurrence, Operator
+from .measure import select_indices
+from .tags import PENALTY_TAG  # noqa: F401 - re-exported (the penalty's tags are built in tags.py)
 
-__all__ = ["Regularizer", "RegularizerConfig", "penalty_terms", "PENALTY_TAG"]
+__all__ = ["Regularizer", "penalty_terms", "spread_indices", "PENALTY_TAG"]
 
-#: the scalar tag of the penalty; per layer ``ess/penalty/<layer>``
-PENALTY_TAG = "ess/penalty/total"
 
 KINDS = ("ess", "identity")
 MODES = ("collapse", "target")
@@ -47,8 +50,8 @@ def _finite_number(v) -> bool:
 
 
 @dataclass(frozen=True)
-class RegularizerConfig:
-    """Validated configuration of the regularizer.
+class Regularizer:
+    """The ESS regularizer's configuration (validated; public as ``esswatch.Regularizer``).
 
     Args:
         weight: the penalty's weight (``0`` or ``None`` = off).
@@ -57,7 +60,9 @@ class RegularizerConfig:
         floor: utilization below which the collapse penalty acts (default 0.5).
         target: the utilization ``mode="target"`` holds (required there).
         every_n_steps: compute the penalty every k-th step (default every step).
-        indices: number of indices spread over the sequence per layer (default 4).
+        indices: number of indices spread over the sequence per layer (default 8, like the
+            watch's ``indices``), at the positions the watch logs for ``indices=n``
+            (:func:`~esswatch.watch.measure.select_indices`: ``round(j * L / (n + 1))``).
     """
 
     weight: float
@@ -66,7 +71,7 @@ class RegularizerConfig:
     floor: float = 0.5
     target: Optional[float] = None
     every_n_steps: int = 1
-    indices: int = 4
+    indices: int = 8
 
     def __post_init__(self):
         if not _finite_number(self.weight) or self.weight < 0:
@@ -83,10 +88,8 @@ class RegularizerConfig:
             raise ValueError(f"mode='target' needs target= in [0, 1], got {self.target!r}")
         if not 0 < self.floor <= 1:
             raise ValueError(f"floor must be in (0, 1], got {self.floor!r}")
-        if isinstance(self.every_n_steps, bool) or not isinstance(self.every_n_steps, int) or self.every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be a positive int, got {self.every_n_steps!r}")
-        if isinstance(self.indices, bool) or not isinstance(self.indices, int) or self.indices < 1:
-            raise ValueError(f"indices must be a positive int, got {self.indices!r}")
+        check_positive_int("every_n_steps", self.every_n_steps)
+        check_positive_int("indices", self.indices)
 
     @property
     def enabled(self) -> bool:
@@ -94,14 +97,15 @@ class RegularizerConfig:
 
 
 def spread_indices(seq_len: int, n: int) -> torch.Tensor:
-    """``n`` distinct indices spread evenly over ``1..L-1`` (fewer if ``L`` is short)."""
+    """The ``n`` indices the regularizer looks at: the same positions the watch logs for
+    ``indices=n`` (:func:`~esswatch.watch.measure.select_indices`, ``round(j * L / (n + 1))``),
+    as a tensor; empty when ``L < 2``."""
     if seq_len < 2:
         return torch.zeros(0, dtype=torch.int64)
-    idx = torch.linspace(1, seq_len - 1, n + 2)[1:-1].round().long() if n < seq_len - 1 else torch.arange(1, seq_len)
-    return torch.unique(idx.clamp(1, seq_len - 1))
+    return torch.tensor(select_indices(n, seq_len), dtype=torch.int64)
 
 
-def _ess_term(op: Operator, cfg: RegularizerConfig) -> torch.Tensor:
+def _ess_term(op: Operator, cfg: Regularizer) -> torch.Tensor:
     idx = spread_indices(op.seq_len, cfg.indices)
     est = "gram" if isinstance(op, GatedRecurrence) else "exact"
     ess = entropy_ess(op, idx, estimator=est)
@@ -119,7 +123,7 @@ def _identity_term(op: Operator) -> Optional[torch.Tensor]:
     return torch.sqrt(((a - 1) ** 2).sum(-1) + 1e-12).mean()
 
 
-def penalty_terms(operators: Mapping[str, Operator], cfg: RegularizerConfig, on_error=None
+def penalty_terms(operators: Mapping[str, Operator], cfg: Regularizer, on_error=None
                   ) -> Tuple[Optional[torch.Tensor], Dict[str, torch.Tensor]]:
     """``(weight * mean of layer terms, {layer: term})``; ``(None, {})`` when nothing contributes.
 
@@ -141,10 +145,7 @@ def penalty_terms(operators: Mapping[str, Operator], cfg: RegularizerConfig, on_
             terms[name] = term
     if not terms:
         return None, terms
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in terms.values()) else torch.float32
+    dtype = compute_dtype(functools.reduce(torch.promote_types, (t.dtype for t in terms.values())))
     total = torch.stack([t.to(dtype) for t in terms.values()]).mean() * float(cfg.weight)
     return total, terms
 
-
-#: the public name: ``esswatch.Regularizer(weight, kind=..., mode=..., target=..., every_n_steps=...)``
-Regularizer = RegularizerConfig

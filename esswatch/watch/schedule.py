@@ -9,15 +9,11 @@ first training step is step 0, the number of optimizer steps completed before it
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Dict
+
+from ..engine.validation import check_positive_int
 
 __all__ = ["Schedule"]
-
-
-def _positive_int(name: str, v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return v
 
 
 class Schedule:
@@ -30,10 +26,8 @@ class Schedule:
     """
 
     def __init__(self, every_n_steps: int, step: int = 0, offset: int = 0) -> None:
-        self.every_n_steps = _positive_int("every_n_steps", every_n_steps)
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
-        self.step = step
+        self.every_n_steps = check_positive_int("every_n_steps", every_n_steps)
+        self.step = check_positive_int("step", step, minimum=0)
         self.offset = offset
 
     @property
@@ -63,10 +57,7 @@ class Schedule:
         return {"step": self.step, "every_n_steps": self.every_n_steps}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
-        step = state["step"]
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"Schedule state: step must be a non-negative int, got {step!r}")
-        self.step = step
+        self.step = check_positive_int("Schedule state: step", state["step"], minimum=0)
 
     def __repr__(self) -> str:  # pragma: no cover - cosmetic
         return f"Schedule(every_n_steps={self.every_n_steps}, offset={self._offset}, step={self.step})"

@@ -7,14 +7,14 @@ result (the plain-data dict of :meth:`ESSWatch.latest`) on rank 0.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import numpy as np
 
 from . import tags
 from .plot import ProfilePlot, matplotlib_available
 
-__all__ = ["Sink", "CallableSink", "TensorBoardSink", "as_sink"]
+__all__ = ["Sink", "CallableSink", "TensorBoardSink", "as_sink", "as_sinks", "build_sinks"]
 
 
 class Sink:
@@ -55,6 +55,14 @@ def as_sink(x: Any) -> Sink:
     if callable(x):
         return CallableSink(x)
     raise ValueError(f"sinks: expected a esswatch.watch.Sink or a callable, got {type(x).__name__}")
+
+
+def as_sinks(sinks: Any) -> List[Sink]:
+    """The ``sinks=`` option of the watch and the framework adapters: one sink or callable, or
+    an iterable of them, as a list of :class:`Sink` objects."""
+    if isinstance(sinks, Sink) or callable(sinks):
+        sinks = [sinks]
+    return [as_sink(s) for s in sinks]
 
 
 def _config_markdown(config: Dict[str, Any]) -> str:
@@ -131,10 +139,6 @@ class TensorBoardSink(Sink):
                 if img is not None:
                     w.add_image(tags.profile_tag(metric), img, global_step=step, dataformats="HWC")
 
-    def flush(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
-
     def close(self) -> None:
         if self._writer is None:
             return
@@ -143,3 +147,13 @@ class TensorBoardSink(Sink):
             self._writer = None
         else:
             self._writer.flush()
+
+
+def build_sinks(sinks: Any, *, logdir: Any = None, writer: Any = None, histograms: bool = True,
+                images: Any = 10) -> List[Sink]:
+    """The sinks of a watch: a :class:`TensorBoardSink` when ``logdir`` or ``writer`` is given,
+    then :func:`as_sinks` of ``sinks``."""
+    out: List[Sink] = []
+    if logdir is not None or writer is not None:
+        out.append(TensorBoardSink(logdir=logdir, writer=writer, histograms=histograms, images=images))
+    return out + as_sinks(sinks)

@@ -5,9 +5,11 @@ bad checkpoint raises ``ValueError`` (naming the field and what is allowed) and 
 """
 from __future__ import annotations
 
-from typing import Any, Dict, FrozenSet
+from typing import Any, Dict, FrozenSet, Iterable
 
-__all__ = ["validated_state"]
+from ..engine.validation import check_positive_int
+
+__all__ = ["state_of", "validated_state"]
 
 _WHAT = "ESSWatch.load_state_dict"
 
@@ -15,10 +17,7 @@ _WHAT = "ESSWatch.load_state_dict"
 def _count(state: Dict[str, Any], key: str, where: str = "") -> int:
     if key not in state:
         raise ValueError(f"{_WHAT}: missing key {where}{key!r} (a non-negative int)")
-    v = state[key]
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ValueError(f"{_WHAT}: {where}{key} must be a non-negative int, got {v!r}")
-    return v
+    return check_positive_int(f"{_WHAT}: {where}{key}", state[key], minimum=0)
 
 
 def validated_state(state: Any) -> Dict[str, Any]:
@@ -41,3 +40,10 @@ def validated_state(state: Any) -> Dict[str, Any]:
     failed: FrozenSet[str] = frozenset(layers)
     return {"step": step, "failures": failures, "failed_layers": set(failed), "samples": samples,
             "skipped_samples": skipped}
+
+
+def state_of(*, schedule: Dict[str, Any], failures: int, failed_layers: Iterable[str], samples: int,
+             skipped_samples: int) -> Dict[str, Any]:
+    """The checkpoint :meth:`ESSWatch.state_dict` writes (version 1; read by :func:`validated_state`)."""
+    return {"version": 1, "schedule": schedule, "failures": failures,
+            "failed_layers": sorted(failed_layers), "samples": samples, "skipped_samples": skipped_samples}

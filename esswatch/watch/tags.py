@@ -11,6 +11,8 @@
 ``ess/measure_seconds``                       wall time of this step's measurement
 ``ess/skipped``                               samples skipped so far because the background
                                               worker was still busy (cumulative; 0 when blocking)
+``ess/penalty/{total,<layer>}``               the regularizer's penalty (mean over the step's
+                                              micro-batches), total and per layer
 ``ess_heads/<metric>/<layer>``                histogram: per-head ESS (mean over rows and indices)
 ``ess_profile/<metric>``                      image: ESS versus index for every layer (matplotlib)
 ``esswatch/config``                           text: the watch's configuration
@@ -31,7 +33,8 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 from .measure import STATS
 
 __all__ = ["MODEL", "layer_tag_name", "scalar_tags", "histogram_tag", "profile_tag", "CONFIG_TAG",
-           "FAILURES_TAG", "SECONDS_TAG", "PENALTY_PREFIX", "STATS", "ParsedTag", "parse_tag",
+           "FAILURES_TAG", "SECONDS_TAG", "PENALTY_PREFIX", "PENALTY_TAG", "penalty_tag", "STATS",
+           "ParsedTag", "parse_tag",
            "SKIPPED_TAG", "custom_scalars_layout"]
 
 MODEL = "model"
@@ -40,6 +43,8 @@ FAILURES_TAG = "ess/failures"
 SECONDS_TAG = "ess/measure_seconds"
 SKIPPED_TAG = "ess/skipped"
 PENALTY_PREFIX = "ess/penalty/"
+#: the scalar tag of the regularizer's penalty; per layer :func:`penalty_tag`
+PENALTY_TAG = PENALTY_PREFIX + "total"
 
 #: a logger's namespace in front of a tag: zero or more ``component/`` (regular expression)
 _PREFIX = r"(?:[^/]+/)*"
@@ -75,7 +80,17 @@ def scalar_tags(result: Dict[str, Any]) -> Dict[str, float]:
         out[SECONDS_TAG] = float(result["seconds"])
     if "skipped_samples" in result:
         out[SKIPPED_TAG] = float(result["skipped_samples"])
+    pen = result.get("penalty")
+    if pen is not None:
+        out[PENALTY_TAG] = pen["total"]
+        for name, v in pen["layers"].items():
+            out[penalty_tag(name)] = v
     return out
+
+
+def penalty_tag(name: str) -> str:
+    """The tag of layer ``name``'s regularizer term."""
+    return f"{PENALTY_PREFIX}{layer_tag_name(name)}"
 
 
 class ParsedTag(NamedTuple):

@@ -9,113 +9,49 @@
         watch.step()                  # once per optimizer step
     watch.close()                     # or: with esswatch.ESSWatch(...) as watch:
 
-What it logs at every sampled step (tags: :mod:`esswatch.watch.tags`):
+It logs per layer and over the whole model the ESS statistics, failures, timings, per-head
+histograms, the ESS-versus-index profile image and the configuration (:mod:`esswatch.watch.tags`).
 
-- per layer (qualified module name) and metric: average ESS, max over indices,
-  total ESS (value-channel weighted) and utilization ESS / TSS_i;
-- the same over the whole model; the cumulative count of skipped layer
-  measurements; the measurement's wall time;
-- per-head ESS as histograms; the ESS-versus-index profile as an image (when
-  matplotlib is installed); a custom-scalars layout with all layers of one
-  metric on one chart; the configuration as text.
+How sampling works: :mod:`esswatch.watch.gate`; ``background=True``: :mod:`esswatch.watch.offload`;
+``budget_seconds``: :mod:`esswatch.watch.budget`. Extension points (framework adapters, the
+regularizer): :meth:`set_step` feeds the framework's global step; :meth:`paused` suspends
+recording (e.g. during validation); :meth:`measure` measures what was captured and emits it;
+:class:`~esswatch.watch.sinks.Sink` routes results to another logger; :meth:`state_dict` /
+:meth:`load_state_dict`; :attr:`capture` is the owned :class:`~esswatch.probes.Capture`.
 
-How sampling works. Step numbers are 0-based (step ``n`` is the training step
-after ``n`` optimizer steps). ``step()`` ends step ``n``: if ``n`` is sampled it
-measures what the capture recorded during step ``n``'s forward, then it arms the
-capture for step ``n + 1`` if that one is sampled. Armed hooks keep the first
-training-mode forward of the step (a few batch rows, detached); forwards of the
-model in eval mode (validation) are not recorded. All spectral work happens in
-``step()``, never inside hooks; on unsampled steps the hooks are a flag check.
-With ``probe_batch=`` the training forwards are never recorded; instead, on each
-sampled step, ``step()`` runs the model on the fixed batch in eval mode under
-``no_grad`` and restores the train/eval flags, the CPU/CUDA RNG states and every
-buffer (BatchNorm statistics) afterwards.
-
-With ``background=True`` (default on CUDA) ``step()`` hands a copy of the captured tensors
-to one worker thread and returns; results are emitted on the training thread at a later
-``step()`` or at ``close()`` (:mod:`esswatch.watch.offload`, :mod:`esswatch.watch.background`).
-``budget_seconds`` fixes the measured rows / indices / heads after the first sample
-(:mod:`esswatch.watch.budget`).
-
-Extension points (framework adapters, the regularizer): :meth:`set_step` feeds the
-framework's global step; :meth:`measure` measures what was captured and emits it;
-:class:`~esswatch.watch.sinks.Sink` routes results to another logger;
-:meth:`state_dict` / :meth:`load_state_dict`; :attr:`capture` is the owned
-:class:`~esswatch.probes.Capture` (``keep_graph`` configurable).
+The watch is a facade over one module per job: gate (arming), penalty, failures, finish and
+result (assembly), emit (sinks), state (checkpoints), lifetime (hooks), offload (background).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-import sys
-import warnings
 import weakref
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import torch
 
-from .._version import __version__
-from ..probes import Capture
-from ..probes.hooks import adopt
-from .args import check_watch_args
-from .lifetime import DoneHook, GateHook, release
+from ..engine.validation import check_positive_int
 from ..ess import DEFAULT_RELATIVE, DEFAULT_TOL
+from ..probes import Capture
 from . import budget as budget_mod
-from . import distributed as dist_utils
-from .background import Job, Outcome, make_job, run_job
-from .measure import MeasureConfig, aggregate_model
+from .args import as_regularizer, check_flags, check_model_args, check_probe_batch, check_watch_args
+from .background import Outcome, make_job, run_job
+from .emit import Emitter
+from .failures import ESSMeasurementError, ESSWarning, FailurePolicy  # noqa: F401 - public names
+from .finish import finish
+from .gate import Gate, record_probe_batch, unwrap
+from .lifetime import install, release
+from .measure import MeasureConfig
 from .offload import Offload
-from .regularizer import PENALTY_TAG, Regularizer, penalty_terms
+from .penalty import PenaltyBook
+from .regularizer import Regularizer
+from .result import watch_config
 from .schedule import Schedule
-from .state import validated_state
-from .sinks import Sink, TensorBoardSink, as_sink
-from .tags import layer_tag_name, scalar_tags
-from .training_state import preserved
+from .sinks import Sink, build_sinks
+from .state import state_of, validated_state
 
 __all__ = ["ESSWatch", "ESSWarning", "ESSMeasurementError"]
-
-
-class ESSWarning(RuntimeWarning):
-    """A layer's measurement was skipped (issued once per layer)."""
-
-
-class ESSMeasurementError(RuntimeError):
-    """``strict=True``: a layer's measurement failed (names the layer and the step)."""
-
-
-class _Gate:
-    """State shared with the forward pre-hook (kept apart from the watch so that hooks never
-    reference it): ``want`` = the current step is sampled from training forwards."""
-
-    __slots__ = ("want", "capture", "hooks", "in_forward")
-
-    def __init__(self, capture: Capture) -> None:
-        self.want = False
-        self.in_forward = False      # a forward of the model started and has not completed
-        self.capture = capture
-        self.hooks: list = []
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module that owns the parameters: strips ``torch.compile`` and (D)DP wrappers."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if "torch._dynamo" in sys.modules:
-            from torch._dynamo.eval_frame import OptimizedModule
-            if isinstance(model, OptimizedModule):
-                model = model._orig_mod
-                continue
-        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            model = model.module
-    return model
-
-
-def _call(model: torch.nn.Module, batch: Any) -> Any:
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
 
 
 class ESSWatch:
@@ -155,18 +91,12 @@ class ESSWatch:
             :class:`esswatch.Regularizer` for its other options (kind, mode, target, every k
             steps). When on, :meth:`penalty` returns a differentiable term to add to the loss.
         background: measure on a worker thread (``None``, the default: when the model's
-            parameters are on CUDA). ``step()`` then only copies the captured tensors (CUDA: on
-            a side stream) and hands them over; the result is emitted with its step number, on
-            the training thread, at a later ``step()`` or at ``close()`` (which waits). A sample
-            due while the worker is busy is skipped and counted (``ess/skipped``). With
-            ``reduce=True`` results are collected only at sampled steps and at ``close()``, after
-            a one-flag ``all_reduce`` says every rank's worker is done (see
-            :mod:`esswatch.watch.offload`); every rank must call ``close()``. The regularizer's
-            penalty stays on the training thread; :meth:`measure` stays blocking.
+            parameters are on CUDA); results are emitted with their step number, on the training
+            thread, at a later ``step()`` or at ``close()``; a sample due while the worker is busy
+            is skipped and counted (``ess/skipped``). See :mod:`esswatch.watch.offload`.
         budget_seconds: a time budget per sample (``None`` = none): after timing the first
             sample the watch fixes the batch rows, indices and heads it measures so that later
-            samples take about this long (cut in that order; see :mod:`esswatch.watch.budget`).
-            The choice is in the config text and in ``latest()["budget"]``.
+            samples take about this long (:mod:`esswatch.watch.budget`; ``latest()["budget"]``).
     """
 
     def __init__(self, model: torch.nn.Module, logdir: Optional[str] = None, *, writer: Any = None,
@@ -178,74 +108,37 @@ class ESSWatch:
                  reduce: bool = False, train_forwards_only: bool = True, histograms: bool = True,
                  images: Union[bool, int] = 10, regularizer: Union[None, float, Regularizer] = None,
                  background: Optional[bool] = None, budget_seconds: Optional[float] = None) -> None:
-        if not isinstance(model, torch.nn.Module):
-            raise ValueError(f"ESSWatch expects an nn.Module, got {type(model).__name__}")
-        if logdir is not None and writer is not None:
-            raise ValueError("ESSWatch: pass logdir= or writer=, not both")
+        check_model_args(model, logdir=logdir, writer=writer, background=background)
         check_watch_args(logdir=logdir, images=images, histograms=histograms)
-        if background is not None and not isinstance(background, bool):
-            raise ValueError(f"background must be None, True or False, got {background!r}")
-        self._budget = None if budget_seconds is None else budget_mod.Budget(
-            budget_mod.validate_budget(budget_seconds))
-        for nm, v in (("strict", strict), ("reduce", reduce), ("train_forwards_only", train_forwards_only)):
-            if not isinstance(v, bool):
-                raise ValueError(f"{nm} must be a bool, got {v!r}")
-        if probe_batch is not None and not isinstance(probe_batch, (torch.Tensor, tuple, list, dict)):
-            raise ValueError("probe_batch must be a tensor, a tuple/list of positional arguments or a dict of "
-                             f"keyword arguments, got {type(probe_batch).__name__}")
-        if regularizer is None or isinstance(regularizer, Regularizer):
-            reg = regularizer
-        elif isinstance(regularizer, (int, float)) and not isinstance(regularizer, bool):
-            reg = Regularizer(float(regularizer))
-        else:
-            raise ValueError(f"regularizer must be a weight (float), an esswatch.Regularizer or None, "
-                             f"got {regularizer!r}")
+        self._budget = budget_mod.Budget.of(budget_seconds)
+        check_flags(strict=strict, reduce=reduce, train_forwards_only=train_forwards_only)
+        check_probe_batch(probe_batch)
+        reg = as_regularizer(regularizer)
         self.regularizer: Optional[Regularizer] = reg if reg is not None and reg.enabled else None
-        self._stash: Optional[Dict[str, Any]] = None       # operators consumed by penalty() on a measured step
-        self._penalty_log: List[Any] = []                  # (total, {layer: term}) detached, this step
+        self._penalties = PenaltyBook(self.regularizer)
         self.schedule = Schedule(every_n_steps)
         self.measure_config = MeasureConfig(indices=indices, estimator=estimator, metrics=metrics, tol=tol,
                                             relative=relative)
         self.strict = strict
         self.reduce = reduce
         self.probe_batch = probe_batch
-        self._model = model
-        self._module = _unwrap(model)
+        self._module = unwrap(model)
         self.capture = Capture(self._module, layers, batch_rows=batch_rows, heads=heads)
         self._tss = self.capture.tss
-        self._sinks: List[Sink] = []
-        if logdir is not None or writer is not None:
-            self._sinks.append(TensorBoardSink(logdir=logdir, writer=writer, histograms=histograms, images=images))
-        if isinstance(sinks, (Sink,)) or callable(sinks):
-            sinks = [sinks]
-        self._sinks.extend(as_sink(s) for s in sinks)
-        self._started = False
-        self._failures = 0
-        self._failed_layers: set = set()
-        self._failed_sinks: set = set()
-        self._warned_empty = False
-        self._samples = 0
+        self._sinks = build_sinks(sinks, logdir=logdir, writer=writer, histograms=histograms, images=images)
+        self._emitter = Emitter(self._sinks, strict)
+        self._policy = FailurePolicy(strict)
+        self._warned_empty = self._closed = False
         self._latest: Optional[Dict[str, Any]] = None
-        self._closed = False
-        self._skipped_samples = 0
-        self._budget_gen = self._armed_gen = 0
-        if background is None:
-            background = any(p.is_cuda for p in self._module.parameters())
-        self.background = background
-        self._offload: Optional[Offload] = None
-        self._gate = _Gate(self.capture)
+        self._samples = self._skipped_samples = self._budget_gen = self._armed_gen = 0
+        self.background = any(p.is_cuda for p in self._module.parameters()) if background is None else background
+        self._gate = Gate(self.capture)
         self.capture.attach()
-        self._handles = []
+        self._train_only = train_forwards_only
+        self._handles = install(model, self._gate, train_forwards_only)
         # close() and the garbage collector release the model the same way (no reference to self)
         self._finalizer = weakref.finalize(self, release, self._gate, self._handles, self._sinks)
-        self._train_only = train_forwards_only
-        self._handles.append(model.register_forward_pre_hook(GateHook(self._gate, train_forwards_only),
-                                                             prepend=True))
-        self._handles.append(model.register_forward_hook(DoneHook(self._gate)))
-        self._gate.hooks = adopt(self._handles, model)
-        if background:
-            self._offload = Offload()
-            weakref.finalize(self, self._offload.worker.shutdown)   # a watch dropped without close()
+        self._offload: Optional[Offload] = Offload.started(self) if self.background else None
         self._arm()
 
     # -- configuration ---------------------------------------------------------------
@@ -255,18 +148,9 @@ class ESSWatch:
 
     def config(self) -> Dict[str, Any]:
         """The configuration as plain data (what the TensorBoard text shows)."""
-        cap = self.capture
-        return {
-            "every_n_steps": self.schedule.every_n_steps,
-            "sampling": "probe batch" if self.probe_batch is not None else "training forward",
-            "batch_rows": cap.batch_rows, "heads": cap.heads,
-            **self.measure_config.as_dict(),
-            "strict": self.strict, "reduce": self.reduce, "background": self.background,
-            **({} if self._budget is None else {"budget_seconds": self._budget.seconds,
-                                                  "budget": self._budget.as_dict()}),
-            "layers": {n: f"{type(p.module).__name__}: {p.layer_type}" for n, p in cap.probes.items()},
-            "esswatch": __version__,
-        }
+        return watch_config(self.capture, every_n_steps=self.schedule.every_n_steps, probe_batch=self.probe_batch,
+                            measure=self.measure_config, strict=self.strict, reduce=self.reduce,
+                            background=self.background, budget=self._budget)
 
     # -- the schedule ----------------------------------------------------------------
     @property
@@ -274,79 +158,33 @@ class ESSWatch:
         """The number of the current training step (0-based)."""
         return self.schedule.step
 
-    def _penalty_due(self) -> bool:
-        reg = self.regularizer
-        return reg is not None and self.schedule.step % reg.every_n_steps == 0
-
     def _arm(self) -> None:
         """Prepare the capture for the current step (clears any stale record)."""
         self.capture.clear()
-        self._stash = None
-        self._penalty_log = []
-        penalize = self._penalty_due()
-        want = (self.probe_batch is None and self.schedule.due_now) or penalize
-        self.capture.keep_graph = penalize
+        self._penalties.reset()
+        penalize = self._penalties.due(self.schedule.step)
         self._armed_gen = self._budget_gen
-        self._gate.want = want
-        self.capture.armed = want
+        self._gate.arm((self.probe_batch is None and self.schedule.due_now) or penalize, keep_graph=penalize)
 
-    # -- the regularizer ---------------------------------------------------------------
-    def penalty(self) -> Union[float, torch.Tensor]:
-        """The ESS regularizer's term for the forward that just ran, to add to the loss.
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """A context during which nothing is recorded (nests); what the current step recorded
+        before it is kept, and recording resumes as armed when it ends::
 
-        Exactly ``0.0`` (a Python float: no graph, no cost) when the regularizer is off, on
-        steps it skips (``every_n_steps`` of :class:`esswatch.Regularizer`) and when no
-        watched layer ran a training-mode forward since the last call. Otherwise a
-        differentiable scalar tensor (float32, or float64 for a float64 model). Call it once
-        per forward, before ``backward()``; with gradient accumulation, once per micro-batch
-        (each call consumes the forward it penalizes). A layer whose term fails is skipped
-        with a warning (``strict=True`` raises).
+            with watch.paused():
+                evaluate(model)
         """
-        if self.regularizer is None or not self._penalty_due():
-            return 0.0
-        step = self.schedule.step
-        ops: Dict[str, Any] = {}
-        for name, probe in self.capture.probes.items():
-            if not probe.has_record:
-                continue
-            try:
-                ops[name] = probe.operator()
-            except Exception as e:  # noqa: BLE001 - the monitor never stops training
-                self._layer_error(name, step, e)
-        if self.probe_batch is None and self.schedule.due_now and self._stash is None:
-            self._stash = ops            # the step's measurement uses this forward (first one wins)
-        self.capture.clear()             # the next micro-batch records anew
-        if not ops:
-            return 0.0
-        total, terms = penalty_terms(ops, self.regularizer, on_error=lambda n, e: self._layer_error(n, step, e))
-        if total is None:
-            return 0.0
-        self._penalty_log.append((total.detach(), {n: t.detach() for n, t in terms.items()}))
-        return total
-
-    def _layer_error(self, name: str, step: int, err: BaseException) -> None:
-        if self.strict:
-            raise ESSMeasurementError(f"esswatch: layer {name!r} at step {step} failed: "
-                                      f"{type(err).__name__}: {err}") from err
-        self._failed(name, step, err)
-
-    def _penalty_result(self) -> Optional[Dict[str, Any]]:
-        """Mean penalty over this step's micro-batches, as plain floats (one sync, in step())."""
-        if not self._penalty_log:
-            return None
-        n = len(self._penalty_log)
-        total = float(sum(float(t) for t, _ in self._penalty_log) / n)
-        names = {k for _, terms in self._penalty_log for k in terms}
-        layers = {k: float(sum(float(terms[k]) for _, terms in self._penalty_log if k in terms)
-                           / sum(1 for _, terms in self._penalty_log if k in terms)) for k in names}
-        return {"total": total, "layers": layers, "micro_batches": n}
+        self._gate.pause()
+        try:
+            yield
+        finally:
+            self._gate.resume()
 
     def set_step(self, global_step: int) -> None:
         """Declare the number of the training step about to run (e.g. a framework's
         ``global_step`` at batch start). A no-op if it is already the current step, so
         calling it for every micro-batch of an accumulated step keeps the record."""
-        if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
-            raise ValueError(f"global_step must be a non-negative int, got {global_step!r}")
+        global_step = check_positive_int("global_step", global_step, minimum=0)
         if global_step != self.schedule.step:
             self.schedule.step = global_step
             self._arm()
@@ -363,39 +201,40 @@ class ESSWatch:
         result = None
         if self._offload is not None:
             result = self._offload.step(self, s)
-        elif self.schedule.due(s):
-            if self.probe_batch is not None and not self._run_probe(s):
-                self.schedule.advance()
-                self._arm()
-                return None
+        elif self.schedule.due(s) and (self.probe_batch is None or self._run_probe(s)):
             result = self.measure(step=s, source="probe" if self.probe_batch is not None else "train")
         self.schedule.advance()
         self._arm()
         return result
 
+    # -- the regularizer ---------------------------------------------------------------
+    def penalty(self) -> Union[float, torch.Tensor]:
+        """The ESS regularizer's term for the forward that just ran, to add to the loss.
+
+        Exactly ``0.0`` (a Python float: no graph, no cost) when the regularizer is off, on
+        steps it skips (``every_n_steps`` of :class:`esswatch.Regularizer`) and when no
+        watched layer ran a training-mode forward since the last call. Otherwise a
+        differentiable scalar tensor (float32, or float64 for a float64 model). Call it once
+        per forward, before ``backward()``; with gradient accumulation, once per micro-batch
+        (each call consumes the forward it penalizes). A layer whose term fails is skipped
+        with a warning (``strict=True`` raises).
+        """
+        step = self.schedule.step
+        if self.regularizer is None or not self._penalties.due(step):
+            return 0.0
+        return self._penalties.penalty(self.capture, lambda n, e: self._policy.fail(n, step, e),
+                                       stash=self.probe_batch is None and self.schedule.due_now)
+
+    # -- measuring -------------------------------------------------------------------
     def _run_probe(self, step: int) -> bool:
         """Run the model on the probe batch; False (warned once, counted) when its forward raised."""
-        model = self._module
-        cap = self.capture
         try:
-            with preserved(model), torch.no_grad():
-                model.train(False)
-                cap.clear()
-                cap.armed = True
-                try:
-                    _call(model, self.probe_batch)
-                finally:
-                    cap.armed = False
+            record_probe_batch(self._module, self.capture, self.probe_batch)
         except Exception as e:  # noqa: BLE001 - the monitor never stops training
-            cap.clear()
-            if self.strict:
-                raise ESSMeasurementError(f"esswatch: the probe_batch forward at step {step} failed: "
-                                          f"{type(e).__name__}: {e}") from e
-            self._failed("probe_batch", step, e, what="the probe_batch forward")
+            self._policy.fail("probe_batch", step, e, what="the probe_batch forward")
             return False
         return True
 
-    # -- measuring -------------------------------------------------------------------
     def measure(self, step: Optional[int] = None, source: str = "train") -> Optional[Dict[str, Any]]:
         """Measure every layer the capture recorded, log the result, clear the records.
 
@@ -404,130 +243,27 @@ class ESSWatch:
         ``None`` when nothing was recorded (on every rank).
         """
         step = self.schedule.step if step is None else step
-        return self._finish(run_job(self._job(step, source)))
-
-    def _job(self, step: int, source: str, copier=None) -> Job:
-        """This step's records (copied off the graph by ``copier`` for the worker); clears them."""
-        return make_job(self, step, source, copier)
+        return self._finish(run_job(make_job(self, step, source)))
 
     def _finish(self, outcome: Outcome) -> Optional[Dict[str, Any]]:
-        """Turn a measured sample into the result: failures, budget, reduce, sinks (training thread)."""
-        step = outcome.step
-        cfg = self.measure_config
-        layers = outcome.layers
-        skipped: List[str] = []
-        short = list(outcome.short)
-        errors = list(outcome.errors)
-        if outcome.fatal is not None:
-            errors.append(("<esswatch worker>", outcome.fatal))
-        for name, e in errors:
-            if self.strict:
-                raise ESSMeasurementError(f"esswatch: measuring layer {name!r} at step {step} failed: "
-                                          f"{type(e).__name__}: {e}") from e
-            self._failed(name, step, e)
-            skipped.append(name)
-        if self._budget is not None and not self._budget.decided and outcome.calibrated:
-            self._decide_budget(outcome)
-        failures = self._failures
-        if self.reduce:
-            layers, failures = dist_utils.reduce_layers(layers, self.layer_names, cfg.metrics, failures)
-        if not layers and not skipped and failures == self._failures:
-            if not self._warned_empty and not short:
-                self._warned_empty = True
-                warnings.warn(
-                    f"esswatch: step {step} was sampled but no watched layer ran a "
-                    f"{'training-mode ' if self._train_only else ''}forward since the previous step() "
-                    "(call watch.step() once per optimizer step, after the forward and backward)",
-                    ESSWarning, stacklevel=3)
-            return None
-        result: Dict[str, Any] = {
-            "step": step,
-            "source": outcome.source,
-            "metrics": list(cfg.metrics),
-            "layers": layers,
-            "model": aggregate_model(layers, cfg.metrics),
-            "failures": failures,
-            "skipped": skipped,
-            "seconds": outcome.seconds,
-            "skipped_samples": self._skipped_samples,
-        }
-        if self._budget is not None:
-            result["budget"] = self._budget.as_dict()
-        result["scalars"] = scalar_tags(result)
-        pen = outcome.penalty
-        if pen is not None:
-            result["penalty"] = pen
-            result["scalars"][PENALTY_TAG] = pen["total"]
-            for name, v in pen["layers"].items():
-                result["scalars"][f"ess/penalty/{layer_tag_name(name)}"] = v
-        self._latest = result
-        self._samples += 1
-        self._emit(result)
-        return result
-
-    def _decide_budget(self, outcome: Outcome) -> None:
-        """Fix the measured rows / indices / heads from the first sample's timings."""
-        agree = budget_mod.agree_min if self.reduce and dist_utils.world_size() > 1 else None
-        if budget_mod.apply(self._budget, outcome, self, agree):
-            self._budget_gen += 1
-        if self._budget.warning:
-            warnings.warn(self._budget.warning, ESSWarning, stacklevel=4)
-
-    def _failed(self, name: str, step: int, err: BaseException, what: Optional[str] = None) -> None:
-        self._failures += 1
-        if name not in self._failed_layers:
-            self._failed_layers.add(name)
-            warnings.warn(
-                f"esswatch: skipped {what or f'layer {name!r}'} at step {step}: {type(err).__name__}: {err}. "
-                "Training continues; later failures of this layer are only counted (tag ess/failures). "
-                "Pass strict=True to raise instead.", ESSWarning, stacklevel=4)
-
-    def _emit(self, result: Dict[str, Any]) -> None:
-        """Hand the result to every sink (rank 0 only). A failing sink warns once and is skipped
-        unless ``strict``: logging problems never stop training either."""
-        if dist_utils.rank() != 0:
-            return
-        first = not self._started
-        self._started = True
-        config = dict(self.config(), start_step=result["step"]) if first else None
-        for sink in self._sinks:
-            try:
-                if first:
-                    sink.start(config)
-                sink.write(result)
-            except Exception as e:  # noqa: BLE001
-                if self.strict:
-                    raise
-                if id(sink) not in self._failed_sinks:
-                    self._failed_sinks.add(id(sink))
-                    warnings.warn(f"esswatch: sink {sink!r} failed at step {result['step']}: "
-                                  f"{type(e).__name__}: {e}. Later failures of this sink are not reported.",
-                                  ESSWarning, stacklevel=4)
+        """Turn a measured sample into the result and emit it (:func:`esswatch.watch.finish.finish`)."""
+        return finish(self, outcome)
 
     # -- results and state -------------------------------------------------------------
     def latest(self) -> Optional[Dict[str, Any]]:
-        """The last result as plain Python data (a copy), or ``None`` before the first sample::
-
-            {"step": int, "source": "train" | "probe", "metrics": ["entropy", ...],
-             "layers": {name: {"type", "seq_len", "state_size", "value_dim", "rows", "heads",
-                               "indices": [i, ...], "tss": [TSS_i, ...],
-                               "entropy": {"avg", "max", "total", "utilization",
-                                           "per_index": [...], "per_head": [...]}, ...}},
-             "model": {"entropy": {"avg", "max", "total", "utilization"}, ...},
-             "failures": int, "skipped": [names], "seconds": float, "scalars": {tag: value}}
-        """
+        """The last result as plain data (a copy; keys: :mod:`esswatch.watch.result`), or ``None``."""
         return copy.deepcopy(self._latest)
 
     @property
     def failures(self) -> int:
         """Layer measurements skipped so far on this rank."""
-        return self._failures
+        return self._policy.count
 
     def state_dict(self) -> Dict[str, Any]:
         """Plain data to checkpoint: the step counter, failure counts, samples taken."""
-        return {"version": 1, "schedule": self.schedule.state_dict(), "failures": self._failures,
-                "failed_layers": sorted(self._failed_layers), "samples": self._samples,
-                "skipped_samples": self._skipped_samples}
+        return state_of(schedule=self.schedule.state_dict(), failures=self._policy.count,
+                        failed_layers=self._policy.names, samples=self._samples,
+                        skipped_samples=self._skipped_samples)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Resume: the step counter continues where ``state`` left it (the period is this
@@ -535,10 +271,8 @@ class ESSWatch:
         it); nothing is applied unless all are valid."""
         st = validated_state(state)          # everything is checked before anything is applied
         self.schedule.step = st["step"]
-        self._failures = st["failures"]
-        self._failed_layers = st["failed_layers"]
-        self._samples = st["samples"]
-        self._skipped_samples = st["skipped_samples"]
+        self._policy.count, self._policy.names = st["failures"], st["failed_layers"]
+        self._samples, self._skipped_samples = st["samples"], st["skipped_samples"]
         self._arm()
 
     # -- lifetime ----------------------------------------------------------------------

@@ -32,8 +32,9 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from esswatch.probes import CaptureError, CaptureWarning, Probe, UnsupportedProbe
+from esswatch.engine.spectral import compute_dtype
 from esswatch.operators import Dense, Operator, SoftmaxAttention
+from esswatch.probes import CaptureError, CaptureWarning, Probe, UnsupportedProbe
 
 from . import attention_registry
 
@@ -248,7 +249,7 @@ def _as_mask(mask, q: torch.Tensor, L: int, name: str) -> Optional[torch.Tensor]
 
 def _softcapped_probs(q, k, scale, softcap, window, mask) -> torch.Tensor:
     """Dense causal probabilities with logit soft-capping ``softcap * tanh(s / softcap)`` (Gemma 2)."""
-    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dt = compute_dtype(q.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = (q.to(dt) @ k.to(dt).transpose(-1, -2)) * scale
     s = softcap * torch.tanh(s / softcap)

@@ -47,15 +47,13 @@ Trainer explicitly instead.
 from __future__ import annotations
 
 import sys
-import warnings
-from typing import Any, Callable, Dict, Iterable, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Union
 
 import torch
 
 from esswatch.watch import ESSWatch, Sink
-from esswatch.watch.args import check_watch_options
-from esswatch.watch.sinks import as_sink
 
+from .._adapter import LatestScalars, check_callback_options, warn_unaligned, watch_options
 from .._versions import require
 
 __all__ = ["ESSCallback", "SUPPORTED_TRANSFORMERS"]
@@ -76,30 +74,11 @@ _NO_LOSS_HOOK = (
     "Trainer's loss hook. Pass it: Trainer(..., callbacks=[ess], compute_loss_func=ess.compute_loss_func()).")
 
 
-class _Pending(Sink):
-    """Keeps the scalars of the latest result until the callback hands them to ``Trainer.log``
-    (written on rank zero only, like every sink)."""
-
-    def __init__(self) -> None:
-        self.scalars: Optional[Dict[str, float]] = None
-        self.step: Optional[int] = None
-
-    def write(self, result: Dict[str, Any]) -> None:
-        self.scalars = dict(result["scalars"])
-        self.step = result["step"]
-
-    def pop(self) -> Optional[Dict[str, float]]:
-        out, self.scalars = self.scalars, None
-        return out
-
-
 def _check_alignment(every_n_steps: int, args: Any) -> None:
     """Warn when the ESS steps cannot all be steps of the logged loss."""
     strategy = getattr(args.logging_strategy, "value", args.logging_strategy)
-    steps = args.logging_steps
-    if strategy == "steps" and steps >= 1 and every_n_steps % int(steps):
-        warnings.warn(f"ESSCallback(every_n_steps={every_n_steps}) is not a multiple of logging_steps={int(steps)}: "
-                      "the ESS steps will not all be steps of the logged loss.", UserWarning, stacklevel=3)
+    if strategy == "steps" and args.logging_steps >= 1:
+        warn_unaligned(every_n_steps, "logging_steps", int(args.logging_steps), stacklevel=4)
 
 
 def _calling_trainer(callback: "ESSCallback") -> Optional["transformers.Trainer"]:
@@ -144,10 +123,9 @@ class ESSCallback(TrainerCallback):
     def __init__(self, every_n_steps: int = 100, *, writer: Any = None, logdir: Optional[str] = None,
                  log_to_trainer: bool = True, console: bool = False, regularizer: Any = None,
                  sinks: Iterable[Union[Sink, Callable[[Dict[str, Any]], Any]]] = (), **watch_kwargs: Any) -> None:
-        if "model" in watch_kwargs:
-            raise TypeError("ESSCallback: `model=` is not an option (the callback watches the Trainer's model)")
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be a positive int, got {every_n_steps!r}")
+        self.sinks = check_callback_options(every_n_steps, logdir=logdir, regularizer=regularizer, sinks=sinks,
+                                            watch_kwargs=watch_kwargs, not_here=("model",),
+                                            why="the callback watches the Trainer's model")
         if writer is not None and logdir is not None:
             raise ValueError("ESSCallback: pass writer= or logdir=, not both")
         for nm, v in (("log_to_trainer", log_to_trainer), ("console", console)):
@@ -158,14 +136,11 @@ class ESSCallback(TrainerCallback):
         self.every_n_steps = every_n_steps
         self.regularizer = regularizer
         self.watch_kwargs = watch_kwargs
-        check_watch_options(every_n_steps=every_n_steps, logdir=logdir, regularizer=regularizer, **watch_kwargs)
-        self.sinks: List[Sink] = [as_sink(s) for s in
-                                  ([sinks] if isinstance(sinks, Sink) or callable(sinks) else sinks)]
         if writer is not None and not callable(getattr(writer, "add_scalar", None)):
             raise ValueError(f"writer must be a torch.utils.tensorboard.SummaryWriter, got {type(writer).__name__}")
         self.writer = writer
         self.logdir = logdir
-        self._pending = _Pending()
+        self._pending = LatestScalars()
         self._trainer = None
         self._args = None
         self._watched: Optional[torch.nn.Module] = None
@@ -195,9 +170,7 @@ class ESSCallback(TrainerCallback):
         self._args = args
         self._watched = model
         self._loss_func_calls = 0
-        wk = dict(self.watch_kwargs)
-        if self.regularizer is not None:
-            wk["regularizer"] = self.regularizer
+        wk = watch_options(self.watch_kwargs, self.regularizer)
         writer = self.writer if own_writer else trainer_tensorboard_writer(self._trainer)
         to_trainer = self.log_to_trainer and self._trainer is not None
         if state.is_world_process_zero and writer is None and self.logdir is None and not to_trainer \

@@ -35,8 +35,8 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from esswatch.probes import CaptureWarning, Probe, UnsupportedProbe
 from esswatch.operators import GatedRecurrence, Operator
+from esswatch.probes import CaptureWarning, Probe, UnsupportedProbe
 
 __all__ = ["MambaProbe", "Mamba2Probe", "UnsupportedMixerProbe", "mamba_scan_inputs", "mamba2_scan_inputs"]
 

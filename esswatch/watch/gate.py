@@ -1,0 +1,112 @@
+"""The hook gate of an :class:`~esswatch.ESSWatch` and its arming.
+
+:class:`Gate` is the state shared with the model-level hooks of :mod:`esswatch.watch.lifetime`
+(kept apart from the watch, so that hooks never reference the watch): ``want`` = the current
+step is recorded from training forwards. :meth:`Gate.arm` sets what the current step records;
+:meth:`Gate.pause` / :meth:`Gate.resume` suspend recording (nesting) without losing it.
+:func:`unwrap` finds the module that owns the parameters; :func:`call_model` runs a batch.
+
+How sampling works. Step numbers are 0-based (step ``n`` is the training step after ``n``
+optimizer steps). ``ESSWatch.step()`` ends step ``n``: if ``n`` is sampled it measures what the
+capture recorded during step ``n``'s forward, then it arms the capture for step ``n + 1`` if
+that one is sampled (or penalized by the regularizer). Armed hooks keep the first
+training-mode forward of the step (a few batch rows, detached); forwards of the model in eval
+mode (validation) are not recorded. All spectral work happens in ``step()``, never inside
+hooks; on unsampled steps the hooks are a flag check. With ``probe_batch=`` the training
+forwards are never recorded; instead, on each sampled step, :func:`record_probe_batch` runs the
+model on the fixed batch in eval mode under ``no_grad`` and restores the train/eval flags, the
+CPU/CUDA RNG states and every buffer (BatchNorm statistics) afterwards.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+from .training_state import preserved
+
+__all__ = ["Gate", "unwrap", "call_model", "record_probe_batch"]
+
+
+class Gate:
+    __slots__ = ("want", "capture", "hooks", "in_forward", "_paused", "_saved")
+
+    def __init__(self, capture: Any) -> None:
+        self.want = False
+        self.in_forward = False      # a forward of the model started and has not completed
+        self.capture = capture
+        self.hooks: list = []
+        self._paused = 0
+        self._saved = (False, False)  # (want, armed) to restore when the last pause ends
+
+    @property
+    def paused(self) -> bool:
+        return self._paused > 0
+
+    def arm(self, want: bool, keep_graph: bool) -> None:
+        """Record (or not) the current step's forwards; ``keep_graph`` for the regularizer.
+        While paused, this takes effect when the pause ends."""
+        self.capture.keep_graph = keep_graph
+        if self._paused:
+            self._saved = (want, want)
+            return
+        self.want = want
+        self.capture.armed = want
+
+    def pause(self) -> None:
+        """Record nothing until the matching :meth:`resume`."""
+        if self._paused == 0:
+            self._saved = (self.want, self.capture.armed)
+            self.want = False
+            self.capture.armed = False
+        self._paused += 1
+
+    def resume(self) -> None:
+        if self._paused == 0:
+            return
+        self._paused -= 1
+        if self._paused == 0:
+            self.want, self.capture.armed = self._saved
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that owns the parameters: strips ``torch.compile`` and (D)DP wrappers."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if "torch._dynamo" in sys.modules:
+            from torch._dynamo.eval_frame import OptimizedModule
+            if isinstance(model, OptimizedModule):
+                model = model._orig_mod
+                continue
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+    return model
+
+
+def call_model(model: torch.nn.Module, batch: Any) -> Any:
+    """``model(batch)``: a dict as keyword arguments, a tuple/list as positional ones."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def record_probe_batch(model: torch.nn.Module, capture: Any, batch: Any) -> None:
+    """Record one forward of ``model`` on ``batch`` in eval mode under ``no_grad``, leaving the
+    model's flags, RNG states and buffers as they were (:func:`~esswatch.watch.training_state.
+    preserved`). A raising forward leaves nothing recorded and propagates."""
+    try:
+        with preserved(model), torch.no_grad():
+            model.train(False)
+            capture.clear()
+            capture.armed = True
+            try:
+                call_model(model, batch)
+            finally:
+                capture.armed = False
+    except BaseException:
+        capture.clear()
+        raise

@@ -1,0 +1,68 @@
+"""The regularizer's bookkeeping inside an :class:`~esswatch.ESSWatch`.
+
+:class:`PenaltyBook` turns the forward that just ran into the penalty to add to the loss
+(:func:`~esswatch.watch.regularizer.penalty_terms`), keeps the detached terms of the current
+step's micro-batches (logged as their mean on measured steps) and the *stash*: the operators
+of the step's first penalized forward, which the step's measurement reuses instead of
+capturing again.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+
+from .regularizer import Regularizer, penalty_terms
+
+__all__ = ["PenaltyBook"]
+
+
+class PenaltyBook:
+    def __init__(self, regularizer: Optional[Regularizer]) -> None:
+        self.regularizer = regularizer
+        self.stash: Optional[Dict[str, Any]] = None       # operators consumed by penalty() on a measured step
+        self.log: List[Tuple[torch.Tensor, Dict[str, torch.Tensor]]] = []  # detached (total, terms) this step
+
+    def due(self, step: int) -> bool:
+        """The regularizer penalizes step ``step``."""
+        reg = self.regularizer
+        return reg is not None and step % reg.every_n_steps == 0
+
+    def reset(self) -> None:
+        """A new step: forget the stash and the terms of the previous one."""
+        self.stash = None
+        self.log = []
+
+    def penalty(self, capture: Any, on_error: Callable[[str, BaseException], None],
+                stash: bool) -> Union[float, torch.Tensor]:
+        """The penalty of what ``capture`` recorded (then cleared); ``0.0`` when nothing contributes.
+        ``stash``: keep the operators for the step's measurement (the first forward wins)."""
+        ops: Dict[str, Any] = {}
+        for name, probe in capture.probes.items():
+            if not probe.has_record:
+                continue
+            try:
+                ops[name] = probe.operator()
+            except Exception as e:  # noqa: BLE001 - the monitor never stops training
+                on_error(name, e)
+        if stash and self.stash is None:
+            self.stash = ops
+        capture.clear()                  # the next micro-batch records anew
+        if not ops:
+            return 0.0
+        total, terms = penalty_terms(ops, self.regularizer, on_error=on_error)
+        if total is None:
+            return 0.0
+        self.log.append((total.detach(), {n: t.detach() for n, t in terms.items()}))
+        return total
+
+    def result(self) -> Optional[Dict[str, Any]]:
+        """Mean penalty over this step's micro-batches, as plain floats (one sync, in step())."""
+        if not self.log:
+            return None
+        n = len(self.log)
+        total = float(sum(float(t) for t, _ in self.log) / n)
+        names = {k for _, terms in self.log for k in terms}
+        layers = {k: float(sum(float(terms[k]) for _, terms in self.log if k in terms)
+                           / sum(1 for _, terms in self.log if k in terms)) for k in names}
+        return {"total": total, "layers": layers, "micro_batches": n}

@@ -1,0 +1,73 @@
+"""Assembly of one result of an :class:`~esswatch.ESSWatch` (the plain-data dict of
+:meth:`~esswatch.ESSWatch.latest`, handed to every sink) from a measured sample; its tags come
+from :func:`esswatch.watch.tags.scalar_tags`::
+
+    {"step": int, "source": "train" | "probe", "metrics": ["entropy", ...],
+     "layers": {name: {"type", "seq_len", "state_size", "value_dim", "rows", "heads",
+                       "indices": [i, ...], "tss": [TSS_i, ...],
+                       "entropy": {"avg", "max", "total", "utilization",
+                                   "per_index": [...], "per_head": [...]}, ...}},
+     "model": {"entropy": {"avg", "max", "total", "utilization"}, ...},
+     "failures": int, "skipped": [names], "seconds": float, "skipped_samples": int,
+     "scalars": {tag: value},
+     "budget": {...}            # with budget_seconds
+     "penalty": {"total", "layers": {name: term}, "micro_batches"}}   # regularizer steps
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Dict, List, Optional, Sequence
+
+from .._version import __version__
+from .failures import ESSWarning
+from .measure import aggregate_model
+from .tags import scalar_tags
+
+__all__ = ["build_result", "warn_empty", "watch_config"]
+
+
+def build_result(outcome: Any, layers: Dict[str, Any], metrics: Sequence[str], *, failures: int,
+                 skipped: List[str], skipped_samples: int, budget: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The result of ``outcome`` (a :class:`~esswatch.watch.background.Outcome`) with its
+    (possibly all-reduced) ``layers`` and ``failures``, the model-wide aggregate and the tags."""
+    result: Dict[str, Any] = {
+        "step": outcome.step,
+        "source": outcome.source,
+        "metrics": list(metrics),
+        "layers": layers,
+        "model": aggregate_model(layers, metrics),
+        "failures": failures,
+        "skipped": skipped,
+        "seconds": outcome.seconds,
+        "skipped_samples": skipped_samples,
+    }
+    if budget is not None:
+        result["budget"] = budget
+    if outcome.penalty is not None:
+        result["penalty"] = outcome.penalty
+    result["scalars"] = scalar_tags(result)
+    return result
+
+
+def warn_empty(step: int, train_only: bool) -> None:
+    """A sampled step recorded nothing (warned once per watch by the caller)."""
+    warnings.warn(
+        f"esswatch: step {step} was sampled but no watched layer ran a "
+        f"{'training-mode ' if train_only else ''}forward since the previous step() "
+        "(call watch.step() once per optimizer step, after the forward and backward)",
+        ESSWarning, stacklevel=5)
+
+
+def watch_config(capture: Any, *, every_n_steps: int, probe_batch: Any, measure: Any, strict: bool, reduce: bool,
+                 background: bool, budget: Any) -> Dict[str, Any]:
+    """:meth:`ESSWatch.config`: the configuration as plain data (what the TensorBoard text shows)."""
+    return {
+        "every_n_steps": every_n_steps,
+        "sampling": "probe batch" if probe_batch is not None else "training forward",
+        "batch_rows": capture.batch_rows, "heads": capture.heads,
+        **measure.as_dict(),
+        "strict": strict, "reduce": reduce, "background": background,
+        **({} if budget is None else {"budget_seconds": budget.seconds, "budget": budget.as_dict()}),
+        "layers": {n: f"{type(p.module).__name__}: {p.layer_type}" for n, p in capture.probes.items()},
+        "esswatch": __version__,
+    }
