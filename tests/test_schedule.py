@@ -52,11 +52,11 @@ def test_start_step_and_state_round_trip():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"every_n_steps": 0}, "every_n_steps must be a positive int"),
-    ({"every_n_steps": True}, "every_n_steps must be a positive int"),
-    ({"every_n_steps": 2.0}, "every_n_steps must be a positive int"),
-    ({"every_n_steps": 2, "step": -1}, "step must be a non-negative int"),
-    ({"every_n_steps": 2, "step": 1.0}, "step must be a non-negative int"),
+    ({"every_n_steps": 0}, "every_n_steps must be an int >= 1"),
+    ({"every_n_steps": True}, "every_n_steps must be an int >= 1"),
+    ({"every_n_steps": 2.0}, "every_n_steps must be an int >= 1"),
+    ({"every_n_steps": 2, "step": -1}, "step must be an int >= 0"),
+    ({"every_n_steps": 2, "step": 1.0}, "step must be an int >= 0"),
 ])
 def test_constructor_is_validated(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -66,6 +66,6 @@ def test_constructor_is_validated(kwargs, match):
 @pytest.mark.parametrize("bad", [-1, 2.0, True, None])
 def test_load_state_dict_rejects_a_bad_step(bad):
     sched = Schedule(3, step=4)
-    with pytest.raises(ValueError, match="Schedule state: step must be a non-negative int"):
+    with pytest.raises(ValueError, match="Schedule state: step must be an int >= 0"):
         sched.load_state_dict({"step": bad, "every_n_steps": 3})
     assert sched.step == 4
