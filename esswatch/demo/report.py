@@ -18,6 +18,8 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, TextIO
 
+from .diagnosis import diagnose_summary, diagnosis_lines
+
 __all__ = ["find_runs", "read_run", "format_report", "report"]
 
 _STATS = ("avg", "max", "total", "utilization")
@@ -117,6 +119,7 @@ def format_report(summaries: Sequence[Dict[str, Any]], k: int = 5, root: Optiona
                     for layer, r in layers.items()]
             out.append(f"  {metric}-ESS (d = change over the last {k} logged points)")
             out.extend("    " + ln for ln in _table(header, rows))
+        out.extend(diagnosis_lines(s))   # saturation / collapse per layer (esswatch.demo.diagnosis)
         if s["failures"]:
             out.append(f"  skipped layer measurements: {int(s['failures'])}")
         if s["other"]:
@@ -140,6 +143,7 @@ def report(logdir: str, k: int = 5, as_json: bool = False, stream: Optional[Text
         for s in summaries:
             s["run"] = os.path.relpath(s["run"], logdir)
             s["other"] = {t: {"step": st, "value": v} for t, (st, v) in s["other"].items()}
+            s["diagnosis"] = diagnose_summary(s)   # {layer: {utilization, label, advice}}
         json.dump(summaries, stream, indent=1)
         stream.write("\n")
     else:
