@@ -327,14 +327,17 @@ class ESSWatch:
     def _run_probe(self) -> None:
         model = self._module
         cap = self.capture
+        gate, want = self._gate, self._gate.want
         with preserved(model), torch.no_grad():
             model.train(False)
             cap.clear()
             cap.armed = True
+            gate.want = False            # the train-forwards gate would disarm this eval-mode forward
             try:
                 _call(model, self.probe_batch)
             finally:
                 cap.armed = False
+                gate.want = want
 
     # -- measuring -------------------------------------------------------------------
     def measure(self, step: Optional[int] = None, source: str = "train") -> Optional[Dict[str, Any]]:
