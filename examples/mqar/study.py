@@ -248,6 +248,19 @@ def _ci(d: Dict, name: str) -> str:
     return f"{d[name]:.2f} [{d[name + '_lo']:.2f}, {d[name + '_hi']:.2f}]"
 
 
+def bigger_state_solved(run: Dict, rows: List[Dict]) -> str:
+    """"yes" when a configuration of the same family with a larger TSS on the same task solved it (mean accuracy
+    over its seeds >= SOLVED_AT), "no" when larger ones exist but none did, "none larger" otherwise."""
+    by_config: Dict[str, List[Dict]] = {}
+    for r in rows:
+        if (r["mixer"], r["num_kv"], r["seq_len"]) == (run["mixer"], run["num_kv"], run["seq_len"]) \
+                and r["tss"] > run["tss"]:
+            by_config.setdefault(r["config"], []).append(r)
+    if not by_config:
+        return "none larger"
+    return "yes" if any(np.mean([r["accuracy"] for r in rs]) >= SOLVED_AT for rs in by_config.values()) else "no"
+
+
 def corr_table(groups: List[Tuple[str, List[Dict]]]) -> List[str]:
     lines = ["| runs | n | Pearson ESS/kv | Pearson TSS/kv | Spearman ESS/kv | Spearman TSS/kv |",
              "|---|---|---|---|---|---|"]
@@ -291,6 +304,8 @@ def write_markdown(rows: List[Dict], path: Path, args, sweep: Dict, planned: int
               "for ties.", ""]
     lines += corr_table([("all", rows)] + [(m, [r for r in rows if r["mixer"] == m]) for m in mixers])
     failed = [r for r in rows if r["accuracy"] < FAIL_BELOW]
+    for r in rows:
+        r["bigger_solved"] = bigger_state_solved(r, rows) if r in failed else "-"
     lines += ["", f"## Failed runs (accuracy < {FAIL_BELOW}): saturation or collapse", "",
               f"`esswatch.demo.diagnosis.diagnose(utilization)`: saturated when utilization >= {SATURATED_AT} "
               f"(the state the model has is full: give it more state, i.e. more heads, a wider key/state "
@@ -299,23 +314,28 @@ def write_markdown(rows: List[Dict], path: Path, args, sweep: Dict, planned: int
               "gate/step-size initialization, a short convolution, the ESS regularizer), intermediate between. "
               "Utilization = ESS / min(TSS, i, L - i) per channel at i = 2 kv, mean over layers, channels and "
               "probe rows. `esswatch report <logdir>/<run>` prints the same diagnosis per layer.", "",
-              "| family | runs | failed | saturated | intermediate | collapsed | utilization of failed (mean) | "
-              "utilization of solved (mean) |", "|---|---|---|---|---|---|---|---|"]
+              "Check of the advice against the sweep itself: *size fixed it* = a configuration of the same family "
+              f"with a larger TSS on the same task (kv, L) reached >= {SOLVED_AT} (mean over its seeds), i.e. more "
+              "state was a fix that worked, which the diagnosis should call saturation.", "",
+              "| family | runs | failed | saturated | intermediate | collapsed | size fixed it (sat. / int. / coll.) | "
+              "utilization of failed (mean) | utilization of solved (mean) |", "|---|---|---|---|---|---|---|---|---|"]
     for m in mixers:
         sel = [r for r in rows if r["mixer"] == m]
         fail = [r for r in failed if r["mixer"] == m]
         ok = [r for r in sel if r["accuracy"] >= SOLVED_AT]
         counts = [sum(r["diagnosis"] == k for r in fail) for k in ("saturated", "intermediate", "collapsed")]
         mu = lambda rs: f"{np.mean([r['utilization'] for r in rs]):.3f}" if rs else "-"
-        lines.append(f"| {m} | {len(sel)} | {len(fail)} | " + " | ".join(map(str, counts)) + f" | {mu(fail)} | "
-                     f"{mu(ok)} |")
+        fixed = [sum(r["diagnosis"] == k and r["bigger_solved"] == "yes" for r in fail)
+                 for k in ("saturated", "intermediate", "collapsed")]
+        lines.append(f"| {m} | {len(sel)} | {len(fail)} | " + " | ".join(map(str, counts)) + " | "
+                     + " / ".join(map(str, fixed)) + f" | {mu(fail)} | {mu(ok)} |")
     lines += ["", "## Runs", "",
               "| family | configuration | seed | accuracy | ESS | TSS | ESS/kv | TSS/kv | utilization | diagnosis | "
-              "seconds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "size fixed it | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['mixer']} | {r['config']} | {r['seed']} | {r['accuracy']:.3f} | {r['ess']:.1f} | "
                      f"{r['tss']:.0f} | {r['ess_per_kv']:.2f} | {r['tss_per_kv']:.1f} | {r['utilization']:.3f} | "
-                     f"{r['diagnosis']} | {r['seconds']:.0f} |")
+                     f"{r['diagnosis']} | {r['bigger_solved']} | {r['seconds']:.0f} |")
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
