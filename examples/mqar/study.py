@@ -76,7 +76,7 @@ SWEEPS: Dict[str, Dict] = {
         "ssm": dict(lr=1e-2, steps=40, configs=[C(8, 2, 8, d_state=2)]),
     }, regularizer=dict(mixer="gla", d_model=8, num_kv=2, seq_len=8, kwargs=dict(n_heads=2), lr=1e-2, steps=20,
                         weight=0.1, seeds=(0, 1, 2))),
-    "cpu": dict(vocab=32, batch=32, seeds=(0, 1), families={
+    "cpu": dict(vocab=32, batch=32, seeds=(0, 1, 2), families={
         "attention": dict(lr=1e-2, steps=1000, configs=[
             C(8, 8, 32, n_heads=2), C(16, 8, 32, n_heads=2), C(32, 8, 32, n_heads=2), C(64, 8, 32, n_heads=2),
             C(64, 4, 32, n_heads=2)]),
@@ -86,8 +86,9 @@ SWEEPS: Dict[str, Dict] = {
         "gla": dict(lr=1e-2, steps=700, configs=[
             C(32, 8, 32, n_heads=2, key_dim=1, d_conv=3), C(32, 8, 32, n_heads=2, key_dim=2, d_conv=3),
             C(32, 8, 32, n_heads=2, key_dim=4, d_conv=3), C(32, 8, 32, n_heads=2, key_dim=16, d_conv=3)]),
-        "ssm": dict(lr=1e-2, steps=600, configs=[
-            C(32, 2, 16, d_state=2), C(32, 2, 16, d_state=8), C(32, 4, 16, d_state=8)]),
+        "ssm": dict(lr=3e-3, steps=3000, configs=[
+            C(32, 4, 16, d_state=1, expand=2), C(32, 4, 16, d_state=2, expand=2), C(32, 4, 16, d_state=8, expand=2),
+            C(32, 2, 16, d_state=8, expand=2)]),
     }, regularizer=dict(mixer="linear_attention", d_model=32, num_kv=4, seq_len=24, kwargs=dict(n_heads=2),
                         lr=1e-2, steps=600, weight=0.1, seeds=(0, 1, 2))),
 }
