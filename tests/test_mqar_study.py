@@ -111,6 +111,11 @@ def test_regularizer_file(quick):
     assert any(on[s]["accuracy"] != off[s]["accuracy"] or on[s]["ess"] != off[s]["ess"] for s in on)  # it acts
     text = (out / "regularizer.md").read_text()
     assert "Accuracy with minus without, per seed" in text and "seconds per step with / without" in text
+    cost = _csv(out / "regularizer_cost.csv")
+    assert sorted((int(c["repeat"]), float(c["weight"])) for c in cost) == sorted(
+        (r, w) for r in range(5) for w in (0.0, rc["weight"]))
+    assert all(0 < float(c["seconds_per_step"]) < 60 for c in cost)
+    assert "Regularized / plain step time: median" in text
 
 
 def test_a_run_reproduces_its_row(quick, tmp_path):

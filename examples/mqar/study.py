@@ -431,9 +431,54 @@ def regularizer_experiment(sweep: Dict, args, out: Path) -> str:
                           f"(mean {np.mean(gain):+.3f}; better in {sum(g > 0 for g in gain)} of {len(gain)} seeds). "
                           f"Cost: seconds per step with / without, per seed: "
                           f"{', '.join(f'{x:.2f}' for x in ratio)} (median {np.median(ratio):.2f}x; shared machine)."]
+    cost = regularizer_cost(sweep, args.device)
+    with (out / "regularizer_cost.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["repeat", "weight", "seconds_per_step"])
+        w.writeheader()
+        w.writerows(cost)
+    ratios = [next(c["seconds_per_step"] for c in cost if c["repeat"] == r and c["weight"] > 0)
+              / next(c["seconds_per_step"] for c in cost if c["repeat"] == r and c["weight"] == 0)
+              for r in sorted({c["repeat"] for c in cost})]
+    base = np.median([c["seconds_per_step"] for c in cost if c["weight"] == 0])
+    lines += ["", f"Cost, timed separately (`regularizer_cost.csv`): {len(ratios)} repeats, each a fresh model run "
+                  "without and with the regularizer in alternating order, median time of steps 3-29; one torch "
+                  f"thread, shared machine. Regularized / plain step time: median {np.median(ratios):.2f}x "
+                  f"(range {min(ratios):.2f}-{max(ratios):.2f}); plain step median {base * 1e3:.1f} ms."]
     text = "\n".join(lines) + "\n"
     (out / "regularizer.md").write_text(text)
     return text
+
+
+def regularizer_cost(sweep: Dict, device: str, repeats: int = 5, steps: int = 30) -> List[Dict]:
+    """Seconds per training step without and with the regularizer, interleaved (off, on, on, off, ...) so that
+    the shared machine's load hits both alike: per repeat, the median step time of steps 3..steps-1 of a fresh
+    model (seed 0) with ``ESSWatch`` attached (measuring only at step 0)."""
+    import torch.nn.functional as F
+    from esswatch.demo.mqar import MQAR
+    rc = sweep["regularizer"]
+    out = []
+    for rep in range(repeats):
+        for weight in ((0.0, rc["weight"]) if rep % 2 == 0 else (rc["weight"], 0.0)):
+            cfg = TrainConfig(mixer=rc["mixer"], d_model=rc["d_model"], seq_len=rc["seq_len"], num_kv=rc["num_kv"],
+                              vocab_size=sweep["vocab"], batch_size=sweep["batch"], steps=steps, lr=rc["lr"], seed=0,
+                              mixer_kwargs=dict(rc["kwargs"]))
+            model = build_model(cfg, device)
+            opt = torch.optim.AdamW(model.parameters(), lr=rc["lr"])
+            data = MQAR(cfg.seq_len, cfg.num_kv, cfg.vocab_size, cfg.batch_size, seed=0)
+            times = []
+            with esswatch.ESSWatch(model, every_n_steps=10 ** 9, histograms=False, images=False,
+                                   regularizer=weight or None) as watch:
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    x, y = (t.to(device) for t in data.batch())
+                    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+                    (loss + watch.penalty()).backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    watch.step()
+                    times.append(time.perf_counter() - t0)
+            out.append(dict(repeat=rep, weight=weight, seconds_per_step=float(np.median(times[3:]))))
+    return out
 
 
 # -- main -------------------------------------------------------------------------------------
