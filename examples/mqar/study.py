@@ -87,8 +87,8 @@ SWEEPS: Dict[str, Dict] = {
             C(32, 8, 32, n_heads=2, key_dim=1, d_conv=3), C(32, 8, 32, n_heads=2, key_dim=2, d_conv=3),
             C(32, 8, 32, n_heads=2, key_dim=4, d_conv=3), C(32, 8, 32, n_heads=2, key_dim=16, d_conv=3)]),
         "ssm": dict(lr=3e-3, steps=3000, configs=[
-            C(32, 4, 16, d_state=1, expand=2), C(32, 4, 16, d_state=2, expand=2), C(32, 4, 16, d_state=8, expand=2),
-            C(32, 2, 16, d_state=8, expand=2)]),
+            C(8, 4, 16, d_state=1, expand=1), C(16, 4, 16, d_state=1, expand=1), C(32, 4, 16, d_state=1, expand=2),
+            C(32, 4, 16, d_state=8, expand=2)]),
     }, regularizer=dict(mixer="linear_attention", d_model=32, num_kv=4, seq_len=24, kwargs=dict(n_heads=2),
                         lr=1e-2, steps=600, weight=0.1, seeds=(0, 1, 2))),
 }
