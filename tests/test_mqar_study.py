@@ -85,10 +85,14 @@ def test_correlations_match_independent_references(quick):
         lo, hi, kept = study.bootstrap_ci(acc, v, study.spearman)
         assert lo <= hi and kept > 0.9 * study.BOOTSTRAP
     c = study.correlations(rows)
-    e, t = c["ess_per_kv"], c["tss_per_kv"]
+    e, t, d = c["ess_per_kv"], c["tss_per_kv"], c["difference"]
+    ess, tss = [r["ess_per_kv"] for r in rows], [r["tss_per_kv"] for r in rows]
+    assert d["spearman"] == pytest.approx(study.spearman(acc, ess) - study.spearman(acc, tss), abs=1e-12)
+    assert d["pearson_lo"] <= d["pearson_hi"]
     line = next(ln for ln in text.splitlines() if ln.startswith("| all |"))
     assert line == (f"| all | {len(rows)} | {study._ci(e, 'pearson')} | {study._ci(t, 'pearson')} | "
-                    f"{study._ci(e, 'spearman')} | {study._ci(t, 'spearman')} |")
+                    f"{study._ci(d, 'pearson')} | {study._ci(e, 'spearman')} | {study._ci(t, 'spearman')} | "
+                    f"{study._ci(d, 'spearman')} |")
     assert "## Failed runs" in text and "## Runs" in text
 
 
