@@ -304,7 +304,9 @@ def write_markdown(rows: List[Dict], path: Path, args, sweep: Dict, planned: int
              f"Sweep `{args.sweep}`, device {args.device}, one torch thread, deterministic algorithms on. "
              f"{len(rows)} of {planned} planned runs"
              + (" (**incomplete**: the missing runs are listed at the end)." if len(rows) < planned else "."),
-             "Every number below except the seconds is reproduced exactly by rerunning the command on CPU.", "",
+             "Every number below except the seconds is reproduced exactly by rerunning on CPU: "
+             f"`python examples/mqar/study.py{'' if args.sweep == 'cpu' else ' --' + args.sweep}` (or the same with "
+             "`--shard 0/2` and `--shard 1/2` in two processes, then `--report`; the shards give the same rows).", "",
              f"Common: 2 layers, vocab {sweep['vocab']}, batch {sweep['batch']}, AdamW (weight decay 0.1, betas "
              "0.9/0.98), 10% linear warm-up then cosine decay, gradient clipping 1.0, seeds "
              f"{sorted({r['seed'] for r in rows})}. Accuracy on 512 held-out sequences. ESS and TSS after the last "
