@@ -22,7 +22,9 @@ CASES = {
     "sliding": (lambda: CausalSelfAttention(D_MODEL, n_heads=2, window=3), SoftmaxAttention, 3),
     "linear_elu": (lambda: LinearAttention(D_MODEL, n_heads=2), GatedRecurrence, 4),
     "linear_identity": (lambda: LinearAttention(D_MODEL, n_heads=2, feature_map="identity"), GatedRecurrence, 4),
+    "linear_conv": (lambda: LinearAttention(D_MODEL, n_heads=2, d_conv=3), GatedRecurrence, 4),
     "gla": (lambda: GatedLinearAttention(D_MODEL, n_heads=2, key_dim=3), GatedRecurrence, 3),
+    "gla_conv": (lambda: GatedLinearAttention(D_MODEL, n_heads=2, key_dim=3, d_conv=4), GatedRecurrence, 3),
     "ssm": (lambda: SelectiveSSM(D_MODEL, d_state=4, d_conv=3), GatedRecurrence, 4),
     "ssm_noconv": (lambda: SelectiveSSM(D_MODEL, d_state=3, expand=2, d_conv=0), GatedRecurrence, 3),
     "long_conv": (lambda: LongConvolution(D_MODEL), Convolution, None),
@@ -74,6 +76,19 @@ def test_operator_reproduces_layer_output(name):
     with torch.no_grad():
         f = layer.featurize(x)
         assert torch.allclose(rebuild_output(layer, T, f), y, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["linear_conv", "gla_conv"])
+def test_short_conv_is_causal(name):
+    """Changing inputs at positions >= t leaves the outputs before t unchanged (the conv looks back only)."""
+    layer = make(name)
+    x = torch.randn(BATCH, L, D_MODEL, dtype=torch.float64)
+    x2 = x.clone()
+    x2[:, 6:] = torch.randn(BATCH, L - 6, D_MODEL, dtype=torch.float64)
+    with torch.no_grad():
+        y, y2 = layer(x), layer(x2)
+    assert torch.equal(y[:, :6], y2[:, :6])
+    assert not torch.allclose(y[:, 6:], y2[:, 6:])
 
 
 def test_operator_structure():

@@ -109,7 +109,8 @@ def train_mqar(model: torch.nn.Module, cfg: TrainConfig, *, watch: Any = None, w
 
     Args:
         watch: an :class:`esswatch.ESSWatch` (or anything with ``step()``), stepped once per
-            optimizer step after ``opt.step()``.
+            optimizer step after ``opt.step()``; with its regularizer on, ``watch.penalty()`` is added
+            to the loss that is differentiated (the logged loss is the task loss alone).
         writer: a ``SummaryWriter`` for the loss (every 10 steps) and held-out accuracy.
         on_step: ``on_step(step, loss, accuracy_or_None)`` after every step (progress bars).
 
@@ -132,7 +133,8 @@ def train_mqar(model: torch.nn.Module, cfg: TrainConfig, *, watch: Any = None, w
         x, y = x.to(device), y.to(device)
         logits = model(x)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
-        loss.backward()
+        reg = getattr(watch, "regularizer", None) is not None    # ESSWatch(regularizer=w): add its penalty
+        (loss + watch.penalty() if reg else loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -23,6 +23,7 @@ from torch import nn
 from ..probes.registry import register_probe
 from ..operators import GatedRecurrence
 from .probe import MixerProbe
+from .short_conv import ShortConv
 
 __all__ = ["GatedLinearAttention"]
 
@@ -35,12 +36,14 @@ class GatedLinearAttention(nn.Module):
         n_heads: number of heads.
         key_dim: key / state width per head (default: the head width).
         gate_normalizer: divides the log-gates (GLA uses 16: decays close to 1).
+        d_conv: width of a causal depthwise convolution applied to the input before the
+            projections (:class:`~esswatch.layers.short_conv.ShortConv`); 0 = none (default).
     """
 
     operator_keys = ("q", "k", "log_decay")
 
     def __init__(self, d_model: int, n_heads: int = 4, key_dim: Optional[int] = None,
-                 gate_normalizer: float = 16.0, bias: bool = False):
+                 gate_normalizer: float = 16.0, bias: bool = False, d_conv: int = 0):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"GatedLinearAttention: d_model={d_model} is not divisible by n_heads={n_heads}")
@@ -54,6 +57,7 @@ class GatedLinearAttention(nn.Module):
         self.decay_proj = nn.Linear(d_model, n_heads * self.key_dim, bias=True)
         self.gate_proj = nn.Linear(d_model, d_model, bias=bias)
         self.out = nn.Linear(d_model, d_model, bias=bias)
+        self.short_conv = ShortConv(d_model, d_conv) if d_conv else None
 
     @property
     def state_size(self) -> int:
@@ -66,6 +70,8 @@ class GatedLinearAttention(nn.Module):
     def featurize(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``q`` (scaled by ``key_dim**-0.5``), ``k``, ``log_decay``: ``(batch, head, L, key_dim)``;
         ``v``: ``(batch, head, L, head_dim)``; ``gate``: ``(batch, L, d_model)``."""
+        if self.short_conv is not None:
+            x = self.short_conv(x)
         return {
             "q": self._heads(self.q_proj(x)) * self.key_dim ** -0.5,
             "k": self._heads(self.k_proj(x)),

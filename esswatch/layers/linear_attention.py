@@ -19,6 +19,7 @@ from torch import nn
 from ..probes.registry import register_probe
 from ..operators import GatedRecurrence
 from .probe import MixerProbe
+from .short_conv import ShortConv
 
 __all__ = ["LinearAttention"]
 
@@ -38,12 +39,15 @@ class LinearAttention(nn.Module):
         normalize: divide each output by ``z_r`` (default: ``True`` for ``"elu"``,
             ``False`` for ``"identity"``, whose ``z_r`` can vanish).
         eps: added to ``z_r``.
+        d_conv: width of a causal depthwise convolution applied to the input before the
+            projections (:class:`~esswatch.layers.short_conv.ShortConv`); 0 = none (default).
     """
 
     operator_keys = ("q", "k")
 
     def __init__(self, d_model: int, n_heads: int = 4, feature_map: str = "elu",
-                 normalize: Optional[bool] = None, eps: float = 1e-6, bias: bool = False):
+                 normalize: Optional[bool] = None, eps: float = 1e-6, bias: bool = False,
+                 d_conv: int = 0):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"LinearAttention: d_model={d_model} is not divisible by n_heads={n_heads}")
@@ -57,6 +61,7 @@ class LinearAttention(nn.Module):
         self.eps = eps
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.out = nn.Linear(d_model, d_model, bias=bias)
+        self.short_conv = ShortConv(d_model, d_conv) if d_conv else None
 
     @property
     def state_size(self) -> int:
@@ -64,6 +69,8 @@ class LinearAttention(nn.Module):
 
     def featurize(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``q = phi(q) / z`` (normalization folded in), ``k = phi(k)``, ``v``: ``(batch, head, L, head_dim)``."""
+        if self.short_conv is not None:
+            x = self.short_conv(x)
         B, L, _ = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         phi = _FEATURE_MAPS[self.feature_map]

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, TextIO
 
 from ..watch.tags import MODEL, parse_tag
+from .diagnosis import diagnose_summary, diagnosis_lines
 from .events import check_event_file, event_files, loader_stops
 
 __all__ = ["find_runs", "read_run", "read_runs", "format_report", "report", "validate_window"]
@@ -166,6 +167,7 @@ def format_report(summaries: Sequence[Dict[str, Any]], k: int = 5, root: Optiona
                     for layer, r in layers.items()]
             out.append(f"  {metric}-ESS (d = change over the last {k} logged points)")
             out.extend("    " + ln for ln in _table(header, rows))
+        out.extend(diagnosis_lines(s))   # saturation / collapse per layer (esswatch.tools.diagnosis)
         if s["failures"]:
             out.append(f"  skipped layer measurements: {int(s['failures'])}")
         if s["other"]:
@@ -193,7 +195,8 @@ def to_json(summaries: Sequence[Dict[str, Any]], logdir: str) -> List[Dict[str, 
     for s in summaries:
         s = dict(s, run=os.path.relpath(s["run"], logdir),
                  other={t: {"step": st, "value": v} for t, (st, v) in s["other"].items()},
-                 corrupt=[dict(c, file=os.path.relpath(c["file"], logdir)) for c in s.get("corrupt", ())])
+                 corrupt=[dict(c, file=os.path.relpath(c["file"], logdir)) for c in s.get("corrupt", ())],
+                 diagnosis=diagnose_summary(s))   # {layer: {utilization, label, advice}}
         out.append(_strict(s))
     return out
 

@@ -228,11 +228,15 @@ class ESSWatch:
     # -- measuring -------------------------------------------------------------------
     def _run_probe(self, step: int) -> bool:
         """Run the model on the probe batch; False (warned once, counted) when its forward raised."""
+        gate, want = self._gate, self._gate.want
+        gate.want = False               # the train-forwards gate would disarm this eval-mode forward
         try:
             record_probe_batch(self._module, self.capture, self.probe_batch)
         except Exception as e:  # noqa: BLE001 - the monitor never stops training
             self._policy.fail("probe_batch", step, e, what="the probe_batch forward")
             return False
+        finally:
+            gate.want = want
         return True
 
     def measure(self, step: Optional[int] = None, source: str = "train") -> Optional[Dict[str, Any]]:
