@@ -10,11 +10,12 @@ see ``[tool.importlinter]`` in ``pyproject.toml`` and CONTRIBUTING.md):
 - :mod:`esswatch.watch` - schedule, budget, aggregation, sinks (:class:`ESSWatch`);
 - :mod:`esswatch.integrations` - thin framework adapters (imported lazily).
 """
+
 from typing import TYPE_CHECKING
 
 from . import operators
-from .engine.memory import ESSMemoryError
 from ._version import __version__
+from .engine.memory import ESSMemoryError
 from .ess import entropy_ess, tolerance_ess
 
 if TYPE_CHECKING:  # the lazily exported names, visible to type checkers
@@ -22,17 +23,29 @@ if TYPE_CHECKING:  # the lazily exported names, visible to type checkers
     from .watch import ESSWatch
     from .watch.regularizer import Regularizer
 
-__all__ = ["entropy_ess", "tolerance_ess", "ESSMemoryError", "operators", "capture", "ESSWatch", "Regularizer", "__version__"]
+__all__ = [
+    "entropy_ess",
+    "tolerance_ess",
+    "ESSMemoryError",
+    "operators",
+    "capture",
+    "ESSWatch",
+    "Regularizer",
+    "__version__",
+]
 
 
 def __getattr__(name):  # lazy: keep `import esswatch` light
     if name == "capture":
         from .probes import capture
+
         return capture
     if name == "ESSWatch":
         from .watch import ESSWatch
+
         return ESSWatch
     if name == "Regularizer":
         from .watch.regularizer import Regularizer
+
         return Regularizer
     raise AttributeError(f"module 'esswatch' has no attribute {name!r}")

@@ -12,15 +12,16 @@ callback writes through the Trainer's TensorBoard writer (``ess/...`` scalars ne
 configuration) and puts the scalars into ``trainer.state.log_history`` (and
 ``trainer_state.json``) and the other ``report_to`` integrations, without printing them.
 """
+
 from __future__ import annotations
 
 import argparse
 
 import torch
+from esswatch.integrations.transformers import ESSCallback
 from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM, Trainer, TrainingArguments
 
 from esswatch.demo.mqar import mqar_batch
-from esswatch.integrations.transformers import ESSCallback
 
 
 def mqar_dataset(n: int, args, seed: int):
@@ -34,11 +35,20 @@ def mqar_dataset(n: int, args, seed: int):
 
 def make_model(kind: str, vocab: int, d_model: int):
     if kind == "llama":
-        return LlamaForCausalLM(LlamaConfig(hidden_size=d_model, num_hidden_layers=2, num_attention_heads=4,
-                                            num_key_value_heads=2, intermediate_size=2 * d_model,
-                                            vocab_size=vocab, max_position_embeddings=256))
-    return MambaForCausalLM(MambaConfig(hidden_size=d_model, state_size=16, num_hidden_layers=2, vocab_size=vocab,
-                                        expand=2, conv_kernel=4))
+        return LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=d_model,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=2 * d_model,
+                vocab_size=vocab,
+                max_position_embeddings=256,
+            )
+        )
+    return MambaForCausalLM(
+        MambaConfig(hidden_size=d_model, state_size=16, num_hidden_layers=2, vocab_size=vocab, expand=2, conv_kernel=4)
+    )
 
 
 def main() -> None:
@@ -59,14 +69,28 @@ def main() -> None:
     torch.manual_seed(0)
     model = make_model(args.model, args.vocab, args.d_model)
     out = args.out or f"runs/hf_{args.model}"
-    targs = TrainingArguments(output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch,
-                              learning_rate=3e-3, weight_decay=0.01, logging_steps=args.every,
-                              report_to=["tensorboard"], save_strategy="no", use_cpu=True, seed=0)
+    targs = TrainingArguments(
+        output_dir=out,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch,
+        learning_rate=3e-3,
+        weight_decay=0.01,
+        logging_steps=args.every,
+        report_to=["tensorboard"],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+    )
 
     ess = ESSCallback(every_n_steps=args.every, regularizer=args.regularizer)
     extra = {"compute_loss_func": ess.compute_loss_func()} if args.regularizer else {}
-    trainer = Trainer(model=model, args=targs, train_dataset=mqar_dataset(args.steps * args.batch, args, seed=1),
-                      callbacks=[ess], **extra)
+    trainer = Trainer(
+        model=model,
+        args=targs,
+        train_dataset=mqar_dataset(args.steps * args.batch, args, seed=1),
+        callbacks=[ess],
+        **extra,
+    )
     trainer.train()
 
     last = [e for e in trainer.state.log_history if "ess/entropy/avg/model" in e][-1]

@@ -10,6 +10,7 @@ LightningModule does not know about esswatch (its ``training_step`` is untouched
 with the regularizer). The ESS scalars, per-head histograms and profile images land in
 the TensorBoardLogger's run next to the loss and the validation accuracy.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,10 +18,10 @@ import argparse
 import lightning as L
 import torch
 import torch.nn.functional as F
+from esswatch.integrations.lightning import ESSCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from esswatch.demo.mqar import accuracy, mqar_batch
-from esswatch.integrations.lightning import ESSCallback
 from esswatch.layers import SequenceModel
 
 
@@ -75,10 +76,16 @@ def main() -> None:
 
     results = []
     ess = ESSCallback(every_n_steps=args.every, regularizer=args.regularizer, sinks=[results.append])
-    trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", precision=args.precision,
-                        logger=TensorBoardLogger(args.logdir, name="lightning_mqar"),
-                        callbacks=[ess], val_check_interval=min(100, args.steps), log_every_n_steps=10,
-                        enable_checkpointing=False)
+    trainer = L.Trainer(
+        max_steps=args.steps,
+        accelerator="cpu",
+        precision=args.precision,
+        logger=TensorBoardLogger(args.logdir, name="lightning_mqar"),
+        callbacks=[ess],
+        val_check_interval=min(100, args.steps),
+        log_every_n_steps=10,
+        enable_checkpointing=False,
+    )
     trainer.fit(MQARModule(args.vocab, args.d_model, args.layers, args.heads, args.lr), loader, val_loader)
 
     last = results[-1]

@@ -2,6 +2,7 @@
 :mod:`esswatch.integrations.transformers`) share: option checks at construction, the
 ``ESSWatch`` options they pass on, the warning about ESS steps that are not loss steps, and a
 sink that holds the latest scalars until the framework's log call takes them."""
+
 from __future__ import annotations
 
 import warnings
@@ -15,9 +16,16 @@ from esswatch.watch.sinks import as_sinks
 __all__ = ["check_callback_options", "watch_options", "warn_unaligned", "LatestScalars"]
 
 
-def check_callback_options(every_n_steps: Any, *, logdir: Any, regularizer: Any, sinks: Any,
-                           watch_kwargs: Dict[str, Any], not_here: Iterable[str] = (),
-                           why: str = "") -> List[Sink]:
+def check_callback_options(
+    every_n_steps: Any,
+    *,
+    logdir: Any,
+    regularizer: Any,
+    sinks: Any,
+    watch_kwargs: Dict[str, Any],
+    not_here: Iterable[str] = (),
+    why: str = "",
+) -> List[Sink]:
     """Validate a callback's options at once (``TypeError`` for an option the callback sets
     itself, ``ValueError`` naming a bad value); returns the ``sinks`` as :class:`Sink` objects."""
     for bad in not_here:
@@ -39,8 +47,12 @@ def watch_options(watch_kwargs: Dict[str, Any], regularizer: Any) -> Dict[str, A
 def warn_unaligned(every_n_steps: int, setting: str, log_every: int, stacklevel: int = 3) -> None:
     """Warn when ``every_n_steps`` is not a multiple of the framework's loss-logging period."""
     if log_every >= 1 and every_n_steps % log_every:
-        warnings.warn(f"ESSCallback(every_n_steps={every_n_steps}) is not a multiple of {setting}={log_every}: "
-                      "the ESS steps will not all be steps of the logged loss.", UserWarning, stacklevel=stacklevel)
+        warnings.warn(
+            f"ESSCallback(every_n_steps={every_n_steps}) is not a multiple of {setting}={log_every}: "
+            "the ESS steps will not all be steps of the logged loss.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
 
 
 class LatestScalars(Sink):

@@ -5,6 +5,7 @@ calls :func:`require` when it is imported, so an unsupported framework fails at 
 with the installed version and the supported range in the message, instead of deep
 inside a training run.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -32,15 +33,18 @@ def require(module: str, spec: str, extra: str) -> ModuleType:
     except ImportError as e:
         raise UnsupportedVersionError(
             f"esswatch.integrations.{extra} needs `{module}{spec}`, which is not installed ({e}). "
-            f"Install it with: {hint}") from e
+            f"Install it with: {hint}"
+        ) from e
     raw = getattr(mod, "__version__", None)
     try:
         version = Version(str(raw))
     except InvalidVersion as e:
-        raise UnsupportedVersionError(f"esswatch.integrations.{extra}: cannot read the version of `{module}` "
-                                      f"({raw!r}); supported: {module}{spec}") from e
+        raise UnsupportedVersionError(
+            f"esswatch.integrations.{extra}: cannot read the version of `{module}` ({raw!r}); supported: {module}{spec}"
+        ) from e
     if not SpecifierSet(spec).contains(version, prereleases=True):
         raise UnsupportedVersionError(
             f"esswatch.integrations.{extra} supports {module}{spec}, but {module} {version} is installed. "
-            f"Install a supported version with: {hint}")
+            f"Install a supported version with: {hint}"
+        )
     return mod

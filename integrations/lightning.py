@@ -33,6 +33,7 @@ A thin adapter over :class:`esswatch.ESSWatch` (all measuring happens there):
   manual optimization adds :meth:`ESSCallback.penalty` itself), and the watch logs it
   (``ess/penalty/total``, ``ess/penalty/<layer>``) on its measured steps.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,8 +50,9 @@ from ._versions import require
 __all__ = ["ESSCallback", "LightningLoggerSink", "SUPPORTED_LIGHTNING"]
 
 #: ESSWatch's own defaults, so that the callback's TensorBoard output follows the same rules
-_WATCH_DEFAULTS = {k: p.default for k, p in inspect.signature(ESSWatch).parameters.items()
-                   if k in ("histograms", "images")}
+_WATCH_DEFAULTS = {
+    k: p.default for k, p in inspect.signature(ESSWatch).parameters.items() if k in ("histograms", "images")
+}
 
 #: The Lightning versions this adapter supports (the ``lightning`` extra installs them).
 SUPPORTED_LIGHTNING = ">=2.2,<3"
@@ -71,8 +73,9 @@ class LightningLoggerSink(Sink):
     ``{tag: value}`` scalars through ``log_metrics(scalars, step=result["step"])``.
     """
 
-    def __init__(self, loggers: Iterable[Any], *, histograms: bool = True,
-                 images: Union[bool, int] = _WATCH_DEFAULTS["images"]) -> None:
+    def __init__(
+        self, loggers: Iterable[Any], *, histograms: bool = True, images: Union[bool, int] = _WATCH_DEFAULTS["images"]
+    ) -> None:
         self.loggers = list(loggers)
         self.histograms = histograms
         self.images = images
@@ -80,9 +83,10 @@ class LightningLoggerSink(Sink):
 
     def _tensorboard(self, logger: TensorBoardLogger) -> TensorBoardSink:
         sink = self._tb.get(id(logger))
-        if sink is None:   # the writer is created lazily by the logger, on rank zero
-            sink = self._tb[id(logger)] = TensorBoardSink(writer=logger.experiment, histograms=self.histograms,
-                                                          images=self.images)
+        if sink is None:  # the writer is created lazily by the logger, on rank zero
+            sink = self._tb[id(logger)] = TensorBoardSink(
+                writer=logger.experiment, histograms=self.histograms, images=self.images
+            )
         return sink
 
     def start(self, config: Dict[str, Any]) -> None:
@@ -99,7 +103,7 @@ class LightningLoggerSink(Sink):
 
     def close(self) -> None:
         for sink in self._tb.values():
-            sink.close()            # flushes; the logger owns and closes the writer
+            sink.close()  # flushes; the logger owns and closes the writer
         for logger in self.loggers:
             if not isinstance(logger, TensorBoardLogger):
                 logger.save()
@@ -127,20 +131,32 @@ class ESSCallback(pl.Callback):
         watch: the :class:`~esswatch.ESSWatch` of the running fit (``None`` outside it).
     """
 
-    def __init__(self, every_n_steps: int = 100, *, logdir: Optional[str] = None, regularizer: Any = None,
-                 sinks: Iterable[Union[Sink, Callable[[Dict[str, Any]], Any]]] = (), **watch_kwargs: Any) -> None:
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        *,
+        logdir: Optional[str] = None,
+        regularizer: Any = None,
+        sinks: Iterable[Union[Sink, Callable[[Dict[str, Any]], Any]]] = (),
+        **watch_kwargs: Any,
+    ) -> None:
         super().__init__()
         self.sinks = check_callback_options(
-            every_n_steps, logdir=logdir, regularizer=regularizer, sinks=sinks, watch_kwargs=watch_kwargs,
+            every_n_steps,
+            logdir=logdir,
+            regularizer=regularizer,
+            sinks=sinks,
+            watch_kwargs=watch_kwargs,
             not_here=("writer", "model"),
-            why="the callback logs through the trainer's loggers, and `logdir=`, and watches the LightningModule")
+            why="the callback logs through the trainer's loggers, and `logdir=`, and watches the LightningModule",
+        )
         self.every_n_steps = every_n_steps
         self.logdir = logdir
         self.regularizer = regularizer
         self.watch_kwargs = watch_kwargs
         self.watch: Optional[ESSWatch] = None
         self._pending_state: Optional[Dict[str, Any]] = None
-        self._validation = contextlib.ExitStack()     # holds watch.paused() during validation
+        self._validation = contextlib.ExitStack()  # holds watch.paused() during validation
 
     # -- lifetime --------------------------------------------------------------------
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -150,19 +166,24 @@ class ESSCallback(pl.Callback):
             raise MisconfigurationException(
                 "ESSCallback: the Trainer has no logger (logger=False) and no `logdir` was given, so the ESS "
                 "measurements would go nowhere. Give the Trainer a logger (TensorBoardLogger, CSVLogger, ...) or "
-                "pass ESSCallback(logdir='runs/ess').")
+                "pass ESSCallback(logdir='runs/ess')."
+            )
         self._close_watch()
         wk = watch_options(self.watch_kwargs, self.regularizer)
         sinks: List[Sink] = []
         if trainer.loggers:
-            sinks.append(LightningLoggerSink(trainer.loggers,
-                                             histograms=wk.get("histograms", _WATCH_DEFAULTS["histograms"]),
-                                             images=wk.get("images", _WATCH_DEFAULTS["images"])))
+            sinks.append(
+                LightningLoggerSink(
+                    trainer.loggers,
+                    histograms=wk.get("histograms", _WATCH_DEFAULTS["histograms"]),
+                    images=wk.get("images", _WATCH_DEFAULTS["images"]),
+                )
+            )
         if trainer.loggers:
-            warn_unaligned(self.every_n_steps, "the Trainer's log_every_n_steps",
-                           getattr(trainer, "log_every_n_steps", 1) or 1)
-        self.watch = ESSWatch(pl_module, self.logdir, every_n_steps=self.every_n_steps, sinks=sinks + self.sinks,
-                              **wk)
+            warn_unaligned(
+                self.every_n_steps, "the Trainer's log_every_n_steps", getattr(trainer, "log_every_n_steps", 1) or 1
+            )
+        self.watch = ESSWatch(pl_module, self.logdir, every_n_steps=self.every_n_steps, sinks=sinks + self.sinks, **wk)
         # sample where Lightning logs the loss: global steps n - 1, 2n - 1, ... (see the module docs)
         self.watch.schedule.offset = self.every_n_steps - 1
         if self.watch.regularizer is not None and not pl_module.automatic_optimization:
@@ -170,10 +191,11 @@ class ESSCallback(pl.Callback):
             self.watch = None
             raise MisconfigurationException(
                 "ESSCallback(regularizer=...) adds the penalty to the loss of automatic optimization. With manual "
-                "optimization add it yourself: `self.manual_backward(loss + ess_callback.penalty())`.")
+                "optimization add it yourself: `self.manual_backward(loss + ess_callback.penalty())`."
+            )
         self._validation.close()
         state = self._pending_state if self._pending_state is not None else self.watch.state_dict()
-        self.watch.load_state_dict(state)       # (re-)arms the capture under the offset
+        self.watch.load_state_dict(state)  # (re-)arms the capture under the offset
         self._pending_state = None
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -192,14 +214,16 @@ class ESSCallback(pl.Callback):
             self.watch = None
 
     # -- the schedule ----------------------------------------------------------------
-    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
         watch = self.watch
         if watch is not None:
             watch.set_step(trainer.global_step)
 
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         watch = self.watch
         # an optimizer step completed (not a micro-batch of an accumulated step): end the watch's step
         if watch is not None and trainer.global_step != watch.global_step:
@@ -240,7 +264,7 @@ class ESSCallback(pl.Callback):
             return
         p = p.to(loss.dtype) / max(int(trainer.accumulate_grad_batches), 1)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None:       # fp16 with a GradScaler: Lightning scaled the loss before this hook
+        if scaler is not None:  # fp16 with a GradScaler: Lightning scaled the loss before this hook
             p = scaler.scale(p)
         loss.add_(p)
 
@@ -262,5 +286,6 @@ class ESSCallback(pl.Callback):
             self._pending_state = state
 
     def __repr__(self) -> str:  # pragma: no cover - cosmetic
-        return (f"ESSCallback(every_n_steps={self.every_n_steps}, logdir={self.logdir!r}, "
-                f"regularizer={self.regularizer!r})")
+        return (
+            f"ESSCallback(every_n_steps={self.every_n_steps}, logdir={self.logdir!r}, regularizer={self.regularizer!r})"
+        )

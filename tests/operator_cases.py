@@ -1,4 +1,5 @@
 """Operators and spectra shared by the operator and functional-API tests (float64, seeded)."""
+
 from __future__ import annotations
 
 import torch
@@ -36,4 +37,3 @@ def trained_like_attention(L, heads=2, d=16, sharp=4.0, seed=0):
     k = centers[torch.arange(heads)[:, None], assign] + 0.05 * torch.randn(heads, L, d, generator=g, dtype=F64)
     q = centers[torch.arange(heads)[:, None], torch.randint(0, 4, (heads, L), generator=g)]
     return SoftmaxAttention(q * sharp, k)
-

@@ -1,4 +1,5 @@
 """Independent NumPy float64 references (no esswatch code)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,6 +34,7 @@ def tolerance_ess_ref(T: np.ndarray, indices, tol: float, relative: bool) -> np.
 
 # -- naive loop implementations of each operator's formula (docs/ess.md section 1) ----------
 
+
 def softmax_attention_loop(q, k, scale, window=None, mask=None):
     q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
     L = q.shape[-2]
@@ -59,13 +61,12 @@ def softmax_attention_loop(q, k, scale, window=None, mask=None):
 def gated_recurrence_loop(q, k, log_decay=None):
     q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
     L, N = q.shape[-2:]
-    a = np.ones_like(q) if log_decay is None else np.broadcast_to(np.exp(np.asarray(log_decay, np.float64)),
-                                                                   q.shape)
+    a = np.ones_like(q) if log_decay is None else np.broadcast_to(np.exp(np.asarray(log_decay, np.float64)), q.shape)
     T = np.zeros(q.shape[:-2] + (L, L))
     for b in np.ndindex(*q.shape[:-2]):
         for r in range(L):
             for c in range(r + 1):
-                T[b + (r, c)] = sum(q[b + (r, n)] * k[b + (c, n)] * np.prod(a[b][c + 1:r + 1, n]) for n in range(N))
+                T[b + (r, c)] = sum(q[b + (r, n)] * k[b + (c, n)] * np.prod(a[b][c + 1 : r + 1, n]) for n in range(N))
     return T
 
 

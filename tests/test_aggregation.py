@@ -1,6 +1,7 @@
 """Aggregation (:mod:`esswatch.watch.measure`, ``docs/ess.md`` section 3): ``measure_operator`` and
 ``aggregate_model`` against avg / max / total / utilization computed by hand from per-index
 NumPy SVD entropies of ``T[b, h, i:, :i]``."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,10 +36,12 @@ def _reference(T: np.ndarray, idx, tss_cap, value_dim, metric="entropy", tol=1e-
     return {
         "avg": float(np.mean(e)),
         "max": float(max(per_index)),
-        "total": float(np.mean([value_dim * sum(e[b, h, j] for h in range(heads))
-                                for b in range(rows) for j in range(n)])),
-        "utilization": float(np.mean([e[b, h, j] / tss[j] for b in range(rows) for h in range(heads)
-                                      for j in range(n)])),
+        "total": float(
+            np.mean([value_dim * sum(e[b, h, j] for h in range(heads)) for b in range(rows) for j in range(n)])
+        ),
+        "utilization": float(
+            np.mean([e[b, h, j] / tss[j] for b in range(rows) for h in range(heads) for j in range(n)])
+        ),
         "per_index": per_index,
         "per_head": [np.mean([e[b, h, j] for b in range(rows) for j in range(n)]) for h in range(heads)],
     }, tss
@@ -57,7 +60,7 @@ IDX = [1, 3, 6, 9, 11]
 @pytest.mark.parametrize("case", ["softmax", "softmax_window", "gla"])
 def test_measure_operator_matches_numpy_statistics(case):
     L = 12
-    q, k = _rand(2, 3, L, 4, seed=1), _rand(2, 3, L, 4, seed=2)     # 2 rows, 3 heads
+    q, k = _rand(2, 3, L, 4, seed=1), _rand(2, 3, L, 4, seed=2)  # 2 rows, 3 heads
     if case == "softmax":
         op, cap = SoftmaxAttention(q, k, value_dim=5), None
     elif case == "softmax_window":
@@ -93,14 +96,20 @@ def test_measure_operator_one_head_and_probe_tss():
 def test_aggregate_model_over_layers_by_hand():
     L = 12
     q, k = _rand(2, L, 4, seed=5), _rand(2, L, 4, seed=6)
-    ops = {"attn": SoftmaxAttention(q, k, value_dim=2),
-           "rec": GatedRecurrence(q, k, -torch.rand(2, L, 4, generator=torch.Generator().manual_seed(7), dtype=F64)),
-           "win": SoftmaxAttention(q, k, window=4)}
+    ops = {
+        "attn": SoftmaxAttention(q, k, value_dim=2),
+        "rec": GatedRecurrence(q, k, -torch.rand(2, L, 4, generator=torch.Generator().manual_seed(7), dtype=F64)),
+        "win": SoftmaxAttention(q, k, window=4),
+    }
     cfg = MeasureConfig(indices=IDX, estimator="exact", metrics=("entropy", "tolerance"))
     layers = {name: measure_operator(op, cfg) for name, op in ops.items()}
-    del layers["win"]["tolerance"]                       # a layer without one metric is left out of it
-    refs = {name: {m: _reference(op.dense().numpy(), IDX, op.state_size, op.value_dim, m)[0]
-                   for m in ("entropy", "tolerance")} for name, op in ops.items()}
+    del layers["win"]["tolerance"]  # a layer without one metric is left out of it
+    refs = {
+        name: {
+            m: _reference(op.dense().numpy(), IDX, op.state_size, op.value_dim, m)[0] for m in ("entropy", "tolerance")
+        }
+        for name, op in ops.items()
+    }
     model = aggregate_model(layers, ["entropy", "tolerance"])
     assert set(model) == {"entropy", "tolerance"}
     for m, names in (("entropy", ["attn", "rec", "win"]), ("tolerance", ["attn", "rec"])):

@@ -5,6 +5,7 @@ returns with ``output_attentions=True`` under eager attention, the attention mod
 output rebuilt from its own value projection, the Mamba mixers' outputs rebuilt from
 their own ``x_proj`` / ``in_proj`` / ``norm`` inputs, and the logits without capture.
 """
+
 from __future__ import annotations
 
 import gc
@@ -17,12 +18,13 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-import esswatch  # noqa: E402
-from esswatch.probes import CaptureWarning  # noqa: E402
 from esswatch.integrations.transformers import attention_registry  # noqa: E402
-from esswatch.operators import GatedRecurrence, SoftmaxAttention  # noqa: E402
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface  # noqa: E402
+
+import esswatch  # noqa: E402
+from esswatch.operators import GatedRecurrence, SoftmaxAttention  # noqa: E402
+from esswatch.probes import CaptureWarning  # noqa: E402
 
 L = 8
 VOCAB = 100
@@ -52,19 +54,40 @@ def _make(kind: str):
     """(model, attention module names, value projection attr, value reader, output projection attr)."""
     T = transformers
     if kind == "llama":
-        cfg = T.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                            intermediate_size=64, vocab_size=VOCAB)
+        cfg = T.LlamaConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            vocab_size=VOCAB,
+        )
         model, attn = T.LlamaForCausalLM, "model.layers.{}.self_attn"
         spec = ("v_proj", _proj_value, "o_proj")
     elif kind == "mistral":
-        cfg = T.MistralConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                              intermediate_size=64, vocab_size=VOCAB, sliding_window=3)
+        cfg = T.MistralConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            vocab_size=VOCAB,
+            sliding_window=3,
+        )
         model, attn = T.MistralForCausalLM, "model.layers.{}.self_attn"
         spec = ("v_proj", _proj_value, "o_proj")
-    elif kind == "qwen2":   # layer 0 full attention, layer 1 sliding window 3
-        cfg = T.Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-                            intermediate_size=64, vocab_size=VOCAB, use_sliding_window=True, sliding_window=3,
-                            max_window_layers=1)
+    elif kind == "qwen2":  # layer 0 full attention, layer 1 sliding window 3
+        cfg = T.Qwen2Config(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            intermediate_size=64,
+            vocab_size=VOCAB,
+            use_sliding_window=True,
+            sliding_window=3,
+            max_window_layers=1,
+        )
         model, attn = T.Qwen2ForCausalLM, "model.layers.{}.self_attn"
         spec = ("v_proj", _proj_value, "o_proj")
     elif kind == "gpt2":
@@ -72,8 +95,14 @@ def _make(kind: str):
         model, attn = T.GPT2LMHeadModel, "transformer.h.{}.attn"
         spec = ("c_attn", _gpt2_value, "c_proj")
     elif kind == "gpt_neox":
-        cfg = T.GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                              vocab_size=VOCAB, max_position_embeddings=64)
+        cfg = T.GPTNeoXConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+        )
         model, attn = T.GPTNeoXForCausalLM, "gpt_neox.layers.{}.attention"
         spec = ("query_key_value", _neox_value, "dense")
     else:  # pragma: no cover
@@ -159,15 +188,16 @@ def test_left_padding_handled_and_warned(tiny, impl):
             model.set_attn_implementation("eager")
     for i, name in enumerate(names):
         t = cap.operators[name].dense()
-        torch.testing.assert_close(t[0, :, 3:, 3:], ref[i][0, :, 3:, 3:].float(), **TOL)   # real tokens
-        torch.testing.assert_close(t[1], ref[i][1].float(), **TOL)                        # unpadded row
-        assert torch.all(t[0, :, :3, :] == 0) and torch.all(t[0, :, :, :3] == 0)          # pads: zero
+        torch.testing.assert_close(t[0, :, 3:, 3:], ref[i][0, :, 3:, 3:].float(), **TOL)  # real tokens
+        torch.testing.assert_close(t[1], ref[i][1].float(), **TOL)  # unpadded row
+        assert torch.all(t[0, :, :3, :] == 0) and torch.all(t[0, :, :, :3] == 0)  # pads: zero
         assert any(name in m and "padded batch" in m for m in msgs), msgs
 
 
 def _flash_like_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """A user kernel registered in transformers' registry that gets flash-style (batch, keys) padding masks."""
     from transformers.integrations.sdpa_attention import repeat_kv
+
     key, value = repeat_kv(key, module.num_key_value_groups), repeat_kv(value, module.num_key_value_groups)
     n = query.shape[-2]
     ok = torch.ones(n, n, dtype=torch.bool).tril()
@@ -179,6 +209,7 @@ def _flash_like_attention(module, query, key, value, attention_mask, scaling=Non
 
 def test_user_registered_kernel_with_flash_style_padding_mask():
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
     model, names, _ = _make("llama")
     ids, mask = _ids(), _left_padding()
     with torch.no_grad():
@@ -193,9 +224,9 @@ def test_user_registered_kernel_with_flash_style_padding_mask():
         model.set_attn_implementation("eager")
         AttentionInterface._global_mapping.pop("esswatch_padding_kernel")
         AttentionMaskInterface._global_mapping.pop("esswatch_padding_kernel")
-    torch.testing.assert_close(out.logits[:, 3:], ref.logits[:, 3:], atol=1e-5, rtol=1e-5)   # the kernel ran
+    torch.testing.assert_close(out.logits[:, 3:], ref.logits[:, 3:], atol=1e-5, rtol=1e-5)  # the kernel ran
     for i, name in enumerate(names):
-        assert cap.probes[name]._record["mask"].dim() == 2                # it got the 2-D padding mask
+        assert cap.probes[name]._record["mask"].dim() == 2  # it got the 2-D padding mask
         t = cap.operators[name].dense()
         torch.testing.assert_close(t[0, :, 3:, 3:], ref.attentions[i][0, :, 3:, 3:], **TOL)
         torch.testing.assert_close(t[1], ref.attentions[i][1], **TOL)
@@ -212,8 +243,11 @@ def test_operator_times_values_reproduces_attention_output(tiny):
         hooks = []
         for name in names:
             attn = model.get_submodule(name)
-            hooks.append(getattr(attn, vproj).register_forward_hook(
-                lambda m, a, o, name=name: seen.__setitem__((name, "proj"), o)))
+            hooks.append(
+                getattr(attn, vproj).register_forward_hook(
+                    lambda m, a, o, name=name: seen.__setitem__((name, "proj"), o)
+                )
+            )
             hooks.append(attn.register_forward_hook(lambda m, a, o, name=name: seen.__setitem__((name, "out"), o[0])))
         try:
             with torch.no_grad():
@@ -224,7 +258,7 @@ def test_operator_times_values_reproduces_attention_output(tiny):
             model.set_attn_implementation("eager")
         for name in names:
             attn = model.get_submodule(name)
-            v = read_value(attn, seen[(name, "proj")])                   # (b, kv_heads, L, hd)
+            v = read_value(attn, seen[(name, "proj")])  # (b, kv_heads, L, hd)
             op = cap.operators[name]
             v = v.repeat_interleave(op.batch_shape[1] // v.shape[1], dim=1)
             y = (op.dense() @ v).transpose(1, 2).reshape(2, L, -1)
@@ -254,9 +288,17 @@ def test_capture_keeps_logits_and_rng_in_training_mode(tiny):
 
 def test_gemma2_softcapped_sliding_attention():
     T = transformers
-    cfg = T.Gemma2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=8, intermediate_size=64, vocab_size=VOCAB, sliding_window=3,
-                         attn_logit_softcapping=5.0)
+    cfg = T.Gemma2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        sliding_window=3,
+        attn_logit_softcapping=5.0,
+    )
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     model = T.Gemma2ForCausalLM(cfg).eval()
@@ -266,7 +308,7 @@ def test_gemma2_softcapped_sliding_attention():
     assert list(cap.operators) == names and [cap.tss[n] for n in names] == [3, None]
     for i, name in enumerate(names):
         torch.testing.assert_close(cap.operators[name].dense(), out.attentions[i].float(), **TOL)
-    assert cap.operators[names[0]].dense()[..., 5, :3].abs().max() == 0          # outside the window
+    assert cap.operators[names[0]].dense()[..., 5, :3].abs().max() == 0  # outside the window
 
 
 @pytest.mark.parametrize("n", [1, 2])
@@ -282,7 +324,7 @@ def test_short_sequences(n):
         torch.testing.assert_close(cap.operators[name].dense(), out.attentions[i], **TOL)
     op = mcap.operators["backbone.layers.0.mixer"]
     assert op.seq_len == n and torch.isfinite(op.dense()).all()
-    if n == 2:      # a single index: H_1 is 1 x 1, its ESS is 1 unless T[1, 0] == 0
+    if n == 2:  # a single index: H_1 is 1 x 1, its ESS is 1 unless T[1, 0] == 0
         ess = esswatch.entropy_ess(op, [1])
         assert ess.shape == (2, 4, 1) and torch.allclose(ess, torch.ones_like(ess))
 
@@ -307,7 +349,7 @@ def test_keep_graph_lets_gradients_reach_the_parameters():
 
 
 def test_heads_and_rows_are_sliced_consistently():
-    model, names, _ = _make("llama")          # 4 query heads, 2 kv heads
+    model, names, _ = _make("llama")  # 4 query heads, 2 kv heads
     ids = _ids(batch=3)
     with torch.no_grad(), esswatch.capture(model) as full:
         model(ids)
@@ -327,10 +369,10 @@ def test_registry_restored_after_exit_exception_and_nesting():
     ids = _ids()
     with esswatch.capture(m1):
         assert AttentionInterface.__dict__["get_interface"] is not before[0]["get_interface"]
-        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is not sdpa_attention_forward      # wrapped
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is not sdpa_attention_forward  # wrapped
         with esswatch.capture(m2):
             m2(ids)
-        assert "__getitem__" in AttentionInterface.__dict__                       # still one capture open
+        assert "__getitem__" in AttentionInterface.__dict__  # still one capture open
         m1(ids)
     assert _registry_state() == before
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward
@@ -343,10 +385,10 @@ def test_registry_restored_after_exit_exception_and_nesting():
     cap.armed = True
     m1(ids)
     cap.detach()
-    cap.detach()                                       # safe to repeat
+    cap.detach()  # safe to repeat
     assert _registry_state() == before
     assert not cap.operators
-    for _ in range(20):                                # repeated steps leave nothing behind
+    for _ in range(20):  # repeated steps leave nothing behind
         with torch.no_grad(), esswatch.capture(m1) as cap:
             m1(ids)
     assert not attention_registry._listeners and not attention_registry._wrappers
@@ -371,8 +413,7 @@ def test_captured_tensors_and_model_are_freed():
 
 def test_bypassed_registry_and_kv_cache_are_warned():
     T = transformers
-    cfg = T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
-                       reorder_and_upcast_attn=True)
+    cfg = T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, reorder_and_upcast_attn=True)
     cfg._attn_implementation = "eager"
     model = T.GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():
@@ -382,8 +423,10 @@ def test_bypassed_registry_and_kv_cache_are_warned():
 
     # a model whose only attention bypasses the registry: construction fails naming it (tests/test_unsupported.py)
     cfg = T.FalconConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, vocab_size=VOCAB)
-    with pytest.raises(esswatch.probes.UnsupportedModelError,
-                       match=r"FalconAttention .*transformer\.h\.0\.self_attention.*without transformers'"):
+    with pytest.raises(
+        esswatch.probes.UnsupportedModelError,
+        match=r"FalconAttention .*transformer\.h\.0\.self_attention.*without transformers'",
+    ):
         esswatch.capture(T.FalconForCausalLM(cfg))
 
     model, names, _ = _make("llama")
@@ -399,8 +442,11 @@ def test_cross_attention_is_not_selected():
     T = transformers
     cfg = T.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=VOCAB, n_positions=64, add_cross_attention=True)
     model = T.GPT2LMHeadModel(cfg).eval()
-    with pytest.warns(CaptureWarning, match=r"(?s)1 sequence-mixing layer of GPT2LMHeadModel cannot be captured"
-                                            r".*transformer\.h\.0\.crossattention\): cross-attention"):
+    with pytest.warns(
+        CaptureWarning,
+        match=r"(?s)1 sequence-mixing layer of GPT2LMHeadModel cannot be captured"
+        r".*transformer\.h\.0\.crossattention\): cross-attention",
+    ):
         cap = esswatch.capture(model)
     assert list(cap.probes) == ["transformer.h.0.attn"]
     assert list(cap.unsupported) == ["transformer.h.0.crossattention"]
@@ -411,22 +457,58 @@ def _mamba(kind):
     T = transformers
     torch.manual_seed(0)
     if kind == "mamba":
-        cfg = T.MambaConfig(hidden_size=16, state_size=4, num_hidden_layers=2, vocab_size=VOCAB, expand=2,
-                            conv_kernel=3, time_step_rank=4)
+        cfg = T.MambaConfig(
+            hidden_size=16,
+            state_size=4,
+            num_hidden_layers=2,
+            vocab_size=VOCAB,
+            expand=2,
+            conv_kernel=3,
+            time_step_rank=4,
+        )
         return T.MambaForCausalLM(cfg).eval()
     if kind == "falcon_mamba":
-        cfg = T.FalconMambaConfig(hidden_size=16, state_size=4, num_hidden_layers=2, vocab_size=VOCAB, expand=2,
-                                  conv_kernel=3, time_step_rank=4)
+        cfg = T.FalconMambaConfig(
+            hidden_size=16,
+            state_size=4,
+            num_hidden_layers=2,
+            vocab_size=VOCAB,
+            expand=2,
+            conv_kernel=3,
+            time_step_rank=4,
+        )
         return T.FalconMambaForCausalLM(cfg).eval()
-    if kind == "jamba":     # layer 0: JambaMambaMixer, layer 1: attention
-        cfg = T.JambaConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                            intermediate_size=32, vocab_size=VOCAB, attn_layer_period=2, attn_layer_offset=1,
-                            expert_layer_period=2, num_experts=2, mamba_d_state=4, mamba_dt_rank=4, mamba_d_conv=3,
-                            mamba_expand=2)
+    if kind == "jamba":  # layer 0: JambaMambaMixer, layer 1: attention
+        cfg = T.JambaConfig(
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=32,
+            vocab_size=VOCAB,
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            expert_layer_period=2,
+            num_experts=2,
+            mamba_d_state=4,
+            mamba_dt_rank=4,
+            mamba_d_conv=3,
+            mamba_expand=2,
+        )
         cfg._attn_implementation = "eager"
         return T.JambaForCausalLM(cfg).eval()
-    cfg = T.Mamba2Config(hidden_size=16, state_size=4, num_hidden_layers=2, vocab_size=VOCAB, expand=2,
-                         conv_kernel=3, num_heads=4, head_dim=8, n_groups=2, chunk_size=4)
+    cfg = T.Mamba2Config(
+        hidden_size=16,
+        state_size=4,
+        num_hidden_layers=2,
+        vocab_size=VOCAB,
+        expand=2,
+        conv_kernel=3,
+        num_heads=4,
+        head_dim=8,
+        n_groups=2,
+        chunk_size=4,
+    )
     return T.Mamba2ForCausalLM(cfg).eval()
 
 
@@ -454,7 +536,7 @@ def test_mamba_operator_reproduces_mixer_output(kind):
         D = mixer.intermediate_size
         assert isinstance(op, GatedRecurrence) and op.batch_shape == (2, D) and op.state_size == 4
         assert cap.tss[name] == 4 and op.value_dim == 1
-        u = seen[(name, "u")].transpose(1, 2)                        # (b, D, L), the scan's input
+        u = seen[(name, "u")].transpose(1, 2)  # (b, D, L), the scan's input
         gate = seen[(name, "xz")].chunk(2, dim=-1)[1].transpose(1, 2)
         y = (op.dense() @ u[..., None])[..., 0] + mixer.D[None, :, None] * u
         y = y * F.silu(gate)
@@ -466,10 +548,11 @@ def test_mamba_operator_reproduces_mixer_output(kind):
 def _mamba2_x(mixer, xbc_pre_conv):
     """The scan input x of a Mamba2 mixer from in_proj's output (depthwise causal conv + SiLU)."""
     w = mixer.conv1d.weight
-    x = F.conv1d(xbc_pre_conv.transpose(1, 2), w, mixer.conv1d.bias, padding=w.shape[-1] - 1,
-                 groups=w.shape[0])[..., :L]
+    x = F.conv1d(xbc_pre_conv.transpose(1, 2), w, mixer.conv1d.bias, padding=w.shape[-1] - 1, groups=w.shape[0])[
+        ..., :L
+    ]
     x = F.silu(x).transpose(1, 2)[..., : mixer.intermediate_size]
-    return x.reshape(x.shape[0], L, mixer.num_heads, mixer.head_dim).permute(0, 2, 1, 3)   # (b, h, L, p)
+    return x.reshape(x.shape[0], L, mixer.num_heads, mixer.head_dim).permute(0, 2, 1, 3)  # (b, h, L, p)
 
 
 def test_mamba2_operator_reproduces_scan_and_mixer_output():
@@ -497,7 +580,7 @@ def test_mamba2_operator_reproduces_scan_and_mixer_output():
         zxbcdt = seen[(name, "zxbcdt")]
         gate, xbc, _ = zxbcdt.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
         x = _mamba2_x(mixer, xbc)
-        y = op.dense() @ x + mixer.D[None, :, None, None] * x                      # (b, h, L, p)
+        y = op.dense() @ x + mixer.D[None, :, None, None] * x  # (b, h, L, p)
         y = y.permute(0, 2, 1, 3).reshape(2, L, -1)
         scan_out, norm_gate = seen[(name, "norm_in")]
         torch.testing.assert_close(y, scan_out, atol=1e-5, rtol=1e-4)
@@ -537,8 +620,9 @@ def test_cuda_sdpa_kernel_matches_eager_probabilities():
             for i, name in enumerate(names):
                 t = cap.operators[name].dense()
                 assert t.is_cuda
-                torch.testing.assert_close(t[..., rows, rows], ref.attentions[i][..., rows, rows].float(),
-                                           atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(
+                    t[..., rows, rows], ref.attentions[i][..., rows, rows].float(), atol=1e-4, rtol=1e-4
+                )
     finally:
         model.set_attn_implementation("eager")
 

@@ -5,6 +5,7 @@ Faithfulness is checked against what torch itself returns: the per-head attentio
 probabilities (``need_weights=True, average_attn_weights=False``) and the layer's output
 rebuilt from the captured operator and the module's own value / output projections.
 """
+
 from __future__ import annotations
 
 import gc
@@ -15,21 +16,29 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import entropy_ess_ref
 from torch import nn
 
 import esswatch
-from esswatch.probes import (CaptureError, CaptureWarning, Probe, capture, probe_for, register_probe,
-                              supported_types, unregister_probe, UnsupportedModelError)
-from esswatch.probes.torch_probes import MultiheadAttentionProbe
 from esswatch.operators import GatedRecurrence, SoftmaxAttention
-
-from reference import entropy_ess_ref
+from esswatch.probes import (
+    CaptureError,
+    CaptureWarning,
+    Probe,
+    UnsupportedModelError,
+    capture,
+    probe_for,
+    register_probe,
+    supported_types,
+    unregister_probe,
+)
+from esswatch.probes.torch_probes import MultiheadAttentionProbe
 
 E, H, B, L = 8, 2, 3, 6
 DT = torch.float64
 
 
-def causal_bool(n):           # nn.MultiheadAttention convention: True = blocked
+def causal_bool(n):  # nn.MultiheadAttention convention: True = blocked
     return torch.ones(n, n, dtype=torch.bool).triu(1)
 
 
@@ -44,8 +53,8 @@ def batch_first(t, mha):
 def rebuild_mha_output(mha, T, value_bf):
     """out_proj(concat_h(T_h @ v_h)) with v from the module's own in_proj (batch-first)."""
     Ev = mha.embed_dim
-    w_v = mha.in_proj_weight[2 * Ev:] if mha._qkv_same_embed_dim else mha.v_proj_weight
-    b_v = None if mha.in_proj_bias is None else mha.in_proj_bias[2 * Ev:]
+    w_v = mha.in_proj_weight[2 * Ev :] if mha._qkv_same_embed_dim else mha.v_proj_weight
+    b_v = None if mha.in_proj_bias is None else mha.in_proj_bias[2 * Ev :]
     Bq, Lq, _ = value_bf.shape
     v = F.linear(value_bf, w_v, b_v).view(Bq, Lq, mha.num_heads, mha.head_dim).transpose(1, 2)
     y = (T @ v).transpose(1, 2).reshape(Bq, Lq, Ev)
@@ -63,35 +72,38 @@ def run_mha(mha, x, **kw):
 # nn.MultiheadAttention: faithfulness
 # ---------------------------------------------------------------------------------------------
 
+
 def _masks(case):
     g = torch.Generator().manual_seed(1)
     kpm = torch.zeros(B, L, dtype=torch.bool)
-    kpm[1, -2:] = True                                   # row 1 is right-padded by 2
+    kpm[1, -2:] = True  # row 1 is right-padded by 2
     if case == "bool":
         return dict(attn_mask=causal_bool(L)), None
     if case == "float":
         return dict(attn_mask=causal_float(L)), None
     if case == "is_causal":
         return dict(attn_mask=causal_float(L), is_causal=True), None
-    if case == "finite_neg":                             # -1e9 instead of -inf above the diagonal
+    if case == "finite_neg":  # -1e9 instead of -inf above the diagonal
         return dict(attn_mask=torch.zeros(L, L, dtype=DT).masked_fill(causal_bool(L), -1e9)), None
-    if case == "per_head_bias":                          # (B*H, L, L): causal + a soft bias per head
+    if case == "per_head_bias":  # (B*H, L, L): causal + a soft bias per head
         m = torch.randn(B * H, L, L, generator=g, dtype=DT).masked_fill(causal_bool(L), float("-inf"))
         return dict(attn_mask=m), None
-    if case == "sliding":                                # causal window of 3 as a bool mask
+    if case == "sliding":  # causal window of 3 as a bool mask
         r = torch.arange(L)
         return dict(attn_mask=(r[:, None] - r[None, :] >= 3) | causal_bool(L)), None
     if case == "kpm_bool":
         return dict(attn_mask=causal_bool(L), key_padding_mask=kpm), ~kpm
     if case == "kpm_float":
-        return dict(attn_mask=causal_float(L),
-                    key_padding_mask=torch.zeros(B, L, dtype=DT).masked_fill(kpm, float("-inf"))), ~kpm
+        return dict(
+            attn_mask=causal_float(L), key_padding_mask=torch.zeros(B, L, dtype=DT).masked_fill(kpm, float("-inf"))
+        ), ~kpm
     raise AssertionError(case)
 
 
 @pytest.mark.parametrize("bf", [True, False])
-@pytest.mark.parametrize("case", ["bool", "float", "is_causal", "finite_neg", "per_head_bias", "sliding",
-                                  "kpm_bool", "kpm_float"])
+@pytest.mark.parametrize(
+    "case", ["bool", "float", "is_causal", "finite_neg", "per_head_bias", "sliding", "kpm_bool", "kpm_float"]
+)
 def test_mha_operator_reproduces_weights_and_output(bf, case):
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(E, H, batch_first=bf, dtype=DT)
@@ -120,7 +132,7 @@ def test_mha_operator_reproduces_weights_and_output(bf, case):
 def test_mha_float32_and_unbatched_input():
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(E, H, batch_first=True)
-    x = torch.randn(L, E)                               # unbatched (L, E)
+    x = torch.randn(L, E)  # unbatched (L, E)
     with capture(mha) as cap:
         out, w = mha(x, x, x, attn_mask=causal_bool(L), need_weights=True, average_attn_weights=False)
     op = cap.operators[""]
@@ -154,6 +166,7 @@ def test_mha_entropy_ess_matches_numpy_svd():
 # nn.TransformerEncoderLayer / Encoder / DecoderLayer
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("bf", [True, False])
 @pytest.mark.parametrize("mode", ["train", "eval_no_grad"])
@@ -167,12 +180,12 @@ def test_encoder_layer_self_attention(norm_first, bf, mode):
     with torch.set_grad_enabled(mode == "train"):
         ref = layer(xin, src_mask=mask, is_causal=True)
         with capture(layer) as cap:
-            assert len(layer._forward_pre_hooks) == 1      # the fast-path-proof pre-hook on the layer
+            assert len(layer._forward_pre_hooks) == 1  # the fast-path-proof pre-hook on the layer
             got = layer(xin, src_mask=mask, is_causal=True)
     assert list(cap.operators) == ["self_attn"]
     if mode == "train":
         assert torch.equal(ref, got)
-    else:   # torch leaves the fused fast path while a hook is attached: rounding-level difference only
+    else:  # torch leaves the fused fast path while a hook is attached: rounding-level difference only
         assert torch.allclose(ref, got, atol=1e-5)
     attn_in = layer.norm1(x) if norm_first else x
     with torch.no_grad():
@@ -214,8 +227,10 @@ def test_encoder_layer_capture_keeps_rng_stream_with_dropout():
 def test_transformer_encoder_stack_with_padding():
     torch.manual_seed(0)
     enc = nn.TransformerEncoder(
-        nn.TransformerEncoderLayer(E, H, dim_feedforward=16, dropout=0.0, batch_first=True), num_layers=2,
-        enable_nested_tensor=False).double()
+        nn.TransformerEncoderLayer(E, H, dim_feedforward=16, dropout=0.0, batch_first=True),
+        num_layers=2,
+        enable_nested_tensor=False,
+    ).double()
     x = torch.randn(B, L, E, dtype=DT)
     kpm = torch.zeros(B, L, dtype=DT)
     kpm[2, -3:] = float("-inf")
@@ -259,9 +274,14 @@ def test_cross_attention_on_plain_mha_warns():
     assert cap.operators == {}
 
 
-@pytest.mark.parametrize("mask", [torch.zeros(L, L, dtype=torch.bool),                 # nothing blocked
-                                  torch.zeros(L, L),                                    # float, nothing blocked
-                                  causal_bool(L).T.contiguous()])                       # anti-causal
+@pytest.mark.parametrize(
+    "mask",
+    [
+        torch.zeros(L, L, dtype=torch.bool),  # nothing blocked
+        torch.zeros(L, L),  # float, nothing blocked
+        causal_bool(L).T.contiguous(),
+    ],
+)  # anti-causal
 def test_non_causal_mask_raises_naming_layer(mask):
     model = nn.Sequential(nn.MultiheadAttention(E, H, batch_first=True))
     x = torch.randn(B, L, E)
@@ -276,7 +296,7 @@ def test_add_bias_kv_is_not_capturable():
     with pytest.raises(UnsupportedModelError, match=r"MultiheadAttention .*1 layer \(<model>\): add_bias_kv"):
         capture(mha)
     assert not mha._forward_hooks
-    model = nn.Sequential(nn.MultiheadAttention(E, H, batch_first=True), mha)    # with a capturable layer: warned
+    model = nn.Sequential(nn.MultiheadAttention(E, H, batch_first=True), mha)  # with a capturable layer: warned
     with pytest.warns(CaptureWarning, match=r"(?s)1 sequence-mixing layer of Sequential .*\(1\): add_bias_kv"):
         with capture(model) as cap:
             assert not mha._forward_hooks and model[0]._forward_hooks
@@ -299,12 +319,14 @@ def test_mha_subclass_with_own_forward_is_not_capturable():
 # outputs unchanged, hooks, lifetime, memory
 # ---------------------------------------------------------------------------------------------
 
+
 class TinyCausalTransformer(nn.Module):
     def __init__(self, n_layers=2):
         super().__init__()
         self.embed = nn.Embedding(17, E)
-        self.layers = nn.ModuleList(nn.TransformerEncoderLayer(E, H, 16, dropout=0.1, batch_first=True)
-                                    for _ in range(n_layers))
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(E, H, 16, dropout=0.1, batch_first=True) for _ in range(n_layers)
+        )
         self.head = nn.Linear(E, 17)
 
     def forward(self, tokens):
@@ -342,7 +364,7 @@ def test_hooks_removed_on_exit_and_on_exception():
     tok = torch.randint(0, 17, (B, L))
     assert all_hooks(model) == 0
     with capture(model):
-        assert all_hooks(model) == 4                   # a forward hook on each MHA + a pre-hook on each layer
+        assert all_hooks(model) == 4  # a forward hook on each MHA + a pre-hook on each layer
         model(tok)
     assert all_hooks(model) == 0
     with pytest.raises(ZeroDivisionError):
@@ -350,7 +372,7 @@ def test_hooks_removed_on_exit_and_on_exception():
             model(tok)
             1 / 0
     assert all_hooks(model) == 0
-    with capture(model) as cap:                        # usable again after the exception
+    with capture(model) as cap:  # usable again after the exception
         model(tok)
     assert len(cap.operators) == 2
 
@@ -379,7 +401,7 @@ def test_captured_tensors_are_freed_with_cap():
 def _live_tensors():
     gc.collect()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # isinstance() on some torch module proxies warns
+        warnings.simplefilter("ignore")  # isinstance() on some torch module proxies warns
         return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
 
 
@@ -405,6 +427,7 @@ def test_repeated_enter_exit_does_not_grow_memory():
 # ---------------------------------------------------------------------------------------------
 # options: batch_rows, heads, keep_graph
 # ---------------------------------------------------------------------------------------------
+
 
 def test_batch_rows_and_heads_keep_the_configured_slices():
     torch.manual_seed(0)
@@ -436,12 +459,13 @@ def test_detached_by_default_attached_with_keep_graph():
     assert op.q.requires_grad and op.k.grad_fn is not None
     esswatch.entropy_ess(op, [2, 3]).sum().backward()
     g = mha.in_proj_weight.grad
-    assert g is not None and float(g[:2 * E].abs().sum()) > 0 and float(g[2 * E:].abs().sum()) == 0.0
+    assert g is not None and float(g[: 2 * E].abs().sum()) > 0 and float(g[2 * E :].abs().sum()) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------
 # bad input, short sequences
 # ---------------------------------------------------------------------------------------------
+
 
 def test_explicit_unsupported_module_raises_naming_it():
     model = TinyCausalTransformer()
@@ -468,7 +492,7 @@ def test_length_one_and_two():
     with capture(mha) as cap:
         _, w = run_mha(mha, x1, attn_mask=causal_bool(1))
     op = cap.operators[""]
-    assert op.seq_len == 1 and torch.allclose(op.dense(), w)           # the 1x1 operator is exactly 1
+    assert op.seq_len == 1 and torch.allclose(op.dense(), w)  # the 1x1 operator is exactly 1
     with pytest.raises(ValueError, match="at least 2, got L=1"):
         esswatch.entropy_ess(op)
     x2 = torch.randn(B, 2, E, dtype=DT)
@@ -476,12 +500,13 @@ def test_length_one_and_two():
         _, w = run_mha(mha, x2, attn_mask=causal_bool(2))
     got = esswatch.entropy_ess(cap.operators[""], [1])
     assert np.allclose(got.numpy(), entropy_ess_ref(w.numpy(), [1]), atol=1e-12)
-    assert np.allclose(got.numpy(), 1.0)                               # H_1 is 1x1: rank one
+    assert np.allclose(got.numpy(), 1.0)  # H_1 is 1x1: rank one
 
 
 # ---------------------------------------------------------------------------------------------
 # custom layers: the README example
 # ---------------------------------------------------------------------------------------------
+
 
 class DecayMixer(nn.Module):
     """y_t = sum_{c <= t} exp(-rate (t - c)) * x_c per channel: an LTI recurrence (README example)."""
@@ -490,7 +515,7 @@ class DecayMixer(nn.Module):
         super().__init__()
         self.log_rate = nn.Parameter(torch.linspace(-3, 0, channels))
 
-    def forward(self, x):                                   # (batch, L, channels)
+    def forward(self, x):  # (batch, L, channels)
         a = torch.exp(-torch.exp(self.log_rate))
         h, ys = torch.zeros_like(x[:, 0]), []
         for t in range(x.shape[1]):
@@ -504,14 +529,17 @@ class DecayMixerProbe(Probe):
 
     def attach(self):
         def hook(module, args, output):
-            if not self.wants_record():                   # the hot path: one flag check
+            if not self.wants_record():  # the hot path: one flag check
                 return
             x = args[0]
             Bx, Lx, C = x.shape
-            log_a = -torch.exp(module.log_rate)           # (C,)
+            log_a = -torch.exp(module.log_rate)  # (C,)
             ones = x.new_ones(Bx, C, Lx, 1)
-            self.record(log_decay=self.keep(log_a[None, :, None, None].expand(Bx, C, Lx, 1), head_dim=1),
-                        ones=self.keep(ones, head_dim=1))
+            self.record(
+                log_decay=self.keep(log_a[None, :, None, None].expand(Bx, C, Lx, 1), head_dim=1),
+                ones=self.keep(ones, head_dim=1),
+            )
+
         return [self.module.register_forward_hook(hook)]
 
     def build(self, record):
@@ -541,10 +569,10 @@ class DecayMixerWithMethod(nn.Module):
 
 
 def _check_decay_operator(op, mixer, x, y):
-    T = op.dense()                                          # (B, C, L, L)
+    T = op.dense()  # (B, C, L, L)
     assert torch.allclose((T @ x.transpose(1, 2)[..., None])[..., 0].transpose(1, 2), y, atol=1e-5)
     assert np.allclose(esswatch.entropy_ess(op, [2, 4]).numpy(), entropy_ess_ref(T.numpy(), [2, 4]), atol=1e-5)
-    assert np.allclose(esswatch.entropy_ess(op, [2, 4]).numpy(), 1.0, atol=1e-5)   # rank one
+    assert np.allclose(esswatch.entropy_ess(op, [2, 4]).numpy(), 1.0, atol=1e-5)  # rank one
 
 
 def test_custom_layer_register_probe():
@@ -572,6 +600,7 @@ def test_custom_layer_esswatch_operator_method():
 # ---------------------------------------------------------------------------------------------
 # CUDA: the hooks never synchronize with the host
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,5 +1,6 @@
 """The ``esswatch`` command: demo writes real event files, report prints their values,
 profile's CSV matches an independent SVD of the captured operators."""
+
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +19,7 @@ from esswatch.cli import main
 from esswatch.demo.progress import Progress
 from esswatch.demo.run import DEMO_DEFAULTS
 
-EventAccumulator = pytest.importorskip(
-    "tensorboard.backend.event_processing.event_accumulator").EventAccumulator
+EventAccumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator").EventAccumulator
 
 DEMO_STEPS, DEMO_EVERY = 7, 3
 LAYERS = ["blocks.0.mixer", "blocks.1.mixer"]
@@ -36,9 +36,26 @@ def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        rc = main(["demo", "--steps", str(DEMO_STEPS), "--every", str(DEMO_EVERY), "--width", "32",
-                   "--logdir", str(root / "demo"), "--run-name", "r", "--quiet", "--device", "cpu",
-                   "--threads", str(torch.get_num_threads())])     # keep this process's thread count
+        rc = main(
+            [
+                "demo",
+                "--steps",
+                str(DEMO_STEPS),
+                "--every",
+                str(DEMO_EVERY),
+                "--width",
+                "32",
+                "--logdir",
+                str(root / "demo"),
+                "--run-name",
+                "r",
+                "--quiet",
+                "--device",
+                "cpu",
+                "--threads",
+                str(torch.get_num_threads()),
+            ]
+        )  # keep this process's thread count
     assert rc == 0
     return root, root / "demo" / "r", out.getvalue()
 
@@ -49,7 +66,7 @@ def test_demo_writes_ess_event_files(demo_run):
     assert f"tensorboard --logdir {root / 'demo'}" in printed
     assert str(run_dir.resolve()) in printed
     sc = _scalars(run_dir)
-    expected_steps = list(range(0, DEMO_STEPS, DEMO_EVERY))          # 0, 3, 6
+    expected_steps = list(range(0, DEMO_STEPS, DEMO_EVERY))  # 0, 3, 6
     for layer in LAYERS + ["model"]:
         for stat in ("avg", "max", "total", "utilization"):
             ev = sc[f"ess/entropy/{stat}/{layer}"]
@@ -57,8 +74,9 @@ def test_demo_writes_ess_event_files(demo_run):
             assert all(math.isfinite(e.value) for e in ev)
     L = DEMO_DEFAULTS["seq_len"]
     for layer in LAYERS:
-        for a, m, u in zip(sc[f"ess/entropy/avg/{layer}"], sc[f"ess/entropy/max/{layer}"],
-                           sc[f"ess/entropy/utilization/{layer}"]):
+        for a, m, u in zip(
+            sc[f"ess/entropy/avg/{layer}"], sc[f"ess/entropy/max/{layer}"], sc[f"ess/entropy/utilization/{layer}"]
+        ):
             assert 0 < a.value <= m.value <= L // 2
             assert 0 < u.value <= 1
     # model-wide total = sum of the layer totals
@@ -74,7 +92,7 @@ def test_report_prints_the_event_files_latest_values(demo_run, capsys):
     sc = _scalars(run_dir)
     assert main(["report", str(root), "--json", "--last", "2"]) == 0
     runs = json.loads(capsys.readouterr().out)
-    assert [r["run"] for r in runs] == ["demo/r"]                     # found one level down
+    assert [r["run"] for r in runs] == ["demo/r"]  # found one level down
     table = runs[0]["metrics"]["entropy"]
     assert list(table) == LAYERS + ["model"]
     for layer, row in table.items():
@@ -115,8 +133,9 @@ def _entropy_ess(s: np.ndarray) -> float:
 
 def _reference(model_dir, ids, indices):
     """{layer: {i: ESS}} from np.linalg.svd of each captured operator's dense()[i:, :i], mean over heads."""
-    import esswatch
     from transformers import AutoModelForCausalLM
+
+    import esswatch
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad(), esswatch.capture(model) as cap:
@@ -124,8 +143,10 @@ def _reference(model_dir, ids, indices):
     out = {}
     for name, op in cap.operators.items():
         T = op.dense().double().numpy().reshape(-1, len(ids), len(ids))
-        out[name] = {i: float(np.mean([_entropy_ess(np.linalg.svd(T[h, i:, :i], compute_uv=False))
-                                       for h in range(T.shape[0])])) for i in indices}
+        out[name] = {
+            i: float(np.mean([_entropy_ess(np.linalg.svd(T[h, i:, :i], compute_uv=False)) for h in range(T.shape[0])]))
+            for i in indices
+        }
     return out
 
 
@@ -141,11 +162,20 @@ def tiny_llama(tmp_path_factory):
     d = tmp_path_factory.mktemp("llama")
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                         eos_token="</s>").save_pretrained(d)
-    cfg = transformers.LlamaConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                                   bos_token_id=1, eos_token_id=2)
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    ).save_pretrained(d)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(WORDS),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(0)
         transformers.LlamaForCausalLM(cfg).save_pretrained(d)
@@ -156,8 +186,15 @@ def tiny_llama(tmp_path_factory):
 def tiny_mamba(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     d = tmp_path_factory.mktemp("mamba")
-    cfg = transformers.MambaConfig(vocab_size=len(WORDS), hidden_size=16, state_size=4, num_hidden_layers=2,
-                                   expand=2, conv_kernel=4, eos_token_id=2)
+    cfg = transformers.MambaConfig(
+        vocab_size=len(WORDS),
+        hidden_size=16,
+        state_size=4,
+        num_hidden_layers=2,
+        expand=2,
+        conv_kernel=4,
+        eos_token_id=2,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(1)
         transformers.MambaForCausalLM(cfg).save_pretrained(d)
@@ -172,7 +209,7 @@ def test_profile_llama_text_matches_svd_and_marks_delimiters(tiny_llama, tmp_pat
     rows = _read_csv(out.with_suffix(".csv"))
     words = text.split()
     ids = [WORDS.index(w) for w in words]
-    assert [int(r["token_id"]) for r in rows] == ids[:-1]               # one row per index 1..L-1
+    assert [int(r["token_id"]) for r in rows] == ids[:-1]  # one row per index 1..L-1
     assert [r["token"] for r in rows] == words[:-1]
     assert [int(r["position"]) for r in rows] == list(range(len(ids) - 1))
     # "." from --delimiter, "</s>" as the tokenizer's end-of-sequence token
@@ -193,11 +230,25 @@ def test_profile_llama_text_matches_svd_and_marks_delimiters(tiny_llama, tmp_pat
 def test_profile_mamba_token_ids(tiny_mamba, tmp_path):
     ids = [4, 5, 6, 7, 4, 8, 3, 2, 4, 9, 10, 3, 2, 11, 12, 13]
     out = tmp_path / "mamba"
-    assert main(["profile", "--model", str(tiny_mamba), "--tokens", *map(str, ids), "--delimiter-id", "3",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "profile",
+                "--model",
+                str(tiny_mamba),
+                "--tokens",
+                *map(str, ids),
+                "--delimiter-id",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = _read_csv(out.with_suffix(".csv"))
     assert [int(r["token_id"]) for r in rows] == ids[:-1]
-    assert [r["delimiter"] == "1" for r in rows] == [t in (2, 3) for t in ids[:-1]]   # 2 = config eos
+    assert [r["delimiter"] == "1" for r in rows] == [t in (2, 3) for t in ids[:-1]]  # 2 = config eos
     ref = _reference(tiny_mamba, ids, [2, 8, 14])
     assert sorted(ref) == ["backbone.layers.0.mixer", "backbone.layers.1.mixer"]
     for layer, vals in ref.items():
@@ -222,9 +273,9 @@ def test_progress_line_without_a_terminal():
 
 def test_report_reads_a_lightning_tensorboard_logger_run(tmp_path, capsys):
     L = pytest.importorskip("lightning")
+    from esswatch.integrations.lightning import ESSCallback
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from esswatch.integrations.lightning import ESSCallback
     from esswatch.layers import SequenceModel
 
     class TinyLM(L.LightningModule):
@@ -243,9 +294,17 @@ def test_report_reads_a_lightning_tensorboard_logger_run(tmp_path, capsys):
     g = torch.Generator().manual_seed(0)
     data = torch.utils.data.DataLoader([torch.randint(0, 11, (12,), generator=g) for _ in range(24)], batch_size=4)
     logger = TensorBoardLogger(save_dir=str(tmp_path), name="lightning_logs")
-    trainer = L.Trainer(max_steps=5, accelerator="cpu", devices=1, logger=logger, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
-                        callbacks=[ESSCallback(every_n_steps=2, images=False, histograms=False)])
+    trainer = L.Trainer(
+        max_steps=5,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+        callbacks=[ESSCallback(every_n_steps=2, images=False, histograms=False)],
+    )
     trainer.fit(TinyLM(), data)
     assert main(["report", str(tmp_path), "--json"]) == 0
     runs = json.loads(capsys.readouterr().out)
@@ -254,7 +313,7 @@ def test_report_reads_a_lightning_tensorboard_logger_run(tmp_path, capsys):
     table = runs[0]["metrics"]["entropy"]
     assert list(table) == ["model.blocks.0.mixer", "model.blocks.1.mixer", "model"]
     for layer, row in table.items():
-        assert row["step"] == 3          # sampled at global steps 1, 3 (where Lightning logs the loss)
+        assert row["step"] == 3  # sampled at global steps 1, 3 (where Lightning logs the loss)
         assert row["utilization"] == sc[f"ess/entropy/utilization/{layer}"][-1].value
         assert row["avg"] == sc[f"ess/entropy/avg/{layer}"][-1].value
 

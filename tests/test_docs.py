@@ -1,5 +1,6 @@
 """The documentation a user has: every relative link of the README and docs/ resolves inside
 the repository (anchors included), and the code refers only to documents that exist."""
+
 from __future__ import annotations
 
 import pathlib
@@ -39,8 +40,13 @@ def test_relative_links_of_readme_and_docs_resolve():
 def test_code_and_readme_cite_only_documents_in_the_repository():
     sections = {int(m) for m in re.findall(r"^## (\d+)\.", (ROOT / "docs" / "ess.md").read_text(), re.M)}
     assert sections == {1, 2, 3, 4}
-    files = [ROOT / "README.md", *ROOT.glob("docs/*.md"), *ROOT.glob("esswatch/**/*.py"),
-             *ROOT.glob("integrations/**/*.py"), *ROOT.glob("examples/**/*.py")]
+    files = [
+        ROOT / "README.md",
+        *ROOT.glob("docs/*.md"),
+        *ROOT.glob("esswatch/**/*.py"),
+        *ROOT.glob("integrations/**/*.py"),
+        *ROOT.glob("examples/**/*.py"),
+    ]
     cited = 0
     for f in files:
         text = f.read_text(encoding="utf-8")

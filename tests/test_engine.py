@@ -1,6 +1,7 @@
 """The engine (pure tensor math) against independent NumPy float64 references: spectral functions,
 Frobenius norms of Hankel blocks, exact batched SVDs, randomized sketches and their bounds.
 (Gramians, the deflated SLQ and the adaptive loops: tests/test_estimators_fast.py.)"""
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,8 +24,16 @@ def _rand(*shape, seed=0):
 
 # -- spectral --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype,expected", [(torch.float64, torch.float64), (torch.float32, torch.float32),
-                                            (torch.float16, torch.float32), (torch.bfloat16, torch.float32)])
+
+@pytest.mark.parametrize(
+    "dtype,expected",
+    [
+        (torch.float64, torch.float64),
+        (torch.float32, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+    ],
+)
 def test_compute_dtype_is_float64_or_float32(dtype, expected):
     assert compute_dtype(dtype) == expected
 
@@ -43,6 +52,7 @@ def test_entropy_and_tolerance_of_singular_values_match_numpy():
 
 # -- Hankel norms and exact SVDs -------------------------------------------------------------
 
+
 def test_hankel_fro2_dense_matches_numpy():
     L = 13
     t = torch.tril(_rand(3, L, L, seed=2))
@@ -58,25 +68,43 @@ def test_trimmed_oriented_svdvals_match_numpy():
     assert trimmed.shape[-2:] == (3, 3)
     ref = np.linalg.svd(h.numpy(), compute_uv=False)[..., :3]
     np.testing.assert_allclose(oriented_svdvals(trimmed).numpy(), ref, rtol=1e-12)
-    np.testing.assert_allclose(oriented_svdvals(h.transpose(-1, -2)).numpy(),
-                               np.linalg.svd(h.numpy(), compute_uv=False), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(
+        oriented_svdvals(h.transpose(-1, -2)).numpy(),
+        np.linalg.svd(h.numpy(), compute_uv=False),
+        rtol=1e-12,
+        atol=1e-14,
+    )
 
 
 # -- randomized sketches and their bounds ----------------------------------------------------
 
+
 def test_sketch_values_interlace_below_the_true_singular_values():
     h = _rand(2, 40, 30, seed=4)
     s = np.linalg.svd(h.numpy(), compute_uv=False)
-    t = sketch_singular_values(lambda v: h @ v, lambda w: h.transpose(-1, -2) @ w, 30, h.shape[:-2], 8, 2,
-                               F64, h.device, torch.Generator().manual_seed(0))
+    t = sketch_singular_values(
+        lambda v: h @ v,
+        lambda w: h.transpose(-1, -2) @ w,
+        30,
+        h.shape[:-2],
+        8,
+        2,
+        F64,
+        h.device,
+        torch.Generator().manual_seed(0),
+    )
     assert t.shape == (2, 8)
     assert np.all(t.numpy() <= s[..., :8] * (1 + 1e-12))
-    np.testing.assert_allclose(t.numpy()[..., 0], s[..., 0], rtol=0.05)   # the top value is found
+    np.testing.assert_allclose(t.numpy()[..., 0], s[..., 0], rtol=0.05)  # the top value is found
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.one_of(st.just(0.0), st.floats(1e-30, 1)), min_size=2, max_size=30), st.integers(1, 30),
-       st.floats(0.0, 1.0), st.integers(0, 10_000))
+@given(
+    st.lists(st.one_of(st.just(0.0), st.floats(1e-30, 1)), min_size=2, max_size=30),
+    st.integers(1, 30),
+    st.floats(0.0, 1.0),
+    st.integers(0, 10_000),
+)
 def test_entropy_bounds_contain_every_consistent_spectrum(vals, k, shrink_pow, seed):
     """For any true spectrum s and sketch values t_j <= s_j, lower <= ESS(s) <= upper."""
     s = torch.tensor(sorted(vals, reverse=True), dtype=F64)
@@ -85,7 +113,7 @@ def test_entropy_bounds_contain_every_consistent_spectrum(vals, k, shrink_pow, s
     k = min(k, len(vals))
     g = torch.Generator().manual_seed(seed)
     t = (s[:k] * torch.rand(k, generator=g, dtype=F64) ** (3 * shrink_pow)).sort(descending=True).values
-    est, lo, hi = entropy_bounds(t, (s ** 2).sum(), len(vals))
+    est, lo, hi = entropy_bounds(t, (s**2).sum(), len(vals))
     ex = float(entropy_from_singular_values(s))
     assert float(lo) <= ex * (1 + 1e-9) + 1e-12
     assert float(hi) >= ex * (1 - 1e-9) - 1e-12

@@ -1,5 +1,6 @@
 """The functional API (``entropy_ess``, ``tolerance_ess``): every estimator against a NumPy SVD of
 ``T[i:, :i]``, the randomized bounds, analytic cases, gradients, dtypes and errors."""
+
 from __future__ import annotations
 
 import math
@@ -26,6 +27,7 @@ from esswatch.engine.spectral import entropy_from_singular_values
 from esswatch.operators import Convolution, Dense, GatedRecurrence, SoftmaxAttention
 
 # -- every estimator against NumPy SVD ---------------------------------------------------
+
 
 @pytest.mark.parametrize("name", list(_ops().keys()))
 def test_estimators_match_numpy_reference(name):
@@ -60,7 +62,7 @@ def test_randomized_within_rtol_with_valid_bounds(kind):
         v, _ = torch.linalg.qr(torch.randn(L, L, generator=g, dtype=F64))
         s = torch.arange(1, L + 1, dtype=F64) ** -1.5
         op = Dense(torch.tril(u @ torch.diag(s) @ v.T))
-    idx = [70, 128, 180]            # min(i, L-i) > 64: auto/randomized really sketch here
+    idx = [70, 128, 180]  # min(i, L-i) > 64: auto/randomized really sketch here
     ref = entropy_ess_ref(op.dense().numpy(), idx)
     for rtol in (0.02, 0.1):
         e, lo, hi = ew.entropy_ess(op, idx, estimator="randomized", rtol=rtol, return_bounds=True)
@@ -82,27 +84,43 @@ def test_randomized_does_not_touch_global_rng():
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(L=st.integers(2, 20), N=st.integers(1, 5), batch=st.integers(1, 3),
-       decay=st.sampled_from(["none", "full", "head"]), scale=st.floats(0.01, 10.0), seed=st.integers(0, 10_000))
+@given(
+    L=st.integers(2, 20),
+    N=st.integers(1, 5),
+    batch=st.integers(1, 3),
+    decay=st.sampled_from(["none", "full", "head"]),
+    scale=st.floats(0.01, 10.0),
+    seed=st.integers(0, 10_000),
+)
 def test_hypothesis_gated_recurrence(L, N, batch, decay, scale, seed):
     q, k = _rand(batch, L, N, seed=seed, scale=scale), _rand(batch, L, N, seed=seed + 1)
     ld = None
     if decay != "none":
-        ld = -torch.rand(batch, L, N if decay == "full" else 1, generator=torch.Generator().manual_seed(seed + 2),
-                         dtype=F64) * 2
+        ld = (
+            -torch.rand(
+                batch, L, N if decay == "full" else 1, generator=torch.Generator().manual_seed(seed + 2), dtype=F64
+            )
+            * 2
+        )
     op = GatedRecurrence(q, k, ld)
     T = gated_recurrence_loop(q.numpy(), k.numpy(), None if ld is None else ld.numpy())
     idx = list(range(1, L))
     ref = entropy_ess_ref(T, idx)
     for est in ("exact", "gram", "auto"):
         np.testing.assert_allclose(ew.entropy_ess(op, idx, estimator=est).numpy(), ref, rtol=1e-5, atol=1e-9)
-    np.testing.assert_allclose(ew.tolerance_ess(op, idx, estimator="gram", tol=1e-6).numpy(),
-                               tolerance_ess_ref(T, idx, 1e-6, True))
+    np.testing.assert_allclose(
+        ew.tolerance_ess(op, idx, estimator="gram", tol=1e-6).numpy(), tolerance_ess_ref(T, idx, 1e-6, True)
+    )
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(L=st.integers(2, 24), d=st.integers(1, 6), window=st.one_of(st.none(), st.integers(1, 8)),
-       seed=st.integers(0, 10_000), scale=st.floats(0.1, 20.0))
+@given(
+    L=st.integers(2, 24),
+    d=st.integers(1, 6),
+    window=st.one_of(st.none(), st.integers(1, 8)),
+    seed=st.integers(0, 10_000),
+    scale=st.floats(0.1, 20.0),
+)
 def test_hypothesis_softmax_and_conv(L, d, window, seed, scale):
     q, k = _rand(2, L, d, seed=seed, scale=scale), _rand(2, L, d, seed=seed + 1)
     op = SoftmaxAttention(q, k, window=window)
@@ -114,8 +132,12 @@ def test_hypothesis_softmax_and_conv(L, d, window, seed, scale):
         np.testing.assert_allclose(e.numpy(), ref, rtol=1e-5 if est != "randomized" else 0.02, atol=1e-9)
         assert np.all(lo.numpy() <= ref * (1 + 1e-9) + 1e-12) and np.all(hi.numpy() >= ref * (1 - 1e-9) - 1e-12)
     h = _rand(L, seed=seed + 3)
-    np.testing.assert_allclose(ew.entropy_ess(Convolution(h), idx).numpy(),
-                               entropy_ess_ref(convolution_loop(h.numpy()), idx), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(
+        ew.entropy_ess(Convolution(h), idx).numpy(),
+        entropy_ess_ref(convolution_loop(h.numpy()), idx),
+        rtol=1e-5,
+        atol=1e-9,
+    )
 
 
 def test_lti_recurrence_has_tolerance_ess_N():
@@ -138,7 +160,7 @@ def test_linear_attention_rank_at_most_dk_and_window_at_most_w():
     L, dk = 48, 3
     op = GatedRecurrence(_rand(2, L, dk, seed=1), _rand(2, L, dk, seed=2))
     t = ew.tolerance_ess(op, tol=1e-10, estimator="exact")
-    assert t.max() <= dk and t[:, dk:L - dk].min() == dk
+    assert t.max() <= dk and t[:, dk : L - dk].min() == dk
     assert (ew.entropy_ess(op) <= dk + 1e-9).all()
     w = 5
     sw = SoftmaxAttention(_rand(2, L, 8, seed=3), _rand(2, L, 8, seed=4), window=w)
@@ -147,6 +169,7 @@ def test_linear_attention_rank_at_most_dk_and_window_at_most_w():
 
 
 # -- analytic cases -------------------------------------------------------------------------
+
 
 def test_zero_operator_and_flat_spectrum():
     L = 12
@@ -157,7 +180,7 @@ def test_zero_operator_and_flat_spectrum():
     for r in (1, 3, 5):
         T = torch.zeros(L, L, dtype=F64)
         qmat, _ = torch.linalg.qr(_rand(r, r, seed=r))
-        T[6:6 + r, 6 - r:6] = 2.5 * qmat
+        T[6 : 6 + r, 6 - r : 6] = 2.5 * qmat
         assert abs(float(ew.entropy_ess(T, [6])) - r) < 1e-12
     s = torch.tensor([3.0, 3.0, 3.0, 0.0], dtype=F64)
     assert abs(float(entropy_from_singular_values(s)) - 3) < 1e-12
@@ -175,6 +198,7 @@ def test_ess_bounded_by_geometry():
 
 # -- gradients --------------------------------------------------------------------------------
 
+
 def test_gradcheck_exact_and_gram():
     L, N = 7, 2
     q = _rand(1, L, N, seed=1).requires_grad_()
@@ -183,7 +207,8 @@ def test_gradcheck_exact_and_gram():
     idx = [2, 3, 4]
     for est in ("exact", "gram"):
         torch.autograd.gradcheck(
-            lambda q, k, ld, est=est: ew.entropy_ess(GatedRecurrence(q, k, ld), idx, estimator=est), (q, k, ld))
+            lambda q, k, ld, est=est: ew.entropy_ess(GatedRecurrence(q, k, ld), idx, estimator=est), (q, k, ld)
+        )
     t = torch.tril(_rand(2, L, L, seed=4)).requires_grad_()
     torch.autograd.gradcheck(lambda t: ew.entropy_ess(torch.tril(t), [2, 3, 5], estimator="exact"), (t,))
     qa, ka = _rand(1, L, 3, seed=5).requires_grad_(), _rand(1, L, 3, seed=6).requires_grad_()
@@ -212,9 +237,11 @@ def test_gradients_finite_with_zero_and_repeated_singular_values():
     ess = ew.entropy_ess(GatedRecurrence(q, k, ld), estimator="gram").sum()
     grads = torch.autograd.grad(ess, (q, k, ld))
     assert all(torch.isfinite(g).all() for g in grads)
-    np.testing.assert_allclose(ew.entropy_ess(GatedRecurrence(q, k, ld), estimator="gram").detach().numpy(),
-                               entropy_ess_ref(GatedRecurrence(q, k, ld).dense().detach().numpy(), range(1, 12)),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        ew.entropy_ess(GatedRecurrence(q, k, ld), estimator="gram").detach().numpy(),
+        entropy_ess_ref(GatedRecurrence(q, k, ld).dense().detach().numpy(), range(1, 12)),
+        rtol=1e-5,
+    )
 
 
 def test_float32_and_half_inputs_compute_in_float32():
@@ -233,28 +260,33 @@ def test_float32_and_half_inputs_compute_in_float32():
 
 # -- bad inputs ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: ew.entropy_ess(torch.randn(5, 5)), "not causal"),
-    (lambda: ew.entropy_ess(torch.randn(5, 4)), r"\(\.\.\., L, L\)"),
-    (lambda: ew.entropy_ess(torch.tril(torch.ones(5, 5)), [0]), "1..L-1"),
-    (lambda: ew.entropy_ess(torch.tril(torch.ones(5, 5)), [5]), "1..L-1"),
-    (lambda: ew.entropy_ess(torch.tril(torch.ones(5, 5)), [1.5]), "integers"),
-    (lambda: ew.entropy_ess(torch.tril(torch.full((5, 5), float("nan")))), "non-finite"),
-    (lambda: ew.entropy_ess(torch.tril(torch.full((5, 5), float("inf")))), "non-finite"),
-    (lambda: ew.entropy_ess(torch.ones(1, 1)), "at least 2"),
-    (lambda: ew.entropy_ess(torch.tril(torch.ones(5, 5)), estimator="svd"), "estimator"),
-    (lambda: ew.entropy_ess(torch.tril(torch.ones(5, 5)), estimator="gram"), "GatedRecurrence"),
-    (lambda: ew.entropy_ess(torch.tril(torch.ones(5, 5)), rtol=0), "rtol"),
-    (lambda: ew.entropy_ess([[1.0]]), "Operator"),
-    (lambda: ew.tolerance_ess(torch.tril(torch.ones(5, 5)), tol=-1), "tol"),
-    (lambda: ew.entropy_ess(GatedRecurrence(torch.randn(5, 3), torch.full((5, 3), float("nan")))), "non-finite"),
-])
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: ew.entropy_ess(torch.randn(5, 5)), "not causal"),
+        (lambda: ew.entropy_ess(torch.randn(5, 4)), r"\(\.\.\., L, L\)"),
+        (lambda: ew.entropy_ess(torch.tril(torch.ones(5, 5)), [0]), "1..L-1"),
+        (lambda: ew.entropy_ess(torch.tril(torch.ones(5, 5)), [5]), "1..L-1"),
+        (lambda: ew.entropy_ess(torch.tril(torch.ones(5, 5)), [1.5]), "integers"),
+        (lambda: ew.entropy_ess(torch.tril(torch.full((5, 5), float("nan")))), "non-finite"),
+        (lambda: ew.entropy_ess(torch.tril(torch.full((5, 5), float("inf")))), "non-finite"),
+        (lambda: ew.entropy_ess(torch.ones(1, 1)), "at least 2"),
+        (lambda: ew.entropy_ess(torch.tril(torch.ones(5, 5)), estimator="svd"), "estimator"),
+        (lambda: ew.entropy_ess(torch.tril(torch.ones(5, 5)), estimator="gram"), "GatedRecurrence"),
+        (lambda: ew.entropy_ess(torch.tril(torch.ones(5, 5)), rtol=0), "rtol"),
+        (lambda: ew.entropy_ess([[1.0]]), "Operator"),
+        (lambda: ew.tolerance_ess(torch.tril(torch.ones(5, 5)), tol=-1), "tol"),
+        (lambda: ew.entropy_ess(GatedRecurrence(torch.randn(5, 3), torch.full((5, 3), float("nan")))), "non-finite"),
+    ],
+)
 def test_bad_inputs_raise_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
 
 
 # -- CUDA ------------------------------------------------------------------------------------
+
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -272,6 +304,7 @@ def test_cuda_matches_cpu():
 
 def test_flush_denormal_state_is_restored():
     from esswatch.ess import _flush_denormal_enabled
+
     op = SoftmaxAttention(_rand(1, 30, 4, seed=1), _rand(1, 30, 4, seed=2))
     assert not _flush_denormal_enabled()
     ew.entropy_ess(op)

@@ -3,6 +3,7 @@
 Factored/chunked Gramians, duplicate and unsorted indices, trimmed exact SVDs (windows,
 masks, padding, short kernels), the deflated SLQ and its calibration, and the RNG contract.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,6 +36,7 @@ def _decays(kind, B, L, N, seed, strength=1.0):
 
 # -- Gramians: direct and chunked -----------------------------------------------------------
 
+
 @pytest.mark.parametrize("decay", ["none", "full", "head"])
 @pytest.mark.parametrize("method", ["direct", "chunked"])
 def test_gram_singular_values_match_numpy(decay, method):
@@ -42,7 +44,7 @@ def test_gram_singular_values_match_numpy(decay, method):
     q, k = _rand(B, L, N, seed=1), _rand(B, L, N, seed=2)
     ld = _decays(decay, B, L, N, seed=3, strength=0.5)
     T = GatedRecurrence(q, k, ld).dense().numpy()
-    idx = torch.tensor([5, 6, 31, 32, 33, 64, 65])          # across chunk boundaries (C = 8 here)
+    idx = torch.tensor([5, 6, 31, 32, 33, 64, 65])  # across chunk boundaries (C = 8 here)
     sv, ok, fro2 = gram_singular_values(q, k, ld, idx, method=method)
     assert ok.all()
     for j, i in enumerate(idx.tolist()):
@@ -54,8 +56,8 @@ def test_gram_singular_values_match_numpy(decay, method):
 def test_gram_direct_and_chunked_agree_with_strong_and_vanishing_decays():
     B, L, N = 2, 200, 4
     q, k = _rand(B, L, N, seed=4), _rand(B, L, N, seed=5)
-    ld = _decays("full", B, L, N, seed=6, strength=30.0)     # many products underflow to 0
-    ld[:, 50] = -1e6                                        # a decay of (numerically) zero
+    ld = _decays("full", B, L, N, seed=6, strength=30.0)  # many products underflow to 0
+    ld[:, 50] = -1e6  # a decay of (numerically) zero
     idx = torch.arange(1, L)
     P1, Q1 = gramians(q, k, ld, idx, "direct")
     P2, Q2 = gramians(q, k, ld, idx, "chunked")
@@ -72,10 +74,11 @@ def test_gram_all_indices_long_sequence_matches_exact():
     q, k = _rand(B, L, N, seed=7), _rand(B, L, N, seed=8)
     ld = torch.nn.functional.logsigmoid(_rand(B, L, N, seed=9) + 3)
     op = GatedRecurrence(q, k, ld)
-    e = ew.entropy_ess(op, estimator="gram")            # all indices: the chunked form
+    e = ew.entropy_ess(op, estimator="gram")  # all indices: the chunked form
     idx = [1, 5, 6, 7, 100, 150, 293, 294, 299]
-    np.testing.assert_allclose(e[..., [i - 1 for i in idx]].numpy(), entropy_ess_ref(op.dense().numpy(), idx),
-                               rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(
+        e[..., [i - 1 for i in idx]].numpy(), entropy_ess_ref(op.dense().numpy(), idx), rtol=1e-5, atol=1e-9
+    )
 
 
 @pytest.mark.parametrize("method", ["direct", "chunked"])
@@ -98,6 +101,7 @@ def test_gradcheck_gram_factored(method):
 
 
 # -- duplicate and unsorted indices (issue 11 item 7) ------------------------------------------
+
 
 @pytest.mark.parametrize("estimator", ["gram", "auto", "exact", "randomized"])
 def test_duplicate_and_unsorted_indices(estimator):
@@ -125,10 +129,11 @@ def test_duplicate_indices_softmax_with_randomized_entries():
 
 # -- trimmed exact SVDs ----------------------------------------------------------------------
 
+
 def test_trim_zero_lines_keeps_singular_values():
     h = torch.zeros(3, 20, 12, dtype=F64)
     h[:, 4:9, 2:7] = _rand(3, 5, 5, seed=1)
-    h[1, 15, 0] = 2.0                                     # a non-zero in one batch entry keeps its line
+    h[1, 15, 0] = 2.0  # a non-zero in one batch entry keeps its line
     t = trim_zero_lines(h)
     assert t.shape[-2:] == (6, 6)
     full = torch.linalg.svdvals(h)
@@ -150,8 +155,8 @@ def test_trimmed_exact_matches_numpy(case):
         op = SoftmaxAttention(q, k, window=9, mask=torch.rand(L, L, generator=torch.Generator().manual_seed(3)) > 0.3)
     elif case == "padding_mask":
         keep = torch.ones(2, 1, L, dtype=torch.bool)
-        keep[0, :, 30:] = False                            # right padding in batch row 0 ...
-        keep[:, :, :4] = False                             # ... and 4 masked prefix positions in both
+        keep[0, :, 30:] = False  # right padding in batch row 0 ...
+        keep[:, :, :4] = False  # ... and 4 masked prefix positions in both
         op = SoftmaxAttention(q, k, mask=keep.expand(2, L, L))
     elif case == "short_kernel":
         h = torch.zeros(3, L, dtype=F64)
@@ -167,17 +172,23 @@ def test_trimmed_exact_matches_numpy(case):
     ref = entropy_ess_ref(T, idx)
     for est in ("exact", "auto"):
         np.testing.assert_allclose(ew.entropy_ess(op, idx, estimator=est).numpy(), ref, rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(ew.tolerance_ess(op, idx, estimator="exact").numpy(),
-                               tolerance_ess_ref(T, idx, 1e-3, True))
+    np.testing.assert_allclose(
+        ew.tolerance_ess(op, idx, estimator="exact").numpy(), tolerance_ess_ref(T, idx, 1e-3, True)
+    )
 
 
 def test_structured_blocks_equal_dense_slices():
     L = 30
     q, k = _rand(2, L, 3, seed=1), _rand(2, L, 3, seed=2)
     mask = _rand(L, L, seed=3)
-    ops = [SoftmaxAttention(q, k), SoftmaxAttention(q, k, window=5), SoftmaxAttention(q, k, window=7, mask=mask),
-           SoftmaxAttention(q, k, mask=mask > 0), Convolution(_rand(2, L, seed=4)),
-           GatedRecurrence(q, k, _decays("full", 2, L, 3, seed=5))]
+    ops = [
+        SoftmaxAttention(q, k),
+        SoftmaxAttention(q, k, window=5),
+        SoftmaxAttention(q, k, window=7, mask=mask),
+        SoftmaxAttention(q, k, mask=mask > 0),
+        Convolution(_rand(2, L, seed=4)),
+        GatedRecurrence(q, k, _decays("full", 2, L, 3, seed=5)),
+    ]
     for op in ops:
         T = op.dense()
         for rows, cols in [(slice(10, 16), slice(4, 10)), (slice(0, L), slice(0, 3)), (slice(25, L), slice(20, 25))]:
@@ -185,7 +196,7 @@ def test_structured_blocks_equal_dense_slices():
         for i in (1, 7, 15, 29):
             rows, cols = op.hankel_support(i)
             outside = T[..., i:, :i].clone()
-            outside[..., rows.start - i:rows.stop - i, cols] = 0
+            outside[..., rows.start - i : rows.stop - i, cols] = 0
             assert bool((outside == 0).all()), type(op).__name__
 
 
@@ -197,15 +208,18 @@ def test_sliding_window_support_is_at_most_w():
 
 # -- the deflated SLQ --------------------------------------------------------------------------
 
+
 def _flat_tail_attention(L, heads=4, noise=0.05, seed=0, d=16, sharp=4.0):
     """Low-ESS attention with a long flat tail: clustered queries and keys plus small noise."""
     g = torch.Generator().manual_seed(seed)
     centers = torch.randn(heads, 4, d, generator=g, dtype=F64)
     h = torch.arange(heads)[:, None]
-    k = centers[h, torch.randint(0, 4, (heads, L), generator=g)] + noise * torch.randn(heads, L, d, generator=g,
-                                                                                      dtype=F64)
-    q = centers[h, torch.randint(0, 4, (heads, L), generator=g)] + noise * torch.randn(heads, L, d, generator=g,
-                                                                                      dtype=F64)
+    k = centers[h, torch.randint(0, 4, (heads, L), generator=g)] + noise * torch.randn(
+        heads, L, d, generator=g, dtype=F64
+    )
+    q = centers[h, torch.randint(0, 4, (heads, L), generator=g)] + noise * torch.randn(
+        heads, L, d, generator=g, dtype=F64
+    )
     return SoftmaxAttention(q * sharp, k)
 
 
@@ -215,8 +229,8 @@ def test_slq_entropy_against_svd_on_flat_tail():
     ex = entropy_ess_ref(op.dense().numpy(), [256])[..., 0]
     est, half_gap, se, t, fro2 = slq_entropy(h, 32, torch.Generator().manual_seed(1))
     s = torch.linalg.svdvals(h)
-    assert (t <= s[..., :32] * (1 + 1e-9)).all()                       # interlacing: t_j <= s_j
-    np.testing.assert_allclose(fro2.numpy(), (h ** 2).sum((-1, -2)).numpy(), rtol=1e-12)
+    assert (t <= s[..., :32] * (1 + 1e-9)).all()  # interlacing: t_j <= s_j
+    np.testing.assert_allclose(fro2.numpy(), (h**2).sum((-1, -2)).numpy(), rtol=1e-12)
     err = np.abs(est.numpy() - ex) / ex
     assert (err <= half_gap.numpy() + 3 * se.numpy() + 1e-3).all(), (err, half_gap, se)
     assert (err < 0.02).all()
@@ -235,7 +249,7 @@ def test_randomized_uses_slq_on_flat_tail_and_keeps_bounds(small_slq):
     e, lo, hi = ew.entropy_ess(op, idx, estimator="randomized", rtol=0.02, return_bounds=True)
     assert np.all(lo.numpy() <= ref * (1 + 1e-9)) and np.all(hi.numpy() >= ref * (1 - 1e-9))
     assert np.all((lo <= e).numpy() & (e <= hi).numpy())
-    slq = (hi / lo > 1.02 ** 2 + 1e-9).numpy()           # bounds did not close: the SLQ was accepted
+    slq = (hi / lo > 1.02**2 + 1e-9).numpy()  # bounds did not close: the SLQ was accepted
     assert slq.sum() >= 6, (lo, hi)
     assert np.all(np.abs(e.numpy() - ref) <= 0.02 * ref)
 
@@ -248,25 +262,32 @@ def test_slq_calibration(small_slq):
     g = torch.Generator().manual_seed(11)
     ops = []
     for seed in range(3):
-        ops.append(_flat_tail_attention(L, seed=seed))                                  # low ESS, flat tail
-        ops.append(_flat_tail_attention(L, seed=seed + 10, noise=0.1))                  # a longer tail
-    ops.append(SoftmaxAttention(torch.randn(4, L, 16, generator=g, dtype=F64),
-                                torch.randn(4, L, 16, generator=g, dtype=F64)))        # random attention
+        ops.append(_flat_tail_attention(L, seed=seed))  # low ESS, flat tail
+        ops.append(_flat_tail_attention(L, seed=seed + 10, noise=0.1))  # a longer tail
+    ops.append(
+        SoftmaxAttention(torch.randn(4, L, 16, generator=g, dtype=F64), torch.randn(4, L, 16, generator=g, dtype=F64))
+    )  # random attention
     kernel = torch.randn(4, L, generator=g, dtype=F64) * torch.exp(-torch.arange(L, dtype=F64) / (L / 8))
-    ops.append(Convolution(kernel))                                                     # long convolution
-    ops.append(Dense(torch.tril(torch.randn(4, L, L, generator=g, dtype=F64))))        # random dense causal
+    ops.append(Convolution(kernel))  # long convolution
+    ops.append(Dense(torch.tril(torch.randn(4, L, L, generator=g, dtype=F64))))  # random dense causal
     for j, op in enumerate(ops):
         idx = [128, 192, 256]
         ref = entropy_ess_ref(op.dense().numpy(), idx)
-        e, lo, hi = ew.entropy_ess(op, idx, estimator="randomized", rtol=rtol, return_bounds=True,
-                                   generator=torch.Generator().manual_seed(100 + j))
+        e, lo, hi = ew.entropy_ess(
+            op,
+            idx,
+            estimator="randomized",
+            rtol=rtol,
+            return_bounds=True,
+            generator=torch.Generator().manual_seed(100 + j),
+        )
         e, lo, hi = e.numpy(), lo.numpy(), hi.numpy()
         assert np.all(lo <= ref * (1 + 1e-9)) and np.all(hi >= ref * (1 - 1e-9))
         trials += ref.size
         misses += int((np.abs(e - ref) > rtol * ref).sum())
         via_slq += int((hi / lo > (1 + rtol) ** 2 + 1e-9).sum())
     assert trials >= 80
-    assert via_slq >= 30, via_slq                        # the calibration really exercises the SLQ
+    assert via_slq >= 30, via_slq  # the calibration really exercises the SLQ
     assert misses / trials <= 0.05, (misses, trials)
 
 
@@ -280,17 +301,19 @@ def test_slq_path_does_not_touch_global_rng(small_slq):
 
 # -- CUDA --------------------------------------------------------------------------------------
 
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fast_paths_on_cuda_match_cpu(small_slq):
     L = 256
-    ops = [GatedRecurrence(_rand(2, L, 8, seed=1), _rand(2, L, 8, seed=2), _decays("full", 2, L, 8, seed=3)),
-           SoftmaxAttention(_rand(2, L, 8, seed=4), _rand(2, L, 8, seed=5), window=16),
-           _flat_tail_attention(L)]
+    ops = [
+        GatedRecurrence(_rand(2, L, 8, seed=1), _rand(2, L, 8, seed=2), _decays("full", 2, L, 8, seed=3)),
+        SoftmaxAttention(_rand(2, L, 8, seed=4), _rand(2, L, 8, seed=5), window=16),
+        _flat_tail_attention(L),
+    ]
     for op in ops:
         cpu = ew.entropy_ess(op, estimator="exact" if not isinstance(op, GatedRecurrence) else "gram")
-        gpu = ew.entropy_ess(op.to(device="cuda"), estimator="exact" if not isinstance(op, GatedRecurrence)
-                             else "gram")
+        gpu = ew.entropy_ess(op.to(device="cuda"), estimator="exact" if not isinstance(op, GatedRecurrence) else "gram")
         assert gpu.device.type == "cuda"
         np.testing.assert_allclose(gpu.cpu().numpy(), cpu.numpy(), rtol=1e-6)
     op = _flat_tail_attention(L).to(device="cuda")

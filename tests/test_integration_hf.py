@@ -7,6 +7,7 @@ Llama's logged ESS is checked against a NumPy SVD of the attention probabilities
 model itself returns (eager attention, ``output_attentions=True``) for the very batch and
 parameters of the sampled step, both recorded by test-owned hooks.
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,16 +21,15 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from esswatch.integrations._versions import UnsupportedVersionError, require  # noqa: E402
+from esswatch.integrations.transformers import ESSCallback  # noqa: E402
+from reference import entropy_ess_ref  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from esswatch import Regularizer  # noqa: E402
-from esswatch.integrations._versions import UnsupportedVersionError, require  # noqa: E402
 from esswatch.watch.regularizer import PENALTY_TAG  # noqa: E402
-from esswatch.integrations.transformers import ESSCallback  # noqa: E402
-
-from reference import entropy_ess_ref  # noqa: E402
 
 VOCAB, SEQ, BATCH = 64, 16, 4
 STATS = ("avg", "max", "total", "utilization")
@@ -40,16 +40,24 @@ MAMBA_LAYERS = ("backbone.layers.0.mixer", "backbone.layers.1.mixer")
 
 def llama(attn: str = "sdpa"):
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+    )
     cfg._attn_implementation = attn
     return transformers.LlamaForCausalLM(cfg)
 
 
 def mamba():
     torch.manual_seed(0)
-    cfg = transformers.MambaConfig(hidden_size=16, state_size=4, num_hidden_layers=2, vocab_size=VOCAB, expand=2,
-                                   conv_kernel=3, time_step_rank=4)
+    cfg = transformers.MambaConfig(
+        hidden_size=16, state_size=4, num_hidden_layers=2, vocab_size=VOCAB, expand=2, conv_kernel=3, time_step_rank=4
+    )
     return transformers.MambaForCausalLM(cfg)
 
 
@@ -63,12 +71,25 @@ def dataset(n: int = 48, seed: int = 1):
 
 
 def train(tmp_path, model, callbacks, max_steps=6, logging_steps=2, report_to=("tensorboard",), **kw):
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=BATCH,
-                             logging_steps=logging_steps, report_to=list(report_to), use_cpu=True,
-                             save_strategy="no", learning_rate=1e-2, seed=0,
-                             **{"disable_tqdm": True, **{k: v for k, v in kw.items() if k != "compute_loss_func"}})
-    trainer = Trainer(model=model, args=args, train_dataset=dataset(), callbacks=list(callbacks),
-                      compute_loss_func=kw.get("compute_loss_func"))
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=max_steps,
+        per_device_train_batch_size=BATCH,
+        logging_steps=logging_steps,
+        report_to=list(report_to),
+        use_cpu=True,
+        save_strategy="no",
+        learning_rate=1e-2,
+        seed=0,
+        **{"disable_tqdm": True, **{k: v for k, v in kw.items() if k != "compute_loss_func"}},
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset(),
+        callbacks=list(callbacks),
+        compute_loss_func=kw.get("compute_loss_func"),
+    )
     trainer.train()
     return trainer
 
@@ -97,7 +118,7 @@ class Snapshot(TrainerCallback):
             self.inputs[self.current] = kwargs["input_ids"].detach().clone()
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
-        s = state.global_step + 1       # the step that ends with global_step == s (the Trainer's numbering)
+        s = state.global_step + 1  # the step that ends with global_step == s (the Trainer's numbering)
         self.current = s if s in self.steps else None
         if self.current is not None:
             self.params[s] = copy.deepcopy(model.state_dict())
@@ -124,16 +145,16 @@ def test_llama_scalars_reach_log_history_and_tensorboard(tmp_path):
 
     hist = ess_history(trainer)
     assert sorted(hist) == [2, 4, 6]
-    assert sorted(e["step"] for e in trainer.state.log_history if "loss" in e) == [2, 4, 6]   # loss still logged
+    assert sorted(e["step"] for e in trainer.state.log_history if "loss" in e) == [2, 4, 6]  # loss still logged
     ea = read_events(tmp_path)
     for layer in LLAMA_LAYERS + ("model",):
         for stat in STATS:
             tag = f"ess/entropy/{stat}/{layer}"
-            events = ea.Scalars(tag)        # written through the Trainer's own writer, next to train/loss
+            events = ea.Scalars(tag)  # written through the Trainer's own writer, next to train/loss
             assert [e.step for e in events] == [2, 4, 6]
             for e in events:
                 assert math.isfinite(e.value)
-                assert e.value == pytest.approx(hist[e.step][tag], rel=1e-6)       # float32 in the event file
+                assert e.value == pytest.approx(hist[e.step][tag], rel=1e-6)  # float32 in the event file
         assert all(0 <= hist[s][f"ess/entropy/utilization/{layer}"] <= 1 + 1e-6 for s in hist)
     for step in (2, 4, 6):
         ref = reference_avg(snap.params[step], snap.inputs[step])
@@ -153,7 +174,7 @@ def test_mamba_scalars_reach_log_history_and_tensorboard(tmp_path):
             assert [e.step for e in events] == [3, 6]
             assert all(e.value == pytest.approx(hist[e.step][tag], rel=1e-6) for e in events)
         for s in hist:
-            assert 0 < hist[s][f"ess/entropy/avg/{layer}"] <= 4 + 1e-6            # state_size = 4
+            assert 0 < hist[s][f"ess/entropy/avg/{layer}"] <= 4 + 1e-6  # state_size = 4
             assert 0 < hist[s][f"ess/entropy/utilization/{layer}"] <= 1 + 1e-6
 
 
@@ -162,13 +183,22 @@ def test_own_writer_instead_of_the_trainer_writer(tmp_path):
     scalars, unless log_to_trainer=False."""
     logdir = tmp_path / "ess"
     writer = SummaryWriter(str(logdir))
-    trainer = train(tmp_path / "out", llama(), [ESSCallback(every_n_steps=2, writer=writer, images=False)],
-                    max_steps=4, report_to=())
+    trainer = train(
+        tmp_path / "out",
+        llama(),
+        [ESSCallback(every_n_steps=2, writer=writer, images=False)],
+        max_steps=4,
+        report_to=(),
+    )
     writer.close()
     assert sorted(ess_history(trainer)) == [2, 4]
-    quiet = train(tmp_path / "out2", llama(), [ESSCallback(every_n_steps=2, logdir=str(tmp_path / "ess2"),
-                                                           log_to_trainer=False, images=False)],
-                  max_steps=2, report_to=())
+    quiet = train(
+        tmp_path / "out2",
+        llama(),
+        [ESSCallback(every_n_steps=2, logdir=str(tmp_path / "ess2"), log_to_trainer=False, images=False)],
+        max_steps=2,
+        report_to=(),
+    )
     assert ess_history(quiet) == {}
     ea = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
     ea.Reload()
@@ -214,8 +244,9 @@ def test_regularizer_through_compute_loss_func(tmp_path, kind, accumulate):
         ess = ESSCallback(every_n_steps=1, regularizer=reg, images=False)
         extra = {"compute_loss_func": ess.compute_loss_func()} if reg else {}
         out = tmp_path / ("reg" if reg else "plain")
-        trainer = train(out, make(), [ess], max_steps=4, logging_steps=1, gradient_accumulation_steps=accumulate,
-                        **extra)
+        trainer = train(
+            out, make(), [ess], max_steps=4, logging_steps=1, gradient_accumulation_steps=accumulate, **extra
+        )
         logs[reg] = trainer.state.log_history
         assert sorted(ess_history(trainer)) == [1, 2, 3, 4]
     loss = {r: {e["step"]: e["loss"] for e in h if "loss" in e} for r, h in logs.items()}
@@ -224,7 +255,7 @@ def test_regularizer_through_compute_loss_func(tmp_path, kind, accumulate):
     assert all(math.isfinite(e[f"ess/penalty/{n}"]) for e in logs[REG] if PENALTY_TAG in e for n in layers)
     assert not any(PENALTY_TAG in e for e in logs[None])
     assert loss[REG][1] == pytest.approx(loss[None][1] + pen[1], rel=1e-5)
-    assert loss[REG][4] - pen[4] != pytest.approx(loss[None][4], rel=1e-6)     # the task losses diverged
+    assert loss[REG][4] - pen[4] != pytest.approx(loss[None][4], rel=1e-6)  # the task losses diverged
     ea = read_events(tmp_path / "reg")
     assert [e.step for e in ea.Scalars(PENALTY_TAG)] == [1, 2, 3, 4]
 
@@ -266,17 +297,31 @@ def test_console_stays_quiet_by_default(tmp_path, capfd, tqdm):
             self.seen.append((state.global_step, dict(logs)))
 
     rec = OnLog()
-    trainer = train(tmp_path / "quiet", llama(), [ESSCallback(every_n_steps=2, images=False), rec], max_steps=4,
-                    logging_steps=2, report_to=(), disable_tqdm=not tqdm)
+    trainer = train(
+        tmp_path / "quiet",
+        llama(),
+        [ESSCallback(every_n_steps=2, images=False), rec],
+        max_steps=4,
+        logging_steps=2,
+        report_to=(),
+        disable_tqdm=not tqdm,
+    )
     out = capfd.readouterr()
     printed = out.out + out.err
     assert "'loss'" in printed and "ess/" not in printed
     assert sorted(ess_history(trainer)) == [2, 4]
     assert sorted(s for s, logs in rec.seen if "ess/entropy/avg/model" in logs) == [2, 4]
-    assert sorted(s for s, logs in rec.seen if "loss" in logs) == [2, 4]          # the loss still logged too
+    assert sorted(s for s, logs in rec.seen if "loss" in logs) == [2, 4]  # the loss still logged too
 
-    train(tmp_path / "loud", llama(), [ESSCallback(every_n_steps=2, images=False, console=True)], max_steps=4,
-          logging_steps=2, report_to=(), disable_tqdm=not tqdm)
+    train(
+        tmp_path / "loud",
+        llama(),
+        [ESSCallback(every_n_steps=2, images=False, console=True)],
+        max_steps=4,
+        logging_steps=2,
+        report_to=(),
+        disable_tqdm=not tqdm,
+    )
     out = capfd.readouterr()
     assert "ess/entropy/avg/model" in out.out + out.err
 

@@ -5,6 +5,7 @@ CSVLogger's metrics.csv); logged ESS values are checked against a NumPy SVD of t
 operator the layer computed on the very batch and parameters of the sampled step
 (snapshotted independently at batch start).
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,17 +20,16 @@ from torch import nn
 
 L = pytest.importorskip("lightning")
 
+from esswatch.integrations.lightning import ESSCallback  # noqa: E402
 from lightning.fabric.utilities.exceptions import MisconfigurationException  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger  # noqa: E402
+from reference import entropy_ess_ref  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 import esswatch  # noqa: E402
-from esswatch.integrations.lightning import ESSCallback  # noqa: E402
 from esswatch.layers import SequenceModel  # noqa: E402
 from esswatch.watch.regularizer import PENALTY_TAG  # noqa: E402
-
-from reference import entropy_ess_ref  # noqa: E402
 
 VOCAB, D, SEQ, VAL_SEQ, BATCH = 11, 16, 12, 9, 4
 LAYERS = ("model.blocks.0.mixer", "model.blocks.1.mixer")
@@ -73,8 +73,16 @@ def loaders(n_train: int = 64, seed: int = 1):
 
 
 def trainer(tmp_path, callbacks, logger, **kw) -> L.Trainer:
-    opts = dict(max_steps=10, accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
-                log_every_n_steps=1, enable_checkpointing=False, default_root_dir=str(tmp_path))
+    opts = dict(
+        max_steps=10,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        default_root_dir=str(tmp_path),
+    )
     opts.update(kw)
     return L.Trainer(callbacks=callbacks, logger=logger, **opts)
 
@@ -97,8 +105,7 @@ def reference_avg(state, batch, rows: int = 2):
     model.load_state_dict(state)
     with torch.no_grad(), esswatch.capture(model) as cap:
         model(batch[:rows])
-    return {f"model.{n}": float(entropy_ess_ref(op.dense().numpy(), INDICES).mean())
-            for n, op in cap.operators.items()}
+    return {f"model.{n}": float(entropy_ess_ref(op.dense().numpy(), INDICES).mean()) for n, op in cap.operators.items()}
 
 
 def read_events(logdir):
@@ -118,14 +125,20 @@ def ess_rows(rows, tag="ess/entropy/avg/model"):
 
 # -- tests ----------------------------------------------------------------------------------------
 def test_tensorboard_logger_gets_all_tags_at_the_sampled_steps(tmp_path):
-    """TensorBoardLogger: scalars at global steps 3, 7 (where Lightning logs the loss) equal to the NumPy reference of the
+    """TensorBoardLogger: scalars at global steps 3, 7 (where Lightning logs the loss) equal to the
+    NumPy reference of the
     training batch of that step (not the validation or sanity-check batches, which have another
     length), per-head histograms, the profile image and the configuration, in the logger's file."""
     snap = Snapshot([3, 7])
     tb = TensorBoardLogger(str(tmp_path), name="tb")
     train, val = loaders()
-    t = trainer(tmp_path, [snap, ESSCallback(every_n_steps=4, indices=INDICES)], tb, val_check_interval=4,
-                num_sanity_val_steps=1)
+    t = trainer(
+        tmp_path,
+        [snap, ESSCallback(every_n_steps=4, indices=INDICES)],
+        tb,
+        val_check_interval=4,
+        num_sanity_val_steps=1,
+    )
     t.fit(TinyLM(), train, val)
 
     ea = read_events(tb.log_dir)
@@ -138,7 +151,7 @@ def test_tensorboard_logger_gets_all_tags_at_the_sampled_steps(tmp_path):
             assert all(math.isfinite(e.value) and e.value >= 0 for e in ea.Scalars(tag))
         util = [e.value for e in ea.Scalars(f"ess/entropy/utilization/{layer}")]
         assert all(0 <= u <= 1 + 1e-6 for u in util)
-    assert "train_loss" in scalars                        # Lightning's own metrics share the file
+    assert "train_loss" in scalars  # Lightning's own metrics share the file
     for step in (3, 7):
         ref = reference_avg(*snap.snaps[step])
         for layer in LAYERS:
@@ -149,8 +162,8 @@ def test_tensorboard_logger_gets_all_tags_at_the_sampled_steps(tmp_path):
     for layer in LAYERS:
         assert [e.step for e in ea.Histograms(f"ess_heads/entropy/{layer}")] == [3, 7]
     assert {"esswatch/config/text_summary", "custom_scalars__config__"} <= set(ea.Tags()["tensors"])
-    if "ess_profile/entropy" in ea.Tags()["images"]:      # only when matplotlib is installed
-        assert [e.step for e in ea.Images("ess_profile/entropy")] == [3]     # images=10: every 10th sample
+    if "ess_profile/entropy" in ea.Tags()["images"]:  # only when matplotlib is installed
+        assert [e.step for e in ea.Images("ess_profile/entropy")] == [3]  # images=10: every 10th sample
 
 
 def test_csv_logger_rows_match_the_results(tmp_path):
@@ -159,8 +172,7 @@ def test_csv_logger_rows_match_the_results(tmp_path):
     results = []
     csv_logger = CSVLogger(str(tmp_path), name="csv")
     train, _ = loaders()
-    t = trainer(tmp_path, [ESSCallback(every_n_steps=3, sinks=[results.append], images=False)], csv_logger,
-                max_steps=8)
+    t = trainer(tmp_path, [ESSCallback(every_n_steps=3, sinks=[results.append], images=False)], csv_logger, max_steps=8)
     t.fit(TinyLM(), train)
 
     rows = read_csv(os.path.join(csv_logger.log_dir, "metrics.csv"))
@@ -179,9 +191,16 @@ def test_resume_from_checkpoint_continues_the_schedule(tmp_path):
     ckpt_dir = tmp_path / "ckpt"
     first = []
     train, _ = loaders()
-    t1 = trainer(tmp_path, [ESSCallback(every_n_steps=4, sinks=[first.append], images=False),
-                            ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=5, save_top_k=-1)],
-                 CSVLogger(str(tmp_path), name="run1"), max_steps=7, enable_checkpointing=True)
+    t1 = trainer(
+        tmp_path,
+        [
+            ESSCallback(every_n_steps=4, sinks=[first.append], images=False),
+            ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=5, save_top_k=-1),
+        ],
+        CSVLogger(str(tmp_path), name="run1"),
+        max_steps=7,
+        enable_checkpointing=True,
+    )
     t1.fit(TinyLM(), train)
     assert [r["step"] for r in first] == [3]
     ckpt = ckpt_dir / "epoch=0-step=5.ckpt"
@@ -215,13 +234,17 @@ def test_bf16_mixed_precision_with_the_regularizer(tmp_path):
     results = []
     train, _ = loaders(32)
     logger = CSVLogger(str(tmp_path))
-    t = trainer(tmp_path, [ESSCallback(every_n_steps=2, regularizer=0.1, sinks=[results.append], images=False)],
-                logger, max_steps=5, precision="bf16-mixed")
+    t = trainer(
+        tmp_path,
+        [ESSCallback(every_n_steps=2, regularizer=0.1, sinks=[results.append], images=False)],
+        logger,
+        max_steps=5,
+        precision="bf16-mixed",
+    )
     t.fit(TinyLM(), train)
     assert [r["step"] for r in results] == [1, 3]
-    pen = [float(r[PENALTY_TAG]) for r in read_csv(os.path.join(logger.log_dir, "metrics.csv"))
-           if r.get(PENALTY_TAG)]
-    assert len(pen) == 2 and all(math.isfinite(v) and v > 0 for v in pen)     # on the measured steps
+    pen = [float(r[PENALTY_TAG]) for r in read_csv(os.path.join(logger.log_dir, "metrics.csv")) if r.get(PENALTY_TAG)]
+    assert len(pen) == 2 and all(math.isfinite(v) and v > 0 for v in pen)  # on the measured steps
     for r in results:
         for layer in LAYERS:
             e = r["layers"][layer]["entropy"]
@@ -231,10 +254,16 @@ def test_bf16_mixed_precision_with_the_regularizer(tmp_path):
 def test_ddp_two_cpu_processes(tmp_path):
     """strategy="ddp_spawn", 2 CPU processes (gloo), reduce=True, with the regularizer: each sampled
     step is written once, by rank zero, no collective deadlocks, no DDP backward error."""
-    csv_logger = CSVLogger(str(tmp_path), name="ddp", version=0)   # the spawned rank 0 writes version_0
+    csv_logger = CSVLogger(str(tmp_path), name="ddp", version=0)  # the spawned rank 0 writes version_0
     train, _ = loaders(48)
-    t = trainer(tmp_path, [ESSCallback(every_n_steps=2, reduce=True, regularizer=0.1, images=False)], csv_logger,
-                max_steps=5, strategy="ddp_spawn", devices=2)
+    t = trainer(
+        tmp_path,
+        [ESSCallback(every_n_steps=2, reduce=True, regularizer=0.1, images=False)],
+        csv_logger,
+        max_steps=5,
+        strategy="ddp_spawn",
+        devices=2,
+    )
     t.fit(TinyLM(), train)
     rows = read_csv(os.path.join(csv_logger.log_dir, "metrics.csv"))
     steps = [int(r["step"]) for r in rows if r.get("ess/entropy/avg/model")]
@@ -279,8 +308,13 @@ def test_regularizer_gradient_is_that_of_loss_plus_penalty(tmp_path, accumulate)
     differs from the unregularized gradient."""
     train, _ = loaders(16)
     grads = Grads()
-    t = trainer(tmp_path, [ESSCallback(every_n_steps=100, regularizer=WEIGHT, images=False), grads],
-                CSVLogger(str(tmp_path)), max_steps=1, accumulate_grad_batches=accumulate)
+    t = trainer(
+        tmp_path,
+        [ESSCallback(every_n_steps=100, regularizer=WEIGHT, images=False), grads],
+        CSVLogger(str(tmp_path)),
+        max_steps=1,
+        accumulate_grad_batches=accumulate,
+    )
     t.fit(TinyLM(), train)
 
     model = make_seq_model()
@@ -307,12 +341,12 @@ def test_regularizer_is_logged_and_changes_training(tmp_path):
     runs = {}
     for weight in (None, WEIGHT):
         logger = CSVLogger(str(tmp_path), name=f"w{weight}")
-        t = trainer(tmp_path, [ESSCallback(every_n_steps=4, regularizer=weight, images=False)], logger,
-                    max_steps=6)
+        t = trainer(tmp_path, [ESSCallback(every_n_steps=4, regularizer=weight, images=False)], logger, max_steps=6)
         t.fit(TinyLM(), train)
         runs[weight] = read_csv(os.path.join(logger.log_dir, "metrics.csv"))
-    loss = {w: {int(r["step"]): float(r["train_loss"]) for r in rows if r.get("train_loss")}
-            for w, rows in runs.items()}
+    loss = {
+        w: {int(r["step"]): float(r["train_loss"]) for r in rows if r.get("train_loss")} for w, rows in runs.items()
+    }
     pen = {int(r["step"]): float(r[PENALTY_TAG]) for r in runs[WEIGHT] if r.get(PENALTY_TAG)}
     assert sorted(pen) == [3]
     assert all(math.isfinite(v) and v > 0 for v in pen.values())
@@ -346,8 +380,13 @@ def test_fp16_grad_scaler_scales_the_penalty_like_the_loss(tmp_path):
     train, _ = loaders(8)
     grads = Grads()
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    t = trainer(tmp_path, [ESSCallback(every_n_steps=100, regularizer=WEIGHT, images=False), grads],
-                CSVLogger(str(tmp_path)), max_steps=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    t = trainer(
+        tmp_path,
+        [ESSCallback(every_n_steps=100, regularizer=WEIGHT, images=False), grads],
+        CSVLogger(str(tmp_path)),
+        max_steps=1,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+    )
     t.fit(TinyLM(), train)
 
     x = next(iter(train))
@@ -371,8 +410,13 @@ def test_ess_steps_are_steps_of_the_logged_loss(tmp_path):
     train, _ = loaders(64)
     tb = TensorBoardLogger(str(tmp_path), name="tb")
     csv_logger = CSVLogger(str(tmp_path), name="csv")
-    t = trainer(tmp_path, [ESSCallback(every_n_steps=5, images=False, histograms=False)], [tb, csv_logger],
-                max_steps=15, log_every_n_steps=5)
+    t = trainer(
+        tmp_path,
+        [ESSCallback(every_n_steps=5, images=False, histograms=False)],
+        [tb, csv_logger],
+        max_steps=15,
+        log_every_n_steps=5,
+    )
     t.fit(TinyLM(), train)
     ea = read_events(tb.log_dir)
     loss = [e.step for e in ea.Scalars("train_loss")]
@@ -385,14 +429,20 @@ def test_ess_steps_are_steps_of_the_logged_loss(tmp_path):
 
 def test_a_period_that_is_not_a_multiple_of_the_logging_interval_warns(tmp_path):
     train, _ = loaders(16)
-    t = trainer(tmp_path, [ESSCallback(every_n_steps=3, images=False)], CSVLogger(str(tmp_path)), max_steps=2,
-                log_every_n_steps=2)
+    t = trainer(
+        tmp_path,
+        [ESSCallback(every_n_steps=3, images=False)],
+        CSVLogger(str(tmp_path)),
+        max_steps=2,
+        log_every_n_steps=2,
+    )
     with pytest.warns(UserWarning, match="not a multiple of the Trainer's log_every_n_steps=2"):
         t.fit(TinyLM(), train)
 
 
-@pytest.mark.parametrize("images,expected", [(None, [0, 20]), (True, [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20]),
-                                             (5, [0, 10, 20]), (False, [])])
+@pytest.mark.parametrize(
+    "images,expected", [(None, [0, 20]), (True, [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20]), (5, [0, 10, 20]), (False, [])]
+)
 def test_profile_images_follow_esswatch_images_semantics(tmp_path, images, expected):
     """Regression: Lightning wrote a profile image at every sample although ESSWatch's default is
     every 10th. Both, on the same schedule (every_n_steps=2, 11 samples), give images at the same
@@ -401,16 +451,22 @@ def test_profile_images_follow_esswatch_images_semantics(tmp_path, images, expec
     kw = {} if images is None else {"images": images}
     tb = TensorBoardLogger(str(tmp_path), name="tb")
     train, _ = loaders(88)
-    t = trainer(tmp_path, [ESSCallback(every_n_steps=2, histograms=False, indices=[3], **kw)], tb, max_steps=22,
-                log_every_n_steps=2)
+    t = trainer(
+        tmp_path,
+        [ESSCallback(every_n_steps=2, histograms=False, indices=[3], **kw)],
+        tb,
+        max_steps=22,
+        log_every_n_steps=2,
+    )
     t.fit(TinyLM(), train)
     ea = read_events(tb.log_dir)
     got = [e.step for e in ea.Images("ess_profile/entropy")] if ea.Tags()["images"] else []
     assert got == [s + 1 for s in expected]
 
     model = make_seq_model()
-    with esswatch.ESSWatch(model, logdir=str(tmp_path / "plain"), every_n_steps=2, histograms=False, indices=[3],
-                           **kw) as watch:
+    with esswatch.ESSWatch(
+        model, logdir=str(tmp_path / "plain"), every_n_steps=2, histograms=False, indices=[3], **kw
+    ) as watch:
         for x in (b for _, b in zip(range(22), train)):
             model(x)
             watch.step()

@@ -8,6 +8,7 @@ chart the ESS tags of every run: read and merged by TensorBoard's own custom-sca
 (``layout_impl``) over a ``plugin_event_multiplexer``, its regular expressions applied by the
 plugin's own ``scalars_impl``, compared with the tags selected by plain string tests.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,6 +22,8 @@ L = pytest.importorskip("lightning")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from esswatch.integrations.lightning import ESSCallback as LightningESS  # noqa: E402
+from esswatch.integrations.transformers import ESSCallback as TrainerESS  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from tensorboard import context as tb_context  # noqa: E402
 from tensorboard.backend.event_processing import data_provider  # noqa: E402
@@ -34,8 +37,6 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 
 import esswatch  # noqa: E402
 from esswatch.cli import main  # noqa: E402
-from esswatch.integrations.lightning import ESSCallback as LightningESS  # noqa: E402
-from esswatch.integrations.transformers import ESSCallback as TrainerESS  # noqa: E402
 from esswatch.layers import SequenceModel  # noqa: E402
 
 STATS = ("avg", "max", "total", "utilization")
@@ -47,16 +48,37 @@ PLAIN_LAYERS = ["blocks.0.mixer", "blocks.1.mixer"]
 
 def hf_run(out):
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+    )
     g = torch.Generator().manual_seed(1)
-    data = [{"input_ids": x, "labels": x.clone()} for x in (torch.randint(0, VOCAB, (16,), generator=g)
-                                                             for _ in range(16))]
-    args = TrainingArguments(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, logging_steps=2,
-                             report_to=["tensorboard"], use_cpu=True, save_strategy="no", disable_tqdm=True,
-                             learning_rate=1e-2, seed=0)
-    Trainer(model=transformers.LlamaForCausalLM(cfg), args=args, train_dataset=data,
-            callbacks=[TrainerESS(every_n_steps=2, images=False)]).train()
+    data = [
+        {"input_ids": x, "labels": x.clone()} for x in (torch.randint(0, VOCAB, (16,), generator=g) for _ in range(16))
+    ]
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        logging_steps=2,
+        report_to=["tensorboard"],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        learning_rate=1e-2,
+        seed=0,
+    )
+    Trainer(
+        model=transformers.LlamaForCausalLM(cfg),
+        args=args,
+        train_dataset=data,
+        callbacks=[TrainerESS(every_n_steps=2, images=False)],
+    ).train()
 
 
 class TinyLM(L.LightningModule):
@@ -77,9 +99,17 @@ class TinyLM(L.LightningModule):
 def lightning_run(logdir):
     g = torch.Generator().manual_seed(0)
     data = torch.utils.data.DataLoader([torch.randint(0, VOCAB, (12,), generator=g) for _ in range(16)], batch_size=4)
-    L.Trainer(max_steps=4, accelerator="cpu", devices=1, logger=TensorBoardLogger(str(logdir), name="lightning"),
-              enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=2,
-              callbacks=[LightningESS(every_n_steps=2, images=False)]).fit(TinyLM(), data)
+    L.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        devices=1,
+        logger=TensorBoardLogger(str(logdir), name="lightning"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=2,
+        callbacks=[LightningESS(every_n_steps=2, images=False)],
+    ).fit(TinyLM(), data)
 
 
 def plain_run(logdir):
@@ -120,15 +150,22 @@ def logdir(tmp_path_factory):
 
 
 def run_dirs(root):
-    return sorted(os.path.relpath(d, root) for d, _, files in os.walk(root)
-                  if any(f.startswith("events.out.tfevents") for f in files))
+    return sorted(
+        os.path.relpath(d, root)
+        for d, _, files in os.walk(root)
+        if any(f.startswith("events.out.tfevents") for f in files)
+    )
 
 
 def test_report_lists_the_per_layer_ess_of_every_run(logdir, capsys):
     dirs = run_dirs(logdir)
     (hf_dir,) = [d for d in dirs if d.startswith("hf")]
-    expected = {hf_dir: ("", HF_LAYERS), "legacy": ("train/", PLAIN_LAYERS),
-                "lightning/version_0": ("", PL_LAYERS), "plain": ("", PLAIN_LAYERS)}
+    expected = {
+        hf_dir: ("", HF_LAYERS),
+        "legacy": ("train/", PLAIN_LAYERS),
+        "lightning/version_0": ("", PL_LAYERS),
+        "plain": ("", PLAIN_LAYERS),
+    }
     assert sorted(dirs) == sorted(expected)
     assert main(["report", str(logdir), "--json"]) == 0
     runs = {r["run"]: r for r in json.loads(capsys.readouterr().out)}
@@ -144,16 +181,20 @@ def test_report_lists_the_per_layer_ess_of_every_run(logdir, capsys):
                 events = ea.Scalars(f"{prefix}ess/entropy/{stat}/{layer}")
                 assert table[layer][stat] == events[-1].value
                 assert table[layer]["step"] == events[-1].step
-    assert runs[hf_dir]["metrics"]["entropy"]["model"]["step"] == 4          # the Trainer's numbering
-    assert runs["lightning/version_0"]["metrics"]["entropy"]["model"]["step"] == 3   # Lightning's
+    assert runs[hf_dir]["metrics"]["entropy"]["model"]["step"] == 4  # the Trainer's numbering
+    assert runs["lightning/version_0"]["metrics"]["entropy"]["model"]["step"] == 3  # Lightning's
 
 
 def _plugin(root):
     mux = pem.EventMultiplexer()
     mux.AddRunsFromDirectory(str(root))
     mux.Reload()
-    ctx = base_plugin.TBContext(data_provider=data_provider.MultiplexerDataProvider(mux, str(root)),
-                                logdir=str(root), multiplexer=mux, plugin_name_to_instance={})
+    ctx = base_plugin.TBContext(
+        data_provider=data_provider.MultiplexerDataProvider(mux, str(root)),
+        logdir=str(root),
+        multiplexer=mux,
+        plugin_name_to_instance={},
+    )
     ctx.plugin_name_to_instance["scalars"] = ScalarsPlugin(ctx)
     return CustomScalarsPlugin(ctx), mux, ctx.data_provider
 
@@ -163,17 +204,17 @@ def test_the_custom_scalars_layout_charts_the_ess_tags_of_every_run(logdir):
     runs = sorted(mux.Runs())
     assert len(runs) == 4
     with_layout = [r for r in runs if "custom_scalars__config__" in mux.Runs()[r].get("tensors", [])]
-    assert sorted(with_layout) == sorted(r for r in runs if r != "legacy")    # every esswatch-written run
+    assert sorted(with_layout) == sorted(r for r in runs if r != "legacy")  # every esswatch-written run
     ctx = tb_context.RequestContext()
     layout = plugin.layout_impl(ctx, "")
     layout = json.loads(layout) if isinstance(layout, str) else layout
-    (category,) = layout["category"]                     # the runs' layouts merged into one
+    (category,) = layout["category"]  # the runs' layouts merged into one
     charts = {c["title"]: c["multiline"]["tag"] for c in category["chart"]}
     assert sorted(charts) == sorted([f"entropy-ESS {s}, all layers" for s in STATS] + ["failures"])
     all_tags = provider.list_scalars(ctx, experiment_id="", plugin_name="scalars")
     for run in runs:
         tags = set(all_tags[run])
-        assert tags == set(scalars_of(logdir / run).Tags()["scalars"])        # the same run through both readers
+        assert tags == set(scalars_of(logdir / run).Tags()["scalars"])  # the same run through both readers
         for title, (regex,) in charts.items():
             key = "failures" if title == "failures" else f"entropy/{title.split()[1].rstrip(',')}/"
             want = {t for t in tags if t.startswith(f"ess/{key}") or f"/ess/{key}" in t}

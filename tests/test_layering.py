@@ -9,6 +9,7 @@ functions, and every string literal that names an ``esswatch`` module, which cat
 of the repository but installs as ``esswatch.integrations``: import-linter's graph builder
 only scans the package's own folder and would miss it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -35,9 +36,15 @@ LAYERS = {
 SIBLINGS = {frozenset({"layers", "watch"})}
 NAME_IN_STRING = re.compile(r"^esswatch(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 #: names the package root re-exports, and the module each comes from
-ROOT_EXPORTS = {"entropy_ess": "esswatch.ess", "tolerance_ess": "esswatch.ess", "operators": "esswatch.operators",
-                "capture": "esswatch.probes", "ESSWatch": "esswatch.watch", "Regularizer": "esswatch.watch",
-                "__version__": "esswatch._version"}
+ROOT_EXPORTS = {
+    "entropy_ess": "esswatch.ess",
+    "tolerance_ess": "esswatch.ess",
+    "operators": "esswatch.operators",
+    "capture": "esswatch.probes",
+    "ESSWatch": "esswatch.watch",
+    "Regularizer": "esswatch.watch",
+    "__version__": "esswatch._version",
+}
 
 
 def _modules():
@@ -55,7 +62,7 @@ MODULES = {m for m, _ in _modules()}
 def _layer(module: str):
     parts = module.split(".")
     if len(parts) < 2:
-        return None                   # the package root: re-exports only, not a layer
+        return None  # the package root: re-exports only, not a layer
     return parts[1]
 
 
@@ -75,7 +82,7 @@ def _imports(module: str, path: Path):
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            for a in node.names:            # `from . import x` may name a submodule or a re-export
+            for a in node.names:  # `from . import x` may name a submodule or a re-export
                 sub = f"{target}.{a.name}"
                 if sub in MODULES:
                     yield sub, node.lineno
@@ -83,8 +90,12 @@ def _imports(module: str, path: Path):
                     yield ROOT_EXPORTS.get(a.name, target), node.lineno
                 else:
                     yield target, node.lineno
-        elif (isinstance(node, ast.Constant) and isinstance(node.value, str) and NAME_IN_STRING.match(node.value)
-              and node.value in MODULES):
+        elif (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and NAME_IN_STRING.match(node.value)
+            and node.value in MODULES
+        ):
             yield node.value, node.lineno
 
 
@@ -116,10 +127,19 @@ def test_no_import_goes_up_a_layer():
     assert not bad, "imports against the layer rule:\n" + "\n".join(sorted(set(bad)))
 
 
-@pytest.mark.parametrize("src,dst,ok", [
-    ("watch", "engine", True), ("engine", "watch", False), ("layers", "watch", False),
-    ("watch", "layers", False), ("integrations", "watch", True), ("probes", "integrations", False),
-    ("cli", "tools", True), ("tools", "cli", False), ("engine", "_version", True),
-])
+@pytest.mark.parametrize(
+    "src,dst,ok",
+    [
+        ("watch", "engine", True),
+        ("engine", "watch", False),
+        ("layers", "watch", False),
+        ("watch", "layers", False),
+        ("integrations", "watch", True),
+        ("probes", "integrations", False),
+        ("cli", "tools", True),
+        ("tools", "cli", False),
+        ("engine", "_version", True),
+    ],
+)
 def test_the_rule_itself(src, dst, ok):
     assert _allowed(src, dst) is ok

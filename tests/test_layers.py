@@ -1,18 +1,27 @@
 """esswatch's reference mixers (esswatch.layers): their captured operators reproduce what the
 layers compute, their ESS matches a NumPy SVD, and capture leaves the model untouched."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from reference import entropy_ess_ref
 
 import esswatch
-from esswatch.probes import capture, probe_for
-from esswatch.layers import (MIXERS, CausalSelfAttention, GatedLinearAttention, LinearAttention, LongConvolution,
-                             MixerProbe, SelectiveSSM, SequenceModel, make_mixer)
+from esswatch.layers import (
+    MIXERS,
+    CausalSelfAttention,
+    GatedLinearAttention,
+    LinearAttention,
+    LongConvolution,
+    MixerProbe,
+    SelectiveSSM,
+    SequenceModel,
+    make_mixer,
+)
 from esswatch.operators import Convolution, GatedRecurrence, SoftmaxAttention
-
-from reference import entropy_ess_ref
+from esswatch.probes import capture, probe_for
 
 D_MODEL, BATCH, L = 8, 2, 10
 
@@ -28,8 +37,11 @@ CASES = {
     "ssm": (lambda: SelectiveSSM(D_MODEL, d_state=4, d_conv=3), GatedRecurrence, 4),
     "ssm_noconv": (lambda: SelectiveSSM(D_MODEL, d_state=3, expand=2, d_conv=0), GatedRecurrence, 3),
     "long_conv": (lambda: LongConvolution(D_MODEL), Convolution, None),
-    "long_conv_explicit_direct": (lambda: LongConvolution(D_MODEL, kernel="explicit", max_len=16, fft=False),
-                                  Convolution, None),
+    "long_conv_explicit_direct": (
+        lambda: LongConvolution(D_MODEL, kernel="explicit", max_len=16, fft=False),
+        Convolution,
+        None,
+    ),
 }
 RECURRENT = [n for n, c in CASES.items() if c[1] is GatedRecurrence]
 
@@ -42,13 +54,13 @@ def make(name, dtype=torch.float64, seed=0):
 def rebuild_output(layer, T, f):
     """The layer's output from the captured operator ``T`` and its value path (``featurize``)."""
     if isinstance(layer, (CausalSelfAttention, LinearAttention, GatedLinearAttention)):
-        y = T @ f["v"]                                         # per head: (B, H, L, L) @ (B, H, L, d_v)
+        y = T @ f["v"]  # per head: (B, H, L, L) @ (B, H, L, d_v)
         Bx, Hx, Lx, Dv = y.shape
         y = y.transpose(1, 2).reshape(Bx, Lx, Hx * Dv)
         if isinstance(layer, GatedLinearAttention):
             y = y * f["gate"]
         return layer.out(y)
-    if isinstance(layer, SelectiveSSM):                        # per channel, plus the D skip and the z gate
+    if isinstance(layer, SelectiveSSM):  # per channel, plus the D skip and the z gate
         y = (T @ f["u"][..., None])[..., 0] + layer.D[:, None] * f["u"]
         return layer.out(y.transpose(1, 2) * f["gate"])
     if isinstance(layer, LongConvolution):
@@ -67,9 +79,10 @@ def test_operator_reproduces_layer_output(name):
     _, op_cls, tss = CASES[name]
     assert type(op) is op_cls and op.seq_len == L
     assert cap.tss == {"": tss}
-    channels = layer.d_inner if isinstance(layer, SelectiveSSM) else (
-        D_MODEL if isinstance(layer, LongConvolution) else 2)
-    rows = 1 if isinstance(layer, LongConvolution) else BATCH           # an LTI kernel is the same for every row
+    channels = (
+        layer.d_inner if isinstance(layer, SelectiveSSM) else (D_MODEL if isinstance(layer, LongConvolution) else 2)
+    )
+    rows = 1 if isinstance(layer, LongConvolution) else BATCH  # an LTI kernel is the same for every row
     assert tuple(op.batch_shape) == (rows, channels)
     T = op.dense()
     assert float(T.triu(1).abs().max()) == 0.0
@@ -98,14 +111,14 @@ def test_operator_structure():
         layer(x)
     T = cap.operators[""].dense()
     lag = torch.arange(L)[:, None] - torch.arange(L)[None, :]
-    assert float(T[..., lag >= 3].abs().max()) == 0.0                    # outside the window
-    assert torch.allclose(T.sum(-1), torch.ones(()).double())            # softmax rows
+    assert float(T[..., lag >= 3].abs().max()) == 0.0  # outside the window
+    assert torch.allclose(T.sum(-1), torch.ones(()).double())  # softmax rows
     conv = make("long_conv")
     with capture(conv) as cap:
         conv(x)
     T = cap.operators[""].dense()
     h = conv.kernel_at(L)
-    assert torch.allclose(T[0, :, 5, 2], h[:, 3]) and torch.allclose(T[0, :, 9, 6], h[:, 3])   # Toeplitz
+    assert torch.allclose(T[0, :, 5, 2], h[:, 3]) and torch.allclose(T[0, :, 9, 6], h[:, 3])  # Toeplitz
 
 
 @pytest.mark.parametrize("name", ["attention", "gla", "ssm", "long_conv"])

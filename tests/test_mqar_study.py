@@ -1,5 +1,6 @@
 """``examples/mqar/study.py --quick``: the files it writes (schema, finite numbers), its statistics against
 independent references, its diagnosis column, and that a run reproduces its row exactly."""
+
 from __future__ import annotations
 
 import csv
@@ -34,7 +35,7 @@ def quick(tmp_path_factory):
     n, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     assert study.main(["--quick", "--out", str(out), "--logdir", str(logs)]) == 0
     assert study.main(["--quick", "--regularizer", "--out", str(out), "--logdir", str(logs)]) == 0
-    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (n, det)   # restored
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (n, det)  # restored
     return out, logs
 
 
@@ -90,15 +91,19 @@ def test_correlations_match_independent_references(quick):
     assert d["spearman"] == pytest.approx(study.spearman(acc, ess) - study.spearman(acc, tss), abs=1e-12)
     assert d["pearson_lo"] <= d["pearson_hi"]
     line = next(ln for ln in text.splitlines() if ln.startswith("| all |"))
-    assert line == (f"| all | {len(rows)} | {study._ci(e, 'pearson')} | {study._ci(t, 'pearson')} | "
-                    f"{study._ci(d, 'pearson')} | {study._ci(e, 'spearman')} | {study._ci(t, 'spearman')} | "
-                    f"{study._ci(d, 'spearman')} |")
+    assert line == (
+        f"| all | {len(rows)} | {study._ci(e, 'pearson')} | {study._ci(t, 'pearson')} | "
+        f"{study._ci(d, 'pearson')} | {study._ci(e, 'spearman')} | {study._ci(t, 'spearman')} | "
+        f"{study._ci(d, 'spearman')} |"
+    )
     assert "## Failed runs" in text and "## Runs" in text
 
 
 def test_ties_get_average_ranks():
     assert list(study.ranks([3.0, 1.0, 3.0, 2.0])) == [3.5, 1.0, 3.5, 2.0]
-    assert study.spearman([1, 2, 3, 4], [1, 1, 2, 2]) == pytest.approx(np.corrcoef([1, 2, 3, 4], [1.5, 1.5, 3.5, 3.5])[0, 1])
+    assert study.spearman([1, 2, 3, 4], [1, 1, 2, 2]) == pytest.approx(
+        np.corrcoef([1, 2, 3, 4], [1.5, 1.5, 3.5, 3.5])[0, 1]
+    )
 
 
 def test_regularizer_file(quick):
@@ -107,7 +112,8 @@ def test_regularizer_file(quick):
     rc = study.SWEEPS["quick"]["regularizer"]
     assert list(rows[0]) == study.REG_FIELDS
     assert sorted((int(r["seed"]), float(r["weight"])) for r in rows) == sorted(
-        (s, w) for s in rc["seeds"] for w in (0.0, rc["weight"]))
+        (s, w) for s in rc["seeds"] for w in (0.0, rc["weight"])
+    )
     for r in rows:
         assert all(math.isfinite(float(r[k])) for k in study.REG_FIELDS)
     on = {int(r["seed"]): r for r in rows if float(r["weight"]) > 0}
@@ -117,7 +123,8 @@ def test_regularizer_file(quick):
     assert "Accuracy with minus without, per seed" in text and "seconds per step with / without" in text
     cost = _csv(out / "regularizer_cost.csv")
     assert sorted((int(c["repeat"]), float(c["weight"])) for c in cost) == sorted(
-        (r, w) for r in range(5) for w in (0.0, rc["weight"]))
+        (r, w) for r in range(5) for w in (0.0, rc["weight"])
+    )
     assert all(0 < float(c["seconds_per_step"]) < 60 for c in cost)
     assert "Regularized / plain step time: median" in text
 

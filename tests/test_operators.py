@@ -1,5 +1,6 @@
 """The operators against naive loops: ``.dense()``, ``hankel(i)``/``hankel_fro2``, ``block()`` and
 ``hankel_support`` against the dense matrix, and validation of their arguments."""
+
 from __future__ import annotations
 
 import math
@@ -16,22 +17,31 @@ from esswatch.operators import Convolution, GatedRecurrence, SoftmaxAttention
 
 # -- operators' dense() against naive loops -----------------------------------------------
 
+
 def test_dense_matches_naive_loops():
     L = 9
     q, k = _rand(2, L, 3, seed=1), _rand(2, L, 3, seed=2)
     ld = -torch.rand(2, L, 3, generator=torch.Generator().manual_seed(3), dtype=F64)
-    np.testing.assert_allclose(SoftmaxAttention(q, k, scale=0.7).dense().numpy(),
-                               softmax_attention_loop(q.numpy(), k.numpy(), 0.7), atol=1e-12)
-    np.testing.assert_allclose(SoftmaxAttention(q, k, window=3).dense().numpy(),
-                               softmax_attention_loop(q.numpy(), k.numpy(), 1 / math.sqrt(3), window=3), atol=1e-12)
+    np.testing.assert_allclose(
+        SoftmaxAttention(q, k, scale=0.7).dense().numpy(), softmax_attention_loop(q.numpy(), k.numpy(), 0.7), atol=1e-12
+    )
+    np.testing.assert_allclose(
+        SoftmaxAttention(q, k, window=3).dense().numpy(),
+        softmax_attention_loop(q.numpy(), k.numpy(), 1 / math.sqrt(3), window=3),
+        atol=1e-12,
+    )
     add = _rand(L, L, seed=5)
-    np.testing.assert_allclose(SoftmaxAttention(q, k, mask=add).dense().numpy(),
-                               softmax_attention_loop(q.numpy(), k.numpy(), 1 / math.sqrt(3), mask=add.numpy()),
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        SoftmaxAttention(q, k, mask=add).dense().numpy(),
+        softmax_attention_loop(q.numpy(), k.numpy(), 1 / math.sqrt(3), mask=add.numpy()),
+        atol=1e-12,
+    )
     bmask = torch.rand(L, L, generator=torch.Generator().manual_seed(6)) > 0.4
-    np.testing.assert_allclose(SoftmaxAttention(q, k, mask=bmask).dense().numpy(),
-                               softmax_attention_loop(q.numpy(), k.numpy(), 1 / math.sqrt(3), mask=bmask.numpy()),
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        SoftmaxAttention(q, k, mask=bmask).dense().numpy(),
+        softmax_attention_loop(q.numpy(), k.numpy(), 1 / math.sqrt(3), mask=bmask.numpy()),
+        atol=1e-12,
+    )
     for decay in (None, ld, ld[..., :1]):
         ref = gated_recurrence_loop(q.numpy(), k.numpy(), None if decay is None else decay.numpy())
         np.testing.assert_allclose(GatedRecurrence(q, k, decay).dense().numpy(), ref, atol=1e-12)
@@ -52,12 +62,14 @@ def test_hankel_blocks_and_fro2():
 
 # -- block() and hankel_support() against the dense matrix ----------------------------------
 
+
 def test_block_matches_dense_slices():
     for name, op in _ops(L=16).items():
         T = op.dense()
         for rows, cols in ((slice(3, 11), slice(0, 7)), (slice(None), slice(2, 5)), (slice(12, None), slice(None))):
-            np.testing.assert_allclose(op.block(rows, cols).numpy(), T[..., rows, cols].numpy(), atol=1e-12,
-                                       err_msg=f"{name} {rows} {cols}")
+            np.testing.assert_allclose(
+                op.block(rows, cols).numpy(), T[..., rows, cols].numpy(), atol=1e-12, err_msg=f"{name} {rows} {cols}"
+            )
 
 
 def test_hankel_support_holds_every_nonzero():
@@ -80,13 +92,17 @@ def test_hankel_support_holds_every_nonzero():
 
 # -- bad arguments ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: GatedRecurrence(torch.randn(5, 3), torch.randn(5, 2)), "agree"),
-    (lambda: GatedRecurrence(torch.randn(5, 3), torch.randn(5, 3), torch.randn(5, 2)), "log_decay"),
-    (lambda: SoftmaxAttention(torch.randn(5, 3), torch.randn(5, 3), window=0), "window"),
-    (lambda: SoftmaxAttention(torch.randn(5, 3), torch.randn(5, 3), mask=torch.ones(4, 4)), "mask"),
-    (lambda: Convolution(torch.arange(5)), "floating"),
-])
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: GatedRecurrence(torch.randn(5, 3), torch.randn(5, 2)), "agree"),
+        (lambda: GatedRecurrence(torch.randn(5, 3), torch.randn(5, 3), torch.randn(5, 2)), "log_decay"),
+        (lambda: SoftmaxAttention(torch.randn(5, 3), torch.randn(5, 3), window=0), "window"),
+        (lambda: SoftmaxAttention(torch.randn(5, 3), torch.randn(5, 3), mask=torch.ones(4, 4)), "mask"),
+        (lambda: Convolution(torch.arange(5)), "floating"),
+    ],
+)
 def test_bad_inputs_raise_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()

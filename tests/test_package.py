@@ -1,4 +1,5 @@
 """Packaging: lazy framework imports, the integrations mapping, the quickstart."""
+
 from __future__ import annotations
 
 import subprocess
@@ -9,14 +10,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(code: str) -> str:
-    return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
-                          cwd=str(ROOT / "tests")).stdout
+    return subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=str(ROOT / "tests")
+    ).stdout
 
 
 def test_import_esswatch_does_not_import_frameworks():
-    out = _run("import sys, esswatch, esswatch.ess, esswatch.operators, esswatch.probes;"
-               "print(sorted(m for m in ('lightning', 'transformers', 'pytorch_lightning', 'matplotlib') "
-               "if m in sys.modules))")
+    out = _run(
+        "import sys, esswatch, esswatch.ess, esswatch.operators, esswatch.probes;"
+        "print(sorted(m for m in ('lightning', 'transformers', 'pytorch_lightning', 'matplotlib') "
+        "if m in sys.modules))"
+    )
     assert out.strip() == "[]"
 
 
@@ -26,13 +30,14 @@ def test_integrations_install_as_esswatch_integrations():
 
 
 def test_quickstart_prints_bounded_ess():
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py")], check=True, capture_output=True, text=True
+    ).stdout
     rows = [line.split() for line in out.splitlines() if line.startswith("blocks.")]
     assert len(rows) == 4
     for row in rows:
         values = [float(v) for v in row[3:7]]
-        bounds = [16, 32, 64, 32]                      # min(i, L - i) at i = 16, 32, 64, 96 with L = 128
+        bounds = [16, 32, 64, 32]  # min(i, L - i) at i = 16, 32, 64, 96 with L = 128
         assert all(0 < v <= b for v, b in zip(values, bounds))
         tss = None if row[2] == "grows" else int(row[2])
         if tss is not None:
@@ -42,6 +47,8 @@ def test_quickstart_prints_bounded_ess():
 def test_capture_is_the_function_whatever_is_imported():
     """``esswatch.capture`` names one thing, the function, also after every submodule of the
     capture layer (``esswatch.probes``) was imported: no module doubles as a callable."""
-    out = _run("import esswatch, esswatch.probes, esswatch.probes.registry, types;"
-               "print(isinstance(esswatch.capture, types.FunctionType), esswatch.capture is esswatch.probes.capture)")
+    out = _run(
+        "import esswatch, esswatch.probes, esswatch.probes.registry, types;"
+        "print(isinstance(esswatch.capture, types.FunctionType), esswatch.capture is esswatch.probes.capture)"
+    )
     assert out.split() == ["True", "True"]

@@ -1,5 +1,6 @@
 """The ESS profile image: the drawn bounds are the TSS_i the ``utilization`` tag divides by,
 the y label names what is averaged, and the PNG written to TensorBoard is large enough."""
+
 from __future__ import annotations
 
 import struct
@@ -36,8 +37,9 @@ def _png_size(data: bytes):
 
 def _lines(fig):
     ax = fig.axes[0]
-    return {ln.get_label(): (np.asarray(ln.get_xdata(), float), np.asarray(ln.get_ydata(), float))
-            for ln in ax.get_lines()}
+    return {
+        ln.get_label(): (np.asarray(ln.get_xdata(), float), np.asarray(ln.get_ydata(), float)) for ln in ax.get_lines()
+    }
 
 
 def test_mamba_like_profile_draws_tss_and_agrees_with_utilization(tmp_path):
@@ -48,7 +50,7 @@ def test_mamba_like_profile_draws_tss_and_agrees_with_utilization(tmp_path):
     img = plot.render(r)
     lines = _lines(plot.figure)
     i = np.arange(1, L)
-    ref = np.minimum(N, np.minimum(i, L - i)).astype(float)      # independent: TSS_i = min(TSS, i, L-i)
+    ref = np.minimum(N, np.minimum(i, L - i)).astype(float)  # independent: TSS_i = min(TSS, i, L-i)
     tx, ty = lines[f"TSS_i = min({N}, i, L-i)"]
     assert tx.tolist() == i.tolist() and ty.tolist() == ref.tolist()
     _, gy = lines["min(i, L-i)"]
@@ -63,7 +65,8 @@ def test_mamba_like_profile_draws_tss_and_agrees_with_utilization(tmp_path):
         drawn = np.interp(lay["indices"], tx, ty)
         assert drawn.tolist() == lay["tss"]
         assert r["scalars"][f"ess/entropy/utilization/{name}"] == pytest.approx(
-            np.mean(np.asarray(lay["entropy"]["per_index"]) / drawn), rel=1e-6)
+            np.mean(np.asarray(lay["entropy"]["per_index"]) / drawn), rel=1e-6
+        )
     assert plot.figure.axes[0].get_ylabel() == "entropy-ESS (mean over channels)"
     assert img.shape[0] >= 500 and img.shape[1] >= 800
     legend = plot.figure.axes[0].get_legend()
@@ -91,15 +94,25 @@ def test_attention_profile_says_heads_and_draws_only_the_geometric_bound(tmp_pat
 
 def test_mixed_layers_get_one_bound_per_state_size():
     """A hybrid (attention + SSM of two widths): one dashed line per distinct TSS, 'heads or channels'."""
+
     def lay(state_size, value_dim):
-        return {"seq_len": 10, "state_size": state_size, "value_dim": value_dim, "indices": [1, 5, 9],
-                "entropy": {"per_index": [1.0, 2.0, 1.0]}}
+        return {
+            "seq_len": 10,
+            "state_size": state_size,
+            "value_dim": value_dim,
+            "indices": [1, 5, 9],
+            "entropy": {"per_index": [1.0, 2.0, 1.0]},
+        }
+
     r = {"step": 3, "layers": {"attn": lay(None, 8), "ssm_a": lay(2, 1), "ssm_b": lay(3, 1), "ssm_c": lay(2, 1)}}
     plot = esswatch.watch.plot.ProfilePlot("entropy")
     plot.render(r)
     lines = _lines(plot.figure)
-    assert sorted(k for k in lines if "i, L-i" in k) == ["TSS_i = min(2, i, L-i)", "TSS_i = min(3, i, L-i)",
-                                                          "min(i, L-i)"]
+    assert sorted(k for k in lines if "i, L-i" in k) == [
+        "TSS_i = min(2, i, L-i)",
+        "TSS_i = min(3, i, L-i)",
+        "min(i, L-i)",
+    ]
     i = np.arange(1, 10)
     assert lines["TSS_i = min(3, i, L-i)"][1].tolist() == np.minimum(3, np.minimum(i, 10 - i)).tolist()
     assert plot.figure.axes[0].get_ylabel() == "entropy-ESS (mean over heads or channels)"

@@ -1,4 +1,5 @@
 """ESSWatch(regularizer=...): the one-flag ESS penalty in a plain training loop."""
+
 from __future__ import annotations
 
 import json
@@ -108,8 +109,7 @@ def test_penalty_changes_gradients_and_is_logged(tmp_path):
 
 def test_every_k_steps_and_identity_kind():
     model = _model()
-    watch = ew.ESSWatch(model, every_n_steps=100,
-                        regularizer=ew.Regularizer(0.3, kind="identity", every_n_steps=2))
+    watch = ew.ESSWatch(model, every_n_steps=100, regularizer=ew.Regularizer(0.3, kind="identity", every_n_steps=2))
     pens = _train(model, _batches(4), watch)
     watch.close()
     assert [type(p) is float for p in pens] == [False, True, False, True]
@@ -120,7 +120,7 @@ def test_gradient_accumulation_penalizes_each_micro_batch():
     model = _model()
     batches = _batches(4, batch=2)
     watch = ew.ESSWatch(model, every_n_steps=1, regularizer=1.0, batch_rows=2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)       # lr 0: the model stays fixed, compare values
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the model stays fixed, compare values
     values = []
     for j, x in enumerate(batches):
         loss = F.cross_entropy(model(x).flatten(0, 1), x.flatten())
@@ -153,20 +153,20 @@ def test_fp16_autocast_with_grad_scaler_matches_float32():
             pen = watch.penalty()
         scaler.scale(pen).backward()
         if mode == "fp16":
-            assert pen.dtype == torch.float32                  # ESS ran in float32 under autocast
-        grads[mode] = [p.grad / (1024.0 if mode == "fp16" else 1.0) for p in model.parameters()
-                       if p.grad is not None]
+            assert pen.dtype == torch.float32  # ESS ran in float32 under autocast
+        grads[mode] = [p.grad / (1024.0 if mode == "fp16" else 1.0) for p in model.parameters() if p.grad is not None]
         watch.close()
     num = sum(float(((a - b) ** 2).sum()) for a, b in zip(grads["fp16"], grads["fp32"])) ** 0.5
-    den = sum(float((b ** 2).sum()) for b in grads["fp32"]) ** 0.5
+    den = sum(float((b**2).sum()) for b in grads["fp32"]) ** 0.5
     assert den > 0 and num / den < 0.05
 
 
 def _ddp_worker(rank, world, tmp):
     torch.set_num_threads(1)
     # a file rendezvous: no TCP port to race for with other tests
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'rendezvous')}", rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{os.path.join(tmp, 'rendezvous')}", rank=rank, world_size=world
+    )
     try:
         model = torch.nn.parallel.DistributedDataParallel(_model())
         watch = ew.ESSWatch(model, every_n_steps=2, regularizer=1.0)
@@ -191,5 +191,5 @@ def _ddp_worker(rank, world, tmp):
 def test_ddp_two_ranks_with_regularizer(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in (0, 1))
-    assert all(np.isfinite(r0["loss"])) and r0["loss"] != r1["loss"]     # own data per rank
+    assert all(np.isfinite(r0["loss"])) and r0["loss"] != r1["loss"]  # own data per rank
     np.testing.assert_allclose(r0["params"], r1["params"], rtol=0, atol=0)  # gradients all-reduced

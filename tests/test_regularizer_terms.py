@@ -1,4 +1,5 @@
 """The regularizer's penalty: values against independent formulas, gradients against finite differences."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,8 +32,11 @@ def test_penalty_value_matches_numpy_formula(mixer):
             ess = entropy_ess_ref(op.dense().detach().double().numpy(), idx.tolist())
             tss = op.tss(idx).numpy()
             u = ess / tss
-            t = ((u - cfg.target) ** 2).mean() if cfg.mode == "target" else \
-                (np.maximum(cfg.floor - u, 0) ** 2).mean() / cfg.floor ** 2
+            t = (
+                ((u - cfg.target) ** 2).mean()
+                if cfg.mode == "target"
+                else (np.maximum(cfg.floor - u, 0) ** 2).mean() / cfg.floor**2
+            )
             np.testing.assert_allclose(float(terms[name].detach()), t, rtol=1e-4, atol=1e-7)
             expect.append(t)
         np.testing.assert_allclose(float(total.detach()), 0.3 * np.mean(expect), rtol=1e-4, atol=1e-7)
@@ -49,12 +53,15 @@ def test_identity_penalty_matches_formula():
     np.testing.assert_allclose(float(total.detach()), 2.0 * ref, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mixer,cfg", [
-    ("gla", Regularizer(1.0, floor=1.0)),
-    ("gla", Regularizer(1.0, mode="target", target=0.2)),
-    ("attention", Regularizer(1.0, mode="target", target=0.1)),
-    ("gla", Regularizer(1.0, kind="identity")),
-])
+@pytest.mark.parametrize(
+    "mixer,cfg",
+    [
+        ("gla", Regularizer(1.0, floor=1.0)),
+        ("gla", Regularizer(1.0, mode="target", target=0.2)),
+        ("attention", Regularizer(1.0, mode="target", target=0.1)),
+        ("gla", Regularizer(1.0, kind="identity")),
+    ],
+)
 def test_penalty_gradient_matches_finite_differences(mixer, cfg):
     torch.manual_seed(1)
     model = SequenceModel(16, d_model=8, n_layers=1, mixer=mixer, n_heads=2).double()
@@ -82,7 +89,13 @@ def test_penalty_gradient_matches_finite_differences(mixer, cfg):
 
 
 def test_config_validation():
-    for bad in (dict(weight=-1), dict(weight=1, kind="x"), dict(weight=1, mode="y"),
-                dict(weight=1, mode="target"), dict(weight=1, every_n_steps=0), dict(weight=1, floor=0)):
+    for bad in (
+        dict(weight=-1),
+        dict(weight=1, kind="x"),
+        dict(weight=1, mode="y"),
+        dict(weight=1, mode="target"),
+        dict(weight=1, every_n_steps=0),
+        dict(weight=1, floor=0),
+    ):
         with pytest.raises(ValueError):
             Regularizer(**bad)

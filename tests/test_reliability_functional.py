@@ -1,7 +1,7 @@
 """The functional API under bad input, extreme scales and memory limits (issue 11 items 13, 14
 and the denormal note): each test failed before its fix."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import numpy as np
 import pytest
@@ -29,17 +29,20 @@ def np_entropy_ess(t, indices):
 
 
 # -- 13. bad input: one clear ValueError naming the argument -----------------------------------
-@pytest.mark.parametrize("indices, match", [
-    ([], "indices is empty"),
-    ("3", "indices"),
-    ([1, None], "indices"),
-    ({1, 2}, "indices"),
-    ([2 ** 70], "indices"),
-    (2 ** 70, "indices"),
-    ([1.5], "indices"),
-    ([True], "indices"),
-    (torch.tensor([1], device="meta"), "indices"),
-])
+@pytest.mark.parametrize(
+    "indices, match",
+    [
+        ([], "indices is empty"),
+        ("3", "indices"),
+        ([1, None], "indices"),
+        ({1, 2}, "indices"),
+        ([2**70], "indices"),
+        (2**70, "indices"),
+        ([1.5], "indices"),
+        ([True], "indices"),
+        (torch.tensor([1], device="meta"), "indices"),
+    ],
+)
 @pytest.mark.parametrize("fn", [entropy_ess, tolerance_ess])
 def test_bad_indices_raise_value_error(fn, indices, match):
     with pytest.raises(ValueError, match=match):
@@ -137,7 +140,7 @@ def test_dense_state_size_validated(bad):
 def test_denormal_block_has_the_ess_of_its_normal_twin(estimator):
     t = causal(L=12, batch=(3,), dtype=torch.float32)
     tiny = t * 1e-40
-    assert (tiny[tiny != 0].abs() < torch.finfo(torch.float32).tiny).all()       # really denormal
+    assert (tiny[tiny != 0].abs() < torch.finfo(torch.float32).tiny).all()  # really denormal
     idx = [3, 6, 9]
     ref = entropy_ess(t, idx, estimator=estimator)
     got = entropy_ess(tiny, idx, estimator=estimator)
@@ -171,7 +174,7 @@ def test_scale_normalization_keeps_gradients_finite_and_exact():
         assert torch.isfinite(x.grad).all()
         if c == 1.0:
             g1 = x.grad.clone()
-        else:        # ESS(cT) = ESS(T) => grad at cT = grad at T / c
+        else:  # ESS(cT) = ESS(T) => grad at cT = grad at T / c
             torch.testing.assert_close(x.grad * c, g1, rtol=1e-6, atol=1e-9)
     z = torch.zeros(2, 10, 10, requires_grad=True)
     entropy_ess(z, [3, 5], estimator="exact").sum().backward()
@@ -188,7 +191,7 @@ def test_convolution_dense_matches_the_definition():
         for c in range(r + 1):
             ref[..., r, c] = h.detach()[..., r - c]
     assert torch.equal(t.detach(), ref)
-    t.sum().backward()                    # h[d] appears L - d times
+    t.sum().backward()  # h[d] appears L - d times
     assert torch.equal(h.grad, torch.arange(9, 0, -1, dtype=torch.float64).expand(3, 2, 9))
 
 
@@ -197,6 +200,7 @@ def test_convolution_dense_builds_no_index_matrix():
     L = 600
     h = torch.randn(1, L)
     from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         Convolution(h).dense()
     peak = max(abs(e.cpu_memory_usage) for e in prof.key_averages())
@@ -205,6 +209,7 @@ def test_convolution_dense_builds_no_index_matrix():
 
 def test_memory_cap_raises_a_clear_error(monkeypatch):
     from esswatch.engine.memory import ESSMemoryError  # noqa: I001
+
     monkeypatch.setenv("ESSWATCH_MAX_BYTES", "100000")
     h = torch.randn(4, 400)
     with pytest.raises(ESSMemoryError) as ei:
@@ -215,7 +220,7 @@ def test_memory_cap_raises_a_clear_error(monkeypatch):
     q = torch.randn(4, 400, 8)
     with pytest.raises(ESSMemoryError, match="ESSWATCH_MAX_BYTES"):
         tolerance_ess(SoftmaxAttention(q, q), [200])
-    monkeypatch.setenv("ESSWATCH_MAX_BYTES", str(10 ** 9))
+    monkeypatch.setenv("ESSWATCH_MAX_BYTES", str(10**9))
     assert entropy_ess(Convolution(h), [100, 200]).shape == (4, 2)
 
 
@@ -228,6 +233,7 @@ def test_memory_cap_env_var_validated(monkeypatch):
 def test_memory_error_inside_the_watch_is_a_layer_warning(monkeypatch):
     from esswatch.layers import CausalSelfAttention
     from esswatch.watch import ESSWarning
+
     torch.manual_seed(0)
     model = torch.nn.Sequential(CausalSelfAttention(16, n_heads=2))
     monkeypatch.setenv("ESSWATCH_MAX_BYTES", "2000")

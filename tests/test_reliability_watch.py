@@ -1,4 +1,5 @@
 """Reliability of ESSWatch under faults and bad input (issue 11): each test failed before its fix."""
+
 from __future__ import annotations
 
 import copy
@@ -58,7 +59,7 @@ def test_nonfinite_regularizer_weight_floor_target_rejected(bad):
         esswatch.Regularizer(1.0, floor=bad)
     with pytest.raises(ValueError, match="target"):
         esswatch.Regularizer(1.0, mode="target", target=bad)
-    esswatch.ESSWatch(model, regularizer=1.0).close()          # nothing was left attached
+    esswatch.ESSWatch(model, regularizer=1.0).close()  # nothing was left attached
 
 
 # -- 4. a garbage-collected watch releases the model --------------------------------------------
@@ -108,13 +109,13 @@ def test_aborted_forward_is_replaced_by_the_next_one():
     with esswatch.capture(model) as cap:
         model(good)
     t = cap.operators["attn"].dense().double().numpy()
-    ref = np.array([np_entropy_ess(t, i) for i in res["layers"]["attn"]["indices"]]).T   # (1, heads, n)
+    ref = np.array([np_entropy_ess(t, i) for i in res["layers"]["attn"]["indices"]]).T  # (1, heads, n)
     np.testing.assert_allclose(res["layers"]["attn"]["entropy"]["per_index"], ref.mean(axis=(0, 1)), rtol=1e-4)
 
 
 def test_aborted_forward_with_regularizer_uses_latest_graph():
     model = Flaky()
-    reg = esswatch.Regularizer(1.0, mode="target", target=0.0)      # penalty = mean(u^2) > 0
+    reg = esswatch.Regularizer(1.0, mode="target", target=0.0)  # penalty = mean(u^2) > 0
     watch = esswatch.ESSWatch(model, every_n_steps=1, batch_rows=1, regularizer=reg)
     aborted, good = torch.randn(1, L, D) * 5, torch.randn(1, L, D)
     model.boom = True
@@ -150,7 +151,7 @@ def test_custom_operator_exception_becomes_a_layer_warning():
     watch = esswatch.ESSWatch(model, every_n_steps=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = model(x)                                       # must not raise
+        out = model(x)  # must not raise
         res = watch.step()
         model(x)
         res2 = watch.step()
@@ -190,8 +191,9 @@ def test_failing_probe_batch_is_counted_and_warned_not_raised():
     assert len(w) == 1 and "probe_batch" in str(w[0].message) and "probe input is wrong" in str(w[0].message)
     assert watch.failures == 2
     watch.close()
-    strict = esswatch.ESSWatch(model, every_n_steps=1, strict=True,
-                               probe_batch={"x": torch.randn(2, L, D), "fail": True})
+    strict = esswatch.ESSWatch(
+        model, every_n_steps=1, strict=True, probe_batch={"x": torch.randn(2, L, D), "fail": True}
+    )
     with pytest.raises(ESSMeasurementError, match="probe_batch"):
         strict.step()
     strict.close()
@@ -262,18 +264,21 @@ def test_concurrent_attach_never_both_succeed():
 
 
 # -- 12. load_state_dict validates first, then applies ------------------------------------------
-@pytest.mark.parametrize("mutate, what", [
-    (lambda s: s.pop("schedule"), "schedule"),
-    (lambda s: s["schedule"].pop("step"), "step"),
-    (lambda s: s.__setitem__("failures", -5), "failures"),
-    (lambda s: s.__setitem__("failures", "x"), "failures"),
-    (lambda s: s.__setitem__("samples", -1), "samples"),
-    (lambda s: s.__setitem__("samples", 1.5), "samples"),
-    (lambda s: s.__setitem__("failed_layers", 3), "failed_layers"),
-    (lambda s: s.__setitem__("failed_layers", [1]), "failed_layers"),
-    (lambda s: s.__setitem__("schedule", None), "schedule"),
-    (lambda s: s.pop("failures"), "failures"),
-])
+@pytest.mark.parametrize(
+    "mutate, what",
+    [
+        (lambda s: s.pop("schedule"), "schedule"),
+        (lambda s: s["schedule"].pop("step"), "step"),
+        (lambda s: s.__setitem__("failures", -5), "failures"),
+        (lambda s: s.__setitem__("failures", "x"), "failures"),
+        (lambda s: s.__setitem__("samples", -1), "samples"),
+        (lambda s: s.__setitem__("samples", 1.5), "samples"),
+        (lambda s: s.__setitem__("failed_layers", 3), "failed_layers"),
+        (lambda s: s.__setitem__("failed_layers", [1]), "failed_layers"),
+        (lambda s: s.__setitem__("schedule", None), "schedule"),
+        (lambda s: s.pop("failures"), "failures"),
+    ],
+)
 def test_load_state_dict_validates_everything_before_applying(mutate, what):
     model = make_model()
     src = esswatch.ESSWatch(model, every_n_steps=3)
@@ -299,15 +304,15 @@ def test_watched_model_pickles_and_loaded_copy_is_not_watched(tmp_path):
     x = tokens()[0]
     ref = model(x)
     watch.step()
-    pickle.loads(pickle.dumps(model))                       # no "Can't pickle local object"
+    pickle.loads(pickle.dumps(model))  # no "Can't pickle local object"
     path = tmp_path / "model.pt"
     torch.save(model, path)
     loaded = torch.load(path, weights_only=False)
     torch.testing.assert_close(loaded(x), ref, rtol=0, atol=0)  # same outputs; its first forward drops the inert hooks
     assert hook_count(loaded) == before
-    model(x)                                                 # the original is still watched
+    model(x)  # the original is still watched
     assert set(watch.step()["layers"]) == {"blocks.0.mixer", "blocks.1.mixer"}
-    w2 = esswatch.ESSWatch(loaded, every_n_steps=1)         # the loaded model is free to watch
+    w2 = esswatch.ESSWatch(loaded, every_n_steps=1)  # the loaded model is free to watch
     loaded(x)
     assert set(w2.step()["layers"]) == {"blocks.0.mixer", "blocks.1.mixer"}
     w2.close()
@@ -318,6 +323,7 @@ def test_watched_model_pickles_and_loaded_copy_is_not_watched(tmp_path):
 # -- 3. a deep copy (EMA / AveragedModel) is not watched -----------------------------------------
 def test_deepcopy_and_averaged_model_are_not_watched():
     from torch.optim.swa_utils import AveragedModel
+
     model = make_model()
     before = hook_count(model)
     watch = esswatch.ESSWatch(model, every_n_steps=1, batch_rows=1)
@@ -325,7 +331,7 @@ def test_deepcopy_and_averaged_model_are_not_watched():
     plain = copy.deepcopy(model)
     xs = tokens(2)
     ema.train()
-    ema(xs[1])                              # a train-mode forward of the copy: must not be measured
+    ema(xs[1])  # a train-mode forward of the copy: must not be measured
     plain(xs[1])
     model(xs[0])
     res = watch.step()
@@ -345,19 +351,32 @@ def test_close_removes_inert_hooks_from_copies_that_never_ran():
     before = hook_count(model)
     watch = esswatch.ESSWatch(model, every_n_steps=1)
     dup = copy.deepcopy(model)
-    assert hook_count(dup) > before                         # inert until closed or run
+    assert hook_count(dup) > before  # inert until closed or run
     watch.close()
     assert hook_count(dup) == before and hook_count(model) == before
 
 
 # -- the same class of defect elsewhere: ESSWatch / capture arguments ------------------------------
-@pytest.mark.parametrize("kwargs, what", [
-    ({"tol": float("nan")}, "tol"), ({"tol": True}, "tol"), ({"tol": float("inf")}, "tol"),
-    ({"relative": 1}, "relative"), ({"indices": [1, True]}, "indices"), ({"indices": {2, 3}}, "indices"),
-    ({"indices": [2.5]}, "indices"), ({"estimator": ["exact"]}, "estimator"), ({"metrics": 3}, "metrics"),
-    ({"every_n_steps": True}, "every_n_steps"), ({"batch_rows": True}, "batch_rows"), ({"heads": 0}, "heads"),
-    ({"images": -1}, "images"), ({"histograms": "yes"}, "histograms"), ({"logdir": 3}, "logdir"),
-])
+@pytest.mark.parametrize(
+    "kwargs, what",
+    [
+        ({"tol": float("nan")}, "tol"),
+        ({"tol": True}, "tol"),
+        ({"tol": float("inf")}, "tol"),
+        ({"relative": 1}, "relative"),
+        ({"indices": [1, True]}, "indices"),
+        ({"indices": {2, 3}}, "indices"),
+        ({"indices": [2.5]}, "indices"),
+        ({"estimator": ["exact"]}, "estimator"),
+        ({"metrics": 3}, "metrics"),
+        ({"every_n_steps": True}, "every_n_steps"),
+        ({"batch_rows": True}, "batch_rows"),
+        ({"heads": 0}, "heads"),
+        ({"images": -1}, "images"),
+        ({"histograms": "yes"}, "histograms"),
+        ({"logdir": 3}, "logdir"),
+    ],
+)
 def test_bad_watch_arguments_raise_value_error_and_leave_nothing_attached(kwargs, what, tmp_path):
     model = make_model()
     before = hook_count(model)
@@ -367,25 +386,38 @@ def test_bad_watch_arguments_raise_value_error_and_leave_nothing_attached(kwargs
     esswatch.ESSWatch(model).close()
 
 
-@pytest.mark.parametrize("kwargs, what", [
-    ({"batch_rows": True}, "batch_rows"), ({"heads": 1.5}, "heads"), ({"keep_graph": "no"}, "keep_graph"),
-    ({"layers": 3}, "layers"), ({"layers": ["nope"]}, "nope"),
-])
+@pytest.mark.parametrize(
+    "kwargs, what",
+    [
+        ({"batch_rows": True}, "batch_rows"),
+        ({"heads": 1.5}, "heads"),
+        ({"keep_graph": "no"}, "keep_graph"),
+        ({"layers": 3}, "layers"),
+        ({"layers": ["nope"]}, "nope"),
+    ],
+)
 def test_bad_capture_arguments_raise_value_error(kwargs, what):
     with pytest.raises(ValueError, match=what):
         esswatch.capture(make_model(), **kwargs)
 
 
-@pytest.mark.parametrize("kwargs, err, what", [
-    ({"regularizer": float("nan")}, ValueError, "weight"), ({"tol": float("nan")}, ValueError, "tol"),
-    ({"batch_rows": 0}, ValueError, "batch_rows"), ({"every_n_steps": 0}, ValueError, "every_n_steps"),
-    ({"indices": []}, ValueError, "indices"), ({"no_such_option": 1}, TypeError, "no_such_option"),
-])
+@pytest.mark.parametrize(
+    "kwargs, err, what",
+    [
+        ({"regularizer": float("nan")}, ValueError, "weight"),
+        ({"tol": float("nan")}, ValueError, "tol"),
+        ({"batch_rows": 0}, ValueError, "batch_rows"),
+        ({"every_n_steps": 0}, ValueError, "every_n_steps"),
+        ({"indices": []}, ValueError, "indices"),
+        ({"no_such_option": 1}, TypeError, "no_such_option"),
+    ],
+)
 def test_framework_callbacks_validate_options_at_construction(kwargs, err, what):
     pytest.importorskip("lightning")
     transformers = pytest.importorskip("transformers")  # noqa: F841
     from esswatch.integrations.lightning import ESSCallback as LightningCallback
     from esswatch.integrations.transformers import ESSCallback as HFCallback
+
     for cls in (LightningCallback, HFCallback):
         with pytest.raises(err, match=what):
             cls(**kwargs)

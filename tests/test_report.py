@@ -1,6 +1,7 @@
 """``esswatch report`` on event files written by TensorBoard's own writer: tag prefixes
 (Trainer-style ``train/ess/...``), strict JSON, the ``--last`` window, corrupt files.
 Expected values come from the values written, read back by ``EventAccumulator``."""
+
 from __future__ import annotations
 
 import json
@@ -38,6 +39,7 @@ def write_run(path, prefix="", steps=(0, 5, 10), nan_at=None, extra=None):
 def strict_loads(text):
     def bad(c):
         raise ValueError(f"non-strict JSON constant {c}")
+
     return json.loads(text, parse_constant=bad)
 
 
@@ -48,9 +50,14 @@ def report_json(capsys, *args):
 
 def test_parse_tag_is_the_inverse_of_the_tag_builders():
     from esswatch.watch.tags import FAILURES_TAG, SECONDS_TAG, scalar_tags
-    result = {"metrics": ["entropy"], "failures": 2, "seconds": 0.5,
-              "layers": {"a.b": {"entropy": {s: 1.0 for s in STATS}}, "": {"entropy": {s: 2.0 for s in STATS}}},
-              "model": {"entropy": {s: 3.0 for s in STATS}}}
+
+    result = {
+        "metrics": ["entropy"],
+        "failures": 2,
+        "seconds": 0.5,
+        "layers": {"a.b": {"entropy": {s: 1.0 for s in STATS}}, "": {"entropy": {s: 2.0 for s in STATS}}},
+        "model": {"entropy": {s: 3.0 for s in STATS}},
+    }
     for prefix in ("", "train/", "x/y/"):
         parsed = {t: parse_tag(prefix + t) for t in scalar_tags(result)}
         assert all(p is not None and p.prefix == prefix for p in parsed.values())
@@ -97,9 +104,9 @@ def test_json_is_strict_nan_becomes_null(tmp_path, capsys):
     code, runs = report_json(capsys, tmp_path, "--last", "2")
     assert code == 0
     row = runs[0]["metrics"]["entropy"][LAYERS[0]]
-    assert row["avg"] is None and row["trend_avg"] is None       # NaN - x is NaN too
+    assert row["avg"] is None and row["trend_avg"] is None  # NaN - x is NaN too
     assert row["max"] == pytest.approx(10.1)
-    assert main(["report", str(tmp_path)]) == 0                   # the table shows "-"
+    assert main(["report", str(tmp_path)]) == 0  # the table shows "-"
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith(LAYERS[0]))
     assert line.split()[2] == "nan"
 
@@ -110,7 +117,7 @@ def test_last_must_be_an_integer_of_at_least_two(tmp_path, capsys, bad):
     write_run(tmp_path / "r")
     try:
         code = main(["report", str(tmp_path), "--last", bad])
-    except SystemExit as e:                     # argparse's own type check ("two", "2.5")
+    except SystemExit as e:  # argparse's own type check ("two", "2.5")
         code = e.code
     assert code == 2
     err = capsys.readouterr().err
@@ -137,13 +144,13 @@ def test_a_corrupt_event_file_is_named_and_what_was_read_is_reported(tmp_path, c
     path = _event_file(run)
     data = bytearray(open(path, "rb").read())
     needle = b"ess/entropy/avg/blocks.0.mixer"
-    pos = [i for i in range(len(data)) if data.startswith(needle, i)][2]       # the third write: step 10
+    pos = [i for i in range(len(data)) if data.startswith(needle, i)][2]  # the third write: step 10
     data[pos + len(needle) + 3] ^= 0xFF
     open(path, "wb").write(bytes(data))
     ea = EventAccumulator(str(run))
     ea.Reload()
     read_back = [e.step for e in ea.Scalars("ess/entropy/avg/model")]
-    assert read_back == [0, 5]                                       # TensorBoard itself stops there, silently
+    assert read_back == [0, 5]  # TensorBoard itself stops there, silently
 
     code, runs = report_json(capsys, tmp_path)
     assert code == 0
@@ -192,7 +199,7 @@ def test_damage_in_the_first_of_two_event_files(tmp_path, capsys):
     tb_logger = logging.getLogger("tensorboard")
     before = (tb_logger.level, tb_logger.propagate, list(tb_logger.handlers))
     code, runs = report_json(capsys, tmp_path)
-    assert (tb_logger.level, tb_logger.propagate, list(tb_logger.handlers)) == before    # logging left as found
+    assert (tb_logger.level, tb_logger.propagate, list(tb_logger.handlers)) == before  # logging left as found
     assert code == 0
     assert [c["file"] for c in runs[0]["corrupt"]] == [os.path.relpath(first, tmp_path)]
     assert runs[0]["metrics"]["entropy"]["model"]["step"] == 20

@@ -1,4 +1,5 @@
 """``Schedule``: which steps are sampled (period and offset), the step counter and its state."""
+
 import pytest
 
 from esswatch.watch.schedule import Schedule
@@ -17,6 +18,7 @@ def test_offset_is_validated(bad):
 
 
 # -- due / advance / state -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("every,offset", [(1, 0), (3, 0), (3, 2), (7, 6)])
 def test_due_is_step_mod_period_equal_offset(every, offset):
@@ -38,7 +40,7 @@ def test_start_step_and_state_round_trip():
     sched = Schedule(5, step=12, offset=3)
     assert sched.step == 12 and sched.due_now is False
     sched.advance()
-    assert sched.due_now is True                                  # 13 % 5 == 3
+    assert sched.due_now is True  # 13 % 5 == 3
     state = sched.state_dict()
     assert state == {"step": 13, "every_n_steps": 5}
     resumed = Schedule(5, offset=3)
@@ -51,13 +53,16 @@ def test_start_step_and_state_round_trip():
     assert other.step == 13 and other.every_n_steps == 2 and other.offset == 0 and not other.due_now
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"every_n_steps": 0}, "every_n_steps must be an int >= 1"),
-    ({"every_n_steps": True}, "every_n_steps must be an int >= 1"),
-    ({"every_n_steps": 2.0}, "every_n_steps must be an int >= 1"),
-    ({"every_n_steps": 2, "step": -1}, "step must be an int >= 0"),
-    ({"every_n_steps": 2, "step": 1.0}, "step must be an int >= 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"every_n_steps": 0}, "every_n_steps must be an int >= 1"),
+        ({"every_n_steps": True}, "every_n_steps must be an int >= 1"),
+        ({"every_n_steps": 2.0}, "every_n_steps must be an int >= 1"),
+        ({"every_n_steps": 2, "step": -1}, "step must be an int >= 0"),
+        ({"every_n_steps": 2, "step": 1.0}, "step must be an int >= 0"),
+    ],
+)
 def test_constructor_is_validated(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Schedule(**kwargs)

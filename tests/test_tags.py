@@ -1,6 +1,7 @@
 """The tag scheme (:mod:`esswatch.watch.tags`): the tags ``scalar_tags`` builds from a hand-built
 result, ``parse_tag`` taking each apart under any logger prefix, and the custom-scalars layout
 matching them the way TensorBoard does (``re.match`` from the start of the tag)."""
+
 from __future__ import annotations
 
 import re
@@ -21,40 +22,64 @@ from esswatch.watch.tags import (
 
 
 def _stats(base):
-    return {"avg": base, "max": base + 0.5, "total": base * 4, "utilization": base / 10,
-            "per_index": [base], "per_head": [base]}
+    return {
+        "avg": base,
+        "max": base + 0.5,
+        "total": base * 4,
+        "utilization": base / 10,
+        "per_index": [base],
+        "per_head": [base],
+    }
 
 
 RESULT = {
     "metrics": ["entropy", "tolerance"],
     "layers": {
         "blocks.0.mix": {"entropy": _stats(2.0), "tolerance": _stats(3.0)},
-        "": {"entropy": _stats(5.0)},                         # the model itself is a layer: "root"
+        "": {"entropy": _stats(5.0)},  # the model itself is a layer: "root"
         "model": {"entropy": _stats(7.0), "tolerance": _stats(8.0)},  # a layer named "model"
     },
-    "model": {"entropy": {"avg": 4.0, "max": 7.5, "total": 56.0, "utilization": 0.4},
-              "tolerance": {"avg": 5.5, "max": 8.5, "total": 44.0, "utilization": 0.55}},
+    "model": {
+        "entropy": {"avg": 4.0, "max": 7.5, "total": 56.0, "utilization": 0.4},
+        "tolerance": {"avg": 5.5, "max": 8.5, "total": 44.0, "utilization": 0.55},
+    },
     "failures": 2,
     "seconds": 0.25,
     "skipped_samples": 3,
 }
 
 EXPECTED = {
-    "ess/entropy/avg/blocks.0.mix": 2.0, "ess/entropy/avg/root": 5.0, "ess/entropy/avg/model.self": 7.0,
+    "ess/entropy/avg/blocks.0.mix": 2.0,
+    "ess/entropy/avg/root": 5.0,
+    "ess/entropy/avg/model.self": 7.0,
     "ess/entropy/avg/model": 4.0,
-    "ess/entropy/max/blocks.0.mix": 2.5, "ess/entropy/max/root": 5.5, "ess/entropy/max/model.self": 7.5,
+    "ess/entropy/max/blocks.0.mix": 2.5,
+    "ess/entropy/max/root": 5.5,
+    "ess/entropy/max/model.self": 7.5,
     "ess/entropy/max/model": 7.5,
-    "ess/entropy/total/blocks.0.mix": 8.0, "ess/entropy/total/root": 20.0, "ess/entropy/total/model.self": 28.0,
+    "ess/entropy/total/blocks.0.mix": 8.0,
+    "ess/entropy/total/root": 20.0,
+    "ess/entropy/total/model.self": 28.0,
     "ess/entropy/total/model": 56.0,
-    "ess/entropy/utilization/blocks.0.mix": 0.2, "ess/entropy/utilization/root": 0.5,
-    "ess/entropy/utilization/model.self": 0.7, "ess/entropy/utilization/model": 0.4,
-    "ess/tolerance/avg/blocks.0.mix": 3.0, "ess/tolerance/avg/model.self": 8.0, "ess/tolerance/avg/model": 5.5,
-    "ess/tolerance/max/blocks.0.mix": 3.5, "ess/tolerance/max/model.self": 8.5, "ess/tolerance/max/model": 8.5,
-    "ess/tolerance/total/blocks.0.mix": 12.0, "ess/tolerance/total/model.self": 32.0,
+    "ess/entropy/utilization/blocks.0.mix": 0.2,
+    "ess/entropy/utilization/root": 0.5,
+    "ess/entropy/utilization/model.self": 0.7,
+    "ess/entropy/utilization/model": 0.4,
+    "ess/tolerance/avg/blocks.0.mix": 3.0,
+    "ess/tolerance/avg/model.self": 8.0,
+    "ess/tolerance/avg/model": 5.5,
+    "ess/tolerance/max/blocks.0.mix": 3.5,
+    "ess/tolerance/max/model.self": 8.5,
+    "ess/tolerance/max/model": 8.5,
+    "ess/tolerance/total/blocks.0.mix": 12.0,
+    "ess/tolerance/total/model.self": 32.0,
     "ess/tolerance/total/model": 44.0,
-    "ess/tolerance/utilization/blocks.0.mix": 0.3, "ess/tolerance/utilization/model.self": 0.8,
+    "ess/tolerance/utilization/blocks.0.mix": 0.3,
+    "ess/tolerance/utilization/model.self": 0.8,
     "ess/tolerance/utilization/model": 0.55,
-    "ess/failures": 2.0, "ess/measure_seconds": 0.25, "ess/skipped": 3.0,
+    "ess/failures": 2.0,
+    "ess/measure_seconds": 0.25,
+    "ess/skipped": 3.0,
 }
 
 
@@ -63,8 +88,12 @@ def test_scalar_tags_names_and_values():
     assert tags == EXPECTED
     assert all(isinstance(v, float) for v in tags.values())
     # stable order: metric, then statistic, then the layers in their order, then the model
-    assert list(tags)[:4] == ["ess/entropy/avg/blocks.0.mix", "ess/entropy/avg/root",
-                              "ess/entropy/avg/model.self", "ess/entropy/avg/model"]
+    assert list(tags)[:4] == [
+        "ess/entropy/avg/blocks.0.mix",
+        "ess/entropy/avg/root",
+        "ess/entropy/avg/model.self",
+        "ess/entropy/avg/model",
+    ]
     assert list(tags)[-3:] == [FAILURES_TAG, SECONDS_TAG, SKIPPED_TAG]
 
 
@@ -93,8 +122,19 @@ def test_parse_tag_round_trips_every_built_tag(prefix):
             assert f"{parsed.prefix}ess/{parsed.metric}/{parsed.stat}/{parsed.layer}" == prefix + tag
 
 
-@pytest.mark.parametrize("tag", ["loss", "train/loss", "ess/entropy/median/model", "ess_heads/entropy/blocks.0",
-                                 "ess_profile/entropy", "esswatch/config", "ess/failures/extra", "xess/failures"])
+@pytest.mark.parametrize(
+    "tag",
+    [
+        "loss",
+        "train/loss",
+        "ess/entropy/median/model",
+        "ess_heads/entropy/blocks.0",
+        "ess_profile/entropy",
+        "esswatch/config",
+        "ess/failures/extra",
+        "xess/failures",
+    ],
+)
 def test_parse_tag_rejects_other_tags(tag):
     assert parse_tag(tag) is None
 

@@ -1,5 +1,6 @@
 """One TSS source: a layer's TSS known only to its probe (``esswatch_tss``) becomes the operator's
 ``state_size``, so ``Operator.tss``, the logged ``state_size`` and the regularizer agree."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -42,14 +43,14 @@ def test_probe_tss_becomes_the_operators_state_size():
     idx = torch.arange(1, L)
     expect = np.minimum(TSS, np.minimum(idx.numpy(), L - idx.numpy()))
     np.testing.assert_array_equal(op.tss(idx).numpy(), expect)
-    assert mixer.handed[0].state_size is None            # the module's own operator is left as it was
+    assert mixer.handed[0].state_size is None  # the module's own operator is left as it was
     # the regularizer normalizes by the same TSS_i as the logs
     cfg = Regularizer(1.0, mode="target", target=0.0)
     _, terms = penalty_terms(cap.operators, cfg)
     sel = spread_indices(L, cfg.indices)
     ess = entropy_ess_ref(op.dense().numpy(), sel.tolist())
     u = ess / np.minimum(TSS, np.minimum(sel.numpy(), L - sel.numpy()))
-    np.testing.assert_allclose(float(next(iter(terms.values()))), float((u ** 2).mean()), rtol=1e-6)
+    np.testing.assert_allclose(float(next(iter(terms.values()))), float((u**2).mean()), rtol=1e-6)
     with esswatch.ESSWatch(mixer, every_n_steps=1, train_forwards_only=False) as watch:
         mixer(x)
         (lay,) = watch.step()["layers"].values()

@@ -6,6 +6,7 @@ and why. Some capturable: one ``CaptureWarning`` at construction lists the other
 training runs without further capture warnings. Tiny random-initialised Hugging Face
 models built from configs (nothing downloaded).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -27,8 +28,9 @@ BIDIRECTIONAL = "bidirectional attention (is_causal = False)"
 
 
 def gptj():
-    cfg = transformers.GPTJConfig(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, rotary_dim=4,
-                                  bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPTJConfig(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, rotary_dim=4, bos_token_id=0, eos_token_id=0
+    )
     return transformers.GPTJForCausalLM(cfg)
 
 
@@ -38,17 +40,26 @@ def falcon():
 
 
 def bert():
-    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                                  vocab_size=VOCAB)
+    cfg = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=VOCAB
+    )
     return transformers.BertForMaskedLM(cfg)
 
 
 CASES = {
     "gptj": (gptj, "GPTJAttention", ("transformer.h.0.attn", "transformer.h.1.attn"), REGISTRY),
-    "falcon": (falcon, "FalconAttention", ("transformer.h.0.self_attention", "transformer.h.1.self_attention"),
-               REGISTRY),
-    "bert": (bert, "BertSelfAttention", ("bert.encoder.layer.0.attention.self", "bert.encoder.layer.1.attention.self"),
-             BIDIRECTIONAL),
+    "falcon": (
+        falcon,
+        "FalconAttention",
+        ("transformer.h.0.self_attention", "transformer.h.1.self_attention"),
+        REGISTRY,
+    ),
+    "bert": (
+        bert,
+        "BertSelfAttention",
+        ("bert.encoder.layer.0.attention.self", "bert.encoder.layer.1.attention.self"),
+        BIDIRECTIONAL,
+    ),
 }
 
 
@@ -77,49 +88,66 @@ def test_no_capturable_layer_fails_at_construction_naming_types_and_reasons(kind
             esswatch.ESSWatch(model, every_n_steps=1)
         _check_message(str(e.value), type_name, names, reason)
     # no per-layer warnings and no false "no watched layer ran" warning: the error says it all
-    assert not [w for w in caught if issubclass(w.category, (CaptureWarning, ESSWarning))], \
-        [str(w.message) for w in caught]
+    assert not [w for w in caught if issubclass(w.category, (CaptureWarning, ESSWarning))], [
+        str(w.message) for w in caught
+    ]
     assert isinstance(e.value, ValueError) and _no_hooks(model)
     from esswatch.integrations.transformers import attention_registry
+
     assert not attention_registry.is_installed()
-    model(torch.randint(0, VOCAB, (1, 8)))          # the model still runs
+    model(torch.randint(0, VOCAB, (1, 8)))  # the model still runs
 
 
 def test_explicit_unsupported_layer_names_the_reason():
     model = bert()
-    with pytest.raises(UnsupportedModelError, match=r"'bert.encoder.layer.0.attention.self' is a BertSelfAttention, "
-                                                    r"which esswatch cannot capture: bidirectional"):
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"'bert.encoder.layer.0.attention.self' is a BertSelfAttention, "
+        r"which esswatch cannot capture: bidirectional",
+    ):
         esswatch.capture(model, layers="bert.encoder.layer.0.attention.self")
 
 
 def test_model_with_an_unprobed_mixer_names_it():
     """No provider recognises an LSTM; the error still names it as the candidate without a probe."""
     model = nn.Sequential(nn.Embedding(VOCAB, 8), nn.LSTM(8, 8, batch_first=True))
-    with pytest.raises(UnsupportedModelError, match=r"LSTM \(torch.nn.modules.rnn\), 1 layer \(1\): no esswatch probe "
-                                                    r"is registered for this module type"):
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"LSTM \(torch.nn.modules.rnn\), 1 layer \(1\): no esswatch probe "
+        r"is registered for this module type",
+    ):
         esswatch.capture(model)
-    with pytest.raises(UnsupportedModelError, match=r"no supported sequence-mixing layer in Sequential \(and no "
-                                                    r"module that looks like a sequence mixer\)"):
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"no supported sequence-mixing layer in Sequential \(and no "
+        r"module that looks like a sequence mixer\)",
+    ):
         esswatch.capture(nn.Sequential(nn.Linear(3, 3)))
 
 
 def test_trainer_callback_fails_at_setup(tmp_path):
     pytest.importorskip("accelerate")
-    from transformers import Trainer, TrainingArguments
-
     from esswatch.integrations.transformers import ESSCallback
+    from transformers import Trainer, TrainingArguments
 
     g = torch.Generator().manual_seed(1)
     ds = [{"input_ids": x, "labels": x.clone()} for x in torch.randint(0, VOCAB, (8, 12), generator=g)]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
-                             use_cpu=True, save_strategy="no", disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     model = gptj()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[ESSCallback(every_n_steps=1)])
     with pytest.raises(UnsupportedModelError) as e:
         trainer.train()
     _check_message(str(e.value), *CASES["gptj"][1:])
-    assert trainer.state.global_step == 0          # failed before the first step
+    assert trainer.state.global_step == 0  # failed before the first step
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -138,12 +166,23 @@ def test_lightning_callback_fails_at_setup(tmp_path):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    t = L.Trainer(callbacks=[ESSCallback(every_n_steps=1, logdir=str(tmp_path / "ess"))], logger=False, max_steps=2,
-                  accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
-                  enable_checkpointing=False, default_root_dir=str(tmp_path))
+    t = L.Trainer(
+        callbacks=[ESSCallback(every_n_steps=1, logdir=str(tmp_path / "ess"))],
+        logger=False,
+        max_steps=2,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(tmp_path),
+    )
     loader = torch.utils.data.DataLoader(list(torch.randint(0, VOCAB, (8, 12))), batch_size=4)
-    with pytest.raises(UnsupportedModelError, match=r"LSTM \(torch.nn.modules.rnn\), 1 layer \(rnn\): no esswatch "
-                                                    r"probe"):
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"LSTM \(torch.nn.modules.rnn\), 1 layer \(rnn\): no esswatch "
+        r"probe",
+    ):
         t.fit(LSTMLM(), loader)
     assert t.global_step == 0
 

@@ -1,5 +1,6 @@
 """ESSWatch in real training loops: event files read back with TensorBoard's own reader,
 values checked against independent NumPy recomputations."""
+
 from __future__ import annotations
 
 import math
@@ -83,7 +84,7 @@ def np_gated_recurrence(q, k, log_decay):
     t = np.zeros(q.shape[:-2] + (n, n))
     for r in range(n):
         for c in range(r + 1):
-            decay = np.exp(ld[..., c + 1:r + 1, :].sum(-2))
+            decay = np.exp(ld[..., c + 1 : r + 1, :].sum(-2))
             t[..., r, c] = (q[..., r, :] * k[..., c, :] * decay).sum(-1)
     return t
 
@@ -94,14 +95,14 @@ class InputRecorder:
 
     def __init__(self, model):
         self.feats, self.on = {}, False
-        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in model.named_modules()
-                        if n.endswith("mixer")]
+        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in model.named_modules() if n.endswith("mixer")]
 
     def _hook(self, name):
         def hook(module, args, out):
             if self.on and name not in self.feats:
                 with torch.no_grad():
                     self.feats[name] = (module, module.featurize(args[0][:2]))
+
         return hook
 
     def remove(self):
@@ -116,8 +117,9 @@ def test_training_loop_writes_event_files_with_correct_values(tmp_path):
     results = []
     rec = InputRecorder(model)
     check_step = 15
-    with esswatch.ESSWatch(model, logdir=str(tmp_path), every_n_steps=5, sinks=[results.append], batch_rows=2,
-                           images=True) as watch:
+    with esswatch.ESSWatch(
+        model, logdir=str(tmp_path), every_n_steps=5, sinks=[results.append], batch_rows=2, images=True
+    ) as watch:
         for s, x in enumerate(batches(30)):
             rec.on = s == check_step
             train_step(model, opt, x)
@@ -156,11 +158,10 @@ def test_training_loop_writes_event_files_with_correct_values(tmp_path):
         mixer, feats = rec.feats[n]
         t = np_softmax_attention(feats["q"], feats["k"])
         idx = r15["layers"][n]["indices"]
-        e = np_entropy_ess(t, idx)                                 # (rows, heads, n)
+        e = np_entropy_ess(t, idx)  # (rows, heads, n)
         assert r15["layers"][n]["entropy"]["avg"] == pytest.approx(e.mean(), rel=1e-4)
         assert r15["layers"][n]["entropy"]["per_index"] == pytest.approx(e.mean((0, 1)).tolist(), rel=1e-4)
-        assert r15["layers"][n]["entropy"]["total"] == pytest.approx(
-            (e.sum(1) * mixer.head_dim).mean(), rel=1e-4)
+        assert r15["layers"][n]["entropy"]["total"] == pytest.approx((e.sum(1) * mixer.head_dim).mean(), rel=1e-4)
         tss = np.minimum(np.array(idx), L - np.array(idx))
         assert r15["layers"][n]["entropy"]["utilization"] == pytest.approx((e / tss).mean(), rel=1e-4)
     assert logged[check_step] == pytest.approx(r15["layers"]["blocks.1.mixer"]["entropy"]["avg"], rel=1e-6)
@@ -177,9 +178,10 @@ def test_training_loop_writes_event_files_with_correct_values(tmp_path):
     layout = layout_pb2.Layout()
     layout.ParseFromString(tensor_util.make_ndarray(ea.Tensors("custom_scalars__config__")[0].tensor_proto).item())
     charts = {c.title: list(c.multiline.tag) for c in layout.category[0].chart}
-    (rx,) = charts["entropy-ESS avg, all layers"]          # TensorBoard matches it with re.match
-    assert {t for t in tags["scalars"] if re.match(rx, t)} == {t for t in tags["scalars"]
-                                                             if t.startswith("ess/entropy/avg/")}
+    (rx,) = charts["entropy-ESS avg, all layers"]  # TensorBoard matches it with re.match
+    assert {t for t in tags["scalars"] if re.match(rx, t)} == {
+        t for t in tags["scalars"] if t.startswith("ess/entropy/avg/")
+    }
     pytest.importorskip("matplotlib")
     imgs = ea.Images("ess_profile/entropy")
     assert [i.step for i in imgs] == [0, 5, 10, 15, 20, 25] and imgs[0].width > 100
@@ -191,8 +193,9 @@ def test_recurrence_and_tolerance_metric_match_numpy():
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     rec = InputRecorder(model)
     rec.on = True
-    watch = esswatch.ESSWatch(model, every_n_steps=3, indices="all", estimator="gram",
-                              metrics=("entropy", "tolerance"), heads=1, batch_rows=2)
+    watch = esswatch.ESSWatch(
+        model, every_n_steps=3, indices="all", estimator="gram", metrics=("entropy", "tolerance"), heads=1, batch_rows=2
+    )
     train_step(model, opt, batches(1)[0])
     feats = {n: f for n, (m, f) in rec.feats.items()}
     r = watch.step()
@@ -251,10 +254,10 @@ def test_set_step_feeds_a_framework_step_and_keeps_accumulated_records():
     model = make_model()
     watch = esswatch.ESSWatch(model, every_n_steps=10)
     xs = batches(3)
-    watch.set_step(19)                 # e.g. trainer.global_step at batch start: not sampled
+    watch.set_step(19)  # e.g. trainer.global_step at batch start: not sampled
     model(xs[0]).sum().backward()
     assert watch.step() is None and watch.global_step == 20
-    for x in xs[1:]:                   # two micro-batches of step 20, the adapter calls set_step each time
+    for x in xs[1:]:  # two micro-batches of step 20, the adapter calls set_step each time
         watch.set_step(20)
         model(x).sum().backward()
     r = watch.step()
@@ -274,13 +277,13 @@ def test_eval_forwards_are_not_recorded():
     xs = batches(3)
     watch = esswatch.ESSWatch(model, every_n_steps=1)
     model.eval()
-    model(xs[0])                       # a validation forward while armed: ignored
+    model(xs[0])  # a validation forward while armed: ignored
     model.train()
     model(xs[1]).sum().backward()
     r = watch.step()
     watch.close()
-    cap_model = make_model()           # same weights, reference through the capture API
-    with esswatch.capture(cap_model, batch_rows=2) as cap:    # the watch's default: 2 rows
+    cap_model = make_model()  # same weights, reference through the capture API
+    with esswatch.capture(cap_model, batch_rows=2) as cap:  # the watch's default: 2 rows
         cap_model(xs[1])
     ops = cap.operators
     for n, op in ops.items():
@@ -301,34 +304,51 @@ def test_no_forward_warns_once_and_logs_nothing():
 
 def test_writer_and_callable_sinks(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
+
     writer = SummaryWriter(str(tmp_path))
     seen = []
     model = make_model()
-    with esswatch.ESSWatch(model, writer=writer, every_n_steps=2, sinks=lambda r: seen.append(r["scalars"]),
-                           images=False) as watch:
+    with esswatch.ESSWatch(
+        model, writer=writer, every_n_steps=2, sinks=lambda r: seen.append(r["scalars"]), images=False
+    ) as watch:
         for x in batches(4):
             model(x).sum().backward()
             watch.step()
         latest = watch.latest()
-    writer.add_scalar("user/after_close", 1.0, 0)   # the watch did not close the user's writer
+    writer.add_scalar("user/after_close", 1.0, 0)  # the watch did not close the user's writer
     writer.close()
     ea = read_events(tmp_path)
     assert "user/after_close" in ea.Tags()["scalars"] and not ea.Tags()["images"]
-    assert [s["ess/entropy/avg/model"] for s in seen] == [e.value for e in ea.Scalars("ess/entropy/avg/model")] \
-        or np.allclose([s["ess/entropy/avg/model"] for s in seen],
-                       [e.value for e in ea.Scalars("ess/entropy/avg/model")], rtol=1e-6)
+    assert [s["ess/entropy/avg/model"] for s in seen] == [
+        e.value for e in ea.Scalars("ess/entropy/avg/model")
+    ] or np.allclose(
+        [s["ess/entropy/avg/model"] for s in seen], [e.value for e in ea.Scalars("ess/entropy/avg/model")], rtol=1e-6
+    )
     assert latest["step"] == 2 and latest["scalars"] == seen[-1]
-    latest["layers"].clear()                         # latest() is a copy
+    latest["layers"].clear()  # latest() is a copy
     assert watch.latest()["layers"]
 
 
 def test_configuration_is_validated_up_front():
     model = make_model()
-    bad = [dict(every_n_steps=0), dict(every_n_steps=2.5), dict(metrics=("entropy", "rank")), dict(metrics=()),
-           dict(indices=0), dict(indices="some"), dict(indices=[0, 3]), dict(estimator="svd"),
-           dict(batch_rows=0), dict(heads=-1), dict(strict="yes"), dict(probe_batch=3),
-           dict(logdir="x", writer=object()), dict(layers="blocks.0.norm1"), dict(layers="nope"),
-           dict(sinks=[3])]
+    bad = [
+        dict(every_n_steps=0),
+        dict(every_n_steps=2.5),
+        dict(metrics=("entropy", "rank")),
+        dict(metrics=()),
+        dict(indices=0),
+        dict(indices="some"),
+        dict(indices=[0, 3]),
+        dict(estimator="svd"),
+        dict(batch_rows=0),
+        dict(heads=-1),
+        dict(strict="yes"),
+        dict(probe_batch=3),
+        dict(logdir="x", writer=object()),
+        dict(layers="blocks.0.norm1"),
+        dict(layers="nope"),
+        dict(sinks=[3]),
+    ]
     for kw in bad:
         with pytest.raises(ValueError):
             esswatch.ESSWatch(model, **kw).close()
@@ -338,8 +358,8 @@ def test_configuration_is_validated_up_front():
     with pytest.raises(RuntimeError, match="already attached"):
         esswatch.ESSWatch(model)
     w.close()
-    w.close()                                          # idempotent
-    esswatch.ESSWatch(model).close()                   # hooks were removed
+    w.close()  # idempotent
+    esswatch.ESSWatch(model).close()  # hooks were removed
 
 
 # -- never stops training ---------------------------------------------------------------------
@@ -381,7 +401,7 @@ def test_nan_layer_warns_once_counts_and_others_still_log(tmp_path):
     assert [e.step for e in ea.Scalars("ess/entropy/avg/2")] == [0, 2, 4]
     assert not any(t.endswith("/1") for t in ea.Tags()["scalars"])
     assert latest["skipped"] == ["1"] and set(latest["layers"]) == {"0", "2"} and latest["failures"] == 3
-    if esswatch.watch.plot.matplotlib_available():     # default: a profile image every 10th sample
+    if esswatch.watch.plot.matplotlib_available():  # default: a profile image every 10th sample
         assert [i.step for i in ea.Images("ess_profile/entropy")] == [0]
     assert watch.state_dict()["failed_layers"] == ["1"]
 
@@ -442,8 +462,12 @@ def test_autocast_training_computes_ess_in_float32(dtype):
 # -- cost: flag-off identity and no leak ----------------------------------------------------------
 def _train(watch_kw, steps=12, dropout=True):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Dropout(0.1) if dropout else nn.Identity(), CausalSelfAttention(D, n_heads=2),
-                          nn.Dropout(0.1) if dropout else nn.Identity(), CausalSelfAttention(D, n_heads=2))
+    model = nn.Sequential(
+        nn.Dropout(0.1) if dropout else nn.Identity(),
+        CausalSelfAttention(D, n_heads=2),
+        nn.Dropout(0.1) if dropout else nn.Identity(),
+        CausalSelfAttention(D, n_heads=2),
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(3)
     watch = esswatch.ESSWatch(model, **watch_kw) if watch_kw is not None else None
@@ -471,8 +495,8 @@ def test_probe_batch_leaves_training_state_untouched():
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(D, D), nn.Dropout(0.2), CausalSelfAttention(D, n_heads=2))
         bn = nn.BatchNorm1d(L)
-        model.insert(1, bn)                 # (B, L, D): BatchNorm1d over the L "channels"
-        model[3].eval()                     # a user-set mode on one submodule must survive too
+        model.insert(1, bn)  # (B, L, D): BatchNorm1d over the L "channels"
+        model[3].eval()  # a user-set mode on one submodule must survive too
         opt = torch.optim.SGD(model.parameters(), lr=1e-2)
         g = torch.Generator().manual_seed(3)
         watch = esswatch.ESSWatch(model, every_n_steps=2, probe_batch=probe) if probe is not None else None
@@ -482,11 +506,19 @@ def test_probe_batch_leaves_training_state_untouched():
             opt.step()
             opt.zero_grad()
             if watch:
-                before = (torch.get_rng_state(), bn.running_mean.clone(), bn.num_batches_tracked.clone(),
-                          [m.training for m in model.modules()])
+                before = (
+                    torch.get_rng_state(),
+                    bn.running_mean.clone(),
+                    bn.num_batches_tracked.clone(),
+                    [m.training for m in model.modules()],
+                )
                 r = watch.step()
-                after = (torch.get_rng_state(), bn.running_mean.clone(), bn.num_batches_tracked.clone(),
-                         [m.training for m in model.modules()])
+                after = (
+                    torch.get_rng_state(),
+                    bn.running_mean.clone(),
+                    bn.num_batches_tracked.clone(),
+                    [m.training for m in model.modules()],
+                )
                 states.append((before, after))
                 results.append(r)
         if watch:
@@ -502,8 +534,7 @@ def test_probe_batch_leaves_training_state_untouched():
     assert [m.training for m in model.modules()] == [True, True, True, True, False, False, False]
     for a, b in zip(ref.state_dict().values(), model.state_dict().values()):
         assert torch.equal(a, b)
-    assert [r and (r["step"], r["source"]) for r in results] == [
-        (0, "probe"), None, (2, "probe"), None, (4, "probe")]
+    assert [r and (r["step"], r["source"]) for r in results] == [(0, "probe"), None, (2, "probe"), None, (4, "probe")]
     # the last probe measurement is the eval-mode forward of the fixed batch (first 2 rows), final weights
     model.eval()
     with torch.no_grad(), esswatch.capture(model, batch_rows=2) as cap:
@@ -519,7 +550,8 @@ def _rss_bytes():
 
 def test_no_leak_over_2000_steps(tmp_path):
     """2,000 steps, a sample every 10: no growth in live tensors or gc-tracked Python objects,
-    Python allocations (tracemalloc) and resident memory within a small constant (records, results and the TensorBoard queue are
+    Python allocations (tracemalloc) and resident memory within a small constant (records, results
+    and the TensorBoard queue are
     all released)."""
     import gc
     import tracemalloc
@@ -597,7 +629,16 @@ def test_without_matplotlib_everything_but_the_image_is_logged(tmp_path):
     assert [e.step for e in ea.Scalars("ess/entropy/avg/blocks.0.mixer")] == [0, 1]
     assert ea.Tags()["histograms"] == ["ess_heads/entropy/blocks.0.mixer"]
 
-    out = subprocess.run([sys.executable, "-c", "import sys, esswatch; esswatch.ESSWatch; "
-                          "print('matplotlib' in sys.modules, 'torch._dynamo' in sys.modules)"],
-                         check=True, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, esswatch; esswatch.ESSWatch; "
+            "print('matplotlib' in sys.modules, 'torch._dynamo' in sys.modules)",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.stdout.split() == ["False", "False"]

@@ -1,5 +1,6 @@
 """ESSWatch(background=True): the worker thread, emission on the training thread, skipping
 when busy, close/context manager, failures, leaks, bit-identical training; budget_seconds."""
+
 from __future__ import annotations
 
 import gc
@@ -60,12 +61,13 @@ def run(background, logdir, steps=13, every=3, mixer="attention", **kw):
     model = make_model(mixer=mixer)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     results = []
-    watch = esswatch.ESSWatch(model, logdir=str(logdir), every_n_steps=every, background=background,
-                              sinks=[results.append], **kw)
+    watch = esswatch.ESSWatch(
+        model, logdir=str(logdir), every_n_steps=every, background=background, sinks=[results.append], **kw
+    )
     with watch:
         for x in batches(steps):
             train_step(model, opt, x)
-            settle(watch)           # the worker is idle before the next sample: nothing is skipped
+            settle(watch)  # the worker is idle before the next sample: nothing is skipped
             watch.step()
     return model, watch, results
 
@@ -83,13 +85,15 @@ def test_background_writes_the_values_blocking_mode_writes(tmp_path, mixer):
             for m in ("entropy", "tolerance"):
                 for k in ("avg", "max", "total", "utilization"):
                     assert rg["layers"][name][m][k] == pytest.approx(rb["layers"][name][m][k], rel=1e-5, abs=1e-5)
-                assert rg["layers"][name][m]["per_index"] == pytest.approx(rb["layers"][name][m]["per_index"],
-                                                                           rel=1e-5, abs=1e-5)
+                assert rg["layers"][name][m]["per_index"] == pytest.approx(
+                    rb["layers"][name][m]["per_index"], rel=1e-5, abs=1e-5
+                )
     lb, lg = wb.latest(), wg.latest()
     assert lb["step"] == lg["step"] == 12
     skip = {"ess/measure_seconds"}
     assert {k: v for k, v in lg["scalars"].items() if k not in skip} == pytest.approx(
-        {k: v for k, v in lb["scalars"].items() if k not in skip}, rel=1e-5, abs=1e-5)
+        {k: v for k, v in lb["scalars"].items() if k not in skip}, rel=1e-5, abs=1e-5
+    )
     assert lg["skipped_samples"] == 0 and lg["scalars"]["ess/skipped"] == 0.0
     ea_b, ea_g = read_events(tmp_path / "block"), read_events(tmp_path / "bg")
     tags = set(ea_b.Tags()["scalars"]) - skip
@@ -116,8 +120,12 @@ def test_results_are_emitted_from_the_training_thread_with_their_step(tmp_path):
     threads = []
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    watch = esswatch.ESSWatch(model, every_n_steps=2, background=True,
-                              sinks=[lambda r: threads.append((threading.current_thread(), r["step"]))])
+    watch = esswatch.ESSWatch(
+        model,
+        every_n_steps=2,
+        background=True,
+        sinks=[lambda r: threads.append((threading.current_thread(), r["step"]))],
+    )
     worker = watch._offload.worker.thread
     assert worker.daemon and worker is not threading.main_thread()
     for s, x in enumerate(batches(7)):
@@ -125,7 +133,7 @@ def test_results_are_emitted_from_the_training_thread_with_their_step(tmp_path):
         settle(watch)
         out = watch.step()
         if s == 0:
-            assert out is None          # handed over: not measured yet
+            assert out is None  # handed over: not measured yet
     watch.close()
     assert [s for _, s in threads] == [0, 2, 4, 6]
     assert all(t is threading.main_thread() for t, _ in threads)
@@ -185,16 +193,16 @@ def test_a_sample_due_while_the_worker_is_busy_is_skipped_and_counted(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     watch = esswatch.ESSWatch(model, logdir=str(tmp_path), every_n_steps=1, background=True, indices=3)
     data = batches(6)
-    for s in range(4):                       # step 0 blocks the worker; 1, 2, 3 are skipped
+    for s in range(4):  # step 0 blocks the worker; 1, 2, 3 are skipped
         train_step(model, opt, data[s])
         assert watch.step() is None
     assert watch._skipped_samples == 3 and watch.latest() is None
     gate.set()
     settle(watch)
     train_step(model, opt, data[4])
-    r = watch.step()                          # collects step 0, hands over step 4
+    r = watch.step()  # collects step 0, hands over step 4
     assert r["step"] == 0 and r["skipped_samples"] == 3 and r["scalars"]["ess/skipped"] == 3.0
-    watch.close()                             # waits for step 4
+    watch.close()  # waits for step 4
     assert watch.latest()["step"] == 4
     ea = read_events(tmp_path)
     assert [(e.step, e.value) for e in ea.Scalars("ess/skipped")] == [(0, 3.0), (4, 3.0)]
@@ -210,10 +218,10 @@ def test_close_waits_for_the_outstanding_sample():
     model(batches(1)[0])
     watch.step()
     assert watch._offload.worker.busy() and not seen
-    threading.Timer(0.2, gate.set).start()     # opens later; close() must wait for it
+    threading.Timer(0.2, gate.set).start()  # opens later; close() must wait for it
     watch.close()
     assert [r["step"] for r in seen] == [0] and watch.latest()["step"] == 0
-    watch.close()                              # idempotent
+    watch.close()  # idempotent
 
 
 def test_context_manager_emits_the_last_sample():
@@ -248,7 +256,7 @@ def test_strict_raises_at_collection():
     model = GatedModel(fail=RuntimeError("boom"))
     watch = esswatch.ESSWatch(model, every_n_steps=1, background=True, strict=True)
     model(batches(1)[0])
-    watch.step()                               # handed over: no error yet
+    watch.step()  # handed over: no error yet
     settle(watch)
     model(batches(1)[0])
     with pytest.raises(ESSMeasurementError, match="'mixer'.*step 0"):
@@ -263,7 +271,7 @@ def _train(watch_kwargs, steps=12):
     torch.manual_seed(123)
     watch = esswatch.ESSWatch(model, **watch_kwargs) if watch_kwargs is not None else None
     for x in batches(steps):
-        x = x[:, torch.randperm(L)]            # consumes the global RNG every step
+        x = x[:, torch.randperm(L)]  # consumes the global RNG every step
         train_step(model, opt, x)
         if watch is not None:
             watch.step()
@@ -286,8 +294,7 @@ def test_no_leak_over_2000_sampled_steps():
     torch.manual_seed(0)
     model = SequenceModel(VOCAB, d_model=8, n_layers=1, mixer="attention", n_heads=2)
     x = torch.randint(0, VOCAB, (2, 8))
-    watch = esswatch.ESSWatch(model, every_n_steps=1, background=True, indices=2, histograms=False,
-                              images=False)
+    watch = esswatch.ESSWatch(model, every_n_steps=1, background=True, indices=2, histograms=False, images=False)
     threads0 = threading.active_count()
 
     def live_tensors():
@@ -309,7 +316,7 @@ def test_no_leak_over_2000_sampled_steps():
         base_tensors = live_tensors()
         run(1800)
         settle(watch)
-        run(1)                                  # collect the last one
+        run(1)  # collect the last one
         settle(watch)
         py = tracemalloc.get_traced_memory()[0]
         tensors = live_tensors()
@@ -318,7 +325,7 @@ def test_no_leak_over_2000_sampled_steps():
     emitted = watch._samples
     watch.close()
     assert threading.active_count() <= threads0
-    assert emitted + watch._skipped_samples >= 1990       # every sampled step measured or skipped
+    assert emitted + watch._skipped_samples >= 1990  # every sampled step measured or skipped
     assert emitted > 10
     assert tensors <= base_tensors + 2
     assert py - base_py < 256 * 1024, f"Python allocations grew by {(py - base_py) / 1024:.0f} KiB"
@@ -333,26 +340,37 @@ def test_budget_seconds_is_validated(bad):
 
 def _timings(t_one, t_full, rows=4, heads=8, L=256, n=16):
     from esswatch.watch.measure import select_indices
-    return {"a": {"seq_len": L, "rows": rows, "heads": heads, "indices": select_indices(n, L),
-                  "one": select_indices(1, L), "t_one": t_one, "t_full": t_full, "type": "SoftmaxAttention"}}
+
+    return {
+        "a": {
+            "seq_len": L,
+            "rows": rows,
+            "heads": heads,
+            "indices": select_indices(n, L),
+            "one": select_indices(1, L),
+            "t_one": t_one,
+            "t_full": t_full,
+            "type": "SoftmaxAttention",
+        }
+    }
 
 
 def test_budget_ladder_cuts_rows_then_indices_then_heads():
     cfg = MeasureConfig(indices=16)
     b = Budget(1.0)
-    lvl = b.decide(_timings(0.25, 1.5), cfg, 1.6)              # a 2x cut: rows only
+    lvl = b.decide(_timings(0.25, 1.5), cfg, 1.6)  # a 2x cut: rows only
     assert lvl["cut"] == ["batch_rows"] and lvl["batch_rows"] == 2 and lvl["indices"] == 16
     assert lvl["predicted_seconds"] <= 0.8
     b = Budget(1.0)
-    lvl = b.decide(_timings(1.5, 8.0), cfg, 8.0)               # rows down to 1, then indices
+    lvl = b.decide(_timings(1.5, 8.0), cfg, 8.0)  # rows down to 1, then indices
     assert lvl["batch_rows"] == 1 and lvl["cut"] == ["batch_rows", "indices"] and lvl["indices"] < 16
     assert lvl["heads"] == 8
     b = Budget(1.0)
-    lvl = b.decide(_timings(10.0, 40.0), cfg, 40.0)            # a large fixed part: heads too
+    lvl = b.decide(_timings(10.0, 40.0), cfg, 40.0)  # a large fixed part: heads too
     assert lvl["cut"] == ["batch_rows", "indices", "heads"] and lvl["indices"] == 1 and lvl["heads"] < 8
     assert lvl["predicted_seconds"] <= 0.8
     b = Budget(1.0)
-    lvl = b.decide(_timings(0.01, 0.5), cfg, 0.5)              # within budget: nothing cut
+    lvl = b.decide(_timings(0.01, 0.5), cfg, 0.5)  # within budget: nothing cut
     assert lvl["cut"] == [] and lvl["batch_rows"] == 4 and lvl["indices"] == 16 and lvl["heads"] == 8
     b = Budget(1e-6)
     lvl = b.decide(_timings(1.0, 2.0), cfg, 2.0)
@@ -367,8 +385,17 @@ def test_budget_fixes_a_smaller_measurement_after_the_first_sample(background):
     model = SequenceModel(VOCAB, d_model=32, n_layers=1, mixer="attention", n_heads=4)
     budget = 0.1
     seen = []
-    watch = esswatch.ESSWatch(model, every_n_steps=1, background=background, batch_rows=4, indices=24,
-                              estimator="exact", budget_seconds=budget, sinks=[seen.append], histograms=False)
+    watch = esswatch.ESSWatch(
+        model,
+        every_n_steps=1,
+        background=background,
+        batch_rows=4,
+        indices=24,
+        estimator="exact",
+        budget_seconds=budget,
+        sinks=[seen.append],
+        histograms=False,
+    )
     data = batches(4, length=192)
     for x in data:
         model(x)
@@ -463,7 +490,7 @@ def test_a_watch_dropped_without_close_lets_its_worker_exit():
     model = make_model()
     watch = esswatch.ESSWatch(model, every_n_steps=1, background=True)
     worker = watch._offload.worker.thread
-    watch.capture.detach()                     # (what close() would also do; keeps the model reusable)
+    watch.capture.detach()  # (what close() would also do; keeps the model reusable)
     del watch
     gc.collect()
     worker.join(timeout=30)
@@ -487,8 +514,9 @@ def _run_variant(background, **kw):
     return seen, model
 
 
-@pytest.mark.parametrize("kw", [{"probe_batch": batches(1, seed=7)[0]}, {"regularizer": 0.1}],
-                         ids=["probe_batch", "regularizer"])
+@pytest.mark.parametrize(
+    "kw", [{"probe_batch": batches(1, seed=7)[0]}, {"regularizer": 0.1}], ids=["probe_batch", "regularizer"]
+)
 def test_probe_batch_and_regularizer_with_background_match_blocking(kw):
     rb, mb = _run_variant(False, **kw)
     rg, mg = _run_variant(True, **kw)
@@ -500,5 +528,5 @@ def test_probe_batch_and_regularizer_with_background_match_blocking(kw):
                 assert b["scalars"][tag] == pytest.approx(v, rel=1e-5, abs=1e-5), tag
         if "regularizer" in kw:
             assert b["penalty"]["total"] == pytest.approx(a["penalty"]["total"], rel=1e-6)
-    for p, q in zip(mb.parameters(), mg.parameters()):   # the penalty's gradient is the same
+    for p, q in zip(mb.parameters(), mg.parameters()):  # the penalty's gradient is the same
         assert torch.equal(p, q)

@@ -1,5 +1,6 @@
 """ESSWatch on torch.compile-d models (CPU backends "eager" / "aot_eager" to stay fast):
 hooks live on the original modules and record inside the compiled forward."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,7 +20,7 @@ def run(compile_mode):
     torch.manual_seed(0)
     model = SequenceModel(VOCAB, d_model=16, n_layers=2, mixer="attention", n_heads=2)
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    if compile_mode == "wrapped":           # the watch gets the compiled wrapper
+    if compile_mode == "wrapped":  # the watch gets the compiled wrapper
         call = torch.compile(model, backend="eager", fullgraph=True)
         watch = esswatch.ESSWatch(call, every_n_steps=2)
     elif compile_mode == "compiled_after":  # the watch gets the module, the loop calls a compiled copy
@@ -32,7 +33,7 @@ def run(compile_mode):
     results = []
     for s in range(5):
         x = torch.randint(0, VOCAB, (B, L), generator=g)
-        if s == 2:                          # a validation forward while armed: must not be recorded
+        if s == 2:  # a validation forward while armed: must not be recorded
             model.eval()
             with torch.no_grad():
                 call(torch.randint(0, VOCAB, (B, L), generator=g))
@@ -51,7 +52,7 @@ def test_compiled_model_logs_the_same_values_as_eager(mode):
     torch._dynamo.reset()
     eager = run("eager")
     compiled = run(mode)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1      # it really was compiled
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it really was compiled
     assert [r and r["step"] for r in compiled] == [0, None, 2, None, 4]
     for a, b in zip(eager, compiled):
         if a is None:

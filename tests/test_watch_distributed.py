@@ -1,4 +1,5 @@
 """ESSWatch under DistributedDataParallel: 2 processes, gloo, CPU."""
+
 from __future__ import annotations
 
 import json
@@ -19,17 +20,20 @@ def _worker(rank: int, world: int, tmp: str) -> None:
 
     torch.set_num_threads(1)
     # a file rendezvous: no TCP port to race for with other tests
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'rendezvous')}", rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{os.path.join(tmp, 'rendezvous')}", rank=rank, world_size=world
+    )
     try:
         torch.manual_seed(0)
         model = nn.parallel.DistributedDataParallel(
-            SequenceModel(VOCAB, d_model=16, n_layers=2, mixer="attention", n_heads=2))
+            SequenceModel(VOCAB, d_model=16, n_layers=2, mixer="attention", n_heads=2)
+        )
         opt = torch.optim.SGD(model.parameters(), lr=1e-2)
         seen = []
-        watch = esswatch.ESSWatch(model, logdir=os.path.join(tmp, "tb"), every_n_steps=EVERY, reduce=True,
-                                  sinks=[seen.append])
-        g = torch.Generator().manual_seed(100 + rank)   # every rank trains on its own data
+        watch = esswatch.ESSWatch(
+            model, logdir=os.path.join(tmp, "tb"), every_n_steps=EVERY, reduce=True, sinks=[seen.append]
+        )
+        g = torch.Generator().manual_seed(100 + rank)  # every rank trains on its own data
         out = []
         for _ in range(STEPS):
             x = torch.randint(0, VOCAB, (B, L), generator=g)
@@ -39,10 +43,15 @@ def _worker(rank: int, world: int, tmp: str) -> None:
             opt.zero_grad()
             r = watch.step()
             if r is not None:
-                out.append({"step": r["step"], "reduced": r["layers"]["blocks.0.mixer"]["entropy"]["avg"],
-                            "local": sum(r["layers"]["blocks.0.mixer"]["entropy"]["per_index"])
-                            / len(r["layers"]["blocks.0.mixer"]["entropy"]["per_index"]),
-                            "ranks": r["layers"]["blocks.0.mixer"]["ranks"]})
+                out.append(
+                    {
+                        "step": r["step"],
+                        "reduced": r["layers"]["blocks.0.mixer"]["entropy"]["avg"],
+                        "local": sum(r["layers"]["blocks.0.mixer"]["entropy"]["per_index"])
+                        / len(r["layers"]["blocks.0.mixer"]["entropy"]["per_index"]),
+                        "ranks": r["layers"]["blocks.0.mixer"]["ranks"],
+                    }
+                )
         watch.close()
         with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
             json.dump({"results": out, "sink_calls": len(seen)}, f)
@@ -60,12 +69,12 @@ def test_ddp_two_ranks_reduce_and_rank_zero_writes(tmp_path):
     assert steps == [x["step"] for x in r1["results"]] == [0, 2, 4]
     for a, b in zip(r0["results"], r1["results"]):
         assert a["ranks"] == b["ranks"] == 2
-        assert a["local"] != b["local"]                               # each rank measured its own batch
+        assert a["local"] != b["local"]  # each rank measured its own batch
         assert a["reduced"] == pytest.approx((a["local"] + b["local"]) / 2, rel=1e-9)
         assert a["reduced"] == b["reduced"]
-    assert r0["sink_calls"] == 3 and r1["sink_calls"] == 0            # sinks run on rank 0 only
+    assert r0["sink_calls"] == 3 and r1["sink_calls"] == 0  # sinks run on rank 0 only
     files = list((tmp_path / "tb").iterdir())
-    assert len(files) == 1                                              # one writer: rank 0
+    assert len(files) == 1  # one writer: rank 0
     ea = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
     ea.Reload()
     logged = [(e.step, e.value) for e in ea.Scalars("ess/entropy/avg/blocks.0.mixer")]
@@ -80,23 +89,33 @@ def _bg_worker(rank: int, world: int, tmp: str) -> None:
     from esswatch.layers import SequenceModel
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'rendezvous')}", rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{os.path.join(tmp, 'rendezvous')}", rank=rank, world_size=world
+    )
     try:
         torch.manual_seed(0)
         model = nn.parallel.DistributedDataParallel(
-            SequenceModel(VOCAB, d_model=16, n_layers=2, mixer="attention", n_heads=2))
+            SequenceModel(VOCAB, d_model=16, n_layers=2, mixer="attention", n_heads=2)
+        )
         opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-        watch = esswatch.ESSWatch(model, logdir=os.path.join(tmp, "tb"), every_n_steps=1, reduce=True,
-                                  background=True, budget_seconds=0.01)
+        watch = esswatch.ESSWatch(
+            model, logdir=os.path.join(tmp, "tb"), every_n_steps=1, reduce=True, background=True, budget_seconds=0.01
+        )
         g = torch.Generator().manual_seed(100 + rank)
         out = []
 
         def keep(r):
             lay = r["layers"]["blocks.0.mixer"]
-            out.append({"step": r["step"], "reduced": lay["entropy"]["avg"], "ranks": lay["ranks"],
-                        "local": sum(lay["entropy"]["per_index"]) / len(lay["entropy"]["per_index"]),
-                        "skipped": r["skipped_samples"], "budget": r["budget"]})
+            out.append(
+                {
+                    "step": r["step"],
+                    "reduced": lay["entropy"]["avg"],
+                    "ranks": lay["ranks"],
+                    "local": sum(lay["entropy"]["per_index"]) / len(lay["entropy"]["per_index"]),
+                    "skipped": r["skipped_samples"],
+                    "budget": r["budget"],
+                }
+            )
 
         for s in range(3 * STEPS):
             x = torch.randint(0, VOCAB, (B, L + 4 * rank * (s % 2)), generator=g)  # uneven work per rank
@@ -130,6 +149,6 @@ def test_ddp_background_reduce_ranks_agree_without_deadlock(tmp_path):
         assert a["reduced"] == b["reduced"]
         assert a["reduced"] == pytest.approx((a["local"] + b["local"]) / 2, rel=1e-9)
         assert a["skipped"] == b["skipped"]
-        level = ("batch_rows", "heads", "indices", "cut")            # the agreed level (timings are per rank)
+        level = ("batch_rows", "heads", "indices", "cut")  # the agreed level (timings are per rank)
         assert [a["budget"][k] for k in level] == [b["budget"][k] for k in level]
-    assert r0["results"][-1]["budget"]["cut"]                          # 0.01 s: something was cut
+    assert r0["results"][-1]["budget"]["cut"]  # 0.01 s: something was cut

@@ -1,5 +1,6 @@
 """ESSWatch.paused(): forwards inside it are never recorded; recording resumes as armed after it.
 And the regularizer looks at the positions the watch logs (one index rule)."""
+
 from __future__ import annotations
 
 import torch
@@ -23,16 +24,16 @@ def test_forwards_inside_paused_are_not_recorded():
     g = torch.Generator().manual_seed(3)
     a, b = (torch.randint(0, 16, (2, 12), generator=g) for _ in range(2))
     model = _model()
-    with esswatch.ESSWatch(model, every_n_steps=1) as ref:       # sees only batch b
+    with esswatch.ESSWatch(model, every_n_steps=1) as ref:  # sees only batch b
         model(b)
         expect = _per_index(ref.step())
-    with esswatch.ESSWatch(model, every_n_steps=1) as other:     # without the pause, a would win
+    with esswatch.ESSWatch(model, every_n_steps=1) as other:  # without the pause, a would win
         model(a)
         model(b)
         assert _per_index(other.step()) != expect
     with esswatch.ESSWatch(model, every_n_steps=1) as watch:
         with watch.paused():
-            with watch.paused():          # nests
+            with watch.paused():  # nests
                 model(a)
             model(a)
             assert not watch.capture.armed

@@ -1,5 +1,6 @@
 """The ``esswatch`` command: ``demo``, ``report``, ``profile`` (a thin argparse front end;
 the work lives in :mod:`esswatch.demo`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,11 +20,20 @@ def _demo(args) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     elif (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu"):
-        torch.set_num_threads(1)   # a 100k-parameter model: one thread is fastest and never oversubscribes
+        torch.set_num_threads(1)  # a 100k-parameter model: one thread is fastest and never oversubscribes
     try:
-        run_demo(steps=args.steps, mixer=args.mixer, d_model=args.width, device=args.device, logdir=args.logdir,
-                 every_n_steps=args.every, seed=args.seed, run_name=args.run_name, progress=not args.quiet)
-    except OSError as e:          # the log folder could not be created or written after all
+        run_demo(
+            steps=args.steps,
+            mixer=args.mixer,
+            d_model=args.width,
+            device=args.device,
+            logdir=args.logdir,
+            every_n_steps=args.every,
+            seed=args.seed,
+            run_name=args.run_name,
+            progress=not args.quiet,
+        )
+    except OSError as e:  # the log folder could not be created or written after all
         print(f"esswatch demo: error: cannot write the run under {args.logdir}: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
@@ -53,9 +63,18 @@ def _profile(args) -> int:
 
 
 def _run_profile(args, run_profile) -> int:
-    run_profile(args.model, text=args.text, tokens=args.tokens, delimiters=args.delimiter,
-                delimiter_ids=args.delimiter_id, out=args.out, device=args.device, max_length=args.max_length,
-                add_special_tokens=args.special_tokens, estimator=args.estimator)
+    run_profile(
+        args.model,
+        text=args.text,
+        tokens=args.tokens,
+        delimiters=args.delimiter,
+        delimiter_ids=args.delimiter_id,
+        out=args.out,
+        device=args.device,
+        max_length=args.max_length,
+        add_special_tokens=args.special_tokens,
+        estimator=args.estimator,
+    )
     return 0
 
 
@@ -73,11 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="esswatch", description="Effective state-size (ESS) of sequence models.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{demo,report,profile}")
 
-    d = sub.add_parser("demo", help="train a small model on MQAR with ESSWatch and log to TensorBoard",
-                       description="Train a small model on multi-query associative recall with ESSWatch attached "
-                                   "(under 3 minutes on one CPU core), then print the TensorBoard command.")
-    d.add_argument("--steps", type=positive_int, default=DEMO_DEFAULTS["steps"],
-                   help="optimizer steps (default %(default)s)")
+    d = sub.add_parser(
+        "demo",
+        help="train a small model on MQAR with ESSWatch and log to TensorBoard",
+        description="Train a small model on multi-query associative recall with ESSWatch attached "
+        "(under 3 minutes on one CPU core), then print the TensorBoard command.",
+    )
+    d.add_argument(
+        "--steps", type=positive_int, default=DEMO_DEFAULTS["steps"], help="optimizer steps (default %(default)s)"
+    )
     d.add_argument("--mixer", default=DEMO_DEFAULTS["mixer"], choices=sorted(MIXERS), help="default %(default)s")
     d.add_argument("--width", type=positive_int, default=DEMO_DEFAULTS["d_model"], help="d_model (default %(default)s)")
     d.add_argument("--device", type=device_arg, default=None, help="cpu, cuda, ... (default: cuda when available)")
@@ -89,34 +112,54 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true", help="no progress line")
     d.set_defaults(func=_demo)
 
-    r = sub.add_parser("report", help="per-layer table of the latest ESS from TensorBoard event files",
-                       description="Print, from the event files alone, the latest ESS, utilization and trend of "
-                                   "every layer of every run under LOGDIR.")
+    r = sub.add_parser(
+        "report",
+        help="per-layer table of the latest ESS from TensorBoard event files",
+        description="Print, from the event files alone, the latest ESS, utilization and trend of "
+        "every layer of every run under LOGDIR.",
+    )
     r.add_argument("logdir")
-    r.add_argument("--last", type=int, default=5,
-                   help="trend window in logged points, an integer >= 2 (default %(default)s)")
-    r.add_argument("--json", action="store_true",
-                   help="machine-readable output (strict JSON: NaN and infinities are written as null)")
+    r.add_argument(
+        "--last", type=int, default=5, help="trend window in logged points, an integer >= 2 (default %(default)s)"
+    )
+    r.add_argument(
+        "--json",
+        action="store_true",
+        help="machine-readable output (strict JSON: NaN and infinities are written as null)",
+    )
     r.set_defaults(func=_report)
 
-    f = sub.add_parser("profile", help="per-position ESS of a local Hugging Face checkpoint on a text",
-                       description="Per-position ESS of every layer of a local Hugging Face causal LM "
-                                   "(a save_pretrained directory) on a text, with delimiters marked; writes "
-                                   "OUT.csv and OUT.png.")
+    f = sub.add_parser(
+        "profile",
+        help="per-position ESS of a local Hugging Face checkpoint on a text",
+        description="Per-position ESS of every layer of a local Hugging Face causal LM "
+        "(a save_pretrained directory) on a text, with delimiters marked; writes "
+        "OUT.csv and OUT.png.",
+    )
     f.add_argument("--model", required=True, help="save_pretrained directory (nothing is downloaded)")
     src = f.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="text to tokenize with the directory's tokenizer")
     src.add_argument("--tokens", type=int, nargs="+", help="token ids (when there is no tokenizer)")
-    f.add_argument("--delimiter", action="append", default=[], metavar="TOKEN",
-                   help="token string to mark (repeatable); the end-of-sequence token is always marked")
-    f.add_argument("--delimiter-id", action="append", type=int, default=[], metavar="ID",
-                   help="token id to mark (repeatable)")
+    f.add_argument(
+        "--delimiter",
+        action="append",
+        default=[],
+        metavar="TOKEN",
+        help="token string to mark (repeatable); the end-of-sequence token is always marked",
+    )
+    f.add_argument(
+        "--delimiter-id", action="append", type=int, default=[], metavar="ID", help="token id to mark (repeatable)"
+    )
     f.add_argument("--out", default="esswatch_profile", help="output path without extension (default %(default)s)")
     f.add_argument("--device", type=device_arg, default="cpu")
     f.add_argument("--max-length", type=positive_int, default=1024)
     f.add_argument("--estimator", default="auto", choices=["auto", "exact", "randomized"])
-    f.add_argument("--special-tokens", action=argparse.BooleanOptionalAction, default=True,
-                   help="let the tokenizer add its special tokens (BOS) (default: yes)")
+    f.add_argument(
+        "--special-tokens",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="let the tokenizer add its special tokens (BOS) (default: yes)",
+    )
     f.set_defaults(func=_profile)
     return p
 
@@ -126,7 +169,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     sub = parser._subparsers._group_actions[0].choices.get(args.command, parser)
     if args.command == "demo":
-        check_demo(sub, args)           # everything is checked before anything is created
+        check_demo(sub, args)  # everything is checked before anything is created
     elif args.command == "profile":
         check_profile(sub, args)
     return int(args.func(args) or 0)

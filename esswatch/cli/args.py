@@ -1,6 +1,7 @@
 """Validators for the ``esswatch`` command line: every bad input ends in one line on stderr
 saying what is wrong and what is allowed, exit status 2 (argparse's convention), and
 nothing is created (everything is checked before any file or folder is written)."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,11 +10,25 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["positive_int", "non_negative_int", "device_arg", "check_output_dir", "check_output_file",
-           "check_demo", "check_profile", "one_line"]
+__all__ = [
+    "positive_int",
+    "non_negative_int",
+    "device_arg",
+    "check_output_dir",
+    "check_output_file",
+    "check_demo",
+    "check_profile",
+    "one_line",
+]
 
-_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json",
-            "tf_model.h5", "flax_model.msgpack")
+_WEIGHTS = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+    "tf_model.h5",
+    "flax_model.msgpack",
+)
 
 
 def one_line(e: BaseException) -> str:
@@ -117,10 +132,13 @@ def check_demo(parser: argparse.ArgumentParser, args) -> None:
         try:
             SequenceModel(8, d_model=args.width, n_layers=1, mixer=args.mixer)
         except (ValueError, RuntimeError, AssertionError) as e:
-            parser.error(f"argument --width: {args.width} does not fit mixer {args.mixer!r} ({one_line(e)}); "
-                         "allowed: a positive multiple of the mixer's head count (e.g. 64)")
-    if args.run_name is not None and (not args.run_name.strip() or os.sep in args.run_name or args.run_name in
-                                      (".", "..")):
+            parser.error(
+                f"argument --width: {args.width} does not fit mixer {args.mixer!r} ({one_line(e)}); "
+                "allowed: a positive multiple of the mixer's head count (e.g. 64)"
+            )
+    if args.run_name is not None and (
+        not args.run_name.strip() or os.sep in args.run_name or args.run_name in (".", "..")
+    ):
         parser.error(f"argument --run-name: {args.run_name!r} is not a folder name (allowed: a name without {os.sep})")
     check_output_dir(parser, "--logdir", args.logdir)
 
@@ -138,11 +156,14 @@ def check_profile(parser: argparse.ArgumentParser, args) -> None:
         if not isinstance(cfg, dict):
             raise ValueError("not a JSON object")
     except (ValueError, UnicodeDecodeError, OSError) as e:
-        parser.error(f"argument --model: {cfg_path} is not a valid config ({one_line(e)}); "
-                     "allowed: the config.json written by save_pretrained")
+        parser.error(
+            f"argument --model: {cfg_path} is not a valid config ({one_line(e)}); "
+            "allowed: the config.json written by save_pretrained"
+        )
     if not isinstance(cfg.get("model_type"), str):
-        parser.error(f"argument --model: {cfg_path} has no model_type (allowed: the config.json written by "
-                     "save_pretrained)")
+        parser.error(
+            f"argument --model: {cfg_path} has no model_type (allowed: the config.json written by save_pretrained)"
+        )
     if not any((d / w).is_file() for w in _WEIGHTS):
         parser.error(f"argument --model: no weights in {args.model} (expected one of {', '.join(_WEIGHTS[:2])})")
     vocab = cfg.get("vocab_size")

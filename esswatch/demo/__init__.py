@@ -7,6 +7,7 @@
 - :mod:`.diagnosis`: saturation / collapse from a utilization (``esswatch report``, the MQAR study);
 - :mod:`.profile`: ``esswatch profile`` (per-position ESS of a local Hugging Face checkpoint).
 """
+
 from .mqar import MQAR, mqar_batch
 
 __all__ = ["MQAR", "mqar_batch"]

@@ -6,6 +6,7 @@ query position the model must output the value bound to that key. Keys come from
 ``[1, vocab/2)``, values from ``[vocab/2, vocab)``; labels are ``-100`` (ignored)
 everywhere except at query positions.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,8 +17,9 @@ import torch
 __all__ = ["MQAR", "mqar_batch"]
 
 
-def mqar_batch(batch_size: int, seq_len: int, num_kv: int, vocab_size: int,
-               generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def mqar_batch(
+    batch_size: int, seq_len: int, num_kv: int, vocab_size: int, generator: Optional[torch.Generator] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(inputs, labels)``, both ``(batch_size, seq_len)`` int64."""
     half = vocab_size // 2
     if num_kv < 1 or num_kv > half - 1:
@@ -28,8 +30,8 @@ def mqar_batch(batch_size: int, seq_len: int, num_kv: int, vocab_size: int,
     values = torch.randint(half, vocab_size, (batch_size, num_kv), generator=generator)
     x = torch.zeros(batch_size, seq_len, dtype=torch.int64)
     y = torch.full((batch_size, seq_len), -100, dtype=torch.int64)
-    x[:, 0:2 * num_kv:2] = keys
-    x[:, 1:2 * num_kv:2] = values
+    x[:, 0 : 2 * num_kv : 2] = keys
+    x[:, 1 : 2 * num_kv : 2] = values
     free = seq_len - 2 * num_kv
     pos = torch.argsort(torch.rand(batch_size, free, generator=generator), dim=-1)[:, :num_kv] + 2 * num_kv
     order = torch.argsort(torch.rand(batch_size, num_kv, generator=generator), dim=-1)
@@ -51,7 +53,7 @@ class MQAR:
 
     def __post_init__(self):
         self._gen = torch.Generator().manual_seed(self.seed)
-        mqar_batch(1, self.seq_len, self.num_kv, self.vocab_size, torch.Generator())   # validate
+        mqar_batch(1, self.seq_len, self.num_kv, self.vocab_size, torch.Generator())  # validate
 
     def batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
         return mqar_batch(self.batch_size, self.seq_len, self.num_kv, self.vocab_size, self._gen)

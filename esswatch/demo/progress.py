@@ -3,6 +3,7 @@
 On a terminal the line is redrawn in place (``\\r``); when stderr is not a terminal
 (CI logs, pipes) it prints a plain line every ``10%`` instead, so logs stay readable.
 """
+
 from __future__ import annotations
 
 import sys
@@ -27,8 +28,9 @@ class Progress:
         enabled: ``False`` writes nothing.
     """
 
-    def __init__(self, total: int, label: str = "", stream: Optional[IO[str]] = None, enabled: bool = True,
-                 width: int = 28) -> None:
+    def __init__(
+        self, total: int, label: str = "", stream: Optional[IO[str]] = None, enabled: bool = True, width: int = 28
+    ) -> None:
         self.total = max(1, int(total))
         self.label = label
         self.stream = sys.stderr if stream is None else stream
@@ -65,8 +67,10 @@ class Progress:
         elapsed = now - self._t0
         eta = elapsed / frac - elapsed if frac > 0 else 0.0
         extra = " ".join(f"{k} {v:.3g}" for k, v in info.items())
-        return (f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {self.count}/{self.total} "
-                f"{_clock(elapsed)}<{_clock(eta)} {extra}").rstrip()
+        return (
+            f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {self.count}/{self.total} "
+            f"{_clock(elapsed)}<{_clock(eta)} {extra}"
+        ).rstrip()
 
     def close(self) -> None:
         """End the line (terminal mode)."""

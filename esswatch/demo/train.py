@@ -7,6 +7,7 @@ loss and the held-out query accuracy (tags ``mqar/loss``, ``mqar/accuracy``) to 
 optional ``SummaryWriter``. The data come from their own generators, so runs with the
 same seed see the same batches whatever is measured.
 """
+
 from __future__ import annotations
 
 import math
@@ -62,7 +63,7 @@ class TrainConfig:
             raise ValueError(f"unknown mixer {self.mixer!r}; choose one of {sorted(MIXERS)}")
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
-        MQAR(self.seq_len, self.num_kv, self.vocab_size, 1)   # validates the task
+        MQAR(self.seq_len, self.num_kv, self.vocab_size, 1)  # validates the task
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -72,8 +73,9 @@ def build_model(cfg: TrainConfig, device: torch.device | str = "cpu") -> Sequenc
     """The run's model, initialised from ``cfg.seed`` (the global RNG state is restored)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = SequenceModel(cfg.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, mixer=cfg.mixer,
-                              **cfg.mixer_kwargs)
+        model = SequenceModel(
+            cfg.vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, mixer=cfg.mixer, **cfg.mixer_kwargs
+        )
     return model.to(device)
 
 
@@ -102,9 +104,15 @@ def evaluate(model: torch.nn.Module, batch, device) -> float:
         model.train(was)
 
 
-def train_mqar(model: torch.nn.Module, cfg: TrainConfig, *, watch: Any = None, writer: Any = None,
-               device: torch.device | str = "cpu",
-               on_step: Optional[Callable[[int, float, Optional[float]], None]] = None) -> Dict[str, Any]:
+def train_mqar(
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    *,
+    watch: Any = None,
+    writer: Any = None,
+    device: torch.device | str = "cpu",
+    on_step: Optional[Callable[[int, float, Optional[float]], None]] = None,
+) -> Dict[str, Any]:
     """Train ``model`` on MQAR for ``cfg.steps`` steps.
 
     Args:
@@ -133,7 +141,7 @@ def train_mqar(model: torch.nn.Module, cfg: TrainConfig, *, watch: Any = None, w
         x, y = x.to(device), y.to(device)
         logits = model(x)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
-        reg = getattr(watch, "regularizer", None) is not None    # ESSWatch(regularizer=w): add its penalty
+        reg = getattr(watch, "regularizer", None) is not None  # ESSWatch(regularizer=w): add its penalty
         (loss + watch.penalty() if reg else loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -154,5 +162,10 @@ def train_mqar(model: torch.nn.Module, cfg: TrainConfig, *, watch: Any = None, w
                 writer.add_scalar(ACCURACY_TAG, acc, global_step=step)
         if on_step is not None:
             on_step(step, lv, acc)
-    return {"accuracy": history[-1][1], "loss": sum(recent) / len(recent), "seconds": time.perf_counter() - t0,
-            "steps": cfg.steps, "history": history}
+    return {
+        "accuracy": history[-1][1],
+        "loss": sum(recent) / len(recent),
+        "seconds": time.perf_counter() - t0,
+        "steps": cfg.steps,
+        "history": history,
+    }

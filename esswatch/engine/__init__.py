@@ -15,6 +15,7 @@
 - :mod:`.memory`: the memory estimate of one call and its limit.
 - :mod:`.validation`: input checks raising ``ValueError``.
 """
+
 from .spectral import compute_dtype, entropy_from_singular_values, tolerance_from_singular_values
 from .validation import check_finite
 

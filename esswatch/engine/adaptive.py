@@ -15,6 +15,7 @@ Entropy-ESS (:func:`randomized_entropy`), in order of cost:
 
 All randomness comes from the ``generator`` argument. Pure tensor math on the block.
 """
+
 from __future__ import annotations
 
 import math
@@ -97,7 +98,7 @@ def randomized_entropy(h: torch.Tensor, rtol: float, generator, *, allow_slq: bo
     confidence.
     """
     if h.shape[-2] < h.shape[-1]:
-        h = h.transpose(-1, -2)            # tall: same singular values, smaller sketch vectors
+        h = h.transpose(-1, -2)  # tall: same singular values, smaller sketch vectors
     h = h.contiguous()
     batch, (m, n) = h.shape[:-2], h.shape[-2:]
     p = min(m, n)
@@ -124,8 +125,9 @@ def randomized_entropy(h: torch.Tensor, rtol: float, generator, *, allow_slq: bo
 
     if p >= 4 * SKETCH_PILOT_RANK:
         # low-ESS blocks (trained attention) are often resolved by the pilot's rank already
-        t = sketch_singular_values(matmul, rmatmul, n, batch, SKETCH_PILOT_RANK, 0, h.dtype, h.device,
-                                   generator, rmatmul_exact=rmatmul64)
+        t = sketch_singular_values(
+            matmul, rmatmul, n, batch, SKETCH_PILOT_RANK, 0, h.dtype, h.device, generator, rmatmul_exact=rmatmul64
+        )
         est, lo, hi = entropy_bounds(t, fro2, p)
         if _ratio(lo, hi) <= (1 + rtol) ** 2:
             return est, lo, hi
@@ -134,8 +136,19 @@ def randomized_entropy(h: torch.Tensor, rtol: float, generator, *, allow_slq: bo
     while True:
         if k >= p:
             return _exact(h)
-        t, basis = sketch_singular_values(matmul, rmatmul, n, batch, k, SKETCH_POWER_ITERS, h.dtype, h.device,
-                                          generator, rmatmul_exact=rmatmul64, return_basis=True)
+        t, basis = sketch_singular_values(
+            matmul,
+            rmatmul,
+            n,
+            batch,
+            k,
+            SKETCH_POWER_ITERS,
+            h.dtype,
+            h.device,
+            generator,
+            rmatmul_exact=rmatmul64,
+            return_basis=True,
+        )
         spent += SKETCH_COST * k
         est, lo, hi = entropy_bounds(t, fro2, p)
         ratio = _ratio(lo, hi)
@@ -156,17 +169,26 @@ def randomized_tolerance_sv(h: torch.Tensor, tol: float, relative: bool, generat
     batch, (m, n) = h.shape[:-2], h.shape[-2:]
     p = min(m, n)
     h64 = h.to(torch.float64)
-    fro2 = (h64 ** 2).sum(dim=(-1, -2))
+    fro2 = (h64**2).sum(dim=(-1, -2))
     k = min(SKETCH_RANK0, p)
     spent = 0.0
     while True:
         if k >= p:
             return oriented_svdvals(h)
-        t = sketch_singular_values(lambda v: h @ v, lambda w: h.transpose(-1, -2) @ w, n, batch, k,
-                                   SKETCH_POWER_ITERS, h.dtype, h.device, generator,
-                                   rmatmul_exact=lambda w: h64.transpose(-1, -2) @ w)
+        t = sketch_singular_values(
+            lambda v: h @ v,
+            lambda w: h.transpose(-1, -2) @ w,
+            n,
+            batch,
+            k,
+            SKETCH_POWER_ITERS,
+            h.dtype,
+            h.device,
+            generator,
+            rmatmul_exact=lambda w: h64.transpose(-1, -2) @ w,
+        )
         spent += SKETCH_COST * k
-        r = torch.sqrt(torch.clamp(fro2 - (t ** 2).sum(-1), min=0))
+        r = torch.sqrt(torch.clamp(fro2 - (t**2).sum(-1), min=0))
         thresh = tol * t[..., 0] if relative else torch.full_like(r, tol)
         # every unseen singular value is <= ||H - Q Q^T H||_2 <= r; every seen one lies in [t_j, t_j + r]
         near = ((t - thresh[..., None]).abs() <= r[..., None]).any(-1)

@@ -15,6 +15,7 @@ Zero rows and columns get a zero gradient (their true derivative is unbounded: a
 singular value of size ``eps`` moves entropy by ``eps log eps``). Everything else is
 differentiable through ``torch.linalg.svdvals``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ TRIM_MIN_GAIN = 0.1
 def _keep(h: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
     idx = mask.nonzero()[:, 0]
     lo, hi = int(idx[0]), int(idx[-1]) + 1
-    if hi - lo == idx.numel():                     # a contiguous range: a view, no copy
+    if hi - lo == idx.numel():  # a contiguous range: a view, no copy
         return h.narrow(dim, lo, hi - lo)
     return h.index_select(dim, idx)
 

@@ -30,6 +30,7 @@ float64 resolves them down to about ``1e-8 * s_1`` (entropy contribution below `
 Everything is differentiable with finite gradients (masked exponents are ``-inf`` before
 ``exp``; the square root uses :func:`safe_sqrt`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -60,16 +61,16 @@ def _direct(q, k, lam, idx):
     """``P_i, Q_i`` for the indices ``idx`` (1-D, on q's device) from the factors."""
     L = q.shape[-2]
     pos = torch.arange(L, device=q.device)
-    past = pos[None, :] < idx[:, None]                                    # (n, L): c < i
+    past = pos[None, :] < idx[:, None]  # (n, L): c < i
     if lam is None:
         w_p = past.to(q.dtype)[..., None]
         w_q = (~past).to(q.dtype)[..., None]
-        R = k[..., None, :, :] * w_p                                      # batch + (n, L, N)
+        R = k[..., None, :, :] * w_p  # batch + (n, L, N)
         Ob = q[..., None, :, :] * w_q
     else:
-        anchor = lam[..., idx - 1, :]                                     # batch + (n, N|1): Lam[i-1]
-        d_p = anchor[..., :, None, :] - lam[..., None, :, :]              # Lam[i-1] - Lam[c]
-        d_q = lam[..., None, :, :] - anchor[..., :, None, :]              # Lam[r] - Lam[i-1]
+        anchor = lam[..., idx - 1, :]  # batch + (n, N|1): Lam[i-1]
+        d_p = anchor[..., :, None, :] - lam[..., None, :, :]  # Lam[i-1] - Lam[c]
+        d_q = lam[..., None, :, :] - anchor[..., :, None, :]  # Lam[r] - Lam[i-1]
         ninf = torch.tensor(float("-inf"), dtype=q.dtype, device=q.device)
         R = k[..., None, :, :] * torch.exp(torch.where(past[..., None], d_p, ninf))
         Ob = q[..., None, :, :] * torch.exp(torch.where(past[..., None], ninf, d_q))
@@ -94,9 +95,9 @@ def _chunked_forward(k, lam, idx, C):
         # padded positions repeat the last Lam (no decay); they carry k = 0
         lamp = torch.cat([lam, lam[..., -1:, :].expand(*lam.shape[:-2], pad, lam.shape[-1])], dim=-2)
         lc = lamp.reshape(*batch, nc, C, lamp.shape[-1])
-        step = torch.exp(lc[..., 1:, :] - lc[..., :-1, :])               # a at offsets 1..C-1 (<= 1)
+        step = torch.exp(lc[..., 1:, :] - lc[..., :-1, :])  # a at offsets 1..C-1 (<= 1)
     # inside the chunks: S[j] = sum_{c in [mC, mC+j]} of k_c k_c^T weighted to position mC + j
-    kk = kc[..., :, :, None] * kc[..., :, None, :]                        # batch + (nc, C, N, N)
+    kk = kc[..., :, :, None] * kc[..., :, None, :]  # batch + (nc, C, N, N)
     parts = [kk[..., 0, :, :]]
     for j in range(1, C):
         prev = parts[-1]
@@ -104,7 +105,7 @@ def _chunked_forward(k, lam, idx, C):
             a = step[..., j - 1, :]
             prev = prev * (a[..., :, None] * a[..., None, :])
         parts.append(prev + kk[..., j, :, :])
-    S = torch.stack(parts, dim=-3)                                        # batch + (nc, C, N, N)
+    S = torch.stack(parts, dim=-3)  # batch + (nc, C, N, N)
     # between chunks: A[m] = P at position mC (sum over c < mC)
     anchors = [torch.zeros(*batch, N, N, dtype=dt, device=dev)]
     for m in range(1, nc):
@@ -113,7 +114,7 @@ def _chunked_forward(k, lam, idx, C):
             g = torch.exp(lamp[..., m * C - 1, :] - lamp[..., (m - 1) * C - 1, :])
             prev = prev * (g[..., :, None] * g[..., None, :])
         anchors.append(prev + S[..., m - 1, C - 1, :, :])
-    A = torch.stack(anchors, dim=-3)                                      # batch + (nc, N, N)
+    A = torch.stack(anchors, dim=-3)  # batch + (nc, N, N)
     # P_i = D A[m] D + S[m][i-1-mC], m = (i-1) // C, D = exp(Lam[i-1] - Lam[mC-1])
     m = (idx - 1) // C
     jj = (idx - 1) % C
@@ -122,13 +123,14 @@ def _chunked_forward(k, lam, idx, C):
     if lam is not None:
         has = (m > 0).to(dt)
         prev_pos = torch.clamp(m * C - 1, min=0)
-        g = torch.exp(lamp[..., idx - 1, :] - lamp[..., prev_pos, :])     # batch + (n, N|1)
+        g = torch.exp(lamp[..., idx - 1, :] - lamp[..., prev_pos, :])  # batch + (n, N|1)
         base = base * (g[..., :, None] * g[..., None, :]) * has[:, None, None]
     return out + base
 
 
-def gramians(q: torch.Tensor, k: torch.Tensor, log_decay: torch.Tensor | None, indices: torch.Tensor,
-             method: str = "auto"):
+def gramians(
+    q: torch.Tensor, k: torch.Tensor, log_decay: torch.Tensor | None, indices: torch.Tensor, method: str = "auto"
+):
     """``P_i`` and ``Q_i`` (float64) at sorted unique ``indices``, shape ``batch + (n, N, N)``.
 
     ``method``: ``"direct"``, ``"chunked"`` or ``"auto"`` (direct while the factors are small).
@@ -142,7 +144,7 @@ def gramians(q: torch.Tensor, k: torch.Tensor, log_decay: torch.Tensor | None, i
         method = "direct" if n <= DIRECT_MAX_INDICES and n * L * N * nb <= DIRECT_MAX_ELEMS else "chunked"
     if method == "direct":
         return _direct(q64, k64, lam, idx)
-    C = max(4, round(L ** 0.5))
+    C = max(4, round(L**0.5))
     P = _chunked_forward(k64, lam, idx, C)
     # Q_i is P of the time-reversed system: r -> L-1-r, with reversed decays shifted by one
     # (O_i[r] weight exp(Lam[r] - Lam[i-1]) = prod_{s=i..r} a_s), index i -> L - i
@@ -164,7 +166,10 @@ def gramians(q: torch.Tensor, k: torch.Tensor, log_decay: torch.Tensor | None, i
 
 
 def gram_squared_singular_values(
-    q: torch.Tensor, k: torch.Tensor, log_decay: torch.Tensor | None, indices: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    log_decay: torch.Tensor | None,
+    indices: torch.Tensor,
     method: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Squared Hankel singular values (float64) for a diagonal recurrence.
@@ -188,7 +193,7 @@ def gram_squared_singular_values(
     inv = inverse.to(P.device)
     if uniq.numel() != indices.numel() or not torch.equal(uniq, indices):
         P, Q = P[..., inv, :, :], Q[..., inv, :, :]
-    fro2 = (P * Q).sum(dim=(-1, -2))                      # trace(P Q) for symmetric P, Q
+    fro2 = (P * Q).sum(dim=(-1, -2))  # trace(P Q) for symmetric P, Q
     cp, info_p = torch.linalg.cholesky_ex(P)
     cq, info_q = torch.linalg.cholesky_ex(Q)
     use_p = info_p == 0

@@ -1,4 +1,5 @@
 """Hankel blocks ``H_i = T[..., i:, :i]`` of dense causal matrices."""
+
 from __future__ import annotations
 
 import torch
@@ -20,5 +21,5 @@ def hankel_fro2_dense(t: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     a = torch.tril(t.detach().to(torch.float64) ** 2, diagonal=-1)
     colfuture = a.sum(dim=-2)
     rowpast = a.sum(dim=-1)
-    fro2 = torch.cumsum(colfuture - rowpast, dim=-1)        # [j] = value for i = j + 1
+    fro2 = torch.cumsum(colfuture - rowpast, dim=-1)  # [j] = value for i = j + 1
     return torch.clamp(fro2[..., indices.to(t.device) - 1], min=0)

@@ -10,6 +10,7 @@ The limit: the environment variable ``ESSWATCH_MAX_BYTES`` (bytes, e.g. ``4e9``)
 otherwise half the memory available when the call starts (CPU: ``MemAvailable`` of
 ``/proc/meminfo``, or half the physical memory elsewhere; CUDA: the device's free memory).
 """
+
 from __future__ import annotations
 
 import math
@@ -70,8 +71,17 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n / 1e6:.3f} MB"
 
 
-def estimate_bytes(batch: int, seq_len: int, indices: Iterable[int], itemsize: int, *, dense: bool,
-                   scores: bool = False, sketch: bool = False, state_width: int = 0) -> int:
+def estimate_bytes(
+    batch: int,
+    seq_len: int,
+    indices: Iterable[int],
+    itemsize: int,
+    *,
+    dense: bool,
+    scores: bool = False,
+    sketch: bool = False,
+    state_width: int = 0,
+) -> int:
     """Bytes of the big buffers of one call (see the module doc).
 
     Args:
@@ -91,11 +101,11 @@ def estimate_bytes(batch: int, seq_len: int, indices: Iterable[int], itemsize: i
         total += batch * L * L * itemsize * (2 if scores else 1)
     if idx:
         block = max((L - i) * i for i in idx)
-        total += 2 * batch * block * itemsize                 # the block's copy + SVD workspace
+        total += 2 * batch * block * itemsize  # the block's copy + SVD workspace
         if sketch:
             total += batch * block * 8
     if state_width:
-        total += 4 * batch * L * state_width * 8 + 4 * batch * len(idx) * state_width ** 2 * 8
+        total += 4 * batch * L * state_width * 8 + 4 * batch * len(idx) * state_width**2 * 8
     return int(total)
 
 
@@ -108,4 +118,5 @@ def check_memory(nbytes: int, device: torch.device, what: str) -> None:
         f"{what} would need about {_mb(nbytes)} on {device}, more than the limit of {_mb(limit)} "
         f"({ENV_VAR} if set, else half the memory available). Measure fewer indices (indices=), fewer "
         "batch rows or heads (ESSWatch batch_rows= / heads=, or slice the operator), a shorter sequence or a "
-        f"window, or raise the limit with {ENV_VAR}=<bytes>.")
+        f"window, or raise the limit with {ENV_VAR}=<bytes>."
+    )

@@ -28,6 +28,7 @@ extremes of entropy-ESS over the consistent set is checked numerically in the
 test-suite (random and adversarial spectra), not proven. See the README and
 ``docs/ess.md`` section 4.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Tuple
@@ -72,7 +73,7 @@ def sketch_singular_values(
         b = rmatmul(qm)
     else:
         b = rmatmul_exact(_orth(qm.to(torch.float64)))
-    t = torch.linalg.svdvals(b)           # singular values of H^T Q = those of Q^T H
+    t = torch.linalg.svdvals(b)  # singular values of H^T Q = those of Q^T H
     if return_basis:
         return t, _orth(b.to(torch.float64))
     return t
@@ -91,8 +92,8 @@ def water_fill(t2: torch.Tensor, total: torch.Tensor, p: int) -> torch.Tensor:
     asc = torch.flip(full, dims=[-1])
     csum = torch.cumsum(asc, dim=-1)
     j = torch.arange(1, p + 1, dtype=t2.dtype, device=t2.device)
-    rest = total[..., None] - (csum[..., -1:] - csum)          # total minus the untouched largest p-j values
-    lam = rest / j                                              # level if the j smallest are raised
+    rest = total[..., None] - (csum[..., -1:] - csum)  # total minus the untouched largest p-j values
+    lam = rest / j  # level if the j smallest are raised
     # the right j: largest j with lam >= asc[j-1] (level at least the largest raised value)
     valid = lam >= asc - 1e-300
     jstar = (valid * j).amax(dim=-1, keepdim=True).clamp(min=1).long() - 1

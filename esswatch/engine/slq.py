@@ -23,6 +23,7 @@ certainty. It ignores the (small) cross-talk between the deflated top and the ta
 calibration test measures the realized miss rate. Pure tensor math, batched, on the
 block's device, float64; randomness only from the given generator.
 """
+
 from __future__ import annotations
 
 import torch
@@ -55,9 +56,18 @@ def _sums(theta: torch.Tensor, w: torch.Tensor):
     return (w * s).sum(-1), (w * slogs).sum(-1)
 
 
-def slq_entropy(h: torch.Tensor, k: int, generator: torch.Generator | None, *, probes: int = SLQ_PROBES,
-                steps: int = SLQ_STEPS, power_iters: int = 1, fro2: torch.Tensor | None = None,
-                hq: torch.Tensor | None = None, basis: torch.Tensor | None = None):
+def slq_entropy(
+    h: torch.Tensor,
+    k: int,
+    generator: torch.Generator | None,
+    *,
+    probes: int = SLQ_PROBES,
+    steps: int = SLQ_STEPS,
+    power_iters: int = 1,
+    fro2: torch.Tensor | None = None,
+    hq: torch.Tensor | None = None,
+    basis: torch.Tensor | None = None,
+):
     """Deflated SLQ estimate of entropy-ESS of ``h`` (``batch + (m, n)``).
 
     The products run in ``h``'s dtype (they read the whole block and dominate the cost);
@@ -76,10 +86,10 @@ def slq_entropy(h: torch.Tensor, k: int, generator: torch.Generator | None, *, p
     dev, lo = h.device, h.dtype
     if fro2 is None:
         fro2 = torch.sum(h * h, dim=(-1, -2), dtype=torch.float64)
-    scale = torch.sqrt(torch.clamp(fro2, min=1e-300))       # entropy is scale-free: work on h / ||h||_F
+    scale = torch.sqrt(torch.clamp(fro2, min=1e-300))  # entropy is scale-free: work on h / ||h||_F
     inv = (1.0 / scale).to(lo)[..., None, None]
     h = h.contiguous()
-    hq = h.transpose(-1, -2).contiguous() if hq is None else hq   # row-major both ways (2x faster)
+    hq = h.transpose(-1, -2).contiguous() if hq is None else hq  # row-major both ways (2x faster)
     # 1. the top of the spectrum: subspace iteration
     if basis is None:
         omega = torch.randn(*batch, n, k, dtype=lo, device=dev, generator=generator)
@@ -87,19 +97,19 @@ def slq_entropy(h: torch.Tensor, k: int, generator: torch.Generator | None, *, p
         for _ in range(power_iters):
             qm = _orth(h @ _orth(hq @ qm))
         basis = _orth((hq @ qm).to(torch.float64))
-    V = basis.to(lo)                                         # n x k right basis
+    V = basis.to(lo)  # n x k right basis
     t = torch.linalg.svdvals((h @ V).to(torch.float64))
     # the tail's energy is known exactly: ||h (I - V V^T)||_F^2 = ||h||_F^2 - ||h V||_F^2
     tail_energy = torch.clamp(1 - (t * t).sum(-1) / torch.clamp(fro2, min=1e-300), min=0)
     if lo != torch.float64:
-        t = t * (1 - 1e-5)                                    # float32 round-off: stay below s_j
+        t = t * (1 - 1e-5)  # float32 round-off: stay below s_j
     t = t / scale[..., None]
     Vt = V.transpose(-1, -2)
 
-    def fwd(v):                                              # A v = h v / ||h|| for v orthogonal to V
+    def fwd(v):  # A v = h v / ||h|| for v orthogonal to V
         return (h @ v) * inv
 
-    def bwd(u):                                              # A^T u = (I - V V^T) h^T u / ||h||
+    def bwd(u):  # A^T u = (I - V V^T) h^T u / ||h||
         w = (hq @ u) * inv
         return w - V @ (Vt @ w)
 
@@ -119,7 +129,7 @@ def slq_entropy(h: torch.Tensor, k: int, generator: torch.Generator | None, *, p
         u = u / torch.clamp(alpha, min=tiny)
         alphas.append(alpha[..., 0, :])
         w = bwd(u) - alpha * v
-        Vh = Vbuf[..., :j + 1]
+        Vh = Vbuf[..., : j + 1]
         w = w - (Vh * (Vh * w[..., None]).sum(-3, keepdim=True)).sum(-1)
         w = w - V @ (Vt @ w)
         beta = _colnorm(w)
@@ -129,10 +139,10 @@ def slq_entropy(h: torch.Tensor, k: int, generator: torch.Generator | None, *, p
         v = w / torch.clamp(beta, min=tiny)
         Vbuf[..., j + 1] = v
         u = fwd(v) - beta * u
-    al = torch.stack(alphas, dim=-1).to(torch.float64)       # batch + (probes, l)
-    be = torch.stack(betas, dim=-1).to(torch.float64)                         # beta_1..beta_l (beta_l: Radau)
+    al = torch.stack(alphas, dim=-1).to(torch.float64)  # batch + (probes, l)
+    be = torch.stack(betas, dim=-1).to(torch.float64)  # beta_1..beta_l (beta_l: Radau)
     ell = al.shape[-1]
-    diag = al ** 2
+    diag = al**2
     diag[..., 1:] = diag[..., 1:] + be[..., :-1] ** 2
     off = al[..., :-1] * be[..., :-1]
     T = torch.diag_embed(diag) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
@@ -143,7 +153,7 @@ def slq_entropy(h: torch.Tensor, k: int, generator: torch.Generator | None, *, p
     e_l[..., -1, 0] = 1.0
     ridge = 1e-14 * torch.clamp(diag.amax(-1), min=1e-300)
     delta = torch.linalg.solve(T + ridge[..., None, None] * torch.eye(ell, dtype=T.dtype, device=dev), e_l)
-    omega_r = b ** 2 * delta[..., -1, 0]
+    omega_r = b**2 * delta[..., -1, 0]
     Tr = torch.zeros(*T.shape[:-2], ell + 1, ell + 1, dtype=T.dtype, device=dev)
     Tr[..., :ell, :ell] = T
     Tr[..., ell, ell - 1] = b
@@ -152,7 +162,7 @@ def slq_entropy(h: torch.Tensor, k: int, generator: torch.Generator | None, *, p
     th_r, w_r = _sym_quadrature(Tr)
     x_g, y_g = _sums(th_g, w_g)
     x_r, y_r = _sums(th_r, w_r)
-    x_g, y_g, x_r, y_r = (d * x for x in (x_g, y_g, x_r, y_r))        # batch + (probes,)
+    x_g, y_g, x_r, y_r = (d * x for x in (x_g, y_g, x_r, y_r))  # batch + (probes,)
     # 3. combine with the exact top
     t1 = t.sum(-1)
     t2 = torch.where(t > 0, t * torch.log(torch.where(t > 0, t, torch.ones_like(t))), torch.zeros_like(t)).sum(-1)
@@ -176,7 +186,7 @@ def slq_entropy(h: torch.Tensor, k: int, generator: torch.Generator | None, *, p
     half_gap = 0.5 * (log_ess(x_g.mean(-1), y_g.mean(-1)) - log_ess(x_r.mean(-1), y_r.mean(-1))).abs()
     s1 = t1 + xm.mean(-1)
     s2 = t2 + ym.mean(-1)
-    g1 = 1.0 / s1 + s2 / s1 ** 2
+    g1 = 1.0 / s1 + s2 / s1**2
     g2 = -1.0 / s1
     p = xm.shape[-1]
     xc, yc = xm - xm.mean(-1, keepdim=True), ym - ym.mean(-1, keepdim=True)

@@ -8,6 +8,7 @@ Gradients stay finite at zero and tiny singular values: the derivative of
 log at ``max(p, eps)`` (``eps`` of the compute dtype). Values below ``eps`` are
 round-off of a zero singular value anyway; the forward value is unchanged.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Input validation shared by the functional API and the operators (raises ``ValueError``)."""
+
 from __future__ import annotations
 
 import math
@@ -7,8 +8,14 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["check_finite", "check_indices", "check_positive_int", "check_finite_number", "check_not_meta",
-           "broadcast_batch"]
+__all__ = [
+    "check_finite",
+    "check_indices",
+    "check_positive_int",
+    "check_finite_number",
+    "check_not_meta",
+    "broadcast_batch",
+]
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:
@@ -42,8 +49,13 @@ def check_finite_number(name: str, v: Any, *, positive: bool = False, nonnegativ
     if ok and nonnegative:
         ok = v >= 0
     if not ok:
-        kind = "a finite positive number" if positive else "a finite non-negative number" if nonnegative \
+        kind = (
+            "a finite positive number"
+            if positive
+            else "a finite non-negative number"
+            if nonnegative
             else "a finite number"
+        )
         raise ValueError(f"{name} must be {kind}, got {v!r}")
     return float(v)
 
@@ -86,7 +98,8 @@ def check_indices(indices, seq_len: int) -> torch.Tensor:
     if bad:
         raise ValueError(
             f"indices must lie in 1..L-1 = 1..{seq_len - 1} (0-based position of the first "
-            f"future output); got {bad[:8]}")
+            f"future output); got {bad[:8]}"
+        )
     return torch.tensor([int(v) for v in items], dtype=torch.int64)
 
 

@@ -32,6 +32,7 @@ This module holds the public functions and defaults; the planner (validation, es
 index, the batched exact entries) is :mod:`.plan`, the numerical environment :mod:`.numerics`,
 the block cache :mod:`.blocks` and the pre-allocation guards :mod:`.guard`.
 """
+
 from __future__ import annotations
 
 from typing import Literal, Optional, Sequence, Tuple, Union, overload
@@ -62,8 +63,15 @@ from .plan import plan as _plan
 from .plan import prepare as _prepare_operator
 from .plan import singular_values_by_plan as _singular_values_by_plan
 
-__all__ = ["entropy_ess", "tolerance_ess", "as_operator", "ESTIMATORS",
-           "DEFAULT_RTOL", "DEFAULT_TOL", "DEFAULT_RELATIVE"]
+__all__ = [
+    "entropy_ess",
+    "tolerance_ess",
+    "as_operator",
+    "ESTIMATORS",
+    "DEFAULT_RTOL",
+    "DEFAULT_TOL",
+    "DEFAULT_RELATIVE",
+]
 
 DEFAULT_RTOL = 0.02
 #: tolerance-ESS default: count singular values above 1e-3 * s_1 (relative mode).
@@ -85,28 +93,50 @@ def _prepare(op, indices, estimator, what="entropy_ess", normalize=True):
 
 
 @overload
-def entropy_ess(op: Union[torch.Tensor, Operator], indices: Optional[Sequence[int]] = None, *,
-                estimator: str = "auto", rtol: float = DEFAULT_RTOL, return_bounds: Literal[False] = False,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor: ...
+def entropy_ess(
+    op: Union[torch.Tensor, Operator],
+    indices: Optional[Sequence[int]] = None,
+    *,
+    estimator: str = "auto",
+    rtol: float = DEFAULT_RTOL,
+    return_bounds: Literal[False] = False,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor: ...
 
 
 @overload
-def entropy_ess(op: Union[torch.Tensor, Operator], indices: Optional[Sequence[int]] = None, *,
-                estimator: str = "auto", rtol: float = DEFAULT_RTOL, return_bounds: Literal[True],
-                generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+def entropy_ess(
+    op: Union[torch.Tensor, Operator],
+    indices: Optional[Sequence[int]] = None,
+    *,
+    estimator: str = "auto",
+    rtol: float = DEFAULT_RTOL,
+    return_bounds: Literal[True],
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
 @overload
-def entropy_ess(op: Union[torch.Tensor, Operator], indices: Optional[Sequence[int]] = None, *,
-                estimator: str = "auto", rtol: float = DEFAULT_RTOL, return_bounds: bool = False,
-                generator: Optional[torch.Generator] = None
-                ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]: ...
+def entropy_ess(
+    op: Union[torch.Tensor, Operator],
+    indices: Optional[Sequence[int]] = None,
+    *,
+    estimator: str = "auto",
+    rtol: float = DEFAULT_RTOL,
+    return_bounds: bool = False,
+    generator: Optional[torch.Generator] = None,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]: ...
 
 
-def entropy_ess(op: Union[torch.Tensor, Operator], indices: Optional[Sequence[int]] = None, *,
-                estimator: str = "auto", rtol: float = DEFAULT_RTOL, return_bounds: bool = False,
-                generator: Optional[torch.Generator] = None
-                ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def entropy_ess(
+    op: Union[torch.Tensor, Operator],
+    indices: Optional[Sequence[int]] = None,
+    *,
+    estimator: str = "auto",
+    rtol: float = DEFAULT_RTOL,
+    return_bounds: bool = False,
+    generator: Optional[torch.Generator] = None,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Entropy-ESS of ``H_i = T[..., i:, :i]`` at each index (``docs/ess.md`` section 2).
 
     Args:
@@ -141,7 +171,7 @@ def entropy_ess(op: Union[torch.Tensor, Operator], indices: Optional[Sequence[in
     with _numerics(op.device):
         cache = _Cache(op)
         svs = _singular_values_by_plan(op, plan, cache)
-        exact = _entropy_of_padded(svs, cdt)          # one batched entropy for all exact entries
+        exact = _entropy_of_padded(svs, cdt)  # one batched entropy for all exact entries
         keys = list(exact)
         table = torch.stack([exact[i] for i in keys], dim=-1) if keys else None
         bounds = {}
@@ -169,9 +199,14 @@ def entropy_ess(op: Union[torch.Tensor, Operator], indices: Optional[Sequence[in
     return est
 
 
-def tolerance_ess(op: Union[torch.Tensor, Operator], indices: Optional[Sequence[int]] = None, *,
-                  tol: float = DEFAULT_TOL, relative: bool = DEFAULT_RELATIVE,
-                  estimator: str = "auto") -> torch.Tensor:
+def tolerance_ess(
+    op: Union[torch.Tensor, Operator],
+    indices: Optional[Sequence[int]] = None,
+    *,
+    tol: float = DEFAULT_TOL,
+    relative: bool = DEFAULT_RELATIVE,
+    estimator: str = "auto",
+) -> torch.Tensor:
     """Tolerance-ESS: the number of singular values of ``H_i`` above a threshold.
 
     Args:

@@ -2,6 +2,7 @@
 
 Used by :mod:`esswatch.ess`; sits between the operators and the functional API.
 """
+
 from __future__ import annotations
 
 from ..engine.exact import trim_zero_lines
@@ -16,8 +17,8 @@ class BlockCache:
     def __init__(self, op: Operator):
         self.op = op
         self._dense = None
-        self._left = None      # T[:, :N]   (recurrences: every H_i with i <= N lies in it)
-        self._bottom = None    # T[L-N:, :] (every H_i with L - i <= N)
+        self._left = None  # T[:, :N]   (recurrences: every H_i with i <= N lies in it)
+        self._bottom = None  # T[L-N:, :] (every H_i with L - i <= N)
 
     def dense(self):
         if self._dense is None:
@@ -37,12 +38,12 @@ class BlockCache:
             if L - i <= n:
                 if self._bottom is None:
                     self._bottom = op.block(slice(L - n, None), slice(None))
-                return self._bottom[..., i - (L - n):, :i]
+                return self._bottom[..., i - (L - n) :, :i]
             return op.hankel(i)
         rows, cols = op.hankel_support(i)
         narrowed = (rows.indices(L)[:2], cols.indices(L)[:2]) != ((i, L), (0, i))
         if narrowed and self._dense is None and not isinstance(op, Dense):
-            h = op.block(rows, cols)          # a window or a short kernel: never materialize T
+            h = op.block(rows, cols)  # a window or a short kernel: never materialize T
         else:
             h = self.dense()[..., rows, cols]
         return trim_zero_lines(h)

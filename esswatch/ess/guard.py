@@ -1,5 +1,6 @@
 """Guards of the functional API that run before anything large is allocated: the memory
 estimate of one call (:mod:`esswatch.engine.memory`) and the result of an empty batch."""
+
 from __future__ import annotations
 
 import torch
@@ -16,12 +17,19 @@ def check_call_memory(op: Operator, idx: torch.Tensor, estimator: str, what: str
     itemsize = torch.finfo(compute_dtype(op.dtype)).bits // 8
     L, ind = op.seq_len, idx.tolist()
     gram = isinstance(op, GatedRecurrence) and estimator in ("auto", "gram")
-    nbytes = estimate_bytes(op.numel_batch(), L, [] if gram else ind, itemsize, dense=not gram,
-                            scores=isinstance(op, SoftmaxAttention),
-                            sketch=estimator in ("auto", "randomized") and not gram,
-                            state_width=op.state_width if gram else 0)
-    check_memory(nbytes, op.device, f"{what} on a {type(op).__name__} (batch {tuple(op.batch_shape)}, "
-                                    f"L={L}, {len(ind)} indices)")
+    nbytes = estimate_bytes(
+        op.numel_batch(),
+        L,
+        [] if gram else ind,
+        itemsize,
+        dense=not gram,
+        scores=isinstance(op, SoftmaxAttention),
+        sketch=estimator in ("auto", "randomized") and not gram,
+        state_width=op.state_width if gram else 0,
+    )
+    check_memory(
+        nbytes, op.device, f"{what} on a {type(op).__name__} (batch {tuple(op.batch_shape)}, L={L}, {len(ind)} indices)"
+    )
 
 
 def empty_result(op: Operator, idx: torch.Tensor, cdt) -> torch.Tensor:

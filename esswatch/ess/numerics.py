@@ -1,5 +1,6 @@
 """The numerical environment of one functional-API call: autocast off, denormals flushed on
 CPU, and a private random generator (the global RNG stream is never drawn from)."""
+
 from __future__ import annotations
 
 import contextlib

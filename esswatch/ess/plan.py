@@ -2,6 +2,7 @@
 estimator per index, and compute the exact entries (``"exact"`` and ``"gram"``) in as few
 batched calls as possible. The randomized entries are left to the caller
 (:mod:`esswatch.engine.adaptive`)."""
+
 from __future__ import annotations
 
 import torch
@@ -41,7 +42,7 @@ def prepare(op: Operator, indices, estimator, what="entropy_ess", normalize=True
         return op, idx, compute_dtype(op.dtype)
     check_call_memory(op, idx, estimator, what)
     op.validate()
-    if normalize:                 # scale-invariant metrics: no denormal flush, no overflow
+    if normalize:  # scale-invariant metrics: no denormal flush, no overflow
         op = op.normalized()
     cdt = compute_dtype(op.dtype)
     if op.dtype != cdt:
@@ -110,7 +111,8 @@ def entropy_of_padded(svs: dict, dtype) -> dict:
         return {}
     keys = list(svs)
     width = max(svs[i].shape[-1] for i in keys)
-    padded = torch.stack([torch.nn.functional.pad(svs[i].to(dtype), (0, width - svs[i].shape[-1])) for i in keys],
-                         dim=-2)
+    padded = torch.stack(
+        [torch.nn.functional.pad(svs[i].to(dtype), (0, width - svs[i].shape[-1])) for i in keys], dim=-2
+    )
     ess = entropy_from_singular_values(padded)
     return {i: ess[..., j] for j, i in enumerate(keys)}

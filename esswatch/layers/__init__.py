@@ -13,6 +13,7 @@ operator through ``featurize`` / ``operator_from`` and registers
 
 :class:`SequenceModel` stacks one kind of them into a tiny language model.
 """
+
 from .attention import CausalSelfAttention
 from .gla import GatedLinearAttention
 from .linear_attention import LinearAttention
@@ -21,5 +22,15 @@ from .model import MIXERS, Block, SequenceModel, make_mixer
 from .probe import MixerProbe
 from .ssm import SelectiveSSM
 
-__all__ = ["CausalSelfAttention", "LinearAttention", "GatedLinearAttention", "SelectiveSSM", "LongConvolution",
-           "SequenceModel", "Block", "MIXERS", "make_mixer", "MixerProbe"]
+__all__ = [
+    "CausalSelfAttention",
+    "LinearAttention",
+    "GatedLinearAttention",
+    "SelectiveSSM",
+    "LongConvolution",
+    "SequenceModel",
+    "Block",
+    "MIXERS",
+    "make_mixer",
+    "MixerProbe",
+]

@@ -7,6 +7,7 @@ concatenated and projected. The operator is
 Theoretical state size: the window ``w``, or ``None`` (the cache grows with the
 index) without a window.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional
@@ -15,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..probes.registry import register_probe
 from ..operators import SoftmaxAttention
+from ..probes.registry import register_probe
 from .probe import MixerProbe
 
 __all__ = ["CausalSelfAttention"]
@@ -68,7 +69,7 @@ class CausalSelfAttention(nn.Module):
         else:
             pos = torch.arange(L, device=x.device)
             lag = pos[:, None] - pos[None, :]
-            allowed = (lag >= 0) & (lag < self.window)           # True = may attend
+            allowed = (lag >= 0) & (lag < self.window)  # True = may attend
             y = F.scaled_dot_product_attention(f["q"], f["k"], f["v"], attn_mask=allowed)
         return self.out(y.transpose(1, 2).reshape(B, L, H * D))
 

@@ -12,6 +12,7 @@ outside it (it scales the output rows). Theoretical state size: ``key_dim``.
 
 The scan is a plain loop over time: the readable reference, not a fast kernel.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional
@@ -20,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..probes.registry import register_probe
 from ..operators import GatedRecurrence
+from ..probes.registry import register_probe
 from .probe import MixerProbe
 from .short_conv import ShortConv
 
@@ -42,8 +43,15 @@ class GatedLinearAttention(nn.Module):
 
     operator_keys = ("q", "k", "log_decay")
 
-    def __init__(self, d_model: int, n_heads: int = 4, key_dim: Optional[int] = None,
-                 gate_normalizer: float = 16.0, bias: bool = False, d_conv: int = 0):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int = 4,
+        key_dim: Optional[int] = None,
+        gate_normalizer: float = 16.0,
+        bias: bool = False,
+        d_conv: int = 0,
+    ):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"GatedLinearAttention: d_model={d_model} is not divisible by n_heads={n_heads}")
@@ -73,7 +81,7 @@ class GatedLinearAttention(nn.Module):
         if self.short_conv is not None:
             x = self.short_conv(x)
         return {
-            "q": self._heads(self.q_proj(x)) * self.key_dim ** -0.5,
+            "q": self._heads(self.q_proj(x)) * self.key_dim**-0.5,
             "k": self._heads(self.k_proj(x)),
             "v": self._heads(self.v_proj(x)),
             "log_decay": self._heads(F.logsigmoid(self.decay_proj(x)) / self.gate_normalizer),
@@ -93,7 +101,7 @@ class GatedLinearAttention(nn.Module):
         for a_t, k_t, v_t, q_t in zip(a.unbind(2), k.unbind(2), v.unbind(2), q.unbind(2)):
             state = a_t[..., None] * state + k_t[..., None] * v_t[..., None, :]
             outs.append((q_t[..., None] * state).sum(-2))
-        o = torch.stack(outs, dim=2)                                     # (B, H, L, D)
+        o = torch.stack(outs, dim=2)  # (B, H, L, D)
         return self.out(o.transpose(1, 2).reshape(B, L, H * D) * f["gate"])
 
 

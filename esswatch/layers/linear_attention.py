@@ -8,6 +8,7 @@ decay, ``q = phi(q) / z`` and ``k = phi(k)``, leading dims ``(batch, head)``.
 Theoretical state size: the key width ``head_dim`` (the state is ``head_dim x head_dim``
 per head, of rank at most ``head_dim`` in time).
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional
@@ -16,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..probes.registry import register_probe
 from ..operators import GatedRecurrence
+from ..probes.registry import register_probe
 from .probe import MixerProbe
 from .short_conv import ShortConv
 
@@ -45,15 +46,23 @@ class LinearAttention(nn.Module):
 
     operator_keys = ("q", "k")
 
-    def __init__(self, d_model: int, n_heads: int = 4, feature_map: str = "elu",
-                 normalize: Optional[bool] = None, eps: float = 1e-6, bias: bool = False,
-                 d_conv: int = 0):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int = 4,
+        feature_map: str = "elu",
+        normalize: Optional[bool] = None,
+        eps: float = 1e-6,
+        bias: bool = False,
+        d_conv: int = 0,
+    ):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"LinearAttention: d_model={d_model} is not divisible by n_heads={n_heads}")
         if feature_map not in _FEATURE_MAPS:
-            raise ValueError(f"LinearAttention: feature_map must be one of {sorted(_FEATURE_MAPS)}, "
-                             f"got {feature_map!r}")
+            raise ValueError(
+                f"LinearAttention: feature_map must be one of {sorted(_FEATURE_MAPS)}, got {feature_map!r}"
+            )
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
         self.feature_map = feature_map
@@ -86,7 +95,7 @@ class LinearAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.featurize(x)
         B, H, L, D = f["v"].shape
-        scores = f["q"] @ f["k"].transpose(-1, -2)                       # (B, H, L, L)
+        scores = f["q"] @ f["k"].transpose(-1, -2)  # (B, H, L, L)
         causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
         y = scores.masked_fill(~causal, 0.0) @ f["v"]
         return self.out(y.transpose(1, 2).reshape(B, L, H * D))

@@ -9,6 +9,7 @@ matrix of the kernel, :class:`~esswatch.operators.Convolution`, with leading dim
 ``(1, channel)``: it does not depend on the input, so one batch row stands for all.
 The output gate ``g`` is outside it. Theoretical state size: unbounded (``None``).
 """
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..probes.registry import register_probe
 from ..operators import Convolution
+from ..probes.registry import register_probe
 from .probe import MixerProbe
 
 __all__ = ["LongConvolution"]
@@ -40,8 +41,17 @@ class LongConvolution(nn.Module):
 
     operator_keys = ("h",)
 
-    def __init__(self, d_model: int, kernel: str = "implicit", max_len: Optional[int] = None, fft: bool = True,
-                 pos_dim: int = 8, hidden: int = 32, decay_min: float = 0.01, decay_max: float = 0.3):
+    def __init__(
+        self,
+        d_model: int,
+        kernel: str = "implicit",
+        max_len: Optional[int] = None,
+        fft: bool = True,
+        pos_dim: int = 8,
+        hidden: int = 32,
+        decay_min: float = 0.01,
+        decay_max: float = 0.3,
+    ):
         super().__init__()
         if kernel not in ("implicit", "explicit"):
             raise ValueError(f"LongConvolution: kernel must be 'implicit' or 'explicit', got {kernel!r}")
@@ -73,8 +83,10 @@ class LongConvolution(nn.Module):
             return self.h[:, :L]
         t = torch.arange(L, device=self.freqs.device, dtype=self.freqs.dtype)
         angles = t[:, None] * self.freqs[None, :]
-        feats = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)   # fixed frequencies: h[j] does not depend on L
-        h = self.kernel_mlp(feats.to(self.kernel_mlp[0].weight.dtype)).transpose(0, 1)      # (d_model, L)
+        feats = torch.cat(
+            [torch.sin(angles), torch.cos(angles)], dim=-1
+        )  # fixed frequencies: h[j] does not depend on L
+        h = self.kernel_mlp(feats.to(self.kernel_mlp[0].weight.dtype)).transpose(0, 1)  # (d_model, L)
         return h * torch.exp(-self.decay_rates[:, None].to(h.dtype) * t.to(h.dtype))
 
     def featurize(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:

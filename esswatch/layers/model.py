@@ -4,6 +4,7 @@
 the mixer chosen by name (:data:`MIXERS`). The examples and tests train it; capture
 finds its mixers at ``blocks.<i>.mixer``.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Type
@@ -21,7 +22,7 @@ __all__ = ["SequenceModel", "Block", "MIXERS", "make_mixer"]
 
 #: mixer name -> class; extra keyword arguments of :class:`SequenceModel` go to the class.
 MIXERS: Dict[str, Type[nn.Module]] = {
-    "attention": CausalSelfAttention,          # window=w for sliding-window attention
+    "attention": CausalSelfAttention,  # window=w for sliding-window attention
     "linear_attention": LinearAttention,
     "gla": GatedLinearAttention,
     "ssm": SelectiveSSM,
@@ -44,8 +45,9 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(d_model)
         self.mixer = mixer
         self.norm2 = nn.LayerNorm(d_model)
-        self.mlp = nn.Sequential(nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(),
-                                 nn.Linear(mlp_ratio * d_model, d_model))
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(), nn.Linear(mlp_ratio * d_model, d_model)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.mixer(self.norm1(x))
@@ -64,12 +66,20 @@ class SequenceModel(nn.Module):
         **mixer_kwargs: passed to the mixer class (e.g. ``n_heads=4``, ``window=16``, ``d_state=8``).
     """
 
-    def __init__(self, vocab_size: int, d_model: int = 64, n_layers: int = 2, mixer: str = "attention",
-                 mlp_ratio: int = 4, **mixer_kwargs):
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 64,
+        n_layers: int = 2,
+        mixer: str = "attention",
+        mlp_ratio: int = 4,
+        **mixer_kwargs,
+    ):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, d_model)
         self.blocks = nn.ModuleList(
-            [Block(d_model, make_mixer(mixer, d_model, **mixer_kwargs), mlp_ratio) for _ in range(n_layers)])
+            [Block(d_model, make_mixer(mixer, d_model, **mixer_kwargs), mlp_ratio) for _ in range(n_layers)]
+        )
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size)
 

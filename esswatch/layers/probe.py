@@ -13,14 +13,15 @@ size per channel in ``state_size``. The probe's forward hook recomputes
 under ``no_grad`` unless the graph is kept; the mixers draw no random numbers) and
 keeps the operator tensors, sliced to the configured heads / channels.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..probes.probe import Probe
 from ..operators import Operator
+from ..probes.probe import Probe
 
 __all__ = ["MixerProbe"]
 

@@ -6,6 +6,7 @@ recurrence with such a convolution; Mamba's ``d_conv`` is the same thing). It is
 fixed-width, input-independent local mixing outside the operator ``T``: the queries,
 keys and gates are computed from its output, so the operator keeps its form.
 """
+
 from __future__ import annotations
 
 import torch

@@ -15,6 +15,7 @@ state size: ``N``.
 
 The scan is a plain loop over time: the readable reference, not a fast kernel.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..probes.registry import register_probe
 from ..operators import GatedRecurrence
+from ..probes.registry import register_probe
 from .probe import MixerProbe
 
 __all__ = ["SelectiveSSM"]
@@ -45,15 +46,26 @@ class SelectiveSSM(nn.Module):
 
     operator_keys = ("q", "k", "log_decay")
 
-    def __init__(self, d_model: int, d_state: int = 16, expand: int = 1, d_conv: int = 4,
-                 dt_rank: Optional[int] = None, dt_min: float = 1e-3, dt_max: float = 1e-1):
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        expand: int = 1,
+        d_conv: int = 4,
+        dt_rank: Optional[int] = None,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+    ):
         super().__init__()
         self.d_inner = expand * d_model
         self.d_state = d_state
         self.dt_rank = math.ceil(d_model / 16) if dt_rank is None else int(dt_rank)
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
-        self.conv = (nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1)
-                     if d_conv > 0 else None)
+        self.conv = (
+            nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1)
+            if d_conv > 0
+            else None
+        )
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1))
@@ -74,10 +86,10 @@ class SelectiveSSM(nn.Module):
         u, z = self.in_proj(x).chunk(2, dim=-1)
         if self.conv is not None:
             u = self.conv(u.transpose(1, 2))[..., :L].transpose(1, 2)
-        u = F.silu(u)                                                    # (B, L, D)
+        u = F.silu(u)  # (B, L, D)
         dt_low, b, c = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.softplus(self.dt_proj(dt_low)).transpose(1, 2)            # (B, D, L)
-        A = -torch.exp(self.A_log)                                       # (D, N)
+        dt = F.softplus(self.dt_proj(dt_low)).transpose(1, 2)  # (B, D, L)
+        A = -torch.exp(self.A_log)  # (D, N)
         return {
             "u": u.transpose(1, 2),
             "q": c[:, None],
@@ -99,7 +111,7 @@ class SelectiveSSM(nn.Module):
         for a_t, k_t, u_t, q_t in zip(a.unbind(2), k.unbind(2), u.unbind(2), q.unbind(2)):
             h = a_t * h + k_t * u_t[..., None]
             ys.append((q_t * h).sum(-1))
-        y = torch.stack(ys, dim=-1) + self.D[:, None] * u                # (B, D, L)
+        y = torch.stack(ys, dim=-1) + self.D[:, None] * u  # (B, D, L)
         return self.out(y.transpose(1, 2) * f["gate"])
 
 

@@ -7,6 +7,7 @@ materializing ``T``), ``hankel_support(i)`` (the rows and columns that can hold 
 ``tss(indices)``. The estimators of :mod:`esswatch.ess` work on the blocks these return
 (the randomized one multiplies the materialized block; see :mod:`esswatch.operators.base`).
 """
+
 from .attention import SoftmaxAttention
 from .base import Operator
 from .convolution import Convolution

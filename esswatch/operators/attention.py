@@ -1,4 +1,5 @@
 """``SoftmaxAttention``: causal (optionally sliding-window, masked) softmax attention."""
+
 from __future__ import annotations
 
 import math
@@ -34,30 +35,44 @@ class SoftmaxAttention(Operator):
     A row that can attend to nothing (fully masked) is all zero.
     """
 
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, *, scale: Optional[float] = None,
-                 window: Optional[int] = None, mask: Optional[torch.Tensor] = None, value_dim: int = 1):
+    def __init__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        *,
+        scale: Optional[float] = None,
+        window: Optional[int] = None,
+        mask: Optional[torch.Tensor] = None,
+        value_dim: int = 1,
+    ):
         for name, x in (("q", q), ("k", k)):
             if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
-                raise ValueError(f"SoftmaxAttention: {name} must be a floating tensor (..., L, d), got "
-                                 f"{getattr(x, 'shape', type(x).__name__)}")
+                raise ValueError(
+                    f"SoftmaxAttention: {name} must be a floating tensor (..., L, d), got "
+                    f"{getattr(x, 'shape', type(x).__name__)}"
+                )
         if q.shape[-2:] != k.shape[-2:]:
             raise ValueError(f"SoftmaxAttention: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in (L, d)")
         try:
             batch = broadcast_batch(q.shape[:-2], k.shape[:-2])
         except RuntimeError as e:
-            raise ValueError(f"SoftmaxAttention: leading dims of q {tuple(q.shape)} and k {tuple(k.shape)} "
-                             f"do not broadcast") from e
+            raise ValueError(
+                f"SoftmaxAttention: leading dims of q {tuple(q.shape)} and k {tuple(k.shape)} do not broadcast"
+            ) from e
         if q.shape[-1] < 1:
-            raise ValueError(f"SoftmaxAttention: the head dim d (last dim of q, k) must be >= 1, "
-                             f"got q {tuple(q.shape)}")
+            raise ValueError(
+                f"SoftmaxAttention: the head dim d (last dim of q, k) must be >= 1, got q {tuple(q.shape)}"
+            )
         window = check_positive_int("SoftmaxAttention: window", window, allow_none=True)
         if scale is not None:
             scale = check_finite_number("SoftmaxAttention: scale", scale)
         L = q.shape[-2]
         if mask is not None:
             if not isinstance(mask, torch.Tensor) or mask.dim() < 2 or mask.shape[-2:] != (L, L):
-                raise ValueError(f"SoftmaxAttention: mask must be (..., L, L) = (..., {L}, {L}), got "
-                                 f"{getattr(mask, 'shape', type(mask).__name__)}")
+                raise ValueError(
+                    f"SoftmaxAttention: mask must be (..., L, L) = (..., {L}, {L}), got "
+                    f"{getattr(mask, 'shape', type(mask).__name__)}"
+                )
             try:
                 batch = broadcast_batch(batch, mask.shape[:-2])
             except RuntimeError as e:
@@ -112,7 +127,7 @@ class SoftmaxAttention(Operator):
         lo = min(lo, c0)
         hi = max(r1, c1)
         t = self._dense_part(slice(r0, r1), slice(lo, hi))
-        return t[..., :, c0 - lo:c1 - lo]
+        return t[..., :, c0 - lo : c1 - lo]
 
     def dense(self) -> torch.Tensor:
         return self._dense_part(slice(None), slice(None))
@@ -123,8 +138,12 @@ class SoftmaxAttention(Operator):
         dt = out_dt
         if dt == torch.float32:
             # |score| <= max|q| max|k| d |scale|: past float32's range, score in float64 (one sync)
-            bound = self.q.detach().abs().amax().double() * self.k.detach().abs().amax().double() \
-                * self.q.shape[-1] * abs(self.scale)
+            bound = (
+                self.q.detach().abs().amax().double()
+                * self.k.detach().abs().amax().double()
+                * self.q.shape[-1]
+                * abs(self.scale)
+            )
             if float(bound) > _F32_SAFE:
                 dt = torch.float64
         L = self.seq_len
@@ -156,5 +175,11 @@ class SoftmaxAttention(Operator):
 
     def to(self, dtype=None, device=None) -> "SoftmaxAttention":
         cast = lambda x: None if x is None else x.to(dtype=dtype if x.is_floating_point() else None, device=device)
-        return SoftmaxAttention(cast(self.q), cast(self.k), scale=self.scale, window=self.window,
-                                mask=cast(self.mask), value_dim=self.value_dim)
+        return SoftmaxAttention(
+            cast(self.q),
+            cast(self.k),
+            scale=self.scale,
+            window=self.window,
+            mask=cast(self.mask),
+            value_dim=self.value_dim,
+        )

@@ -17,6 +17,7 @@ allows, it overrides ``block()`` (a slice without materializing ``T``) and
 ``H_i = T[..., i:, :i]`` is the past-to-future submatrix at 0-based index ``i``
 (``1 <= i <= L-1``), see ``docs/ess.md`` section 2.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,7 +41,7 @@ def matrix_scale(x: torch.Tensor, dims) -> Optional[torch.Tensor]:
     with torch.no_grad():
         s = x.detach().abs().amax(dim=dims, keepdim=True)
         s = torch.where(s > 0, s, torch.ones_like(s))
-        lo = SCALE_LO if x.dtype != torch.float64 else SCALE_LO ** 10
+        lo = SCALE_LO if x.dtype != torch.float64 else SCALE_LO**10
         if bool(((s < lo) | (s > 1 / lo)).any()):
             return s
     return None
@@ -147,5 +148,7 @@ class Operator:
         return int(math.prod(self.batch_shape))
 
     def __repr__(self) -> str:  # pragma: no cover - cosmetic
-        return (f"{type(self).__name__}(batch_shape={tuple(self.batch_shape)}, L={self.seq_len}, "
-                f"state_size={self.state_size}, dtype={self.dtype})")
+        return (
+            f"{type(self).__name__}(batch_shape={tuple(self.batch_shape)}, L={self.seq_len}, "
+            f"state_size={self.state_size}, dtype={self.dtype})"
+        )

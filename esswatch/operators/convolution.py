@@ -1,4 +1,5 @@
 """``Convolution``: LTI causal long convolutions (Hyena, long conv)."""
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,9 @@ class Convolution(Operator):
 
     def __init__(self, h: torch.Tensor, *, value_dim: int = 1):
         if not isinstance(h, torch.Tensor) or h.dim() < 1 or not h.is_floating_point():
-            raise ValueError(f"Convolution: h must be a floating tensor (..., L), got "
-                             f"{getattr(h, 'shape', type(h).__name__)}")
+            raise ValueError(
+                f"Convolution: h must be a floating tensor (..., L), got {getattr(h, 'shape', type(h).__name__)}"
+            )
         self.h = h
         self.seq_len = h.shape[-1]
         self.batch_shape = h.shape[:-1]

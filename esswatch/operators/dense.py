@@ -1,4 +1,5 @@
 """``Dense(T)``: an explicit batch of causal matrices."""
+
 from __future__ import annotations
 
 import torch
@@ -42,7 +43,8 @@ class Dense(Operator):
             r, c = [int(x) for x in torch.nonzero(worst)[0]]
             raise ValueError(
                 f"Dense operator is not causal: T[{r}, {c}] (above the diagonal) is non-zero; "
-                "mask future positions (T[r, c] = 0 for c > r)")
+                "mask future positions (T[r, c] = 0 for c > r)"
+            )
 
     def dense(self) -> torch.Tensor:
         return self.t

@@ -1,4 +1,5 @@
 """``GatedRecurrence``: diagonal gated recurrences and linear attention."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -11,7 +12,7 @@ from .base import Operator, matrix_scale
 
 __all__ = ["GatedRecurrence"]
 
-_CHUNK_ELEMS = 1 << 24      # elements per block when materializing (..., rows, L, N)
+_CHUNK_ELEMS = 1 << 24  # elements per block when materializing (..., rows, L, N)
 
 
 class GatedRecurrence(Operator):
@@ -31,34 +32,42 @@ class GatedRecurrence(Operator):
     Natural state size: ``N``.
     """
 
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, log_decay: Optional[torch.Tensor] = None, *,
-                 value_dim: int = 1):
+    def __init__(
+        self, q: torch.Tensor, k: torch.Tensor, log_decay: Optional[torch.Tensor] = None, *, value_dim: int = 1
+    ):
         for name, x in (("q", q), ("k", k)):
             if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
-                raise ValueError(f"GatedRecurrence: {name} must be a floating tensor (..., L, N), got "
-                                 f"{getattr(x, 'shape', type(x).__name__)}")
+                raise ValueError(
+                    f"GatedRecurrence: {name} must be a floating tensor (..., L, N), got "
+                    f"{getattr(x, 'shape', type(x).__name__)}"
+                )
         if q.shape[-2:] != k.shape[-2:]:
             raise ValueError(f"GatedRecurrence: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in (L, N)")
         try:
             batch = broadcast_batch(q.shape[:-2], k.shape[:-2])
         except RuntimeError as e:
-            raise ValueError(f"GatedRecurrence: leading dims of q {tuple(q.shape)} and k {tuple(k.shape)} "
-                             "do not broadcast") from e
+            raise ValueError(
+                f"GatedRecurrence: leading dims of q {tuple(q.shape)} and k {tuple(k.shape)} do not broadcast"
+            ) from e
         L, N = q.shape[-2:]
         if N < 1:
-            raise ValueError(f"GatedRecurrence: the state width N (last dim of q, k) must be >= 1, got "
-                             f"q {tuple(q.shape)}")
+            raise ValueError(
+                f"GatedRecurrence: the state width N (last dim of q, k) must be >= 1, got q {tuple(q.shape)}"
+            )
         if log_decay is not None:
             if not isinstance(log_decay, torch.Tensor) or not log_decay.is_floating_point() or log_decay.dim() < 2:
                 raise ValueError("GatedRecurrence: log_decay must be a floating tensor (..., L, N) or (..., L, 1)")
             if log_decay.shape[-2] != L or log_decay.shape[-1] not in (1, N):
-                raise ValueError(f"GatedRecurrence: log_decay must be (..., L, N) or (..., L, 1) with L={L}, "
-                                 f"N={N}; got {tuple(log_decay.shape)}")
+                raise ValueError(
+                    f"GatedRecurrence: log_decay must be (..., L, N) or (..., L, 1) with L={L}, "
+                    f"N={N}; got {tuple(log_decay.shape)}"
+                )
             try:
                 batch = broadcast_batch(batch, log_decay.shape[:-2])
             except RuntimeError as e:
-                raise ValueError(f"GatedRecurrence: log_decay {tuple(log_decay.shape)} does not broadcast "
-                                 "with q/k") from e
+                raise ValueError(
+                    f"GatedRecurrence: log_decay {tuple(log_decay.shape)} does not broadcast with q/k"
+                ) from e
         self.q, self.k, self.log_decay = q, k, log_decay
         self.seq_len = L
         self.state_width = N
@@ -94,9 +103,9 @@ class GatedRecurrence(Operator):
         if ld is None:
             out = q[..., rows, :] @ k[..., cols, :].transpose(-1, -2)
             return out * causal
-        cum = torch.cumsum(ld.to(dt), dim=-2)                 # cum[t] = sum_{s <= t} log a_s
+        cum = torch.cumsum(ld.to(dt), dim=-2)  # cum[t] = sum_{s <= t} log a_s
         if ld.shape[-1] == 1:
-            diff = cum[..., rows, :] - cum[..., cols, :].transpose(-1, -2)       # (..., R, C)
+            diff = cum[..., rows, :] - cum[..., cols, :].transpose(-1, -2)  # (..., R, C)
             diff = diff.masked_fill(~causal, float("-inf"))
             return (q[..., rows, :] @ k[..., cols, :].transpose(-1, -2)) * torch.exp(diff)
         qr, kc, cr, cc = q[..., rows, :], k[..., cols, :], cum[..., rows, :], cum[..., cols, :]
@@ -105,7 +114,7 @@ class GatedRecurrence(Operator):
         outs = []
         for s in range(0, R, per_row):
             e = min(R, s + per_row)
-            diff = cr[..., s:e, None, :] - cc[..., None, :, :]                    # (..., r, C, N)
+            diff = cr[..., s:e, None, :] - cc[..., None, :, :]  # (..., r, C, N)
             diff = diff.masked_fill(~causal[s:e, :, None], float("-inf"))
             outs.append((qr[..., s:e, None, :] * kc[..., None, :, :] * torch.exp(diff)).sum(-1))
         return torch.cat(outs, dim=-2)

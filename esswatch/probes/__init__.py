@@ -8,11 +8,24 @@
   and why; :mod:`.torch_probes`: ``nn.MultiheadAttention``; :mod:`.protocol`: modules with
   an ``esswatch_operator`` method.
 """
+
 from . import torch_probes  # noqa: F401  (registers the nn.MultiheadAttention probe)
 from .probe import CaptureError, CaptureWarning, Probe
 from .registry import add_provider, probe_for, register_probe, supported_types, unregister_probe
 from .session import Capture, capture
 from .unsupported import UnsupportedModelError, UnsupportedProbe
 
-__all__ = ["Capture", "capture", "Probe", "CaptureError", "CaptureWarning", "register_probe", "unregister_probe",
-           "add_provider", "probe_for", "supported_types", "UnsupportedModelError", "UnsupportedProbe"]
+__all__ = [
+    "Capture",
+    "capture",
+    "Probe",
+    "CaptureError",
+    "CaptureWarning",
+    "register_probe",
+    "unregister_probe",
+    "add_provider",
+    "probe_for",
+    "supported_types",
+    "UnsupportedModelError",
+    "UnsupportedProbe",
+]

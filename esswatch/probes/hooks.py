@@ -12,6 +12,7 @@ a module-level callable class, so that:
 
 Removing an esswatch hook only ever touches the hook dicts of a module, by the hook's id.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -22,9 +23,15 @@ from torch.utils.hooks import RemovableHandle
 
 __all__ = ["EssHook", "InertHook", "adopt", "remove_hook_id"]
 
-_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
-               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_hooks",
-               "_backward_pre_hooks")
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
 
 
 def remove_hook_id(module: torch.nn.Module, key: int) -> None:
@@ -65,7 +72,7 @@ class EssHook:
         self.fn = fn
         self.key = key
         self._module = None if module is None else weakref.ref(module)
-        self._copies: List[Any] = []      # weak references to deep copies of the module carrying an InertHook
+        self._copies: List[Any] = []  # weak references to deep copies of the module carrying an InertHook
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)

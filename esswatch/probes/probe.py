@@ -14,6 +14,7 @@ Hot-path contract (hooks run on every training step):
 - :meth:`record` slices batch rows / heads as configured and detaches unless
   the session keeps the graph (the regularizer asks for that).
 """
+
 from __future__ import annotations
 
 import copy
@@ -127,7 +128,7 @@ class Probe:
         if op is not None and op.state_size is None:
             tss = self.tss()
             if tss is not None:
-                op = copy.copy(op)            # never change an operator a module handed us
+                op = copy.copy(op)  # never change an operator a module handed us
                 op.state_size = int(tss)
         return op
 

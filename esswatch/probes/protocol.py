@@ -11,6 +11,7 @@
 
 The generic probe calls it from a forward hook when capture is armed.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
@@ -31,7 +32,7 @@ class ProtocolProbe(Probe):
             try:
                 op = module.esswatch_operator(args, kwargs, output)
             except Exception as e:  # noqa: BLE001 - never reaches the user's forward
-                self.record(op=None, error=e)      # raised when the operator is built (a layer failure)
+                self.record(op=None, error=e)  # raised when the operator is built (a layer failure)
                 return None
             self.record(op=op)
             return None

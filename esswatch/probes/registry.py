@@ -12,6 +12,7 @@ Three ways, tried in this order:
    once that framework is imported, so ``import esswatch`` never imports ``transformers``,
    and this layer never names an integration.
 """
+
 from __future__ import annotations
 
 import sys
@@ -34,9 +35,11 @@ _LOADED_PROVIDERS: set = set()
 def register_probe(module_type: type, probe_cls: Optional[Type[Probe]] = None):
     """Register ``probe_cls`` for ``module_type`` (usable as a class decorator on the probe)."""
     if probe_cls is None:
+
         def deco(cls):
             register_probe(module_type, cls)
             return cls
+
         return deco
     if not (isinstance(module_type, type) and issubclass(module_type, torch.nn.Module)):
         raise ValueError(f"register_probe: {module_type!r} is not an nn.Module subclass")
@@ -72,6 +75,7 @@ def probe_for(module: torch.nn.Module) -> Optional[Type[Probe]]:
             return _REGISTRY[cls]
     if callable(getattr(type(module), "esswatch_operator", None)):
         from .protocol import ProtocolProbe
+
         return ProtocolProbe
     _load_lazy_providers()
     for fn in _PROVIDERS:

@@ -6,6 +6,7 @@ The training-time watch uses the same object long-lived: :meth:`Capture.attach`
 once, set ``armed`` only on sampled steps (the hooks are then a flag check), and
 :meth:`Capture.detach` at the end. Removal is safe to repeat.
 """
+
 from __future__ import annotations
 
 import threading
@@ -39,9 +40,11 @@ LayerSpec = Union[None, str, Iterable[str], Callable[[str, torch.nn.Module], boo
 
 
 def _supported_text() -> str:
-    return (f"{', '.join(supported_types()) or '(no registered types)'}; causal Hugging Face attention that "
-            "calls transformers' attention-function registry, and MambaMixer / FalconMambaMixer / "
-            "JambaMambaMixer / Mamba2Mixer, once `transformers` is imported")
+    return (
+        f"{', '.join(supported_types()) or '(no registered types)'}; causal Hugging Face attention that "
+        "calls transformers' attention-function registry, and MambaMixer / FalconMambaMixer / "
+        "JambaMambaMixer / Mamba2Mixer, once `transformers` is imported"
+    )
 
 
 def _unsupported_message(model: torch.nn.Module, unsupported, prefix: str = "") -> str:
@@ -52,8 +55,10 @@ def _unsupported_message(model: torch.nn.Module, unsupported, prefix: str = "") 
 
 
 def _explicit_message(name: str, module: torch.nn.Module, reason: str) -> str:
-    return (f"layers: {name!r} is a {type(module).__name__}, which esswatch cannot capture: {reason}. "
-            f"{HOW_TO_ADD} Supported: {_supported_text()}.")
+    return (
+        f"layers: {name!r} is a {type(module).__name__}, which esswatch cannot capture: {reason}. "
+        f"{HOW_TO_ADD} Supported: {_supported_text()}."
+    )
 
 
 class Capture:
@@ -75,18 +80,31 @@ class Capture:
             ``{name: (module type, reason)}`` (see :mod:`esswatch.probes.unsupported`).
     """
 
-    def __init__(self, model: torch.nn.Module, layers: LayerSpec = None, *, batch_rows: Optional[int] = None,
-                 heads: Optional[int] = None, keep_graph: bool = False) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        layers: LayerSpec = None,
+        *,
+        batch_rows: Optional[int] = None,
+        heads: Optional[int] = None,
+        keep_graph: bool = False,
+    ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"capture expects an nn.Module, got {type(model).__name__}")
         for nm, v in (("batch_rows", batch_rows), ("heads", heads)):
             check_positive_int(nm, v, allow_none=True)
         if not isinstance(keep_graph, bool):
             raise ValueError(f"keep_graph must be a bool, got {keep_graph!r}")
-        if not (layers is None or callable(layers) or isinstance(layers, str)
-                or (isinstance(layers, (list, tuple, set, frozenset)) and all(isinstance(n, str) for n in layers))):
-            raise ValueError("layers must be None, a qualified module name, a list of names or a predicate "
-                             f"(name, module) -> bool, got {layers!r}")
+        if not (
+            layers is None
+            or callable(layers)
+            or isinstance(layers, str)
+            or (isinstance(layers, (list, tuple, set, frozenset)) and all(isinstance(n, str) for n in layers))
+        ):
+            raise ValueError(
+                "layers must be None, a qualified module name, a list of names or a predicate "
+                f"(name, module) -> bool, got {layers!r}"
+            )
         self._model = weakref.ref(model)
         self.batch_rows = batch_rows
         self.heads = heads
@@ -127,16 +145,18 @@ class Capture:
                     raise ValueError(f"layers: {type(model).__name__} has no submodule named {name!r}")
                 cls = probe_for(named[name])
                 if cls is None:
-                    raise ValueError(_explicit_message(name, named[name], "no esswatch probe is registered for "
-                                                       "its type"))
+                    raise ValueError(
+                        _explicit_message(name, named[name], "no esswatch probe is registered for its type")
+                    )
                 probe = cls(name, named[name], self)
                 reason = probe.unsupported_reason()
                 if reason is not None:
                     raise UnsupportedModelError(_explicit_message(name, named[name], reason))
                 probes[name] = probe
         if self.unsupported:
-            warnings.warn(unsupported_layers_warning(model, self.unsupported, len(probes)), CaptureWarning,
-                          stacklevel=4)
+            warnings.warn(
+                unsupported_layers_warning(model, self.unsupported, len(probes)), CaptureWarning, stacklevel=4
+            )
         return probes
 
     # -- hooks -----------------------------------------------------------------------
@@ -152,7 +172,8 @@ class Capture:
             if model in _ACTIVE:
                 raise RuntimeError(
                     f"esswatch capture is already attached to this {type(model).__name__}; exit the other "
-                    "`esswatch.capture(...)` block (or close the other ESSWatch) first")
+                    "`esswatch.capture(...)` block (or close the other ESSWatch) first"
+                )
             handles = []
             try:
                 for probe in self.probes.values():
@@ -199,7 +220,9 @@ class Capture:
                 f"esswatch: {name or '<model>'} ran a decoding step (a call that continues a KV cache or cached "
                 "state, e.g. a step of generate()) while capture was armed: only the prefill (the first, "
                 "full-sequence forward) is measured; decoding steps are not captured. Warned once.",
-                CaptureWarning, stacklevel=4)
+                CaptureWarning,
+                stacklevel=4,
+            )
 
     # -- results ---------------------------------------------------------------------
     @property

@@ -45,6 +45,7 @@ left alone.
 (``nn.TransformerDecoderLayer`` has no fast path; its ``self_attn`` is captured by
 the module hook, its ``multihead_attn`` is cross-attention.)
 """
+
 from __future__ import annotations
 
 import warnings
@@ -63,8 +64,16 @@ __all__ = ["MultiheadAttentionProbe", "BLOCKED_BELOW"]
 #: an additive mask entry at or below this counts as blocked (``-inf``, ``-1e9``, ``finfo.min``).
 BLOCKED_BELOW = -1e4
 
-_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
-             "average_attn_weights", "is_causal")
+_MHA_ARGS = (
+    "query",
+    "key",
+    "value",
+    "key_padding_mask",
+    "need_weights",
+    "attn_mask",
+    "average_attn_weights",
+    "is_causal",
+)
 _ENCODER_LAYER_ARGS = ("src", "src_mask", "src_key_padding_mask", "is_causal")
 
 
@@ -97,8 +106,11 @@ class MultiheadAttentionProbe(Probe):
         """Warn once per probe (a host-side Python call: no device sync)."""
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(f"esswatch: {self._describe()}: {msg}; this layer is left out of the captured operators",
-                          CaptureWarning, stacklevel=3)
+            warnings.warn(
+                f"esswatch: {self._describe()}: {msg}; this layer is left out of the captured operators",
+                CaptureWarning,
+                stacklevel=3,
+            )
 
     # -- hooks -----------------------------------------------------------------
     def _encoder_parent(self) -> Optional[torch.nn.TransformerEncoderLayer]:
@@ -111,25 +123,33 @@ class MultiheadAttentionProbe(Probe):
         except AttributeError:  # pragma: no cover - name from named_modules always resolves
             return None
         base = torch.nn.TransformerEncoderLayer
-        if (isinstance(parent, base) and attr == "self_attn" and parent.self_attn is self.module
-                and type(parent).forward is base.forward and type(parent)._sa_block is base._sa_block):
+        if (
+            isinstance(parent, base)
+            and attr == "self_attn"
+            and parent.self_attn is self.module
+            and type(parent).forward is base.forward
+            and type(parent)._sa_block is base._sa_block
+        ):
             return parent
         return None  # a subclass may feed self_attn something else: rely on the module hook
 
     def unsupported_reason(self) -> Optional[str]:
         mha = self.module
         if type(mha).forward is not torch.nn.MultiheadAttention.forward:
-            return (f"{type(mha).__qualname__} overrides MultiheadAttention.forward, so its q and k are unknown "
-                    "(register a probe for it)")
+            return (
+                f"{type(mha).__qualname__} overrides MultiheadAttention.forward, so its q and k are unknown "
+                "(register a probe for it)"
+            )
         if mha.bias_k is not None or mha.add_zero_attn:
-            return ("add_bias_kv / add_zero_attn append a key that is no sequence position, which esswatch does "
-                    "not model")
+            return (
+                "add_bias_kv / add_zero_attn append a key that is no sequence position, which esswatch does not model"
+            )
         return None
 
     def attach(self) -> List[Any]:
         mha = self.module
         reason = self.unsupported_reason()
-        if reason is not None:      # Capture never attaches it; a direct attach() warns and hooks nothing
+        if reason is not None:  # Capture never attaches it; a direct attach() warns and hooks nothing
             self._warn("unsupported", reason)
             return []
         handles = [mha.register_forward_hook(self._mha_hook, with_kwargs=True)]
@@ -142,8 +162,14 @@ class MultiheadAttentionProbe(Probe):
         if not self.wants_record():
             return None
         a = _bind(_MHA_ARGS, args, kwargs)
-        self._capture(a["query"], a["key"], a.get("attn_mask"), a.get("key_padding_mask"),
-                      bool(a.get("is_causal", False)), norm=None)
+        self._capture(
+            a["query"],
+            a["key"],
+            a.get("attn_mask"),
+            a.get("key_padding_mask"),
+            bool(a.get("is_causal", False)),
+            norm=None,
+        )
         return None
 
     def _encoder_layer_hook(self, layer, args, kwargs):
@@ -164,8 +190,11 @@ class MultiheadAttentionProbe(Probe):
             self._warn("cross", "cross-attention (key is not the query tensor) has no causal sequence operator")
             return
         if attn_mask is None and not is_causal:
-            self._warn("bidirectional", "called without attn_mask or is_causal, i.e. bidirectional attention; "
-                       "ESS is defined for causal operators only")
+            self._warn(
+                "bidirectional",
+                "called without attn_mask or is_causal, i.e. bidirectional attention; "
+                "ESS is defined for causal operators only",
+            )
             return
         if query.is_nested:
             self._warn("nested", "nested-tensor input is not supported")
@@ -175,15 +204,15 @@ class MultiheadAttentionProbe(Probe):
         unbatched = query.dim() == 2
         x = query.unsqueeze(0) if unbatched else (query if mha.batch_first else query.transpose(0, 1))
         if session.batch_rows is not None:
-            x = x[:session.batch_rows]
+            x = x[: session.batch_rows]
         B, L, _ = x.shape
         H, hd, E = mha.num_heads, mha.head_dim, mha.embed_dim
         if mha._qkv_same_embed_dim:
-            w_q, w_k = mha.in_proj_weight[:E], mha.in_proj_weight[E:2 * E]
+            w_q, w_k = mha.in_proj_weight[:E], mha.in_proj_weight[E : 2 * E]
         else:
             w_q, w_k = mha.q_proj_weight, mha.k_proj_weight
         b = mha.in_proj_bias
-        b_q, b_k = (None, None) if b is None else (b[:E], b[E:2 * E])
+        b_q, b_k = (None, None) if b is None else (b[:E], b[E : 2 * E])
         with torch.set_grad_enabled(session.keep_graph and torch.is_grad_enabled()):
             if norm is not None:
                 x = norm(x)
@@ -194,20 +223,30 @@ class MultiheadAttentionProbe(Probe):
         if key_padding_mask is not None:
             kpm = key_padding_mask[None] if key_padding_mask.dim() == 1 else key_padding_mask
             key_padding_mask = kpm[:, None, None, :]
-        self.record(q=self.keep(q, head_dim=1), k=self.keep(k, head_dim=1),
-                    attn_mask=self.keep(attn_mask, head_dim=1), key_padding_mask=self.keep(key_padding_mask))
+        self.record(
+            q=self.keep(q, head_dim=1),
+            k=self.keep(k, head_dim=1),
+            attn_mask=self.keep(attn_mask, head_dim=1),
+            key_padding_mask=self.keep(key_padding_mask),
+        )
 
     # -- building ------------------------------------------------------------------
     def _merged_mask(self, attn_mask, key_padding_mask, dtype) -> Optional[torch.Tensor]:
         """One additive float mask ``(batch|1, head|1, L, L)`` (``-inf`` = blocked), or ``None``."""
         mask = None
         if attn_mask is not None:
-            mask = (torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device)
-                    .masked_fill(attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn_mask.to(dtype))
+            mask = (
+                torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill(attn_mask, float("-inf"))
+                if attn_mask.dtype == torch.bool
+                else attn_mask.to(dtype)
+            )
         if key_padding_mask is not None:
             pad = key_padding_mask if key_padding_mask.dtype == torch.bool else _blocked(key_padding_mask)
-            kp = (torch.zeros(pad.shape, dtype=dtype, device=pad.device).masked_fill(pad, float("-inf"))
-                  if key_padding_mask.dtype == torch.bool else key_padding_mask.to(dtype))
+            kp = (
+                torch.zeros(pad.shape, dtype=dtype, device=pad.device).masked_fill(pad, float("-inf"))
+                if key_padding_mask.dtype == torch.bool
+                else key_padding_mask.to(dtype)
+            )
             kp = kp + kp.transpose(-1, -2).masked_fill(~pad.transpose(-1, -2), 0.0)  # padded queries: zero rows
             mask = kp if mask is None else mask + kp
         return mask
@@ -226,7 +265,8 @@ class MultiheadAttentionProbe(Probe):
                     f"{self._describe()}: the attention mask lets position {r} attend to the later position {c} "
                     "(a bidirectional / non-causal mask); ESS is defined for causal operators only. Pass a causal "
                     "attn_mask (e.g. nn.Transformer.generate_square_subsequent_mask) or leave this layer out of "
-                    "`layers`.")
+                    "`layers`."
+                )
         return SoftmaxAttention(q, k, mask=mask, value_dim=self.module.head_dim)
 
     def tss(self) -> Optional[int]:

@@ -13,6 +13,7 @@ keeps the layer in ``Capture.unsupported`` and, on construction (so also when an
 - if **some** can, warns once (:class:`~esswatch.probes.CaptureWarning`) listing the
   layers left out and why; the others are measured.
 """
+
 from __future__ import annotations
 
 import re
@@ -22,15 +23,23 @@ import torch
 
 from .probe import CaptureError, Probe
 
-__all__ = ["UnsupportedModelError", "UnsupportedProbe", "HOW_TO_ADD", "describe_unsupported",
-           "unsupported_model_message", "unsupported_layers_warning", "unprobed_mixers"]
+__all__ = [
+    "UnsupportedModelError",
+    "UnsupportedProbe",
+    "HOW_TO_ADD",
+    "describe_unsupported",
+    "unsupported_model_message",
+    "unsupported_layers_warning",
+    "unprobed_mixers",
+]
 
 #: how a user adds a probe (every message about unsupported layers ends with it)
 HOW_TO_ADD = (
     "To measure a layer type esswatch does not support, register a probe for it with "
     "esswatch.probes.register_probe(ModuleType, ProbeClass), or give the module a method "
     "`esswatch_operator(self, args, kwargs, output)` that returns an esswatch.operators operator "
-    "(README.md, section 'Custom layers').")
+    "(README.md, section 'Custom layers')."
+)
 
 #: class names that look like sequence mixers (only used to name candidates in an error message)
 _MIXER_NAME = re.compile(r"(Attention|Attn|Mixer|SSM|Mamba|Retention|Recurren|RNN|LSTM|GRU|Hyena|RWKV)")
@@ -78,13 +87,17 @@ def describe_unsupported(unsupported: Dict[str, Tuple[type, str]], limit: int = 
     return "\n".join(lines)
 
 
-def unprobed_mixers(model: torch.nn.Module, has_probe: Callable[[torch.nn.Module], bool]
-                    ) -> Dict[str, Tuple[type, str]]:
+def unprobed_mixers(
+    model: torch.nn.Module, has_probe: Callable[[torch.nn.Module], bool]
+) -> Dict[str, Tuple[type, str]]:
     """Modules without a probe (``has_probe`` False) that look like sequence mixers
     (``torch.nn`` RNNs, class names such as ``...Attention`` / ``...Mixer``), innermost ones
     only: candidates to name in the error for a model with nothing capturable."""
-    hits = {n: m for n, m in model.named_modules()
-            if (isinstance(m, torch.nn.RNNBase) or _MIXER_NAME.search(type(m).__name__)) and not has_probe(m)}
+    hits = {
+        n: m
+        for n, m in model.named_modules()
+        if (isinstance(m, torch.nn.RNNBase) or _MIXER_NAME.search(type(m).__name__)) and not has_probe(m)
+    }
     out = {}
     for name, mod in hits.items():
         inner = any(o is not mod and any(o is s for s in mod.modules()) for o in hits.values())
@@ -93,20 +106,24 @@ def unprobed_mixers(model: torch.nn.Module, has_probe: Callable[[torch.nn.Module
     return out
 
 
-def unsupported_model_message(model: torch.nn.Module, unsupported: Dict[str, Tuple[type, str]],
-                              supported: str, prefix: str = "") -> str:
+def unsupported_model_message(
+    model: torch.nn.Module, unsupported: Dict[str, Tuple[type, str]], supported: str, prefix: str = ""
+) -> str:
     """The :class:`UnsupportedModelError` message."""
     head = f"{prefix}esswatch found no supported sequence-mixing layer in {type(model).__name__}"
     if unsupported:
-        body = (". These sequence-mixing layers cannot be captured:\n" + describe_unsupported(unsupported) + "\n")
+        body = ". These sequence-mixing layers cannot be captured:\n" + describe_unsupported(unsupported) + "\n"
     else:
         body = " (and no module that looks like a sequence mixer). "
     return f"{head}{body}{HOW_TO_ADD} Supported: {supported}."
 
 
-def unsupported_layers_warning(model: torch.nn.Module, unsupported: Dict[str, Tuple[type, str]],
-                               n_captured: int) -> str:
+def unsupported_layers_warning(
+    model: torch.nn.Module, unsupported: Dict[str, Tuple[type, str]], n_captured: int
+) -> str:
     """The one warning for a model with some capturable and some unsupported layers."""
-    return (f"esswatch: {len(unsupported)} sequence-mixing layer{'s' if len(unsupported) != 1 else ''} of "
-            f"{type(model).__name__} cannot be captured and will not be measured (the other {n_captured} "
-            f"will be):\n{describe_unsupported(unsupported)}\n{HOW_TO_ADD}")
+    return (
+        f"esswatch: {len(unsupported)} sequence-mixing layer{'s' if len(unsupported) != 1 else ''} of "
+        f"{type(model).__name__} cannot be captured and will not be measured (the other {n_captured} "
+        f"will be):\n{describe_unsupported(unsupported)}\n{HOW_TO_ADD}"
+    )

@@ -16,6 +16,7 @@ Between the two thresholds the evidence is weak either way. The thresholds are t
 Utilization only explains a failure: a model that already recalls well needs no fix,
 whatever its utilization.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,17 +31,18 @@ COLLAPSED_BELOW = 0.25
 
 _ADVICE = {
     "saturated": "the state is full: give it more state (more heads, a wider key/state dimension, a larger "
-                 "d_state) or fewer items to hold",
+    "d_state) or fewer items to hold",
     "collapsed": "the state is mostly unused: fix training, not size (learning rate, more steps, warm-up, "
-                 "gate/step-size initialization, a short convolution before the mixer, the ESS regularizer)",
+    "gate/step-size initialization, a short convolution before the mixer, the ESS regularizer)",
     "intermediate": "between saturation and collapse: neither a larger state nor a training change is clearly "
-                    "indicated; try the training fixes first (they are cheaper)",
+    "indicated; try the training fixes first (they are cheaper)",
     "unknown": "no finite utilization was logged (no state size known for this layer, or the measurement failed)",
 }
 
 
-def diagnose(utilization: Optional[float], saturated_at: float = SATURATED_AT,
-             collapsed_below: float = COLLAPSED_BELOW) -> Tuple[str, str]:
+def diagnose(
+    utilization: Optional[float], saturated_at: float = SATURATED_AT, collapsed_below: float = COLLAPSED_BELOW
+) -> Tuple[str, str]:
     """``(label, advice)`` for a failing layer or model with this ESS utilization.
 
     ``label`` is ``"saturated"`` (``utilization >= saturated_at``), ``"collapsed"``
@@ -76,8 +78,10 @@ def diagnosis_lines(summary: Dict[str, Any], metric: str = "entropy") -> List[st
     diag = diagnose_summary(summary, metric)
     if not diag:
         return []
-    lines = [f"  diagnosis from {metric}-ESS utilization (saturated >= {SATURATED_AT}, collapsed < "
-             f"{COLLAPSED_BELOW}; it explains a failure, it does not detect one):"]
+    lines = [
+        f"  diagnosis from {metric}-ESS utilization (saturated >= {SATURATED_AT}, collapsed < "
+        f"{COLLAPSED_BELOW}; it explains a failure, it does not detect one):"
+    ]
     width = max(len(n) for n in diag)
     for layer, d in diag.items():
         u = "-" if d["utilization"] is None else f"{d['utilization']:.3f}"

@@ -7,6 +7,7 @@ reading), and :func:`check_event_file` then reads each such file with TensorBoar
 record reader and ``Event`` proto and says what is wrong and where, so the report can name
 a corrupt file and still show what could be read before the damage.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -79,8 +80,11 @@ def check_event_file(path: str | os.PathLike) -> Optional[Dict[str, object]]:
                 return None
             except errors.DataLossError as e:
                 msg = str(e.message if hasattr(e, "message") else e)
-                why = "incomplete last record (cut off, or still being written)" if "truncated" in msg else \
-                    "checksum mismatch (damaged record)"
+                why = (
+                    "incomplete last record (cut off, or still being written)"
+                    if "truncated" in msg
+                    else "checksum mismatch (damaged record)"
+                )
                 return {"file": str(path), "error": why, "events_before": n}
             event = event_pb2.Event()
             try:

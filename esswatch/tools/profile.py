@@ -17,6 +17,7 @@ Tokens come from the tokenizer saved in that directory, or are given as ids.
 Delimiters: the tokenizer's and the config's end-of-sequence ids, plus any token
 strings / ids named on the command line.
 """
+
 from __future__ import annotations
 
 import csv
@@ -37,8 +38,9 @@ def load_checkpoint(path: str, device: str = "cpu"):
         import transformers  # noqa: F401  (also registers esswatch's Hugging Face probes)
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise SystemExit("esswatch profile needs Hugging Face transformers: "
-                         "pip install 'esswatch[transformers]'") from e
+        raise SystemExit(
+            "esswatch profile needs Hugging Face transformers: pip install 'esswatch[transformers]'"
+        ) from e
     if not Path(path, "config.json").is_file():
         raise SystemExit(f"esswatch profile: {path} is not a saved Hugging Face model directory (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
@@ -77,8 +79,13 @@ def _eos_ids(model, tokenizer) -> set:
     return ids
 
 
-def delimiter_flags(ids: Sequence[int], token_strs: Sequence[str], display: Sequence[str],
-                    delimiter_strs: Iterable[str], delimiter_ids: Iterable[int]) -> List[bool]:
+def delimiter_flags(
+    ids: Sequence[int],
+    token_strs: Sequence[str],
+    display: Sequence[str],
+    delimiter_strs: Iterable[str],
+    delimiter_ids: Iterable[int],
+) -> List[bool]:
     """A token is a delimiter when its id is in ``delimiter_ids`` or its token string or
     decoded text (whitespace stripped) equals one of ``delimiter_strs``."""
     dset = {str(s) for s in delimiter_strs}
@@ -94,14 +101,17 @@ def write_csv(path: Path, ids, token_strs, flags, profiles: Dict[str, np.ndarray
         w = csv.writer(f)
         w.writerow(["position", "index", "token_id", "token", "delimiter", "ess_mean"] + [f"ess[{n}]" for n in names])
         for t in range(len(ids) - 1):
-            w.writerow([t, t + 1, ids[t], token_strs[t], int(flags[t]), f"{mean[t]:.6g}"]
-                       + [f"{profiles[n][t]:.6g}" for n in names])
+            w.writerow(
+                [t, t + 1, ids[t], token_strs[t], int(flags[t]), f"{mean[t]:.6g}"]
+                + [f"{profiles[n][t]:.6g}" for n in names]
+            )
 
 
 def plot_profile(path: Path, display, flags, profiles: Dict[str, np.ndarray], title: str) -> bool:
     """ESS versus position, one line per layer, the mean in black, delimiters as red lines."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -112,19 +122,25 @@ def plot_profile(path: Path, display, flags, profiles: Dict[str, np.ndarray], ti
     fig, ax = plt.subplots(figsize=(min(18, 6 + 0.12 * L1), 4.5))
     cmap = plt.get_cmap("viridis")
     for j, n in enumerate(names):
-        ax.plot(pos, profiles[n], color=cmap(j / max(1, len(names) - 1)), lw=1, alpha=.8,
-                label=n if len(names) <= 8 else None)
+        ax.plot(
+            pos,
+            profiles[n],
+            color=cmap(j / max(1, len(names) - 1)),
+            lw=1,
+            alpha=0.8,
+            label=n if len(names) <= 8 else None,
+        )
     ax.plot(pos, np.mean(np.stack([profiles[n] for n in names]), 0), color="black", lw=2, label="mean over layers")
     for t in range(L1):
         if flags[t]:
-            ax.axvline(t, color="red", ls="--", lw=1, alpha=.7)
+            ax.axvline(t, color="red", ls="--", lw=1, alpha=0.7)
     if L1 <= 64:
         ax.set_xticks(pos)
         ax.set_xticklabels([d if len(d) <= 10 else d[:9] + "~" for d in display[:L1]], rotation=90, fontsize=7)
     ax.set_xlabel("position t (ESS of the state after reading token t); red: delimiters")
     ax.set_ylabel("entropy-ESS (mean over heads)")
     ax.set_title(title)
-    ax.grid(alpha=.3)
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -132,10 +148,19 @@ def plot_profile(path: Path, display, flags, profiles: Dict[str, np.ndarray], ti
     return True
 
 
-def run_profile(model_path: str, text: Optional[str] = None, tokens: Optional[Sequence[int]] = None,
-                delimiters: Sequence[str] = (), delimiter_ids: Sequence[int] = (), out: str = "esswatch_profile",
-                device: str = "cpu", max_length: int = 1024, add_special_tokens: bool = True,
-                estimator: str = "auto", stream=None) -> Dict[str, Any]:
+def run_profile(
+    model_path: str,
+    text: Optional[str] = None,
+    tokens: Optional[Sequence[int]] = None,
+    delimiters: Sequence[str] = (),
+    delimiter_ids: Sequence[int] = (),
+    out: str = "esswatch_profile",
+    device: str = "cpu",
+    max_length: int = 1024,
+    add_special_tokens: bool = True,
+    estimator: str = "auto",
+    stream=None,
+) -> Dict[str, Any]:
     """Profile ``model_path`` on ``text`` (or token ``tokens``); writes ``out.csv`` and ``out.png``.
 
     Returns ``{"csv", "png" (or None), "layers", "ids", "tokens", "delimiter", "profiles"}``.
@@ -181,5 +206,12 @@ def run_profile(model_path: str, text: Optional[str] = None, tokens: Optional[Se
     if n_delim and n_delim < len(ids) - 1:
         f = np.asarray(flags[:-1], bool)
         print(f"mean ESS at delimiters {mean[f].mean():.3f}, elsewhere {mean[~f].mean():.3f}", file=stream)
-    return {"csv": str(csv_path), "png": str(png_path) if made else None, "layers": list(profiles), "ids": ids,
-            "tokens": token_strs, "delimiter": flags, "profiles": profiles}
+    return {
+        "csv": str(csv_path),
+        "png": str(png_path) if made else None,
+        "layers": list(profiles),
+        "ids": ids,
+        "tokens": token_strs,
+        "delimiter": flags,
+        "profiles": profiles,
+    }

@@ -18,6 +18,7 @@ points earlier). The model-wide line comes last. A damaged event file is named, 
 could be read before the damage is reported. ``--json`` is strict JSON: NaN and
 infinities are written as ``null``.
 """
+
 from __future__ import annotations
 
 import json
@@ -93,15 +94,20 @@ def read_runs(run: str | os.PathLike, k: int = 5) -> List[Dict[str, Any]]:
     suspects = files if failed is not None else [f for f in files if os.path.realpath(f) in stopped]
     corrupt = [c for c in (check_event_file(f) for f in suspects) if c is not None]
     if failed is not None and not corrupt:
-        corrupt = [{"file": str(run), "error": f"TensorBoard could not read it ({type(failed).__name__}: {failed})",
-                    "events_before": None}]
+        corrupt = [
+            {
+                "file": str(run),
+                "error": f"TensorBoard could not read it ({type(failed).__name__}: {failed})",
+                "events_before": None,
+            }
+        ]
     by_prefix: Dict[str, Dict[str, Any]] = {}
     other: Dict[str, Any] = {}
 
     def summary(prefix: str) -> Dict[str, Any]:
         return by_prefix.setdefault(prefix, {"metrics": {}, "failures": None})
 
-    for tag in (acc.Tags().get("scalars", []) if acc is not None else []):
+    for tag in acc.Tags().get("scalars", []) if acc is not None else []:
         events = acc.Scalars(tag)
         if not events:
             continue
@@ -126,8 +132,16 @@ def read_runs(run: str | os.PathLike, k: int = 5) -> List[Dict[str, Any]]:
             layers = s["metrics"][metric]
             names = sorted((n for n in layers if n != MODEL), key=_natural) + ([MODEL] if MODEL in layers else [])
             ordered[metric] = {n: layers[n] for n in names}
-        out.append({"run": str(run), "prefix": prefix, "metrics": ordered, "failures": s["failures"],
-                    "other": other if not out else {}, "corrupt": corrupt if not out else []})
+        out.append(
+            {
+                "run": str(run),
+                "prefix": prefix,
+                "metrics": ordered,
+                "failures": s["failures"],
+                "other": other if not out else {},
+                "corrupt": corrupt if not out else [],
+            }
+        )
     return out
 
 
@@ -162,12 +176,21 @@ def format_report(summaries: Sequence[Dict[str, Any]], k: int = 5, root: Optiona
             out.append("  (no ESS scalars: not an ESSWatch run?)")
         for metric, layers in s["metrics"].items():
             header = ["layer", "step", "ESS avg", f"d avg/{k}", "ESS total", "util", f"d util/{k}"]
-            rows = [[layer, str(r.get("step", "-")), _num(r.get("avg")), _num(r.get("trend_avg"), True),
-                     _num(r.get("total")), _num(r.get("utilization")), _num(r.get("trend_utilization"), True)]
-                    for layer, r in layers.items()]
+            rows = [
+                [
+                    layer,
+                    str(r.get("step", "-")),
+                    _num(r.get("avg")),
+                    _num(r.get("trend_avg"), True),
+                    _num(r.get("total")),
+                    _num(r.get("utilization")),
+                    _num(r.get("trend_utilization"), True),
+                ]
+                for layer, r in layers.items()
+            ]
             out.append(f"  {metric}-ESS (d = change over the last {k} logged points)")
             out.extend("    " + ln for ln in _table(header, rows))
-        out.extend(diagnosis_lines(s))   # saturation / collapse per layer (esswatch.tools.diagnosis)
+        out.extend(diagnosis_lines(s))  # saturation / collapse per layer (esswatch.tools.diagnosis)
         if s["failures"]:
             out.append(f"  skipped layer measurements: {int(s['failures'])}")
         if s["other"]:
@@ -193,10 +216,13 @@ def to_json(summaries: Sequence[Dict[str, Any]], logdir: str) -> List[Dict[str, 
     relative to ``logdir``."""
     out = []
     for s in summaries:
-        s = dict(s, run=os.path.relpath(s["run"], logdir),
-                 other={t: {"step": st, "value": v} for t, (st, v) in s["other"].items()},
-                 corrupt=[dict(c, file=os.path.relpath(c["file"], logdir)) for c in s.get("corrupt", ())],
-                 diagnosis=diagnose_summary(s))   # {layer: {utilization, label, advice}}
+        s = dict(
+            s,
+            run=os.path.relpath(s["run"], logdir),
+            other={t: {"step": st, "value": v} for t, (st, v) in s["other"].items()},
+            corrupt=[dict(c, file=os.path.relpath(c["file"], logdir)) for c in s.get("corrupt", ())],
+            diagnosis=diagnose_summary(s),
+        )  # {layer: {utilization, label, advice}}
         out.append(_strict(s))
     return out
 

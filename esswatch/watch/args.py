@@ -1,12 +1,19 @@
 """Validation of :class:`~esswatch.ESSWatch` arguments that no other component checks
 (``ValueError`` naming the argument and what is allowed; raised before anything is attached)."""
+
 from __future__ import annotations
 
 import os
 from typing import Any
 
-__all__ = ["check_model_args", "check_watch_args", "check_watch_options", "check_flags", "check_probe_batch",
-           "as_regularizer"]
+__all__ = [
+    "check_model_args",
+    "check_watch_args",
+    "check_watch_options",
+    "check_flags",
+    "check_probe_batch",
+    "as_regularizer",
+]
 
 
 def check_model_args(model: Any, *, logdir: Any, writer: Any, background: Any) -> None:
@@ -31,8 +38,10 @@ def check_probe_batch(pb: Any) -> None:
     import torch
 
     if pb is not None and not isinstance(pb, (torch.Tensor, tuple, list, dict)):
-        raise ValueError("probe_batch must be a tensor, a tuple/list of positional arguments or a dict of "
-                         f"keyword arguments, got {type(pb).__name__}")
+        raise ValueError(
+            "probe_batch must be a tensor, a tuple/list of positional arguments or a dict of "
+            f"keyword arguments, got {type(pb).__name__}"
+        )
 
 
 def as_regularizer(reg: Any):
@@ -73,8 +82,13 @@ def check_watch_options(**options: Any) -> None:
         raise TypeError(f"unknown ESSWatch option(s) {unknown}; allowed: {', '.join(allowed)}")
     opt = {n: options.get(n, params[n].default) for n in allowed}
     Schedule(opt["every_n_steps"])
-    MeasureConfig(indices=opt["indices"], estimator=opt["estimator"], metrics=opt["metrics"], tol=opt["tol"],
-                  relative=opt["relative"])
+    MeasureConfig(
+        indices=opt["indices"],
+        estimator=opt["estimator"],
+        metrics=opt["metrics"],
+        tol=opt["tol"],
+        relative=opt["relative"],
+    )
     for n in ("batch_rows", "heads"):
         check_positive_int(n, opt[n], allow_none=True)
     check_flags(strict=opt["strict"], reduce=opt["reduce"], train_forwards_only=opt["train_forwards_only"])

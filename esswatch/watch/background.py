@@ -20,6 +20,7 @@ The pieces (used by :class:`~esswatch.ESSWatch`; the schedule logic lives in
   while one is running (the watch then skips the sample: nothing queues without bound);
   the thread never outlives the interpreter (daemon), and ``wait`` returns the outcome.
 """
+
 from __future__ import annotations
 
 import copy
@@ -46,14 +47,14 @@ class Job:
 
     step: int
     source: str
-    records: Dict[str, Tuple[Any, Dict[str, Any]]]        # name -> (probe, record)
+    records: Dict[str, Tuple[Any, Dict[str, Any]]]  # name -> (probe, record)
     operators: Dict[str, Operator]
     cfg: MeasureConfig
     tss: Dict[str, Optional[int]]
     penalty: Optional[Dict[str, Any]] = None
     calibrate: bool = False
-    ready: Any = None                                     # CUDA event after the snapshot copies
-    stream: Any = None                                    # the side stream the worker computes on
+    ready: Any = None  # CUDA event after the snapshot copies
+    stream: Any = None  # the side stream the worker computes on
 
 
 @dataclass
@@ -64,10 +65,10 @@ class Outcome:
     errors: List[Tuple[str, BaseException]] = field(default_factory=list)
     seconds: float = 0.0
     penalty: Optional[Dict[str, Any]] = None
-    timings: Dict[str, Dict[str, Any]] = field(default_factory=dict)   # calibration (budget)
+    timings: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # calibration (budget)
     fatal: Optional[BaseException] = None
     calibrated: bool = False
-    short: List[str] = field(default_factory=list)      # too short to measure (L < 2): not a failure
+    short: List[str] = field(default_factory=list)  # too short to measure (L < 2): not a failure
 
 
 # -- the snapshot ------------------------------------------------------------------
@@ -90,7 +91,7 @@ class _Copier:
             return t.clone()
         side = self.stream(t.device)
         if t.device not in used:
-            side.wait_stream(torch.cuda.current_stream(t.device))   # the producer's kernels first
+            side.wait_stream(torch.cuda.current_stream(t.device))  # the producer's kernels first
             used[t.device] = side
         with torch.cuda.stream(side):
             if self.transfer == "host":
@@ -98,7 +99,7 @@ class _Copier:
                 out.copy_(t, non_blocking=True)
             else:
                 out = t.clone()
-        t.record_stream(side)          # keep the source's memory until the side stream read it
+        t.record_stream(side)  # keep the source's memory until the side stream read it
         return out
 
     def copy(self, obj: Any, used: Dict[torch.device, Any]) -> Any:
@@ -123,7 +124,7 @@ def snapshot(obj: Any, copier: _Copier) -> Tuple[Any, Any, Any]:
     if not used:
         return out, None, None
     device, side = next(iter(used.items()))
-    for other in list(used.values())[1:]:   # several devices: one event after all copies
+    for other in list(used.values())[1:]:  # several devices: one event after all copies
         side.wait_stream(other)
     ev = torch.cuda.Event()
     ev.record(side)
@@ -137,6 +138,7 @@ def make_copier(transfer: str = "device") -> _Copier:
 # -- the measurement -----------------------------------------------------------------
 def _one_index(cfg: MeasureConfig) -> MeasureConfig:
     import dataclasses
+
     return dataclasses.replace(cfg, indices=1)
 
 
@@ -169,9 +171,15 @@ def run_job(job: Job) -> Outcome:
                     if job.calibrate:
                         tc = time.perf_counter()
                         out.timings[name] = {
-                            "seq_len": lay["seq_len"], "rows": lay["rows"], "heads": lay["heads"],
-                            "indices": list(lay["indices"]), "one": select_indices(1, lay["seq_len"]),
-                            "t_one": tb - ta, "t_full": tc - tb, "type": lay["type"]}
+                            "seq_len": lay["seq_len"],
+                            "rows": lay["rows"],
+                            "heads": lay["heads"],
+                            "indices": list(lay["indices"]),
+                            "one": select_indices(1, lay["seq_len"]),
+                            "t_one": tb - ta,
+                            "t_full": tc - tb,
+                            "type": lay["type"],
+                        }
                     out.layers[name] = lay
                 except Exception as e:  # noqa: BLE001 - the monitor never stops training
                     out.errors.append((name, e))
@@ -203,9 +211,18 @@ def make_job(watch, step: int, source: str, copier: Optional[_Copier] = None) ->
             if copier.transfer == "host":
                 stream = None
         budget = watch._budget
-        return Job(step=step, source=source, records={n: (probes[n], r) for n, r in records.items()},
-                   operators=ops, cfg=watch.measure_config, tss=watch._tss, penalty=watch._penalties.result(),
-                   calibrate=budget is not None and not budget.decided, ready=ready, stream=stream)
+        return Job(
+            step=step,
+            source=source,
+            records={n: (probes[n], r) for n, r in records.items()},
+            operators=ops,
+            cfg=watch.measure_config,
+            tss=watch._tss,
+            penalty=watch._penalties.result(),
+            calibrate=budget is not None and not budget.decided,
+            ready=ready,
+            stream=stream,
+        )
     finally:
         watch.capture.clear()
 
@@ -238,8 +255,9 @@ class Worker:
             try:
                 outcome = self._fn(job)
             except BaseException as e:  # noqa: BLE001 - reported to the training thread
-                outcome = Outcome(step=job.step, source=job.source, penalty=job.penalty, fatal=e,
-                                  calibrated=job.calibrate)
+                outcome = Outcome(
+                    step=job.step, source=job.source, penalty=job.penalty, fatal=e, calibrated=job.calibrate
+                )
             with self._cv:
                 self._job = None
                 self._outcome = outcome

@@ -22,6 +22,7 @@ If even the smallest level is predicted over budget, that level is used and a wa
 so. With ``reduce=True`` the ranks agree on the most cut level of any rank (one small
 ``all_reduce``), so they keep measuring the same thing.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -95,8 +96,7 @@ class Budget:
     @staticmethod
     def predict(timings: Dict[str, Dict[str, Any]], cfg: MeasureConfig, level: Tuple[int, int, int]) -> float:
         rows, n_idx, heads = level
-        spec = cfg.indices if n_idx >= max(len(t["indices"]) for t in timings.values()) else _spread(
-            cfg.indices, n_idx)
+        spec = cfg.indices if n_idx >= max(len(t["indices"]) for t in timings.values()) else _spread(cfg.indices, n_idx)
         total = 0.0
         for t in timings.values():
             L = t["seq_len"]
@@ -111,8 +111,9 @@ class Budget:
             total += scale * (fixed + per * c_new)
         return total
 
-    def decide(self, timings: Dict[str, Dict[str, Any]], cfg: MeasureConfig, first_seconds: float,
-               agree=None) -> Optional[Dict[str, Any]]:
+    def decide(
+        self, timings: Dict[str, Dict[str, Any]], cfg: MeasureConfig, first_seconds: float, agree=None
+    ) -> Optional[Dict[str, Any]]:
         """Choose the level from the first sample's ``timings`` (see :func:`run_job`); ``agree``
         (the distributed case) maps this rank's ``(rows, indices, heads)`` to the ranks'
         componentwise minimum. ``None`` (still undecided) when no rank timed any layer."""
@@ -135,17 +136,24 @@ class Budget:
             full = choice
         predicted = self.predict(timings, cfg, choice) if timings else None
         if predicted is not None and predicted > self.seconds:
-            self.warning = (f"esswatch: budget_seconds={self.seconds:g} cannot be met: the smallest measurement "
-                            f"({rows} batch row(s), {n_idx} index(es), {heads} head(s)) is predicted to take "
-                            f"{predicted:.3g} s per sample")
+            self.warning = (
+                f"esswatch: budget_seconds={self.seconds:g} cannot be met: the smallest measurement "
+                f"({rows} batch row(s), {n_idx} index(es), {heads} head(s)) is predicted to take "
+                f"{predicted:.3g} s per sample"
+            )
         cut_idx = n_idx < full[1]
         self.level = {
             "seconds": self.seconds,
-            "batch_rows": rows, "heads": heads,
+            "batch_rows": rows,
+            "heads": heads,
             "indices": (list(_spread(cfg.indices, n_idx)) if isinstance(cfg.indices, tuple) else n_idx)
-            if cut_idx else (list(cfg.indices) if isinstance(cfg.indices, tuple) else cfg.indices),
-            "cut": [k for k, a, b in (("batch_rows", rows, full[0]), ("indices", n_idx, full[1]),
-                                      ("heads", heads, full[2])) if a < b],
+            if cut_idx
+            else (list(cfg.indices) if isinstance(cfg.indices, tuple) else cfg.indices),
+            "cut": [
+                k
+                for k, a, b in (("batch_rows", rows, full[0]), ("indices", n_idx, full[1]), ("heads", heads, full[2]))
+                if a < b
+            ],
             "first_sample_seconds": first_seconds,
             "predicted_seconds": predicted,
         }
@@ -179,6 +187,7 @@ def agree_min(choice: Optional[Tuple[int, int, int]]) -> Optional[Tuple[int, int
     """The componentwise minimum of the ranks' ``(rows, indices, heads)`` (one ``all_reduce``;
     a rank without a choice contributes nothing). ``None`` when no rank has one."""
     from . import distributed as dist_utils
+
     if dist_utils.world_size() == 1:
         return choice
     vec = [math.inf] * 3 if choice is None else [float(c) for c in choice]

@@ -5,6 +5,7 @@ depends only on the configuration and the layer names (identical on every rank),
 so ranks never disagree on the collective; the schedule is step-deterministic, so
 all ranks call it on the same steps.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence
@@ -35,8 +36,9 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def reduce_layers(layers: Dict[str, Dict[str, Any]], names: Sequence[str], metrics: Sequence[str],
-                  failures: int) -> tuple:
+def reduce_layers(
+    layers: Dict[str, Dict[str, Any]], names: Sequence[str], metrics: Sequence[str], failures: int
+) -> tuple:
     """Average every layer's scalar statistics over the ranks that measured it.
 
     Returns ``(layers, failures)``: layers measured on at least one rank (scalar statistics
@@ -61,7 +63,7 @@ def reduce_layers(layers: Dict[str, Dict[str, Any]], names: Sequence[str], metri
     t = t.cpu().tolist()
     out: Dict[str, Dict[str, Any]] = {}
     for j, name in enumerate(names):
-        chunk = t[j * (width + 1):(j + 1) * (width + 1)]
+        chunk = t[j * (width + 1) : (j + 1) * (width + 1)]
         count = chunk[-1]
         if count == 0:
             continue

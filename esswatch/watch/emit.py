@@ -1,6 +1,7 @@
 """The sink fan-out of an :class:`~esswatch.ESSWatch`: every result goes to every sink, on
 rank 0 only; the configuration goes first, once. A failing sink warns once and is skipped
 unless ``strict``: logging problems never stop training either."""
+
 from __future__ import annotations
 
 import warnings
@@ -37,6 +38,9 @@ class Emitter:
                     raise
                 if id(sink) not in self._failed:
                     self._failed.add(id(sink))
-                    warnings.warn(f"esswatch: sink {sink!r} failed at step {result['step']}: "
-                                  f"{type(e).__name__}: {e}. Later failures of this sink are not reported.",
-                                  ESSWarning, stacklevel=4)
+                    warnings.warn(
+                        f"esswatch: sink {sink!r} failed at step {result['step']}: "
+                        f"{type(e).__name__}: {e}. Later failures of this sink are not reported.",
+                        ESSWarning,
+                        stacklevel=4,
+                    )

@@ -6,6 +6,7 @@ raised; the background worker died) either raises :class:`ESSMeasurementError` (
 or is counted (``ess/failures``) and warned about once per name (:class:`ESSWarning`); training
 continues and the layer is skipped.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -35,12 +36,14 @@ class FailurePolicy:
         ``layer 'name'``) at ``step``: raise when strict, else count and warn once per name."""
         what = what or f"layer {name!r}"
         if self.strict:
-            raise ESSMeasurementError(f"esswatch: {what} at step {step} failed: "
-                                      f"{type(err).__name__}: {err}") from err
+            raise ESSMeasurementError(f"esswatch: {what} at step {step} failed: {type(err).__name__}: {err}") from err
         self.count += 1
         if name not in self.names:
             self.names.add(name)
             warnings.warn(
                 f"esswatch: skipped {what} at step {step}: {type(err).__name__}: {err}. "
                 "Training continues; later failures of this layer are only counted (tag ess/failures). "
-                "Pass strict=True to raise instead.", ESSWarning, stacklevel=4)
+                "Pass strict=True to raise instead.",
+                ESSWarning,
+                stacklevel=4,
+            )

@@ -6,6 +6,7 @@ ranks (``reduce=True``), assemble the result and hand it to the sinks.
 background path (:mod:`esswatch.watch.offload`) end in. It touches the watch's failure policy,
 budget, emitter and sample counters, and nothing of the capture.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -35,16 +36,21 @@ def finish(watch: Any, outcome: Any) -> Optional[Dict[str, Any]]:
         _decide_budget(watch, outcome)
     layers, failures = outcome.layers, policy.count
     if watch.reduce:
-        layers, failures = dist_utils.reduce_layers(layers, watch.layer_names, watch.measure_config.metrics,
-                                                    failures)
+        layers, failures = dist_utils.reduce_layers(layers, watch.layer_names, watch.measure_config.metrics, failures)
     if not layers and not skipped and failures == policy.count:
         if not watch._warned_empty and not outcome.short:
             watch._warned_empty = True
             warn_empty(step, watch._train_only)
         return None
-    result = build_result(outcome, layers, watch.measure_config.metrics, failures=failures, skipped=skipped,
-                          skipped_samples=watch._skipped_samples,
-                          budget=None if budget is None else budget.as_dict())
+    result = build_result(
+        outcome,
+        layers,
+        watch.measure_config.metrics,
+        failures=failures,
+        skipped=skipped,
+        skipped_samples=watch._skipped_samples,
+        budget=None if budget is None else budget.as_dict(),
+    )
     watch._latest = result
     watch._samples += 1
     watch._emitter.emit(result, watch.config)

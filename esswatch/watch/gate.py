@@ -17,6 +17,7 @@ forwards are never recorded; instead, on each sampled step, :func:`record_probe_
 model on the fixed batch in eval mode under ``no_grad`` and restores the train/eval flags, the
 CPU/CUDA RNG states and every buffer (BatchNorm statistics) afterwards.
 """
+
 from __future__ import annotations
 
 import sys
@@ -34,7 +35,7 @@ class Gate:
 
     def __init__(self, capture: Any) -> None:
         self.want = False
-        self.in_forward = False      # a forward of the model started and has not completed
+        self.in_forward = False  # a forward of the model started and has not completed
         self.capture = capture
         self.hooks: list = []
         self._paused = 0
@@ -77,6 +78,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         seen.add(id(model))
         if "torch._dynamo" in sys.modules:
             from torch._dynamo.eval_frame import OptimizedModule
+
             if isinstance(model, OptimizedModule):
                 model = model._orig_mod
                 continue

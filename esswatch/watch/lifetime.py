@@ -9,6 +9,7 @@
   It holds no reference to the watch, so a watch dropped without ``close()`` is collected and
   the model is free for a new one.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -56,8 +57,10 @@ def install(model: Any, gate: Any, train_only: bool) -> List[Any]:
     (``gate.hooks`` follows copies of the model, :func:`esswatch.probes.hooks.adopt`)."""
     from ..probes.hooks import adopt
 
-    handles = [model.register_forward_pre_hook(GateHook(gate, train_only), prepend=True),
-               model.register_forward_hook(DoneHook(gate))]
+    handles = [
+        model.register_forward_pre_hook(GateHook(gate, train_only), prepend=True),
+        model.register_forward_hook(DoneHook(gate)),
+    ]
     gate.hooks = adopt(handles, model)
     return handles
 
@@ -78,5 +81,6 @@ def release(gate: Any, handles: List[Any], sinks: List[Any]) -> None:
         try:
             sink.close()
         except Exception as e:  # noqa: BLE001 - closing a log never raises into training
-            warnings.warn(f"esswatch: closing sink {sink!r} failed: {type(e).__name__}: {e}", RuntimeWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"esswatch: closing sink {sink!r} failed: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2
+            )

@@ -20,6 +20,7 @@ Per layer and metric (``"entropy"``, ``"tolerance"``), with ``E[b, h, i]``:
 ``per_head``        mean over rows and indices, one value per head
 ==================  ============================================================
 """
+
 from __future__ import annotations
 
 import numbers
@@ -73,8 +74,11 @@ class MeasureConfig:
             if ind < 1:
                 raise ValueError(f"indices: the count must be at least 1, got {ind}")
         else:
-            if isinstance(ind, (set, frozenset, dict, bytes)) or not hasattr(ind, "__iter__") \
-                    or any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in ind):
+            if (
+                isinstance(ind, (set, frozenset, dict, bytes))
+                or not hasattr(ind, "__iter__")
+                or any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in ind)
+            ):
                 raise ValueError(f"indices must be a positive int, 'all' or a list of ints, got {ind!r}")
             lst = tuple(int(i) for i in ind)
             if not lst or any(i < 1 for i in lst):
@@ -94,8 +98,13 @@ class MeasureConfig:
 
     def as_dict(self) -> Dict[str, Any]:
         ind = list(self.indices) if isinstance(self.indices, tuple) else self.indices
-        return {"indices": ind, "estimator": self.estimator, "metrics": list(self.metrics),
-                "tol": self.tol, "relative": self.relative}
+        return {
+            "indices": ind,
+            "estimator": self.estimator,
+            "metrics": list(self.metrics),
+            "tol": self.tol,
+            "relative": self.relative,
+        }
 
 
 def select_indices(spec: IndexSpec, seq_len: int) -> List[int]:

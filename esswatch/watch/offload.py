@@ -18,6 +18,7 @@ see one thread:
   every rank skips the new sample and keeps waiting. ``close()`` waits for the own worker,
   then reduces: every rank must call ``close()``. No collective ever runs on the worker.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -72,7 +73,7 @@ class Offload:
             watch.capture.clear()
             return
         if watch.probe_batch is not None and not watch._run_probe(step):
-            return                      # its forward raised: counted and warned as a failure
+            return  # its forward raised: counted and warned as a failure
         job = make_job(watch, step, "probe" if watch.probe_batch is not None else "train", self.copier)
         self.worker.submit(job)
 

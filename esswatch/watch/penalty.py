@@ -6,6 +6,7 @@ step's micro-batches (logged as their mean on measured steps) and the *stash*: t
 of the step's first penalized forward, which the step's measurement reuses instead of
 capturing again.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -20,7 +21,7 @@ __all__ = ["PenaltyBook"]
 class PenaltyBook:
     def __init__(self, regularizer: Optional[Regularizer]) -> None:
         self.regularizer = regularizer
-        self.stash: Optional[Dict[str, Any]] = None       # operators consumed by penalty() on a measured step
+        self.stash: Optional[Dict[str, Any]] = None  # operators consumed by penalty() on a measured step
         self.log: List[Tuple[torch.Tensor, Dict[str, torch.Tensor]]] = []  # detached (total, terms) this step
 
     def due(self, step: int) -> bool:
@@ -33,8 +34,9 @@ class PenaltyBook:
         self.stash = None
         self.log = []
 
-    def penalty(self, capture: Any, on_error: Callable[[str, BaseException], None],
-                stash: bool) -> Union[float, torch.Tensor]:
+    def penalty(
+        self, capture: Any, on_error: Callable[[str, BaseException], None], stash: bool
+    ) -> Union[float, torch.Tensor]:
         """The penalty of what ``capture`` recorded (then cleared); ``0.0`` when nothing contributes.
         ``stash``: keep the operators for the step's measurement (the first forward wins)."""
         ops: Dict[str, Any] = {}
@@ -47,7 +49,7 @@ class PenaltyBook:
                 on_error(name, e)
         if stash and self.stash is None:
             self.stash = ops
-        capture.clear()                  # the next micro-batch records anew
+        capture.clear()  # the next micro-batch records anew
         if not ops:
             return 0.0
         total, terms = penalty_terms(ops, self.regularizer, on_error=on_error)
@@ -63,6 +65,11 @@ class PenaltyBook:
         n = len(self.log)
         total = float(sum(float(t) for t, _ in self.log) / n)
         names = {k for _, terms in self.log for k in terms}
-        layers = {k: float(sum(float(terms[k]) for _, terms in self.log if k in terms)
-                           / sum(1 for _, terms in self.log if k in terms)) for k in names}
+        layers = {
+            k: float(
+                sum(float(terms[k]) for _, terms in self.log if k in terms)
+                / sum(1 for _, terms in self.log if k in terms)
+            )
+            for k in names
+        }
         return {"total": total, "layers": layers, "micro_batches": n}

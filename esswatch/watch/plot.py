@@ -14,6 +14,7 @@ per value channel, ``value_dim == 1``), and dashed, for each distinct state size
 ``utilization`` tag divides by (``min(i, L - i)`` for layers without a finite
 state size, such as softmax attention).
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple
@@ -37,6 +38,7 @@ def matplotlib_available() -> bool:
         try:
             import matplotlib.figure  # noqa: F401
             from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+
             _AVAILABLE = True
         except Exception:  # ImportError, or a broken installation
             _AVAILABLE = False
@@ -93,8 +95,17 @@ class ProfilePlot:
         fig = Figure(figsize=FIGSIZE, dpi=DPI)
         self._canvas = FigureCanvasAgg(fig)
         ax = fig.add_subplot(1, 1, 1)
-        self._lines = {name: ax.plot(lay["indices"], lay[self.metric]["per_index"], marker=".", linewidth=1.5,
-                                     markersize=6, label=name or "root")[0] for name, lay in layers.items()}
+        self._lines = {
+            name: ax.plot(
+                lay["indices"],
+                lay[self.metric]["per_index"],
+                marker=".",
+                linewidth=1.5,
+                markersize=6,
+                label=name or "root",
+            )[0]
+            for name, lay in layers.items()
+        }
         bounds = bound_curves(layers, seq_len)
         grays = iter(np.linspace(0.55, 0.2, len(bounds)))
         for label, (x, y) in bounds.items():
@@ -105,10 +116,9 @@ class ProfilePlot:
         ax.grid(alpha=0.3)
         self._title = ax.set_title("", fontsize=12)
         right = 0.97
-        if len(layers) <= MAX_LEGEND:      # outside the axes, on the right, as wide as its longest name
+        if len(layers) <= MAX_LEGEND:  # outside the axes, on the right, as wide as its longest name
             ncol = 1 if len(layers) + len(bounds) <= 16 else 2
-            legend = ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
-                               ncol=ncol)
+            legend = ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, ncol=ncol)
             width = legend.get_window_extent(self._canvas.get_renderer()).width / fig.bbox.width
             right = max(0.45, 0.97 - width - 0.01)
         fig.subplots_adjust(left=0.08, right=right, top=0.93, bottom=0.1)
@@ -116,13 +126,20 @@ class ProfilePlot:
 
     def render(self, result: Dict[str, Any]) -> Optional[np.ndarray]:
         """The image for one result; ``None`` without matplotlib or when no layer has the metric."""
-        layers = {n: lay for n, lay in result.get("layers", {}).items()
-                  if self.metric in lay and "per_index" in lay[self.metric]}
+        layers = {
+            n: lay
+            for n, lay in result.get("layers", {}).items()
+            if self.metric in lay and "per_index" in lay[self.metric]
+        }
         if not layers or not matplotlib_available():
             return None
         seq_len = max(lay["seq_len"] for lay in layers.values())
-        key: Tuple = (tuple(layers), seq_len, tuple(lay.get("state_size") for lay in layers.values()),
-                      mean_over_label(layers))
+        key: Tuple = (
+            tuple(layers),
+            seq_len,
+            tuple(lay.get("state_size") for lay in layers.values()),
+            mean_over_label(layers),
+        )
         if key != self._key:
             self._build(layers, seq_len)
             self._key = key

@@ -22,6 +22,7 @@ The penalty is ``weight * mean over layers of the layer terms``. Gradients flow 
 ``entropy_ess`` with the ``gram`` estimator for recurrences and ``exact`` otherwise (both
 differentiable, finite at zero and repeated singular values).
 """
+
 from __future__ import annotations
 
 import functools
@@ -112,7 +113,7 @@ def _ess_term(op: Operator, cfg: Regularizer) -> torch.Tensor:
     u = ess / op.tss(idx).to(device=ess.device, dtype=ess.dtype).clamp(min=1)
     if cfg.mode == "target":
         return ((u - cfg.target) ** 2).mean()
-    return (torch.relu(cfg.floor - u) ** 2).mean() / cfg.floor ** 2
+    return (torch.relu(cfg.floor - u) ** 2).mean() / cfg.floor**2
 
 
 def _identity_term(op: Operator) -> Optional[torch.Tensor]:
@@ -123,8 +124,9 @@ def _identity_term(op: Operator) -> Optional[torch.Tensor]:
     return torch.sqrt(((a - 1) ** 2).sum(-1) + 1e-12).mean()
 
 
-def penalty_terms(operators: Mapping[str, Operator], cfg: Regularizer, on_error=None
-                  ) -> Tuple[Optional[torch.Tensor], Dict[str, torch.Tensor]]:
+def penalty_terms(
+    operators: Mapping[str, Operator], cfg: Regularizer, on_error=None
+) -> Tuple[Optional[torch.Tensor], Dict[str, torch.Tensor]]:
     """``(weight * mean of layer terms, {layer: term})``; ``(None, {})`` when nothing contributes.
 
     ``on_error(name, exception)``: called when a layer's term fails (the layer is then
@@ -148,4 +150,3 @@ def penalty_terms(operators: Mapping[str, Operator], cfg: Regularizer, on_error=
     dtype = compute_dtype(functools.reduce(torch.promote_types, (t.dtype for t in terms.values())))
     total = torch.stack([t.to(dtype) for t in terms.values()]).mean() * float(cfg.weight)
     return total, terms
-

@@ -13,6 +13,7 @@ from :func:`esswatch.watch.tags.scalar_tags`::
      "budget": {...}            # with budget_seconds
      "penalty": {"total", "layers": {name: term}, "micro_batches"}}   # regularizer steps
 """
+
 from __future__ import annotations
 
 import warnings
@@ -26,8 +27,16 @@ from .tags import scalar_tags
 __all__ = ["build_result", "warn_empty", "watch_config"]
 
 
-def build_result(outcome: Any, layers: Dict[str, Any], metrics: Sequence[str], *, failures: int,
-                 skipped: List[str], skipped_samples: int, budget: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+def build_result(
+    outcome: Any,
+    layers: Dict[str, Any],
+    metrics: Sequence[str],
+    *,
+    failures: int,
+    skipped: List[str],
+    skipped_samples: int,
+    budget: Optional[Dict[str, Any]],
+) -> Dict[str, Any]:
     """The result of ``outcome`` (a :class:`~esswatch.watch.background.Outcome`) with its
     (possibly all-reduced) ``layers`` and ``failures``, the model-wide aggregate and the tags."""
     result: Dict[str, Any] = {
@@ -55,18 +64,32 @@ def warn_empty(step: int, train_only: bool) -> None:
         f"esswatch: step {step} was sampled but no watched layer ran a "
         f"{'training-mode ' if train_only else ''}forward since the previous step() "
         "(call watch.step() once per optimizer step, after the forward and backward)",
-        ESSWarning, stacklevel=5)
+        ESSWarning,
+        stacklevel=5,
+    )
 
 
-def watch_config(capture: Any, *, every_n_steps: int, probe_batch: Any, measure: Any, strict: bool, reduce: bool,
-                 background: bool, budget: Any) -> Dict[str, Any]:
+def watch_config(
+    capture: Any,
+    *,
+    every_n_steps: int,
+    probe_batch: Any,
+    measure: Any,
+    strict: bool,
+    reduce: bool,
+    background: bool,
+    budget: Any,
+) -> Dict[str, Any]:
     """:meth:`ESSWatch.config`: the configuration as plain data (what the TensorBoard text shows)."""
     return {
         "every_n_steps": every_n_steps,
         "sampling": "probe batch" if probe_batch is not None else "training forward",
-        "batch_rows": capture.batch_rows, "heads": capture.heads,
+        "batch_rows": capture.batch_rows,
+        "heads": capture.heads,
         **measure.as_dict(),
-        "strict": strict, "reduce": reduce, "background": background,
+        "strict": strict,
+        "reduce": reduce,
+        "background": background,
         **({} if budget is None else {"budget_seconds": budget.seconds, "budget": budget.as_dict()}),
         "layers": {n: f"{type(p.module).__name__}: {p.layer_type}" for n, p in capture.probes.items()},
         "esswatch": __version__,

@@ -7,6 +7,7 @@ first training step is step 0, the number of optimizer steps completed before it
 ``offset`` (default 0) lets an adapter sample the steps its framework logs the loss at
 (Lightning: ``n - 1, 2n - 1, ...``).
 """
+
 from __future__ import annotations
 
 from typing import Dict

@@ -5,6 +5,7 @@ result (the plain-data dict of :meth:`ESSWatch.latest`) on rank 0.
 - :class:`CallableSink` hands each result to a function (any other logger);
 - framework adapters subclass :class:`Sink` to log through the framework's loggers.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional, Union
@@ -90,8 +91,15 @@ class TensorBoardSink(Sink):
             with images do not depend on restarts.
     """
 
-    def __init__(self, logdir: Optional[str] = None, writer: Any = None, *, histograms: bool = True,
-                 images: Union[bool, int] = 10, layout: bool = True) -> None:
+    def __init__(
+        self,
+        logdir: Optional[str] = None,
+        writer: Any = None,
+        *,
+        histograms: bool = True,
+        images: Union[bool, int] = 10,
+        layout: bool = True,
+    ) -> None:
         if (logdir is None) == (writer is None):
             raise ValueError("TensorBoardSink needs exactly one of logdir= or writer=")
         if writer is not None and not callable(getattr(writer, "add_scalar", None)):
@@ -113,6 +121,7 @@ class TensorBoardSink(Sink):
     def writer(self):
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
+
             self._writer = SummaryWriter(log_dir=self.logdir)
         return self._writer
 
@@ -132,8 +141,11 @@ class TensorBoardSink(Sink):
             if self.histograms:
                 for name, lay in result["layers"].items():
                     if metric in lay and "per_head" in lay[metric]:
-                        w.add_histogram(tags.histogram_tag(metric, name),
-                                        np.asarray(lay[metric]["per_head"], dtype=np.float64), global_step=step)
+                        w.add_histogram(
+                            tags.histogram_tag(metric, name),
+                            np.asarray(lay[metric]["per_head"], dtype=np.float64),
+                            global_step=step,
+                        )
             if self.images and (step // self._every) % self.images == 0 and matplotlib_available():
                 img = self._plots.setdefault(metric, ProfilePlot(metric)).render(result)
                 if img is not None:
@@ -149,8 +161,9 @@ class TensorBoardSink(Sink):
             self._writer.flush()
 
 
-def build_sinks(sinks: Any, *, logdir: Any = None, writer: Any = None, histograms: bool = True,
-                images: Any = 10) -> List[Sink]:
+def build_sinks(
+    sinks: Any, *, logdir: Any = None, writer: Any = None, histograms: bool = True, images: Any = 10
+) -> List[Sink]:
     """The sinks of a watch: a :class:`TensorBoardSink` when ``logdir`` or ``writer`` is given,
     then :func:`as_sinks` of ``sinks``."""
     out: List[Sink] = []

@@ -3,6 +3,7 @@
 :func:`validated_state` checks every field first and returns the plain values to apply, so a
 bad checkpoint raises ``ValueError`` (naming the field and what is allowed) and changes nothing.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, FrozenSet, Iterable
@@ -24,8 +25,7 @@ def validated_state(state: Any) -> Dict[str, Any]:
     """``{"step", "failures", "failed_layers", "samples", "skipped_samples"}`` from an ESSWatch
     state (version 1; ``skipped_samples`` may be missing in states written before it existed)."""
     if not isinstance(state, dict) or state.get("version") != 1:
-        raise ValueError(f"{_WHAT}: not an ESSWatch state (a dict with version 1), got "
-                         f"{type(state).__name__}")
+        raise ValueError(f"{_WHAT}: not an ESSWatch state (a dict with version 1), got {type(state).__name__}")
     sched = state.get("schedule")
     if not isinstance(sched, dict):
         raise ValueError(f"{_WHAT}: 'schedule' must be a dict with a non-negative int 'step', got {sched!r}")
@@ -34,16 +34,31 @@ def validated_state(state: Any) -> Dict[str, Any]:
     samples = _count(state, "samples")
     skipped = _count(state, "skipped_samples") if "skipped_samples" in state else 0
     layers = state.get("failed_layers", [])
-    if isinstance(layers, (str, bytes)) or not isinstance(layers, (list, tuple, set, frozenset)) \
-            or not all(isinstance(n, str) for n in layers):
+    if (
+        isinstance(layers, (str, bytes))
+        or not isinstance(layers, (list, tuple, set, frozenset))
+        or not all(isinstance(n, str) for n in layers)
+    ):
         raise ValueError(f"{_WHAT}: failed_layers must be a list of layer names (str), got {layers!r}")
     failed: FrozenSet[str] = frozenset(layers)
-    return {"step": step, "failures": failures, "failed_layers": set(failed), "samples": samples,
-            "skipped_samples": skipped}
+    return {
+        "step": step,
+        "failures": failures,
+        "failed_layers": set(failed),
+        "samples": samples,
+        "skipped_samples": skipped,
+    }
 
 
-def state_of(*, schedule: Dict[str, Any], failures: int, failed_layers: Iterable[str], samples: int,
-             skipped_samples: int) -> Dict[str, Any]:
+def state_of(
+    *, schedule: Dict[str, Any], failures: int, failed_layers: Iterable[str], samples: int, skipped_samples: int
+) -> Dict[str, Any]:
     """The checkpoint :meth:`ESSWatch.state_dict` writes (version 1; read by :func:`validated_state`)."""
-    return {"version": 1, "schedule": schedule, "failures": failures,
-            "failed_layers": sorted(failed_layers), "samples": samples, "skipped_samples": skipped_samples}
+    return {
+        "version": 1,
+        "schedule": schedule,
+        "failures": failures,
+        "failed_layers": sorted(failed_layers),
+        "samples": samples,
+        "skipped_samples": skipped_samples,
+    }

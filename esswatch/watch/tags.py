@@ -25,6 +25,7 @@ integrations turn ``ess/...`` into ``train/ess/...``); everything that reads tag
 (:func:`parse_tag`, ``esswatch report``, the custom-scalars layout) accepts
 ``<prefix>ess/...`` for any such prefix.
 """
+
 from __future__ import annotations
 
 import re
@@ -32,10 +33,24 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 from .measure import STATS
 
-__all__ = ["MODEL", "layer_tag_name", "scalar_tags", "histogram_tag", "profile_tag", "CONFIG_TAG",
-           "FAILURES_TAG", "SECONDS_TAG", "PENALTY_PREFIX", "PENALTY_TAG", "penalty_tag", "STATS",
-           "ParsedTag", "parse_tag",
-           "SKIPPED_TAG", "custom_scalars_layout"]
+__all__ = [
+    "MODEL",
+    "layer_tag_name",
+    "scalar_tags",
+    "histogram_tag",
+    "profile_tag",
+    "CONFIG_TAG",
+    "FAILURES_TAG",
+    "SECONDS_TAG",
+    "PENALTY_PREFIX",
+    "PENALTY_TAG",
+    "penalty_tag",
+    "STATS",
+    "ParsedTag",
+    "parse_tag",
+    "SKIPPED_TAG",
+    "custom_scalars_layout",
+]
 
 MODEL = "model"
 CONFIG_TAG = "esswatch/config"
@@ -49,9 +64,11 @@ PENALTY_TAG = PENALTY_PREFIX + "total"
 #: a logger's namespace in front of a tag: zero or more ``component/`` (regular expression)
 _PREFIX = r"(?:[^/]+/)*"
 _STAT_RE = "|".join(STATS)
-_PARSE = re.compile(rf"^(?P<prefix>{_PREFIX}?)ess/(?:(?P<metric>[^/]+)/(?P<stat>{_STAT_RE})/(?P<layer>.+)"
-                    rf"|(?P<failures>failures)|(?P<skipped>skipped)|(?P<seconds>measure_seconds)"
-                    rf"|penalty/(?P<penalty>[^/]+))$")
+_PARSE = re.compile(
+    rf"^(?P<prefix>{_PREFIX}?)ess/(?:(?P<metric>[^/]+)/(?P<stat>{_STAT_RE})/(?P<layer>.+)"
+    rf"|(?P<failures>failures)|(?P<skipped>skipped)|(?P<seconds>measure_seconds)"
+    rf"|penalty/(?P<penalty>[^/]+))$"
+)
 
 
 def layer_tag_name(name: str) -> str:
@@ -96,11 +113,11 @@ def penalty_tag(name: str) -> str:
 class ParsedTag(NamedTuple):
     """A scalar tag of ESSWatch, taken apart (see :func:`parse_tag`)."""
 
-    prefix: str                   # the logger's namespace ("" or e.g. "train/")
-    kind: str                     # "stat", "failures", "skipped", "seconds" or "penalty"
+    prefix: str  # the logger's namespace ("" or e.g. "train/")
+    kind: str  # "stat", "failures", "skipped", "seconds" or "penalty"
     metric: Optional[str] = None  # kind "stat": "entropy", "tolerance"
-    stat: Optional[str] = None    # kind "stat": one of STATS
-    layer: Optional[str] = None   # kind "stat": the layer component ("model" = whole model); "penalty": "total" or it
+    stat: Optional[str] = None  # kind "stat": one of STATS
+    layer: Optional[str] = None  # kind "stat": the layer component ("model" = whole model); "penalty": "total" or it
 
 
 def parse_tag(tag: str) -> Optional[ParsedTag]:

@@ -4,6 +4,7 @@
 (initialized) CUDA RNG states, and every buffer (BatchNorm running statistics,
 counters) by value, also when a module replaced a buffer object.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,7 @@ def preserved(model: torch.nn.Module) -> Iterator[None]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         cuda_rng = torch.cuda.get_rng_state_all()
     with torch.no_grad():
-        buffers = [(m, name, b, b.clone()) for m in model.modules()
-                   for name, b in m._buffers.items() if b is not None]
+        buffers = [(m, name, b, b.clone()) for m in model.modules() for name, b in m._buffers.items() if b is not None]
     try:
         yield
     finally:

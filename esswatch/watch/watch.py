@@ -22,6 +22,7 @@ recording (e.g. during validation); :meth:`measure` measures what was captured a
 The watch is a facade over one module per job: gate (arming), penalty, failures, finish and
 result (assembly), emit (sinks), state (checkpoints), lifetime (hooks), offload (background).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -99,15 +100,32 @@ class ESSWatch:
             samples take about this long (:mod:`esswatch.watch.budget`; ``latest()["budget"]``).
     """
 
-    def __init__(self, model: torch.nn.Module, logdir: Optional[str] = None, *, writer: Any = None,
-                 every_n_steps: int = 100, probe_batch: Any = None, batch_rows: Optional[int] = 2,
-                 heads: Optional[int] = None, indices: Union[int, str, Sequence[int]] = 8,
-                 estimator: str = "auto", metrics: Union[str, Sequence[str]] = ("entropy",),
-                 tol: float = DEFAULT_TOL, relative: bool = DEFAULT_RELATIVE, layers=None,
-                 sinks: Iterable[Union[Sink, Callable[[Dict[str, Any]], Any]]] = (), strict: bool = False,
-                 reduce: bool = False, train_forwards_only: bool = True, histograms: bool = True,
-                 images: Union[bool, int] = 10, regularizer: Union[None, float, Regularizer] = None,
-                 background: Optional[bool] = None, budget_seconds: Optional[float] = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        logdir: Optional[str] = None,
+        *,
+        writer: Any = None,
+        every_n_steps: int = 100,
+        probe_batch: Any = None,
+        batch_rows: Optional[int] = 2,
+        heads: Optional[int] = None,
+        indices: Union[int, str, Sequence[int]] = 8,
+        estimator: str = "auto",
+        metrics: Union[str, Sequence[str]] = ("entropy",),
+        tol: float = DEFAULT_TOL,
+        relative: bool = DEFAULT_RELATIVE,
+        layers=None,
+        sinks: Iterable[Union[Sink, Callable[[Dict[str, Any]], Any]]] = (),
+        strict: bool = False,
+        reduce: bool = False,
+        train_forwards_only: bool = True,
+        histograms: bool = True,
+        images: Union[bool, int] = 10,
+        regularizer: Union[None, float, Regularizer] = None,
+        background: Optional[bool] = None,
+        budget_seconds: Optional[float] = None,
+    ) -> None:
         check_model_args(model, logdir=logdir, writer=writer, background=background)
         check_watch_args(logdir=logdir, images=images, histograms=histograms)
         self._budget = budget_mod.Budget.of(budget_seconds)
@@ -117,8 +135,9 @@ class ESSWatch:
         self.regularizer: Optional[Regularizer] = reg if reg is not None and reg.enabled else None
         self._penalties = PenaltyBook(self.regularizer)
         self.schedule = Schedule(every_n_steps)
-        self.measure_config = MeasureConfig(indices=indices, estimator=estimator, metrics=metrics, tol=tol,
-                                            relative=relative)
+        self.measure_config = MeasureConfig(
+            indices=indices, estimator=estimator, metrics=metrics, tol=tol, relative=relative
+        )
         self.strict = strict
         self.reduce = reduce
         self.probe_batch = probe_batch
@@ -148,9 +167,16 @@ class ESSWatch:
 
     def config(self) -> Dict[str, Any]:
         """The configuration as plain data (what the TensorBoard text shows)."""
-        return watch_config(self.capture, every_n_steps=self.schedule.every_n_steps, probe_batch=self.probe_batch,
-                            measure=self.measure_config, strict=self.strict, reduce=self.reduce,
-                            background=self.background, budget=self._budget)
+        return watch_config(
+            self.capture,
+            every_n_steps=self.schedule.every_n_steps,
+            probe_batch=self.probe_batch,
+            measure=self.measure_config,
+            strict=self.strict,
+            reduce=self.reduce,
+            background=self.background,
+            budget=self._budget,
+        )
 
     # -- the schedule ----------------------------------------------------------------
     @property
@@ -222,14 +248,17 @@ class ESSWatch:
         step = self.schedule.step
         if self.regularizer is None or not self._penalties.due(step):
             return 0.0
-        return self._penalties.penalty(self.capture, lambda n, e: self._policy.fail(n, step, e),
-                                       stash=self.probe_batch is None and self.schedule.due_now)
+        return self._penalties.penalty(
+            self.capture,
+            lambda n, e: self._policy.fail(n, step, e),
+            stash=self.probe_batch is None and self.schedule.due_now,
+        )
 
     # -- measuring -------------------------------------------------------------------
     def _run_probe(self, step: int) -> bool:
         """Run the model on the probe batch; False (warned once, counted) when its forward raised."""
         gate, want = self._gate, self._gate.want
-        gate.want = False               # the train-forwards gate would disarm this eval-mode forward
+        gate.want = False  # the train-forwards gate would disarm this eval-mode forward
         try:
             record_probe_batch(self._module, self.capture, self.probe_batch)
         except Exception as e:  # noqa: BLE001 - the monitor never stops training
@@ -265,15 +294,19 @@ class ESSWatch:
 
     def state_dict(self) -> Dict[str, Any]:
         """Plain data to checkpoint: the step counter, failure counts, samples taken."""
-        return state_of(schedule=self.schedule.state_dict(), failures=self._policy.count,
-                        failed_layers=self._policy.names, samples=self._samples,
-                        skipped_samples=self._skipped_samples)
+        return state_of(
+            schedule=self.schedule.state_dict(),
+            failures=self._policy.count,
+            failed_layers=self._policy.names,
+            samples=self._samples,
+            skipped_samples=self._skipped_samples,
+        )
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Resume: the step counter continues where ``state`` left it (the period is this
         watch's own ``every_n_steps``). Every field is validated first (``ValueError`` naming
         it); nothing is applied unless all are valid."""
-        st = validated_state(state)          # everything is checked before anything is applied
+        st = validated_state(state)  # everything is checked before anything is applied
         self.schedule.step = st["step"]
         self._policy.count, self._policy.names = st["failures"], st["failed_layers"]
         self._samples, self._skipped_samples = st["samples"], st["skipped_samples"]
@@ -300,5 +333,7 @@ class ESSWatch:
         self.close()
 
     def __repr__(self) -> str:  # pragma: no cover - cosmetic
-        return (f"ESSWatch(layers={self.layer_names}, every_n_steps={self.schedule.every_n_steps}, "
-                f"step={self.schedule.step})")
+        return (
+            f"ESSWatch(layers={self.layer_names}, every_n_steps={self.schedule.every_n_steps}, "
+            f"step={self.schedule.step})"
+        )

@@ -16,6 +16,7 @@ Part 1, the targets of the engine issue (L = 2048):
       ``torch.linalg.svdvals`` of each full block ``T[i:, :i]``, 8 interior indices.
 Part 2, a table of every estimator on every operator type (nothing regressed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,7 @@ def make_ops(L, device):
     kw = {"device": device, "dtype": torch.float32}
     rn = lambda *s: torch.randn(*s, generator=g).to(**kw)
     H, N, d = 4, 16, 32
-    decay = torch.nn.functional.logsigmoid(rn(H, L, N) + 4.0)          # GLA-like gates near 1
+    decay = torch.nn.functional.logsigmoid(rn(H, L, N) + 4.0)  # GLA-like gates near 1
     kernel = rn(H, L) * torch.exp(-torch.arange(L, device=device) / (L / 8))
     return {
         "gated_recurrence(GLA,N=16)": GatedRecurrence(rn(H, L, N), rn(H, L, N), decay),
@@ -93,7 +94,10 @@ def interior(L, n):
 
 def targets(device, repeats, cases="abc"):
     L = 2048
-    print(f"\n## targets (L = {L}); time in s: median [min-max] of {repeats}; ratio: median [min-max] of per-repeat ratios")
+    print(
+        f"\n## targets (L = {L}); time in s: median [min-max] of {repeats}; "
+        "ratio: median [min-max] of per-repeat ratios"
+    )
     print("| case | contender | time s | baseline | time s | ratio | target | accuracy |")
     print("|---|---|---|---|---|---|---|---|")
     # (a) gram over all indices vs exact over 8
@@ -108,30 +112,47 @@ def targets(device, repeats, cases="abc"):
 def _target_a(device, repeats, L):
     gr = make_ops(L, device)["gated_recurrence(GLA,N=16)"]
     idx8 = torch.linspace(1, L - 1, 8).round().long().tolist()
-    ts, out = race({"gram": lambda: ew.entropy_ess(gr, estimator="gram"),
-                    "exact": lambda: ew.entropy_ess(gr, idx8, estimator="exact")}, repeats, device)
+    ts, out = race(
+        {
+            "gram": lambda: ew.entropy_ess(gr, estimator="gram"),
+            "exact": lambda: ew.entropy_ess(gr, idx8, estimator="exact"),
+        },
+        repeats,
+        device,
+    )
     sub = out["gram"][..., [i - 1 for i in idx8]]
     diff = (sub - out["exact"]).abs()
     acc = f"max abs {float(diff.max()):.1e}, max rel {float((diff / out['exact'].abs()).max()):.1e}"
     r, _ = ratio(ts["exact"], ts["gram"])
-    print(f"| (a) GLA 4 heads N=16 | gram, all {L - 1} indices | {med(ts['gram'])} | exact, 8 indices | "
-          f"{med(ts['exact'])} | {r} | >= 10x, 1e-5 | {acc} |", flush=True)
+    print(
+        f"| (a) GLA 4 heads N=16 | gram, all {L - 1} indices | {med(ts['gram'])} | exact, 8 indices | "
+        f"{med(ts['exact'])} | {r} | >= 10x, 1e-5 | {acc} |",
+        flush=True,
+    )
 
 
 def _target_b(device, repeats, L):
     att = clustered_attention(L, device=device, dtype=torch.float32)
     idx = interior(L, 8)
-    ts, out = race({"randomized": lambda: ew.entropy_ess(att, idx, estimator="randomized", rtol=0.02,
-                                                         return_bounds=True),
-                    "exact": lambda: ew.entropy_ess(att, idx, estimator="exact")}, repeats, device)
+    ts, out = race(
+        {
+            "randomized": lambda: ew.entropy_ess(att, idx, estimator="randomized", rtol=0.02, return_bounds=True),
+            "exact": lambda: ew.entropy_ess(att, idx, estimator="exact"),
+        },
+        repeats,
+        device,
+    )
     est, lo, hi = out["randomized"]
     ref = out["exact"]
     err = float(((est - ref).abs() / ref).max())
-    slq = int((hi / lo > 1.02 ** 2 + 1e-6).sum())
+    slq = int((hi / lo > 1.02**2 + 1e-6).sum())
     r, _ = ratio(ts["exact"], ts["randomized"])
-    print(f"| (b) low-ESS flat-tail attention, exact ESS {float(ref.min()):.1f}-{float(ref.max()):.1f} | "
-          f"randomized rtol=0.02, 8 indices | {med(ts['randomized'])} | exact | {med(ts['exact'])} | {r} | "
-          f">= 5x, 2% | max rel err {err:.1e} ({slq} of {est.numel()} entries by SLQ) |", flush=True)
+    print(
+        f"| (b) low-ESS flat-tail attention, exact ESS {float(ref.min()):.1f}-{float(ref.max()):.1f} | "
+        f"randomized rtol=0.02, 8 indices | {med(ts['randomized'])} | exact | {med(ts['exact'])} | {r} | "
+        f">= 5x, 2% | max rel err {err:.1e} ({slq} of {est.numel()} entries by SLQ) |",
+        flush=True,
+    )
 
 
 def _target_c(device, repeats, L):
@@ -145,22 +166,31 @@ def _target_c(device, repeats, L):
     ts, out = race({"trimmed": lambda: ew.entropy_ess(sw, idx, estimator="exact"), "plain": plain}, repeats, device)
     d = (out["trimmed"] - out["plain"]).abs()
     r, _ = ratio(ts["plain"], ts["trimmed"])
-    print(f"| (c) sliding window 128 | esswatch exact (trimmed), 8 indices | {med(ts['trimmed'])} | plain svdvals "
-          f"of T[i:, :i] | {med(ts['plain'])} | {r} | >= 5x, identical | max rel diff "
-          f"{float((d / out['plain'].abs()).max()):.1e} |", flush=True)
+    print(
+        f"| (c) sliding window 128 | esswatch exact (trimmed), 8 indices | {med(ts['trimmed'])} | plain svdvals "
+        f"of T[i:, :i] | {med(ts['plain'])} | {r} | >= 5x, identical | max rel diff "
+        f"{float((d / out['plain'].abs()).max()):.1e} |",
+        flush=True,
+    )
 
 
 def table(device, repeats, Ls, n_idx):
-    print(f"\n## every estimator; time in s: median [min-max] of {repeats}, {n_idx} interior indices; "
-          "err: max relative error vs exact on those indices; gram all: every index")
-    print("| operator | L | exact s | gram s | randomized s | auto s | gram all L-1 s | err gram | err rand | err auto |")
+    print(
+        f"\n## every estimator; time in s: median [min-max] of {repeats}, {n_idx} interior indices; "
+        "err: max relative error vs exact on those indices; gram all: every index"
+    )
+    print(
+        "| operator | L | exact s | gram s | randomized s | auto s | gram all L-1 s | err gram | err rand | err auto |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for L in Ls:
         for name, op in make_ops(L, device).items():
             idx = interior(L, n_idx)
-            fns = {"exact": lambda: ew.entropy_ess(op, idx, estimator="exact"),
-                   "randomized": lambda: ew.entropy_ess(op, idx, estimator="randomized"),
-                   "auto": lambda: ew.entropy_ess(op, idx, estimator="auto")}
+            fns = {
+                "exact": lambda: ew.entropy_ess(op, idx, estimator="exact"),
+                "randomized": lambda: ew.entropy_ess(op, idx, estimator="randomized"),
+                "auto": lambda: ew.entropy_ess(op, idx, estimator="auto"),
+            }
             if isinstance(op, GatedRecurrence):
                 fns["gram"] = lambda: ew.entropy_ess(op, idx, estimator="gram")
                 fns["gram_all"] = lambda: ew.entropy_ess(op, estimator="gram")
@@ -168,8 +198,11 @@ def table(device, repeats, Ls, n_idx):
             ref = out["exact"]
             e = lambda k: "-" if k not in out else f"{float(((out[k] - ref).abs() / ref.clamp(min=1e-12)).max()):.1e}"
             f = lambda k: "-" if k not in ts else f"{statistics.median(ts[k]):.3f}"
-            print(f"| {name} | {L} | {med(ts['exact'])} | {f('gram')} | {med(ts['randomized'])} | {f('auto')} | "
-                  f"{f('gram_all')} | {e('gram')} | {e('randomized')} | {e('auto')} |", flush=True)
+            print(
+                f"| {name} | {L} | {med(ts['exact'])} | {f('gram')} | {med(ts['randomized'])} | {f('auto')} | "
+                f"{f('gram_all')} | {e('gram')} | {e('randomized')} | {e('auto')} |",
+                flush=True,
+            )
 
 
 def main():
@@ -185,10 +218,13 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    machine = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
     print(f"# esswatch estimator benchmark on {device.type} ({machine}), torch {torch.__version__}, float32 operators")
-    for op in make_ops(128, device).values():                                  # warm-up: first calls load kernels
+    for op in make_ops(128, device).values():  # warm-up: first calls load kernels
         for est in ("exact", "randomized", "auto") + (("gram",) if isinstance(op, GatedRecurrence) else ()):
             ew.entropy_ess(op, [64], estimator=est)
     targets(device, args.repeats, args.cases)

@@ -12,7 +12,8 @@ block (the order rotates every repeat) so that machine noise hits all of them al
 
 Printed per model and configuration: the median step time, the slowdown against ``off`` (the
 median over repeats of the paired block ratios) in wall time and in process CPU time (steadier
-on a shared machine; the control row shows how much noise remains), the share of the wall time spent inside ``watch.step()`` (measurement and
+on a shared machine; the control row shows how much noise remains), the share of the wall time
+spent inside ``watch.step()`` (measurement and
 logging; the rest of the watch's cost is its hooks, a flag check on unsampled steps), and memory
 measured in a separate pass: peak of Python allocations (tracemalloc), peak growth of resident
 memory (on CUDA: ``torch.cuda.max_memory_allocated`` growth). Last, the default-settings overhead
@@ -24,6 +25,7 @@ LAPACK calls (the SVDs) by an order of magnitude and drown the measurement.
     python examples/benchmarks/overhead.py                  # CPU
     python examples/benchmarks/overhead.py --device cuda    # GPU figures
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,7 +85,7 @@ def train_steps(model, opt, data, n: int, watch, device: str):
             in_watch += time.perf_counter() - t
     if watch is not None:
         t = time.perf_counter()
-        watch.close()                      # flushes the writer
+        watch.close()  # flushes the writer
         in_watch += time.perf_counter() - t
     sync(device)
     return time.perf_counter() - t0, time.process_time() - c0, in_watch
@@ -131,7 +133,7 @@ class RSSPeak:
 
 def memory_pass(name: str, config: str, steps: int, device: str, writer):
     model, opt, data = build(name, device)
-    train_steps(model, opt, data, 3, None, device)                    # allocator warm-up
+    train_steps(model, opt, data, 3, None, device)  # allocator warm-up
     watch = make_watch(config, model, writer)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -157,19 +159,29 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = args.device
-    print(f"torch {torch.__version__}, device {dev}"
-          + (f" ({torch.cuda.get_device_name()})" if dev == "cuda" else f", {torch.get_num_threads()} threads, "
-             f"{os.cpu_count()} CPUs"))
-    head = ("| model | config | step (ms) | slowdown (wall) | slowdown (CPU time) | time in watch.step() "
-            "| peak Python alloc (MiB) | peak RSS growth (MiB) |" + (" peak CUDA alloc growth (MiB) |" if dev == "cuda" else ""))
+    print(
+        f"torch {torch.__version__}, device {dev}"
+        + (
+            f" ({torch.cuda.get_device_name()})"
+            if dev == "cuda"
+            else f", {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
+        )
+    )
+    head = (
+        "| model | config | step (ms) | slowdown (wall) | slowdown (CPU time) | time in watch.step() "
+        "| peak Python alloc (MiB) | peak RSS growth (MiB) |"
+        + (" peak CUDA alloc growth (MiB) |" if dev == "cuda" else "")
+    )
     print(head)
     print("|" + "---|" * (head.count("|") - 1), flush=True)
     fmt = lambda v, f: "" if v is None else format(v, f)
 
     def show(row):
         name, config, ms, slow, slow_cpu, sh, py, rss, cuda = row
-        line = (f"| {name} | {config} | {ms:.1f} | {slow:+.2f}% | {slow_cpu:+.2f}% | {sh:.2f}% | {fmt(py, '.2f')} "
-                f"| {fmt(rss, '.1f')} |")
+        line = (
+            f"| {name} | {config} | {ms:.1f} | {slow:+.2f}% | {slow_cpu:+.2f}% | {sh:.2f}% | {fmt(py, '.2f')} "
+            f"| {fmt(rss, '.1f')} |"
+        )
         if dev == "cuda":
             line += f" {fmt(cuda, '.1f')} |"
         print(line, flush=True)
@@ -179,13 +191,13 @@ def main() -> None:
         writer = SummaryWriter(tmp)
         for name in args.models:
             model, opt, data = build(name, dev)
-            for config in CONFIGS:                                        # warm-up (imports, writer, caches)
+            for config in CONFIGS:  # warm-up (imports, writer, caches)
                 train_steps(model, opt, data, 3, make_watch(config, model, writer), dev)
             per_step = {c: [] for c in CONFIGS}
             share = {c: [] for c in CONFIGS}
             ratios = {c: [] for c in CONFIGS}
             cpu_ratios = {c: [] for c in CONFIGS}
-            done = {c: 0 for c in CONFIGS}                                # steps so far per configuration
+            done = {c: 0 for c in CONFIGS}  # steps so far per configuration
             for rep in range(args.repeats):
                 k = rep % len(CONFIGS)
                 order = CONFIGS[k:] + CONFIGS[:k]
@@ -203,20 +215,39 @@ def main() -> None:
                     cpu_ratios[config].append(cpu[config] / cpu["off"])
             for config in CONFIGS[:3]:
                 n = args.worst_steps if config == "every step" else args.steps
-                mem = memory_pass(name, config, min(n, 20), dev, writer)   # step 0 is sampled
-                rows.append((name, config, statistics.median(per_step[config]) * 1e3,
-                             (statistics.median(ratios[config]) - 1) * 100,
-                             (statistics.median(cpu_ratios[config]) - 1) * 100,
-                             statistics.median(share[config]) * 100, *mem))
-            rows.append((name, CONFIGS[3], statistics.median(per_step[CONFIGS[3]]) * 1e3,
-                         (statistics.median(ratios[CONFIGS[3]]) - 1) * 100,
-                         (statistics.median(cpu_ratios[CONFIGS[3]]) - 1) * 100, 0.0, None, None, None))
+                mem = memory_pass(name, config, min(n, 20), dev, writer)  # step 0 is sampled
+                rows.append(
+                    (
+                        name,
+                        config,
+                        statistics.median(per_step[config]) * 1e3,
+                        (statistics.median(ratios[config]) - 1) * 100,
+                        (statistics.median(cpu_ratios[config]) - 1) * 100,
+                        statistics.median(share[config]) * 100,
+                        *mem,
+                    )
+                )
+            rows.append(
+                (
+                    name,
+                    CONFIGS[3],
+                    statistics.median(per_step[CONFIGS[3]]) * 1e3,
+                    (statistics.median(ratios[CONFIGS[3]]) - 1) * 100,
+                    (statistics.median(cpu_ratios[CONFIGS[3]]) - 1) * 100,
+                    0.0,
+                    None,
+                    None,
+                    None,
+                )
+            )
             for row in rows[-4:]:
                 show(row)
             estimates.append((name, rows[-2][3] / 100, rows[-2][4] / 100))
         writer.close()
-    print("\nDefault-settings overhead from the per-sample cost (the every-step slowdown / 100, since"
-          " unsampled steps only pay a flag check; steadier than the direct ratio when the control is noisy):")
+    print(
+        "\nDefault-settings overhead from the per-sample cost (the every-step slowdown / 100, since"
+        " unsampled steps only pay a flag check; steadier than the direct ratio when the control is noisy):"
+    )
     for name, wall, cpu in estimates:
         print(f"  {name}: {wall:+.2f}% wall, {cpu:+.2f}% CPU time")
 

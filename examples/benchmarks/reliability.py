@@ -13,6 +13,7 @@
 
     python examples/benchmarks/reliability.py --threads 1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,8 @@ def hook_overhead(steps: int, repeats: int) -> None:
     offs, ons, ratios = [], [], []
     for _ in range(repeats):
         a = block(steps)
-        watch = esswatch.ESSWatch(model, every_n_steps=10 ** 9)
-        watch.set_step(1)                              # step 1 and on: unsampled
+        watch = esswatch.ESSWatch(model, every_n_steps=10**9)
+        watch.set_step(1)  # step 1 and on: unsampled
         b = block(steps)
         watch.close()
         c = block(steps)
@@ -92,13 +93,23 @@ print(peak[0] - base)
 
 
 def conv_memory(L: int, repeats: int) -> None:
-    print(f"Convolution.dense() at L={L}: sampled peak resident growth (fresh process each, median of {repeats}); "
-          f"the result alone is {L * L * 4 / 1e6:.0f} MB")
+    print(
+        f"Convolution.dense() at L={L}: sampled peak resident growth (fresh process each, median of {repeats}); "
+        f"the result alone is {L * L * 4 / 1e6:.0f} MB"
+    )
     for mode in ("old", "new"):
-        vals = [int(subprocess.run([sys.executable, "-c", _CHILD, str(L), mode], check=True, capture_output=True,
-                                   text=True).stdout) for _ in range(repeats)]
-        print(f"  {mode}: median {statistics.median(vals) / 1e6:.0f} MB (min {min(vals) / 1e6:.0f}, "
-              f"max {max(vals) / 1e6:.0f})")
+        vals = [
+            int(
+                subprocess.run(
+                    [sys.executable, "-c", _CHILD, str(L), mode], check=True, capture_output=True, text=True
+                ).stdout
+            )
+            for _ in range(repeats)
+        ]
+        print(
+            f"  {mode}: median {statistics.median(vals) / 1e6:.0f} MB (min {min(vals) / 1e6:.0f}, "
+            f"max {max(vals) / 1e6:.0f})"
+        )
 
 
 def main() -> None:

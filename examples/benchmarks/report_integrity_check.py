@@ -9,6 +9,7 @@ run with TensorBoard's EventAccumulator alone (what the report did before), ``re
 ``check_event_file`` pass (what a damaged file costs on top). Median and spread of 3 runs
 each; one thread.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,11 +19,11 @@ import tempfile
 import time
 
 import torch
+from esswatch.demo.events import check_event_file, event_files
 
 import esswatch
-from esswatch.demo.events import check_event_file, event_files
-from esswatch.tools.report import _load, read_runs
 from esswatch.layers import SequenceModel
+from esswatch.tools.report import _load, read_runs
 
 
 def main() -> None:
@@ -41,9 +42,15 @@ def main() -> None:
         size = os.path.getsize(f)
         t_load, t_read, t_check = [], [], []
         for _ in range(3):
-            t0 = time.perf_counter(); _load(d); t_load.append(time.perf_counter() - t0)
-            t0 = time.perf_counter(); assert read_runs(d)[0]["corrupt"] == []; t_read.append(time.perf_counter() - t0)
-            t0 = time.perf_counter(); assert check_event_file(f) is None; t_check.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            _load(d)
+            t_load.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            assert read_runs(d)[0]["corrupt"] == []
+            t_read.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            assert check_event_file(f) is None
+            t_check.append(time.perf_counter() - t0)
     med = lambda xs: statistics.median(xs)  # noqa: E731
     print(f"event file: {size / 1e6:.2f} MB, {args.samples} samples (image at every one), 1 thread")
     print(f"EventAccumulator load : median {med(t_load):.3f} s  (min {min(t_load):.3f}, max {max(t_load):.3f})")

@@ -33,6 +33,7 @@ vocabulary 8000, Mamba hidden 256, one torch thread. ``--long`` adds L = 4096 (G
     python examples/benchmarks/scale.py --device cuda --layers 12 --long
     python examples/benchmarks/scale.py --device cuda --layers 12 --transfer host   # compare hand-overs
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,16 +73,30 @@ def build(name, args, device):
     elif name == "llama":
         import esswatch.integrations.transformers  # noqa: F401 - registers the HF capture
         from transformers import LlamaConfig, LlamaForCausalLM
-        cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=768, intermediate_size=2048,
-                          num_hidden_layers=args.layers, num_attention_heads=12, num_key_value_heads=12,
-                          max_position_embeddings=max(args.lengths))
+
+        cfg = LlamaConfig(
+            vocab_size=args.vocab,
+            hidden_size=768,
+            intermediate_size=2048,
+            num_hidden_layers=args.layers,
+            num_attention_heads=12,
+            num_key_value_heads=12,
+            max_position_embeddings=max(args.lengths),
+        )
         cfg._attn_implementation = "sdpa"
         model = LlamaForCausalLM(cfg)
     elif name == "mamba":
         import esswatch.integrations.transformers  # noqa: F401
         from transformers import MambaConfig, MambaForCausalLM
-        cfg = MambaConfig(vocab_size=args.vocab, hidden_size=args.mamba_hidden, state_size=16,
-                          num_hidden_layers=args.layers, expand=2, use_mambapy=False)
+
+        cfg = MambaConfig(
+            vocab_size=args.vocab,
+            hidden_size=args.mamba_hidden,
+            state_size=16,
+            num_hidden_layers=args.layers,
+            expand=2,
+            use_mambapy=False,
+        )
         model = MambaForCausalLM(cfg)
     else:
         raise ValueError(name)
@@ -103,6 +118,7 @@ def make_step(model, args, device, L):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -127,7 +143,7 @@ def bench(name, args, device, L):
     model = build(name, args, device)
     model.train()
     step = make_step(model, args, device, L)
-    step()                                      # warm-up
+    step()  # warm-up
     train = [timed(step, device)[0] for _ in range(args.repeats)]
 
     kw = dict(every_n_steps=1, histograms=False, images=False)
@@ -137,16 +153,16 @@ def bench(name, args, device, L):
             step()
             block.append(timed(w.step, device)[0])
         blocking_values = w.latest()
-    block = block[1:]                           # the first sample includes one-time warm-up
+    block = block[1:]  # the first sample includes one-time warm-up
 
     main, worker, busy = [], [], []
     with esswatch.ESSWatch(model, background=True, **kw) as w:
-        w._offload.copier.transfer = args.transfer     # CUDA: side-stream clone or pinned host copy
-        for r in range(args.repeats + 2):       # r = 0, 1: warm-up
+        w._offload.copier.transfer = args.transfer  # CUDA: side-stream clone or pinned host copy
+        for r in range(args.repeats + 2):  # r = 0, 1: warm-up
             step()
-            dt, res = timed(w.step, device)     # emits the previous sample, hands this one over
-            busy_t = timed(step, device)[0]     # a training step while the worker measures
-            w._offload.worker.wait_idle()       # the next sample must not be skipped
+            dt, res = timed(w.step, device)  # emits the previous sample, hands this one over
+            busy_t = timed(step, device)[0]  # a training step while the worker measures
+            w._offload.worker.wait_idle()  # the next sample must not be skipped
             if r >= 2:
                 main.append(dt)
                 busy.append(busy_t)
@@ -159,36 +175,51 @@ def bench(name, args, device, L):
     k = min(100.0, t_worker / t_busy)
     slow_block = t_block / (100 * t_train)
     slow_bg = (t_main + k * max(0.0, t_busy - t_train)) / (100 * t_train)
-    print(f"\n== {name}  L={L}  layers={args.layers}  batch={args.batch}  device={device}  "
-          f"threads={torch.get_num_threads()}  (median [min-max] of {args.repeats}, seconds)")
+    print(
+        f"\n== {name}  L={L}  layers={args.layers}  batch={args.batch}  device={device}  "
+        f"threads={torch.get_num_threads()}  (median [min-max] of {args.repeats}, seconds)"
+    )
     print(f"  train            {fmt(train)}")
     print(f"  measure (block)  {fmt(block)}")
     print(f"  bg main          {fmt(main)}")
     print(f"  bg worker        {fmt(worker)}")
     print(f"  train|busy       {fmt(busy)}")
-    print(f"  ratio bg main / measure = {t_main / t_block:.4f}  (per repeat: "
-          f"{', '.join(f'{a / b:.4f}' for a, b in zip(main, block))})")
+    print(
+        f"  ratio bg main / measure = {t_main / t_block:.4f}  (per repeat: "
+        f"{', '.join(f'{a / b:.4f}' for a, b in zip(main, block))})"
+    )
     print(f"  slowdown at every_n_steps=100: blocking {100 * slow_block:.1f}%  background {100 * slow_bg:.2f}%")
     del model
-    return {"model": name, "L": L, "train": t_train, "measure": t_block, "bg_main": t_main,
-            "bg_worker": t_worker, "busy": t_busy, "ratio": t_main / t_block}
+    return {
+        "model": name,
+        "L": L,
+        "train": t_train,
+        "measure": t_block,
+        "bg_main": t_main,
+        "bg_worker": t_worker,
+        "busy": t_busy,
+        "ratio": t_main / t_block,
+    }
 
 
 def bench_budget(args, device, L, b):
     model = build("gpt2", args, device)
     step = make_step(model, args, device, L)
     secs = []
-    with esswatch.ESSWatch(model, background=False, every_n_steps=1, histograms=False, images=False,
-                           budget_seconds=b) as w:
+    with esswatch.ESSWatch(
+        model, background=False, every_n_steps=1, histograms=False, images=False, budget_seconds=b
+    ) as w:
         for _ in range(args.repeats + 1):
             step()
             r = w.step()
             secs.append(r["seconds"])
         level = w.latest()["budget"]
     later = secs[1:]
-    print(f"\n== budget_seconds={b:g} on gpt2 L={L}: first sample {secs[0]:.3f} s (timed at full size), "
-          f"level {{rows {level['batch_rows']}, indices {level['indices']}, heads {level['heads']}, "
-          f"cut {level['cut']}}}, predicted {level['predicted_seconds']:.3f} s")
+    print(
+        f"\n== budget_seconds={b:g} on gpt2 L={L}: first sample {secs[0]:.3f} s (timed at full size), "
+        f"level {{rows {level['batch_rows']}, indices {level['indices']}, heads {level['heads']}, "
+        f"cut {level['cut']}}}, predicted {level['predicted_seconds']:.3f} s"
+    )
     print(f"  later samples {fmt(later)}  max/b = {max(later) / b:.2f}  (must be <= 1.5)")
 
 
@@ -203,8 +234,12 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--length", type=int, default=1024)
-    p.add_argument("--transfer", choices=("device", "host"), default="device",
-                   help="CUDA hand-over: clone on a side stream (default) or copy to pinned host memory")
+    p.add_argument(
+        "--transfer",
+        choices=("device", "host"),
+        default="device",
+        help="CUDA hand-over: clone on a side stream (default) or copy to pinned host memory",
+    )
     p.add_argument("--long", action="store_true", help="also L = 4096")
     p.add_argument("--budget", type=float, default=None, help="also run gpt2 with budget_seconds=B")
     args = p.parse_args()
@@ -218,13 +253,15 @@ def main():
         for name in filter(None, args.models.split(",")):
             try:
                 rows.append(bench(name, args, device, L))
-            except torch.cuda.OutOfMemoryError as e:   # "where it fits"
+            except torch.cuda.OutOfMemoryError as e:  # "where it fits"
                 print(f"\n== {name} L={L}: out of memory ({e})")
                 torch.cuda.empty_cache()
     print("\nmodel  L      train   measure  bg-main  bg-worker  ratio")
     for r in rows:
-        print(f"{r['model']:6s} {r['L']:5d} {r['train']:7.3f} {r['measure']:8.3f} {r['bg_main']:8.4f} "
-              f"{r['bg_worker']:9.3f}  {r['ratio']:.4f}")
+        print(
+            f"{r['model']:6s} {r['L']:5d} {r['train']:7.3f} {r['measure']:8.3f} {r['bg_main']:8.4f} "
+            f"{r['bg_worker']:9.3f}  {r['ratio']:.4f}"
+        )
     if args.budget:
         bench_budget(args, device, args.lengths[0], args.budget)
 

@@ -7,6 +7,7 @@ Each spec: mixer, d (d_model), kv, L, vocab, steps, lr, optional seed (0) and ba
 goes to the mixer (n_heads, key_dim, d_conv, d_state, expand, dt_min, dt_max). Held-out accuracy on 256
 sequences at 5 points of training. One torch thread. Results are in pilot.md.
 """
+
 import json
 import sys
 
@@ -16,12 +17,44 @@ from esswatch.demo.train import TrainConfig, build_model, train_mqar
 
 
 def run(mixer, d, kv, L, vocab, steps, lr, seed=0, batch=32, **mk):
-    cfg = TrainConfig(mixer=mixer, d_model=d, seq_len=L, num_kv=kv, vocab_size=vocab, batch_size=batch,
-                      steps=steps, lr=lr, seed=seed, mixer_kwargs=mk, eval_every=max(1, steps // 5), eval_size=256)
-    out = train_mqar(build_model(cfg), cfg,
-                     on_step=lambda s, loss, a: a is not None and print("  ", mixer, s, round(a, 3), flush=True))
-    print(json.dumps(dict(mixer=mixer, d=d, kv=kv, L=L, vocab=vocab, steps=steps, lr=lr, seed=seed, batch=batch,
-                          mk=mk, acc=round(out["accuracy"], 3), sec=round(out["seconds"], 1))), flush=True)
+    cfg = TrainConfig(
+        mixer=mixer,
+        d_model=d,
+        seq_len=L,
+        num_kv=kv,
+        vocab_size=vocab,
+        batch_size=batch,
+        steps=steps,
+        lr=lr,
+        seed=seed,
+        mixer_kwargs=mk,
+        eval_every=max(1, steps // 5),
+        eval_size=256,
+    )
+    out = train_mqar(
+        build_model(cfg),
+        cfg,
+        on_step=lambda s, loss, a: a is not None and print("  ", mixer, s, round(a, 3), flush=True),
+    )
+    print(
+        json.dumps(
+            dict(
+                mixer=mixer,
+                d=d,
+                kv=kv,
+                L=L,
+                vocab=vocab,
+                steps=steps,
+                lr=lr,
+                seed=seed,
+                batch=batch,
+                mk=mk,
+                acc=round(out["accuracy"], 3),
+                sec=round(out["seconds"], 1),
+            )
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

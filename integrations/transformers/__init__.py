@@ -15,5 +15,6 @@ __all__ = ["ESSCallback"]
 def __getattr__(name):
     if name == "ESSCallback":
         from .callback import ESSCallback
+
         return ESSCallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,6 +25,7 @@ capture) are not recorded: the capture warns once that only the prefill is measu
 module whose forward ran while armed without calling the registry gets a warning too (its
 kernel bypasses the registry: no operator).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -48,8 +49,8 @@ class HFAttentionProbe(Probe):
 
     def __init__(self, name, module, session) -> None:
         super().__init__(name, module, session)
-        self._pending = False          # armed forward running, registry not called yet
-        self._window_seen: Any = _UNSEEN    # sliding_window of the last call (the TSS)
+        self._pending = False  # armed forward running, registry not called yet
+        self._window_seen: Any = _UNSEEN  # sliding_window of the last call (the TSS)
         self._warned: set = set()
 
     # -- hooks -------------------------------------------------------------------------
@@ -67,11 +68,14 @@ class HFAttentionProbe(Probe):
     def _after(self, module, args, output) -> None:
         if self._pending:
             self._pending = False
-            self._warn("bypass", f"esswatch: {self.name} ({type(module).__name__}) ran but did not call an "
-                       "attention function of transformers' attention registry (ALL_ATTENTION_FUNCTIONS / "
-                       "AttentionInterface); no operator was captured for it. Its forward computes attention "
-                       "another way (e.g. GPT-2 with reorder_and_upcast_attn under eager, a fused or compiled "
-                       "kernel).")
+            self._warn(
+                "bypass",
+                f"esswatch: {self.name} ({type(module).__name__}) ran but did not call an "
+                "attention function of transformers' attention registry (ALL_ATTENTION_FUNCTIONS / "
+                "AttentionInterface); no operator was captured for it. Its forward computes attention "
+                "another way (e.g. GPT-2 with reorder_and_upcast_attn under eager, a fused or compiled "
+                "kernel).",
+            )
 
     def _warn(self, key: str, msg: str) -> None:
         if key not in self._warned:
@@ -86,37 +90,51 @@ class HFAttentionProbe(Probe):
     def on_attention(self, query, key, value, attention_mask, kwargs: Dict[str, Any]) -> None:
         """Called by the registry wrapper before the original kernel runs (no host syncs here)."""
         self._pending = False
-        if self.has_record:          # a later call in this armed window: a decoding step?
-            if isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and query.dim() == 4 \
-                    and key.dim() == 4 and query.shape[-2] != key.shape[-2]:
+        if self.has_record:  # a later call in this armed window: a decoding step?
+            if (
+                isinstance(query, torch.Tensor)
+                and isinstance(key, torch.Tensor)
+                and query.dim() == 4
+                and key.dim() == 4
+                and query.shape[-2] != key.shape[-2]
+            ):
                 self.session.note_cached_call(self.name)
             return
         module = self.module
         window = kwargs.get("sliding_window")
         self._window_seen = window
         if not (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor)) or query.dim() != 4:
-            self._warn("shape", f"esswatch: {self.name}: unexpected attention call (query/key are not "
-                       "(batch, heads, L, d) tensors); skipped")
+            self._warn(
+                "shape",
+                f"esswatch: {self.name}: unexpected attention call (query/key are not "
+                "(batch, heads, L, d) tensors); skipped",
+            )
             return
         Lq, Lk = query.shape[-2], key.shape[-2]
         if Lq != Lk:
-            self._warn("lengths", f"esswatch: {self.name}: query length {Lq} != key length {Lk} (KV cache or "
-                       "cross-attention); esswatch captures full-sequence self-attention without a cache. "
-                       "Call skipped.")
+            self._warn(
+                "lengths",
+                f"esswatch: {self.name}: query length {Lq} != key length {Lk} (KV cache or "
+                "cross-attention); esswatch captures full-sequence self-attention without a cache. "
+                "Call skipped.",
+            )
             return
         is_causal = kwargs.get("is_causal")
         if is_causal is None:
             is_causal = getattr(module, "is_causal", True)
         if is_causal is False:
-            self._warn("causal", f"esswatch: {self.name}: non-causal (bidirectional) attention has no causal "
-                       "operator; call skipped.")
+            self._warn(
+                "causal",
+                f"esswatch: {self.name}: non-causal (bidirectional) attention has no causal operator; call skipped.",
+            )
             return
         if kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None:
             self._warn("sinks", f"esswatch: {self.name}: attention sinks are not supported; call skipped.")
             return
         if kwargs.get("cu_seq_lens_q") is not None:
-            self._warn("packed", f"esswatch: {self.name}: packed (cu_seq_lens) batches are not supported; "
-                       "call skipped.")
+            self._warn(
+                "packed", f"esswatch: {self.name}: packed (cu_seq_lens) batches are not supported; call skipped."
+            )
             return
         hq, hk = query.shape[1], key.shape[1]
         groups = max(1, hq // hk) if hk else 1
@@ -128,8 +146,9 @@ class HFAttentionProbe(Probe):
         if isinstance(mask, torch.Tensor):
             mask = self.keep(mask, head_dim=1 if mask.dim() == 4 else None)
         elif mask is not None and not hasattr(mask, "mask_mod"):
-            self._warn("mask", f"esswatch: {self.name}: unsupported attention mask type "
-                       f"{type(mask).__name__}; call skipped.")
+            self._warn(
+                "mask", f"esswatch: {self.name}: unsupported attention mask type {type(mask).__name__}; call skipped."
+            )
             return
         bias = kwargs.get("position_bias")
         if isinstance(bias, torch.Tensor):
@@ -141,10 +160,19 @@ class HFAttentionProbe(Probe):
             position_ids = None
         scaling = kwargs.get("scaling")
         if scaling is not None and not isinstance(scaling, torch.Tensor):
-            scaling = float(scaling)                       # a tensor stays one: float() would sync
-        self.record(q=q, k=k, mask=mask, bias=bias, position_ids=position_ids, scaling=scaling,
-                    window=None if window is None else int(window), softcap=kwargs.get("softcap"),
-                    groups=groups, value_dim=int(value.shape[-1]) if isinstance(value, torch.Tensor) else 1)
+            scaling = float(scaling)  # a tensor stays one: float() would sync
+        self.record(
+            q=q,
+            k=k,
+            mask=mask,
+            bias=bias,
+            position_ids=position_ids,
+            scaling=scaling,
+            window=None if window is None else int(window),
+            softcap=kwargs.get("softcap"),
+            groups=groups,
+            value_dim=int(value.shape[-1]) if isinstance(value, torch.Tensor) else 1,
+        )
 
     # -- operator ------------------------------------------------------------------------
     def tss(self) -> Optional[int]:
@@ -162,36 +190,47 @@ class HFAttentionProbe(Probe):
         mask = _as_mask(record["mask"], q, L, self.name)
         if record["bias"] is not None:
             bias = record["bias"]
-            mask = bias if mask is None else (torch.where(mask, bias, float("-inf")) if mask.dtype == torch.bool
-                                              else mask + bias)
+            mask = (
+                bias
+                if mask is None
+                else (torch.where(mask, bias, float("-inf")) if mask.dtype == torch.bool else mask + bias)
+            )
         self._check_mask(mask, record["position_ids"])
         scale = record["scaling"]
         if record["softcap"]:
             t = _softcapped_probs(q, k, scale, float(record["softcap"]), record["window"], mask)
             return Dense(t, state_size=record["window"], value_dim=record["value_dim"])
-        return SoftmaxAttention(q, k, scale=scale, window=record["window"], mask=mask,
-                                value_dim=record["value_dim"])
+        return SoftmaxAttention(q, k, scale=scale, window=record["window"], mask=mask, value_dim=record["value_dim"])
 
     def _check_mask(self, mask: Optional[torch.Tensor], position_ids: Optional[torch.Tensor]) -> None:
         """Warnings about what the operator means (host syncs are fine here, off the hot path)."""
         if position_ids is not None and position_ids.dim() == 2 and position_ids.shape[-1] > 1:
             if bool((position_ids[:, 1:] - position_ids[:, :-1] != 1).any()):
-                self._warn("positions", f"esswatch: {self.name}: position_ids restart inside a row (packed "
-                           "sequences?) but the kernel got no mask: the operator is causal over the whole row.")
+                self._warn(
+                    "positions",
+                    f"esswatch: {self.name}: position_ids restart inside a row (packed "
+                    "sequences?) but the kernel got no mask: the operator is causal over the whole row.",
+                )
         if mask is None:
             return
         L = mask.shape[-1]
         ok = mask if mask.dtype == torch.bool else torch.isfinite(mask)
         r = torch.arange(L, device=mask.device)
         if bool((ok & (r[None, :] > r[:, None])).any()):
-            self._warn("future", f"esswatch: {self.name}: the attention mask lets positions attend to later "
-                       "positions (bidirectional or prefix attention); the operator keeps only the causal part "
-                       "T[r, c], c <= r.")
+            self._warn(
+                "future",
+                f"esswatch: {self.name}: the attention mask lets positions attend to later "
+                "positions (bidirectional or prefix attention); the operator keeps only the causal part "
+                "T[r, c], c <= r.",
+            )
         causal_ok = ok & (r[None, :] <= r[:, None])
         if not bool(causal_ok.any(dim=-2).all()):
-            self._warn("padding", f"esswatch: {self.name}: padded batch: padded positions are zero rows and "
-                       "columns of the operator, so ESS at index i mixes different token positions across "
-                       "differently padded rows (and the geometric bound min(i, L-i) is that of the full length).")
+            self._warn(
+                "padding",
+                f"esswatch: {self.name}: padded batch: padded positions are zero rows and "
+                "columns of the operator, so ESS at index i mixes different token positions across "
+                "differently padded rows (and the geometric bound min(i, L-i) is that of the full length).",
+            )
 
 
 class BypassingAttentionProbe(UnsupportedProbe):
@@ -204,38 +243,45 @@ class BypassingAttentionProbe(UnsupportedProbe):
     """
 
     layer_type = "Hugging Face attention that bypasses the attention-function registry (not capturable)"
-    reason = ("its forward computes attention without transformers' attention-function registry "
-              "(ALL_ATTENTION_FUNCTIONS / AttentionInterface), so esswatch never sees its query and key")
+    reason = (
+        "its forward computes attention without transformers' attention-function registry "
+        "(ALL_ATTENTION_FUNCTIONS / AttentionInterface), so esswatch never sees its query and key"
+    )
 
 
 class BidirectionalAttentionProbe(UnsupportedProbe):
     """Stands for a statically bidirectional attention module (``is_causal = False``: BERT, ViT, encoders)."""
 
     layer_type = "bidirectional Hugging Face attention (not capturable)"
-    reason = ("bidirectional attention (is_causal = False): every position attends to later ones, so it is not a "
-              "causal operator and has no effective state size")
+    reason = (
+        "bidirectional attention (is_causal = False): every position attends to later ones, so it is not a "
+        "causal operator and has no effective state size"
+    )
 
 
 class CrossAttentionProbe(UnsupportedProbe):
     """Stands for a cross-attention module (``is_cross_attention = True``)."""
 
     layer_type = "Hugging Face cross-attention (not capturable)"
-    reason = ("cross-attention (is_cross_attention = True): its keys come from another sequence, so it has no "
-              "causal sequence operator")
+    reason = (
+        "cross-attention (is_cross_attention = True): its keys come from another sequence, so it has no "
+        "causal sequence operator"
+    )
 
 
 def _as_mask(mask, q: torch.Tensor, L: int, name: str) -> Optional[torch.Tensor]:
     """The recorded mask as a ``(..., L, L)`` boolean or additive float mask with ``-inf`` where masked."""
     if mask is None:
         return None
-    if hasattr(mask, "mask_mod"):          # flex attention BlockMask
+    if hasattr(mask, "mask_mod"):  # flex attention BlockMask
         try:
             from torch.nn.attention.flex_attention import create_mask
+
             B, H = q.shape[0], q.shape[1]
             return create_mask(mask.mask_mod, B, H, L, L, device=q.device)
         except Exception as e:  # pragma: no cover - depends on the torch build
             raise CaptureError(f"{name}: could not evaluate the flex-attention BlockMask ({e})") from e
-    if mask.dim() == 2:                    # flash: (batch, keys) padding mask, 1 = token
+    if mask.dim() == 2:  # flash: (batch, keys) padding mask, 1 = token
         valid = mask[:, -L:].bool()
         return valid[:, None, :, None] & valid[:, None, None, :]
     if mask.dim() != 4:

@@ -17,6 +17,7 @@ attributes are restored exactly (deleted again where they were inherited).
 
 Nothing is set on modules or configs; listeners are held in a weak-keyed table.
 """
+
 from __future__ import annotations
 
 import functools
@@ -41,6 +42,7 @@ _installed: Dict[str, Callable] = {}
 
 def _attention_interface_class():
     from transformers.modeling_utils import AttentionInterface
+
     return AttentionInterface
 
 
@@ -52,7 +54,7 @@ def original_function(fn: Callable) -> Callable:
 def _split_args(args, kwargs):
     """``(query, key, value, attention_mask)`` from an attention-function call (after ``module``)."""
     names = ("query", "key", "value", "attention_mask")
-    vals = list(args[:4]) + [kwargs.get(n) for n in names[len(args[:4]):]]
+    vals = list(args[:4]) + [kwargs.get(n) for n in names[len(args[:4]) :]]
     return vals
 
 
@@ -102,8 +104,12 @@ def _uninstall() -> None:
     for name in _PATCHED:
         current = cls.__dict__.get(name, _MISSING)
         if current is not _installed.get(name):
-            warnings.warn(f"esswatch: transformers.AttentionInterface.{name} was replaced by someone else while "
-                          "esswatch was capturing; leaving the new one in place", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"esswatch: transformers.AttentionInterface.{name} was replaced by someone else while "
+                "esswatch was capturing; leaving the new one in place",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             continue
         saved = _saved.get(name, _MISSING)
         if saved is _MISSING:
@@ -159,7 +165,7 @@ def listen(module, listener) -> _Handle:
         _count += 1
         key = id(module)
         entry = _listeners.get(key)
-        if entry is None or entry[0]() is not module:     # new, or a dead module's id reused
+        if entry is None or entry[0]() is not module:  # new, or a dead module's id reused
             entry = (weakref.ref(module), [])
             _listeners[key] = entry
         entry[1].append(listener)

@@ -44,6 +44,7 @@ Trainer, so on ``on_train_begin`` the callback looks up the calling ``Trainer`` 
 callback list holds it (by identity). Call :meth:`ESSCallback.bind` to give it the
 Trainer explicitly instead.
 """
+
 from __future__ import annotations
 
 import sys
@@ -71,7 +72,8 @@ from .logstream import log_quietly, trainer_tensorboard_writer  # noqa: E402
 
 _NO_LOSS_HOOK = (
     "ESSCallback(regularizer=...): a TrainerCallback cannot change the loss, so the penalty enters through the "
-    "Trainer's loss hook. Pass it: Trainer(..., callbacks=[ess], compute_loss_func=ess.compute_loss_func()).")
+    "Trainer's loss hook. Pass it: Trainer(..., callbacks=[ess], compute_loss_func=ess.compute_loss_func())."
+)
 
 
 def _check_alignment(every_n_steps: int, args: Any) -> None:
@@ -89,7 +91,8 @@ def _calling_trainer(callback: "ESSCallback") -> Optional["transformers.Trainer"
             return None
         obj = frame.f_locals.get("self")
         if isinstance(obj, transformers.Trainer) and any(
-                cb is callback for cb in getattr(getattr(obj, "callback_handler", None), "callbacks", ())):
+            cb is callback for cb in getattr(getattr(obj, "callback_handler", None), "callbacks", ())
+        ):
             return obj
         frame = frame.f_back
     return None
@@ -120,12 +123,27 @@ class ESSCallback(TrainerCallback):
         watch: the :class:`~esswatch.ESSWatch` of the running ``train()`` (``None`` outside it).
     """
 
-    def __init__(self, every_n_steps: int = 100, *, writer: Any = None, logdir: Optional[str] = None,
-                 log_to_trainer: bool = True, console: bool = False, regularizer: Any = None,
-                 sinks: Iterable[Union[Sink, Callable[[Dict[str, Any]], Any]]] = (), **watch_kwargs: Any) -> None:
-        self.sinks = check_callback_options(every_n_steps, logdir=logdir, regularizer=regularizer, sinks=sinks,
-                                            watch_kwargs=watch_kwargs, not_here=("model",),
-                                            why="the callback watches the Trainer's model")
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        *,
+        writer: Any = None,
+        logdir: Optional[str] = None,
+        log_to_trainer: bool = True,
+        console: bool = False,
+        regularizer: Any = None,
+        sinks: Iterable[Union[Sink, Callable[[Dict[str, Any]], Any]]] = (),
+        **watch_kwargs: Any,
+    ) -> None:
+        self.sinks = check_callback_options(
+            every_n_steps,
+            logdir=logdir,
+            regularizer=regularizer,
+            sinks=sinks,
+            watch_kwargs=watch_kwargs,
+            not_here=("model",),
+            why="the callback watches the Trainer's model",
+        )
         if writer is not None and logdir is not None:
             raise ValueError("ESSCallback: pass writer= or logdir=, not both")
         for nm, v in (("log_to_trainer", log_to_trainer), ("console", console)):
@@ -165,7 +183,8 @@ class ESSCallback(TrainerCallback):
             raise RuntimeError(
                 "ESSCallback could not find the Trainer running it, so it cannot use the Trainer's TensorBoard writer "
                 "or log stream. Call `callback.bind(trainer)` before `trainer.train()`, or give the callback its "
-                "own TensorBoard writer: ESSCallback(writer=...) or ESSCallback(logdir=...).")
+                "own TensorBoard writer: ESSCallback(writer=...) or ESSCallback(logdir=...)."
+            )
         self._close_watch()
         self._args = args
         self._watched = model
@@ -173,14 +192,14 @@ class ESSCallback(TrainerCallback):
         wk = watch_options(self.watch_kwargs, self.regularizer)
         writer = self.writer if own_writer else trainer_tensorboard_writer(self._trainer)
         to_trainer = self.log_to_trainer and self._trainer is not None
-        if state.is_world_process_zero and writer is None and self.logdir is None and not to_trainer \
-                and not self.sinks:
-            raise ValueError("ESSCallback: the measurements would go nowhere: report_to has no \"tensorboard\", "
-                             "no writer=/logdir= was given, log_to_trainer=False and no sinks=.")
+        if state.is_world_process_zero and writer is None and self.logdir is None and not to_trainer and not self.sinks:
+            raise ValueError(
+                'ESSCallback: the measurements would go nowhere: report_to has no "tensorboard", '
+                "no writer=/logdir= was given, log_to_trainer=False and no sinks=."
+            )
         sinks = ([self._pending] if to_trainer else []) + self.sinks
         _check_alignment(self.every_n_steps, args)
-        self.watch = ESSWatch(model, self.logdir, writer=writer, every_n_steps=self.every_n_steps, sinks=sinks,
-                              **wk)
+        self.watch = ESSWatch(model, self.logdir, writer=writer, every_n_steps=self.every_n_steps, sinks=sinks, **wk)
         hooked = getattr(getattr(self._trainer, "compute_loss_func", None), "_esswatch_callback", None) is self
         if self.watch.regularizer is not None and self._trainer is not None and not hooked:
             self._close_watch()
@@ -188,13 +207,13 @@ class ESSCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         background = self.watch is not None and self.watch.background
-        self._close_watch()           # waits for a background sample and emits it
+        self._close_watch()  # waits for a background sample and emits it
         if background:
             self._log_pending(state, control)
 
     def _close_watch(self) -> None:
         if self.watch is not None:
-            self.watch.close()    # flushes a given writer, closes the one it opened in logdir
+            self.watch.close()  # flushes a given writer, closes the one it opened in logdir
             self.watch = None
 
     # -- the schedule ----------------------------------------------------------------
@@ -222,8 +241,7 @@ class ESSCallback(TrainerCallback):
             current = state.global_step
             state.global_step = current if step is None else step
             try:
-                log_quietly(self._trainer, self._args, state, control, logs, console=self.console,
-                            exclude=(self,))
+                log_quietly(self._trainer, self._args, state, control, logs, console=self.console, exclude=(self,))
             finally:
                 state.global_step = current
 
@@ -256,8 +274,9 @@ class ESSCallback(TrainerCallback):
             else:
                 model = callback._model()
                 kw = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
-                loss = model.loss_function(logits=outputs["logits"], labels=labels,
-                                           vocab_size=model.config.vocab_size, **kw)
+                loss = model.loss_function(
+                    logits=outputs["logits"], labels=labels, vocab_size=model.config.vocab_size, **kw
+                )
             if callback.watch is None or not torch.is_grad_enabled() or not callback._watched.training:
                 return loss
             p = callback.watch.penalty()
@@ -278,8 +297,11 @@ class ESSCallback(TrainerCallback):
     def _penalty_divisor(self, num_items_in_batch) -> float:
         args, trainer = self._args, self._trainer
         ga = getattr(trainer, "current_gradient_accumulation_steps", None) or args.gradient_accumulation_steps
-        world = args.world_size if (getattr(args, "average_tokens_across_devices", False)
-                                    and num_items_in_batch is not None) else 1
+        world = (
+            args.world_size
+            if (getattr(args, "average_tokens_across_devices", False) and num_items_in_batch is not None)
+            else 1
+        )
         return float(ga * world)
 
     def __repr__(self) -> str:  # pragma: no cover - cosmetic

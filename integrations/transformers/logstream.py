@@ -19,6 +19,7 @@ other callbacks (W&B, MLflow, Comet, ..., and the user's), leaving out the print
 every value from the writer above; through the stream it would get a second copy under
 ``train/ess/...``).
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple
@@ -43,6 +44,7 @@ def excluded_callbacks(console: bool) -> Tuple[type, ...]:
         types += [PrinterCallback, ProgressCallback]
         try:
             from transformers.utils.notebook import NotebookProgressCallback
+
             types.append(NotebookProgressCallback)
         except Exception:  # noqa: BLE001 - no notebook support installed
             pass
@@ -61,8 +63,16 @@ def trainer_tensorboard_writer(trainer: Any) -> Any:
     return None
 
 
-def log_quietly(trainer: Any, args: Any, state: Any, control: Any, logs: Dict[str, float], *,
-                console: bool = False, exclude: Tuple[Any, ...] = ()) -> None:
+def log_quietly(
+    trainer: Any,
+    args: Any,
+    state: Any,
+    control: Any,
+    logs: Dict[str, float],
+    *,
+    console: bool = False,
+    exclude: Tuple[Any, ...] = (),
+) -> None:
     """``Trainer.log(logs)`` without the console printers (unless ``console``) and without
     ``TensorBoardCallback``: appends ``{**logs, "epoch", "step"}`` to ``state.log_history``
     and calls ``on_log`` of every other callback (except the objects in ``exclude``).

@@ -26,6 +26,7 @@ a warning: their convolution reads tokens of earlier calls. After a recorded pre
 (``generate()`` under an armed capture) the capture warns once that only the prefill is
 measured.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,7 +51,7 @@ def _mask_padding(x: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> to
 
 def _causal_conv(mixer, x: torch.Tensor) -> torch.Tensor:
     """Depthwise causal conv + activation of ``x`` ``(batch, channels, L)``, as ``causal_conv1d_fn``."""
-    w = mixer.conv1d.weight                     # (channels, 1, K)
+    w = mixer.conv1d.weight  # (channels, 1, K)
     L = x.shape[-1]
     out = F.conv1d(x.to(w.dtype), w, mixer.conv1d.bias, padding=w.shape[-1] - 1, groups=x.shape[1])[..., :L]
     return mixer.act(out).to(x.dtype)
@@ -66,10 +67,9 @@ def mamba_scan_inputs(mixer, hidden_states: torch.Tensor, attention_mask: Option
     projected = mixer.in_proj(hs).transpose(1, 2)
     x, _gate = projected.chunk(2, dim=1)
     x = _causal_conv(mixer, x)
-    u = _mask_padding(x.transpose(1, 2), attention_mask)          # (batch, L, channels)
-    ts, B, C = torch.split(mixer.x_proj(u), [mixer.time_step_rank, mixer.ssm_state_size, mixer.ssm_state_size],
-                           dim=-1)
-    if hasattr(mixer, "b_layernorm"):                              # FalconMamba: weightless RMS norms
+    u = _mask_padding(x.transpose(1, 2), attention_mask)  # (batch, L, channels)
+    ts, B, C = torch.split(mixer.x_proj(u), [mixer.time_step_rank, mixer.ssm_state_size, mixer.ssm_state_size], dim=-1)
+    if hasattr(mixer, "b_layernorm"):  # FalconMamba: weightless RMS norms
         ts, B, C = mixer.dt_layernorm(ts), mixer.b_layernorm(B), mixer.c_layernorm(C)
     dt = mixer.dt_proj.weight @ ts.transpose(1, 2)
     if mixer.dt_proj.bias is not None:
@@ -95,8 +95,7 @@ def mamba2_scan_inputs(mixer, hidden_states: torch.Tensor, attention_mask: Optio
     dt = F.softplus(dt + mixer.dt_bias.to(dt.dtype))
     lo, hi = mixer.time_step_limit
     dt = torch.clamp(dt, min=lo, max=hi)
-    return (x.reshape(b, L, mixer.num_heads, mixer.head_dim), dt,
-            B.reshape(b, L, G, N), C.reshape(b, L, G, N))
+    return (x.reshape(b, L, mixer.num_heads, mixer.head_dim), dt, B.reshape(b, L, G, N), C.reshape(b, L, G, N))
 
 
 def _continues_state(cache, mixer, hidden: torch.Tensor) -> bool:
@@ -105,7 +104,7 @@ def _continues_state(cache, mixer, hidden: torch.Tensor) -> bool:
     if callable(has):
         try:
             return bool(has(mixer.layer_idx))
-        except Exception:      # pragma: no cover - another cache API
+        except Exception:  # pragma: no cover - another cache API
             pass
     return hidden.shape[1] == 1
 
@@ -126,17 +125,20 @@ class _MixerProbe(Probe):
             return
         hidden = args[0] if args else kwargs.get("hidden_states")
         cache = args[1] if len(args) > 1 else kwargs.get("cache_params")
-        if self.has_record:         # a later call in this armed window: a decoding step (warned once)?
+        if self.has_record:  # a later call in this armed window: a decoding step (warned once)?
             if cache is not None and _continues_state(cache, module, hidden):
                 self.session.note_cached_call(self.name)
             return
         mask = args[2] if len(args) > 2 else kwargs.get("attention_mask")
         if cache is not None and _continues_state(cache, module, hidden):
-            warnings.warn(f"esswatch: {self.name}: this call continues a cached state (decoding step or chunked "
-                          "prefill): its convolution reads tokens of earlier calls; call skipped.",
-                          CaptureWarning, stacklevel=2)
+            warnings.warn(
+                f"esswatch: {self.name}: this call continues a cached state (decoding step or chunked "
+                "prefill): its convolution reads tokens of earlier calls; call skipped.",
+                CaptureWarning,
+                stacklevel=2,
+            )
             return
-        rows = self.session.batch_rows           # recompute only the rows that are kept
+        rows = self.session.batch_rows  # recompute only the rows that are kept
         if rows is not None:
             hidden = hidden[:rows]
             mask = None if mask is None else mask[:rows]
@@ -150,9 +152,13 @@ class _MixerProbe(Probe):
     def _warn_padding(self, mask: Optional[torch.Tensor]) -> None:
         if mask is not None and not self._warned_pad and not bool((mask != 0).all()):
             self._warned_pad = True
-            warnings.warn(f"esswatch: {self.name}: padded batch: padded positions have zero input (B = C = 0), "
-                          "so they are zero rows and columns of the operator and ESS at index i mixes different "
-                          "token positions across differently padded rows.", CaptureWarning, stacklevel=3)
+            warnings.warn(
+                f"esswatch: {self.name}: padded batch: padded positions have zero input (B = C = 0), "
+                "so they are zero rows and columns of the operator and ESS at index i mixes different "
+                "token positions across differently padded rows.",
+                CaptureWarning,
+                stacklevel=3,
+            )
 
 
 class MambaProbe(_MixerProbe):
@@ -163,7 +169,7 @@ class MambaProbe(_MixerProbe):
 
     def _record_from(self, mixer, hidden, mask) -> None:
         _u, dt, B, C = mamba_scan_inputs(mixer, hidden, mask)
-        A = -torch.exp(mixer.A_log.float())                                    # (channels, N)
+        A = -torch.exp(mixer.A_log.float())  # (channels, N)
         dt = self.keep(dt, head_dim=1)
         if self.session.heads is not None:
             A = A[: dt.shape[1]]
@@ -173,11 +179,11 @@ class MambaProbe(_MixerProbe):
 
     def build(self, record: Dict[str, Any]) -> Operator:
         self._warn_padding(record["mask"])
-        dt = record["dt"].float()                                               # (b, d, L)
+        dt = record["dt"].float()  # (b, d, L)
         B, C, A = record["B"].float(), record["C"].float(), record["A"]
-        q = C[:, None]                                                          # (b, 1, L, N)
-        k = dt[..., None] * B[:, None]                                          # (b, d, L, N)
-        log_decay = dt[..., None] * A[None, :, None, :]                         # (b, d, L, N)
+        q = C[:, None]  # (b, 1, L, N)
+        k = dt[..., None] * B[:, None]  # (b, d, L, N)
+        log_decay = dt[..., None] * A[None, :, None, :]  # (b, d, L, N)
         return GatedRecurrence(q, k, log_decay, value_dim=1)
 
 
@@ -189,27 +195,26 @@ class Mamba2Probe(_MixerProbe):
     def _record_from(self, mixer, hidden, mask) -> None:
         _x, dt, B, C = mamba2_scan_inputs(mixer, hidden, mask)
         H, G = mixer.num_heads, mixer.n_groups
-        A = -torch.exp(mixer.A_log.float())                                    # (heads,)
-        dt = self.keep(dt.transpose(1, 2), head_dim=1)                          # (b, h, L)
+        A = -torch.exp(mixer.A_log.float())  # (heads,)
+        dt = self.keep(dt.transpose(1, 2), head_dim=1)  # (b, h, L)
         h = dt.shape[1]
         per_group = H // G
-        g = -(-h // per_group)                                                  # groups the kept heads use
+        g = -(-h // per_group)  # groups the kept heads use
         B, C = self.keep(B)[:, :, :g], self.keep(C)[:, :, :g]
         A = A[:h]
         if not self.session.keep_graph:
             A = A.detach()
-        self.record(dt=dt, B=B, C=C, A=A, per_group=per_group, value_dim=int(mixer.head_dim),
-                    mask=self.keep(mask))
+        self.record(dt=dt, B=B, C=C, A=A, per_group=per_group, value_dim=int(mixer.head_dim), mask=self.keep(mask))
 
     def build(self, record: Dict[str, Any]) -> Operator:
         self._warn_padding(record["mask"])
-        dt, A = record["dt"].float(), record["A"]                              # (b, h, L), (h,)
+        dt, A = record["dt"].float(), record["A"]  # (b, h, L), (h,)
         h = dt.shape[1]
         groups = torch.arange(h, device=dt.device) // record["per_group"]
-        B = record["B"].float().index_select(2, groups).transpose(1, 2)        # (b, h, L, N)
+        B = record["B"].float().index_select(2, groups).transpose(1, 2)  # (b, h, L, N)
         C = record["C"].float().index_select(2, groups).transpose(1, 2)
         k = dt[..., None] * B
-        log_decay = (dt * A[None, :, None])[..., None]                          # (b, h, L, 1)
+        log_decay = (dt * A[None, :, None])[..., None]  # (b, h, L, 1)
         return GatedRecurrence(C, k, log_decay, value_dim=record["value_dim"])
 
 
@@ -221,5 +226,7 @@ class UnsupportedMixerProbe(UnsupportedProbe):
     """
 
     layer_type = "Hugging Face state-space mixer without an esswatch probe (not capturable)"
-    reason = ("a state-space mixer esswatch has no probe for (supported: MambaMixer, FalconMambaMixer, "
-              "JambaMambaMixer, Mamba2Mixer)")
+    reason = (
+        "a state-space mixer esswatch has no probe for (supported: MambaMixer, FalconMambaMixer, "
+        "JambaMambaMixer, Mamba2Mixer)"
+    )

@@ -17,6 +17,7 @@ bidirectional attention (``is_causal = False``, e.g. BERT encoders, ViT), cross-
 (``is_cross_attention = True``), attention that bypasses the registry (GPT-J, Falcon, ...),
 and state-space mixers without a probe.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -31,8 +32,17 @@ from esswatch.probes import Probe, add_provider
 from .attention import BidirectionalAttentionProbe, BypassingAttentionProbe, CrossAttentionProbe, HFAttentionProbe
 from .mamba import Mamba2Probe, MambaProbe, UnsupportedMixerProbe
 
-__all__ = ["provider", "HFAttentionProbe", "BypassingAttentionProbe", "BidirectionalAttentionProbe",
-           "CrossAttentionProbe", "MambaProbe", "Mamba2Probe", "UnsupportedMixerProbe", "calls_attention_registry"]
+__all__ = [
+    "provider",
+    "HFAttentionProbe",
+    "BypassingAttentionProbe",
+    "BidirectionalAttentionProbe",
+    "CrossAttentionProbe",
+    "MambaProbe",
+    "Mamba2Probe",
+    "UnsupportedMixerProbe",
+    "calls_attention_registry",
+]
 
 # classes matched by name along the MRO (no import of the model files needed)
 _MIXERS = {
@@ -82,7 +92,7 @@ def _probe_for_type(t: type) -> Optional[Type[Probe]]:
     if _looks_like_attention(t):
         return BypassingAttentionProbe
     if t.__module__.startswith("transformers.models.") and t.__name__.endswith("Mixer"):
-        return UnsupportedMixerProbe     # kept only if it has an `A_log` (a state-space mixer), see provider()
+        return UnsupportedMixerProbe  # kept only if it has an `A_log` (a state-space mixer), see provider()
     return None
 
 
@@ -102,9 +112,10 @@ def provider(module: torch.nn.Module) -> Optional[Type[Probe]]:
         p = _by_type[t] = _probe_for_type(t)
     if p is UnsupportedMixerProbe and not isinstance(getattr(module, "A_log", None), torch.Tensor):
         return None
-    if p is BypassingAttentionProbe and any(_looks_like_attention(type(m)) for m in module.modules()
-                                            if m is not module):
-        return None     # a wrapper around the real attention module
+    if p is BypassingAttentionProbe and any(
+        _looks_like_attention(type(m)) for m in module.modules() if m is not module
+    ):
+        return None  # a wrapper around the real attention module
     if p in (HFAttentionProbe, BypassingAttentionProbe):
         if getattr(module, "is_cross_attention", False) is True:
             return CrossAttentionProbe
