@@ -13,6 +13,7 @@ __all__ = [
     "check_flags",
     "check_probe_batch",
     "as_regularizer",
+    "checked_args",
 ]
 
 
@@ -95,3 +96,19 @@ def check_watch_options(**options: Any) -> None:
     as_regularizer(opt["regularizer"])
     check_probe_batch(opt["probe_batch"])
     check_watch_args(logdir=opt["logdir"], images=opt["images"], histograms=opt["histograms"])
+
+
+def checked_args(
+    model, logdir, writer, background, images, histograms, budget_seconds, strict, reduce, train_forwards_only,
+    probe_batch, regularizer,
+):  # fmt: skip
+    """Check :class:`~esswatch.ESSWatch`'s constructor arguments (in this order, before anything is
+    attached); return its :class:`esswatch.Regularizer` (or ``None``) and its budget."""
+    from .budget import Budget
+
+    check_model_args(model, logdir=logdir, writer=writer, background=background)
+    check_watch_args(logdir=logdir, images=images, histograms=histograms)
+    budget = Budget.of(budget_seconds)
+    check_flags(strict=strict, reduce=reduce, train_forwards_only=train_forwards_only)
+    check_probe_batch(probe_batch)
+    return as_regularizer(regularizer), budget

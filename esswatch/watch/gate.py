@@ -3,8 +3,10 @@
 :class:`Gate` is the state shared with the model-level hooks of :mod:`esswatch.watch.lifetime`
 (kept apart from the watch, so that hooks never reference the watch): ``want`` = the current
 step is recorded from training forwards. :meth:`Gate.arm` sets what the current step records;
-:meth:`Gate.pause` / :meth:`Gate.resume` suspend recording (nesting) without losing it.
-:func:`unwrap` finds the module that owns the parameters; :func:`call_model` runs a batch.
+:meth:`Gate.pause` / :meth:`Gate.resume` (or the ``with`` block :meth:`Gate.suspended`) suspend
+recording (nesting) without losing it.
+:func:`unwrap` finds the module that owns the parameters; :func:`call_model` runs a batch;
+:func:`run_probe` records the watch's probe batch past the gate.
 
 How sampling works. Step numbers are 0-based (step ``n`` is the training step after ``n``
 optimizer steps). ``ESSWatch.step()`` ends step ``n``: if ``n`` is sampled it measures what the
@@ -20,14 +22,15 @@ CPU/CUDA RNG states and every buffer (BatchNorm statistics) afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from .training_state import preserved
 
-__all__ = ["Gate", "unwrap", "call_model", "record_probe_batch"]
+__all__ = ["Gate", "unwrap", "call_model", "record_probe_batch", "run_probe"]
 
 
 class Gate:
@@ -69,6 +72,15 @@ class Gate:
         self._paused -= 1
         if self._paused == 0:
             self.want, self.capture.armed = self._saved
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """:meth:`pause` for the duration of a ``with`` block (``ESSWatch.paused()``)."""
+        self.pause()
+        try:
+            yield
+        finally:
+            self.resume()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -112,3 +124,18 @@ def record_probe_batch(model: torch.nn.Module, capture: Any, batch: Any) -> None
     except BaseException:
         capture.clear()
         raise
+
+
+def run_probe(watch: Any, step: int) -> bool:
+    """Run ``watch``'s model on its probe batch (:func:`record_probe_batch`); False (warned once,
+    counted by the watch's failure policy) when its forward raised."""
+    gate, want = watch._gate, watch._gate.want
+    gate.want = False  # the train-forwards gate would disarm this eval-mode forward
+    try:
+        record_probe_batch(watch._module, watch.capture, watch.probe_batch)
+    except Exception as e:  # noqa: BLE001 - the monitor never stops training
+        watch._policy.fail("probe_batch", step, e, what="the probe_batch forward")
+        return False
+    finally:
+        gate.want = want
+    return True

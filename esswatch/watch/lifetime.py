@@ -7,7 +7,8 @@
 - :func:`install` puts them on the model; :func:`release`: what ``close()`` and the garbage
   collector do (``weakref.finalize``): remove every hook, detach the capture, close the sinks.
   It holds no reference to the watch, so a watch dropped without ``close()`` is collected and
-  the model is free for a new one.
+  the model is free for a new one. :func:`close_watch` is ``ESSWatch.close()``: the outstanding
+  background sample first, then :func:`release` (through the watch's finalizer).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import warnings
 from typing import Any, List
 
-__all__ = ["GateHook", "DoneHook", "install", "release"]
+__all__ = ["GateHook", "DoneHook", "install", "release", "close_watch"]
 
 
 class GateHook:
@@ -84,3 +85,17 @@ def release(gate: Any, handles: List[Any], sinks: List[Any]) -> None:
             warnings.warn(
                 f"esswatch: closing sink {sink!r} failed: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2
             )
+
+
+def close_watch(watch: Any) -> None:
+    """:meth:`ESSWatch.close`: wait for the outstanding background sample and emit it, then release
+    the watch (its ``weakref.finalize`` runs :func:`release`); idempotent."""
+    if watch._closed:
+        return
+    watch._closed = True
+    offload, watch._offload = watch._offload, None
+    try:
+        if offload is not None:
+            offload.close(watch)
+    finally:
+        watch._finalizer()

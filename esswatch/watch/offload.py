@@ -2,7 +2,7 @@
 when results are collected and emitted, and how ranks stay in step.
 
 On a sampled step, ``step()`` snapshots the captured tensors (:func:`~esswatch.watch.
-background.snapshot`) and hands them to the worker (:class:`~esswatch.watch.background.
+snapshot.snapshot`) and hands them to the worker (:class:`~esswatch.watch.background.
 Worker`), then returns. If the worker has not finished (or its result has not been
 collected) the sample is *skipped* and counted (``ess/skipped``, cumulative): nothing
 queues. A sample captured before a ``budget_seconds`` decision changed what is captured is

@@ -4,7 +4,7 @@
 (:func:`~esswatch.watch.regularizer.penalty_terms`), keeps the detached terms of the current
 step's micro-batches (logged as their mean on measured steps) and the *stash*: the operators
 of the step's first penalized forward, which the step's measurement reuses instead of
-capturing again.
+capturing again. :func:`watch_penalty` is ``ESSWatch.penalty()`` over the watch's book.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from .regularizer import Regularizer, penalty_terms
 
-__all__ = ["PenaltyBook"]
+__all__ = ["PenaltyBook", "watch_penalty"]
 
 
 class PenaltyBook:
@@ -73,3 +73,16 @@ class PenaltyBook:
             for k in names
         }
         return {"total": total, "layers": layers, "micro_batches": n}
+
+
+def watch_penalty(watch: Any) -> Union[float, torch.Tensor]:
+    """:meth:`ESSWatch.penalty`: ``0.0`` when the regularizer is off or skips the current step, else
+    the :meth:`PenaltyBook.penalty` of ``watch``'s capture (failures go to the watch's policy)."""
+    step = watch.schedule.step
+    if watch.regularizer is None or not watch._penalties.due(step):
+        return 0.0
+    return watch._penalties.penalty(
+        watch.capture,
+        lambda n, e: watch._policy.fail(n, step, e),
+        stash=watch.probe_batch is None and watch.schedule.due_now,
+    )

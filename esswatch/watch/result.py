@@ -69,27 +69,18 @@ def warn_empty(step: int, train_only: bool) -> None:
     )
 
 
-def watch_config(
-    capture: Any,
-    *,
-    every_n_steps: int,
-    probe_batch: Any,
-    measure: Any,
-    strict: bool,
-    reduce: bool,
-    background: bool,
-    budget: Any,
-) -> Dict[str, Any]:
+def watch_config(watch: Any) -> Dict[str, Any]:
     """:meth:`ESSWatch.config`: the configuration as plain data (what the TensorBoard text shows)."""
+    capture, budget = watch.capture, watch._budget
     return {
-        "every_n_steps": every_n_steps,
-        "sampling": "probe batch" if probe_batch is not None else "training forward",
+        "every_n_steps": watch.schedule.every_n_steps,
+        "sampling": "probe batch" if watch.probe_batch is not None else "training forward",
         "batch_rows": capture.batch_rows,
         "heads": capture.heads,
-        **measure.as_dict(),
-        "strict": strict,
-        "reduce": reduce,
-        "background": background,
+        **watch.measure_config.as_dict(),
+        "strict": watch.strict,
+        "reduce": watch.reduce,
+        "background": watch.background,
         **({} if budget is None else {"budget_seconds": budget.seconds, "budget": budget.as_dict()}),
         "layers": {n: f"{type(p.module).__name__}: {p.layer_type}" for n, p in capture.probes.items()},
         "esswatch": __version__,

@@ -1,16 +1,17 @@
-"""Validation of an :class:`~esswatch.ESSWatch` checkpoint (``state_dict``) before it is applied.
+"""An :class:`~esswatch.ESSWatch` checkpoint (``state_dict``): writing it, validating it, applying it.
 
-:func:`validated_state` checks every field first and returns the plain values to apply, so a
-bad checkpoint raises ``ValueError`` (naming the field and what is allowed) and changes nothing.
+:func:`state_of` writes it; :func:`validated_state` checks every field first and returns the plain
+values to apply, so a bad checkpoint raises ``ValueError`` (naming the field and what is allowed)
+and changes nothing; :func:`load_state` validates, then applies.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, FrozenSet, Iterable
+from typing import Any, Dict, FrozenSet
 
 from ..engine.validation import check_positive_int
 
-__all__ = ["state_of", "validated_state"]
+__all__ = ["state_of", "load_state", "validated_state"]
 
 _WHAT = "ESSWatch.load_state_dict"
 
@@ -50,15 +51,22 @@ def validated_state(state: Any) -> Dict[str, Any]:
     }
 
 
-def state_of(
-    *, schedule: Dict[str, Any], failures: int, failed_layers: Iterable[str], samples: int, skipped_samples: int
-) -> Dict[str, Any]:
+def state_of(watch: Any) -> Dict[str, Any]:
     """The checkpoint :meth:`ESSWatch.state_dict` writes (version 1; read by :func:`validated_state`)."""
     return {
         "version": 1,
-        "schedule": schedule,
-        "failures": failures,
-        "failed_layers": sorted(failed_layers),
-        "samples": samples,
-        "skipped_samples": skipped_samples,
+        "schedule": watch.schedule.state_dict(),
+        "failures": watch._policy.count,
+        "failed_layers": sorted(watch._policy.names),
+        "samples": watch._samples,
+        "skipped_samples": watch._skipped_samples,
     }
+
+
+def load_state(watch: Any, state: Any) -> None:
+    """:meth:`ESSWatch.load_state_dict` without re-arming: validate every field of ``state``
+    (:func:`validated_state`), then apply them all to ``watch``."""
+    st = validated_state(state)
+    watch.schedule.step = st["step"]
+    watch._policy.count, watch._policy.names = st["failures"], st["failed_layers"]
+    watch._samples, watch._skipped_samples = st["samples"], st["skipped_samples"]

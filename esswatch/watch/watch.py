@@ -25,32 +25,30 @@ result (assembly), emit (sinks), state (checkpoints), lifetime (hooks), offload 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import weakref
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 
 from ..engine.validation import check_positive_int
 from ..ess import DEFAULT_RELATIVE, DEFAULT_TOL
 from ..probes import Capture
-from . import budget as budget_mod
-from .args import as_regularizer, check_flags, check_model_args, check_probe_batch, check_watch_args
+from .args import checked_args
 from .background import Outcome, make_job, run_job
 from .emit import Emitter
 from .failures import ESSMeasurementError, ESSWarning, FailurePolicy  # noqa: F401 - public names
 from .finish import finish
-from .gate import Gate, record_probe_batch, unwrap
-from .lifetime import install, release
+from .gate import Gate, run_probe, unwrap
+from .lifetime import close_watch, install, release
 from .measure import MeasureConfig
 from .offload import Offload
-from .penalty import PenaltyBook
+from .penalty import PenaltyBook, watch_penalty
 from .regularizer import Regularizer
 from .result import watch_config
 from .schedule import Schedule
 from .sinks import Sink, build_sinks
-from .state import state_of, validated_state
+from .state import load_state, state_of
 
 __all__ = ["ESSWatch", "ESSWarning", "ESSMeasurementError"]
 
@@ -126,12 +124,20 @@ class ESSWatch:
         background: Optional[bool] = None,
         budget_seconds: Optional[float] = None,
     ) -> None:
-        check_model_args(model, logdir=logdir, writer=writer, background=background)
-        check_watch_args(logdir=logdir, images=images, histograms=histograms)
-        self._budget = budget_mod.Budget.of(budget_seconds)
-        check_flags(strict=strict, reduce=reduce, train_forwards_only=train_forwards_only)
-        check_probe_batch(probe_batch)
-        reg = as_regularizer(regularizer)
+        reg, self._budget = checked_args(
+            model,
+            logdir,
+            writer,
+            background,
+            images,
+            histograms,
+            budget_seconds,
+            strict,
+            reduce,
+            train_forwards_only,
+            probe_batch,
+            regularizer,
+        )
         self.regularizer: Optional[Regularizer] = reg if reg is not None and reg.enabled else None
         self._penalties = PenaltyBook(self.regularizer)
         self.schedule = Schedule(every_n_steps)
@@ -167,16 +173,7 @@ class ESSWatch:
 
     def config(self) -> Dict[str, Any]:
         """The configuration as plain data (what the TensorBoard text shows)."""
-        return watch_config(
-            self.capture,
-            every_n_steps=self.schedule.every_n_steps,
-            probe_batch=self.probe_batch,
-            measure=self.measure_config,
-            strict=self.strict,
-            reduce=self.reduce,
-            background=self.background,
-            budget=self._budget,
-        )
+        return watch_config(self)
 
     # -- the schedule ----------------------------------------------------------------
     @property
@@ -192,19 +189,14 @@ class ESSWatch:
         self._armed_gen = self._budget_gen
         self._gate.arm((self.probe_batch is None and self.schedule.due_now) or penalize, keep_graph=penalize)
 
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
+    def paused(self) -> ContextManager[None]:
         """A context during which nothing is recorded (nests); what the current step recorded
         before it is kept, and recording resumes as armed when it ends::
 
             with watch.paused():
                 evaluate(model)
         """
-        self._gate.pause()
-        try:
-            yield
-        finally:
-            self._gate.resume()
+        return self._gate.suspended()
 
     def set_step(self, global_step: int) -> None:
         """Declare the number of the training step about to run (e.g. a framework's
@@ -245,28 +237,11 @@ class ESSWatch:
         (each call consumes the forward it penalizes). A layer whose term fails is skipped
         with a warning (``strict=True`` raises).
         """
-        step = self.schedule.step
-        if self.regularizer is None or not self._penalties.due(step):
-            return 0.0
-        return self._penalties.penalty(
-            self.capture,
-            lambda n, e: self._policy.fail(n, step, e),
-            stash=self.probe_batch is None and self.schedule.due_now,
-        )
+        return watch_penalty(self)
 
     # -- measuring -------------------------------------------------------------------
-    def _run_probe(self, step: int) -> bool:
-        """Run the model on the probe batch; False (warned once, counted) when its forward raised."""
-        gate, want = self._gate, self._gate.want
-        gate.want = False  # the train-forwards gate would disarm this eval-mode forward
-        try:
-            record_probe_batch(self._module, self.capture, self.probe_batch)
-        except Exception as e:  # noqa: BLE001 - the monitor never stops training
-            self._policy.fail("probe_batch", step, e, what="the probe_batch forward")
-            return False
-        finally:
-            gate.want = want
-        return True
+    #: run the model on the probe batch; False (warned once, counted) when its forward raised
+    _run_probe = run_probe  # a plain function attribute: no extra frame for the warning's stacklevel
 
     def measure(self, step: Optional[int] = None, source: str = "train") -> Optional[Dict[str, Any]]:
         """Measure every layer the capture recorded, log the result, clear the records.
@@ -294,37 +269,20 @@ class ESSWatch:
 
     def state_dict(self) -> Dict[str, Any]:
         """Plain data to checkpoint: the step counter, failure counts, samples taken."""
-        return state_of(
-            schedule=self.schedule.state_dict(),
-            failures=self._policy.count,
-            failed_layers=self._policy.names,
-            samples=self._samples,
-            skipped_samples=self._skipped_samples,
-        )
+        return state_of(self)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Resume: the step counter continues where ``state`` left it (the period is this
         watch's own ``every_n_steps``). Every field is validated first (``ValueError`` naming
         it); nothing is applied unless all are valid."""
-        st = validated_state(state)  # everything is checked before anything is applied
-        self.schedule.step = st["step"]
-        self._policy.count, self._policy.names = st["failures"], st["failed_layers"]
-        self._samples, self._skipped_samples = st["samples"], st["skipped_samples"]
+        load_state(self, state)  # everything is checked before anything is applied
         self._arm()
 
     # -- lifetime ----------------------------------------------------------------------
     def close(self) -> None:
         """Wait for the outstanding background sample and emit it, then remove every hook, flush
         and close the sinks (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        offload, self._offload = self._offload, None
-        try:
-            if offload is not None:
-                offload.close(self)
-        finally:
-            self._finalizer()
+        close_watch(self)
 
     def __enter__(self) -> "ESSWatch":
         return self

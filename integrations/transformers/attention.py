@@ -24,6 +24,9 @@ attention sink. Decoding steps after a recorded prefill (``generate()`` under an
 capture) are not recorded: the capture warns once that only the prefill is measured. A
 module whose forward ran while armed without calling the registry gets a warning too (its
 kernel bypasses the registry: no operator).
+
+The recorded mask becomes the operator's mask, and a soft-capped call its dense
+probabilities, in :mod:`.attention_mask`.
 """
 
 from __future__ import annotations
@@ -33,11 +36,11 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from esswatch.engine.spectral import compute_dtype
 from esswatch.operators import Dense, Operator, SoftmaxAttention
-from esswatch.probes import CaptureError, CaptureWarning, Probe, UnsupportedProbe
+from esswatch.probes import CaptureWarning, Probe, UnsupportedProbe
 
 from . import attention_registry
+from .attention_mask import as_mask, softcapped_probs
 
 __all__ = ["HFAttentionProbe", "BypassingAttentionProbe", "BidirectionalAttentionProbe", "CrossAttentionProbe"]
 
@@ -187,7 +190,7 @@ class HFAttentionProbe(Probe):
         if groups > 1 or k.shape[1] != H:
             idx = torch.arange(H, device=k.device) // groups
             k = k.index_select(1, idx)
-        mask = _as_mask(record["mask"], q, L, self.name)
+        mask = as_mask(record["mask"], q, L, self.name)
         if record["bias"] is not None:
             bias = record["bias"]
             mask = (
@@ -198,7 +201,7 @@ class HFAttentionProbe(Probe):
         self._check_mask(mask, record["position_ids"])
         scale = record["scaling"]
         if record["softcap"]:
-            t = _softcapped_probs(q, k, scale, float(record["softcap"]), record["window"], mask)
+            t = softcapped_probs(q, k, scale, float(record["softcap"]), record["window"], mask)
             return Dense(t, state_size=record["window"], value_dim=record["value_dim"])
         return SoftmaxAttention(q, k, scale=scale, window=record["window"], mask=mask, value_dim=record["value_dim"])
 
@@ -267,50 +270,3 @@ class CrossAttentionProbe(UnsupportedProbe):
         "cross-attention (is_cross_attention = True): its keys come from another sequence, so it has no "
         "causal sequence operator"
     )
-
-
-def _as_mask(mask, q: torch.Tensor, L: int, name: str) -> Optional[torch.Tensor]:
-    """The recorded mask as a ``(..., L, L)`` boolean or additive float mask with ``-inf`` where masked."""
-    if mask is None:
-        return None
-    if hasattr(mask, "mask_mod"):  # flex attention BlockMask
-        try:
-            from torch.nn.attention.flex_attention import create_mask
-
-            B, H = q.shape[0], q.shape[1]
-            return create_mask(mask.mask_mod, B, H, L, L, device=q.device)
-        except Exception as e:  # pragma: no cover - depends on the torch build
-            raise CaptureError(f"{name}: could not evaluate the flex-attention BlockMask ({e})") from e
-    if mask.dim() == 2:  # flash: (batch, keys) padding mask, 1 = token
-        valid = mask[:, -L:].bool()
-        return valid[:, None, :, None] & valid[:, None, None, :]
-    if mask.dim() != 4:
-        raise CaptureError(f"{name}: unsupported attention mask of shape {tuple(mask.shape)}")
-    mask = mask[..., -L:]
-    if mask.dtype == torch.bool:
-        return mask
-    floor = torch.finfo(mask.dtype).min / 2
-    return mask.masked_fill(mask <= floor, float("-inf"))
-
-
-def _softcapped_probs(q, k, scale, softcap, window, mask) -> torch.Tensor:
-    """Dense causal probabilities with logit soft-capping ``softcap * tanh(s / softcap)`` (Gemma 2)."""
-    dt = compute_dtype(q.dtype)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = (q.to(dt) @ k.to(dt).transpose(-1, -2)) * scale
-    s = softcap * torch.tanh(s / softcap)
-    L = q.shape[-2]
-    r = torch.arange(L, device=q.device)
-    ok = r[None, :] <= r[:, None]
-    if window is not None:
-        ok = ok & (r[:, None] - r[None, :] < window)
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            ok = ok & mask
-        else:
-            s = s + mask.to(dt)
-            ok = ok & torch.isfinite(mask)
-    s = s.masked_fill(~ok, float("-inf"))
-    has = ok.any(-1, keepdim=True)
-    p = torch.softmax(torch.where(has, s, torch.zeros_like(s)), dim=-1)
-    return torch.where(has & ok, p, torch.zeros_like(p))

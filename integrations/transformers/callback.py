@@ -42,7 +42,8 @@ attention layers and Mamba mixers):
 How the callback reaches ``Trainer.log``: ``TrainerCallback`` events do not receive the
 Trainer, so on ``on_train_begin`` the callback looks up the calling ``Trainer`` whose
 callback list holds it (by identity). Call :meth:`ESSCallback.bind` to give it the
-Trainer explicitly instead.
+Trainer explicitly instead. The loss function of :meth:`ESSCallback.compute_loss_func` is built
+in :mod:`.loss`.
 """
 
 from __future__ import annotations
@@ -69,11 +70,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 from . import provider as _provider  # noqa: E402,F401  (registers the Hugging Face capture provider)
 from .logstream import log_quietly, trainer_tensorboard_writer  # noqa: E402
-
-_NO_LOSS_HOOK = (
-    "ESSCallback(regularizer=...): a TrainerCallback cannot change the loss, so the penalty enters through the "
-    "Trainer's loss hook. Pass it: Trainer(..., callbacks=[ess], compute_loss_func=ess.compute_loss_func())."
-)
+from .loss import NO_LOSS_HOOK, loss_function  # noqa: E402
 
 
 def _check_alignment(every_n_steps: int, args: Any) -> None:
@@ -203,7 +200,7 @@ class ESSCallback(TrainerCallback):
         hooked = getattr(getattr(self._trainer, "compute_loss_func", None), "_esswatch_callback", None) is self
         if self.watch.regularizer is not None and self._trainer is not None and not hooked:
             self._close_watch()
-            raise ValueError(_NO_LOSS_HOOK)
+            raise ValueError(NO_LOSS_HOOK)
 
     def on_train_end(self, args, state, control, **kwargs):
         background = self.watch is not None and self.watch.background
@@ -227,7 +224,7 @@ class ESSCallback(TrainerCallback):
             return
         if self.watch.regularizer is not None and self._loss_func_calls == 0:
             self._close_watch()
-            raise ValueError(_NO_LOSS_HOOK)
+            raise ValueError(NO_LOSS_HOOK)
         if self.watch.global_step == state.global_step:
             self.watch.step()
         self._log_pending(state, control)
@@ -265,44 +262,7 @@ class ESSCallback(TrainerCallback):
         penalty is divided by both, so that each optimizer step gets the mean penalty of its
         micro-batches (averaged over ranks by DDP). No penalty is added in evaluation.
         """
-        callback = self
-
-        def loss_func(outputs, labels, num_items_in_batch=None):
-            callback._loss_func_calls += 1
-            if base is not None:
-                loss = base(outputs, labels, num_items_in_batch=num_items_in_batch)
-            else:
-                model = callback._model()
-                kw = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
-                loss = model.loss_function(
-                    logits=outputs["logits"], labels=labels, vocab_size=model.config.vocab_size, **kw
-                )
-            if callback.watch is None or not torch.is_grad_enabled() or not callback._watched.training:
-                return loss
-            p = callback.watch.penalty()
-            if not isinstance(p, torch.Tensor):
-                return loss
-            return loss + p.to(loss.dtype) / callback._penalty_divisor(num_items_in_batch)
-
-        loss_func._esswatch_callback = self
-        return loss_func
-
-    def _model(self) -> torch.nn.Module:
-        if self._watched is not None:
-            return self._watched
-        if self._trainer is not None:
-            return self._trainer.model
-        raise RuntimeError("ESSCallback.compute_loss_func: no model (is the callback in the Trainer's callbacks?)")
-
-    def _penalty_divisor(self, num_items_in_batch) -> float:
-        args, trainer = self._args, self._trainer
-        ga = getattr(trainer, "current_gradient_accumulation_steps", None) or args.gradient_accumulation_steps
-        world = (
-            args.world_size
-            if (getattr(args, "average_tokens_across_devices", False) and num_items_in_batch is not None)
-            else 1
-        )
-        return float(ga * world)
+        return loss_function(self, base)
 
     def __repr__(self) -> str:  # pragma: no cover - cosmetic
         return f"ESSCallback(every_n_steps={self.every_n_steps}, regularizer={self.regularizer!r})"
