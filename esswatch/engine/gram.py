@@ -194,12 +194,15 @@ def gram_squared_singular_values(
     if uniq.numel() != indices.numel() or not torch.equal(uniq, indices):
         P, Q = P[..., inv, :, :], Q[..., inv, :, :]
     fro2 = (P * Q).sum(dim=(-1, -2))  # trace(P Q) for symmetric P, Q
-    cp, info_p = torch.linalg.cholesky_ex(P)
-    cq, info_q = torch.linalg.cholesky_ex(Q)
-    use_p = info_p == 0
-    use_q = (~use_p) & (info_q == 0)
+    with torch.no_grad():  # which factorizations exist (no graph: a failed one has no usable backward)
+        use_p = torch.linalg.cholesky_ex(P)[1] == 0
+        use_q = (~use_p) & (torch.linalg.cholesky_ex(Q)[1] == 0)
     ok = use_p | use_q
     eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
+    # Factor only matrices known to factor (identity elsewhere): the backward of a failed
+    # Cholesky holds inf/NaN, which torch.where's zero gradient would turn into NaN (0 * inf).
+    cp = torch.linalg.cholesky_ex(torch.where(use_p[..., None, None], P, eye))[0]
+    cq = torch.linalg.cholesky_ex(torch.where(use_q[..., None, None], Q, eye))[0]
     # M = C^T X C with (C, X) = (chol P, Q) or (chol Q, P); identity where neither factor exists.
     c = torch.where(use_p[..., None, None], cp, torch.where(use_q[..., None, None], cq, eye))
     x = torch.where(use_p[..., None, None], Q, torch.where(use_q[..., None, None], P, eye))
