@@ -37,24 +37,22 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[0] if msg else ''}".rstrip(": ")
 
 
-def positive_int(s: str) -> int:
+def _int_at_least(s: str, low: int) -> int:
     try:
         v = int(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer (allowed: an integer >= 1)") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} is not allowed (allowed: an integer >= 1)")
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer (allowed: an integer >= {low})") from None
+    if v < low:
+        raise argparse.ArgumentTypeError(f"{v} is not allowed (allowed: an integer >= {low})")
     return v
+
+
+def positive_int(s: str) -> int:
+    return _int_at_least(s, 1)
 
 
 def non_negative_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer (allowed: an integer >= 0)") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} is not allowed (allowed: an integer >= 0)")
-    return v
+    return _int_at_least(s, 0)
 
 
 def device_arg(s: str) -> str:
