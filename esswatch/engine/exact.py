@@ -4,7 +4,10 @@
   carry no singular value; dropping them first is exact. Sliding windows, padding masks
   and short convolution kernels leave most of a block zero. Structured operators know the
   non-zero range up front (``Operator.hankel_support``); :func:`trim_zero_lines` finds the
-  rest from the block (one pass over it, far cheaper than the SVD).
+  rest from the block (one pass over it, far cheaper than the SVD). When the whole ``T`` is
+  materialized, one pass over it (:func:`nonzero_extents`: each row's first and each
+  column's last non-zero) trims every block ``T[i:, :i]`` without touching it
+  (:func:`trim_by_extents`, the same blocks bit for bit).
 * **Orientation**: LAPACK's SVD of a tall block (rows >= columns) is several times faster
   than of its wide transpose on CPU (measured: ``examples/benchmarks/estimators.py``), so
   wide blocks are transposed first (same singular values).
@@ -22,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["batched_svdvals", "oriented_svdvals", "trim_zero_lines"]
+__all__ = ["batched_svdvals", "nonzero_extents", "oriented_svdvals", "trim_by_extents", "trim_zero_lines"]
 
 #: trim only when it removes at least this fraction of rows or columns (a copy is not free)
 TRIM_MIN_GAIN = 0.1
@@ -36,6 +39,19 @@ def _keep(h: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
     return h.index_select(dim, idx)
 
 
+def _trim(h: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``h`` without the rows / columns whose flag in ``rows`` / ``cols`` is False (the zero ones)."""
+    m, n = h.shape[-2:]
+    r, c = int(rows.sum()), int(cols.sum())
+    if r == 0:
+        return h[..., :1, :1] * 0
+    if r <= (1 - TRIM_MIN_GAIN) * m:
+        h = _keep(h, rows, -2)
+    if c <= (1 - TRIM_MIN_GAIN) * n:
+        h = _keep(h, cols, -1)
+    return h
+
+
 def trim_zero_lines(h: torch.Tensor) -> torch.Tensor:
     """``h`` without the rows and columns that are zero in every batch entry (exact).
 
@@ -45,15 +61,47 @@ def trim_zero_lines(h: torch.Tensor) -> torch.Tensor:
     if m == 0 or n == 0:
         return h
     nz = (h.detach() != 0).reshape(-1, m, n).any(0)
-    rows, cols = nz.any(-1), nz.any(-2)
-    r, c = int(rows.sum()), int(cols.sum())
-    if r == 0:
-        return h[..., :1, :1] * 0
-    if r <= (1 - TRIM_MIN_GAIN) * m:
-        h = _keep(h, rows, -2)
-    if c <= (1 - TRIM_MIN_GAIN) * n:
-        h = _keep(h, cols, -1)
-    return h
+    return _trim(h, nz.any(-1), nz.any(-2))
+
+
+def nonzero_extents(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first, last)`` of a batch of ``M x N`` matrices ``t`` (one pass, detached):
+    ``first[r]``: the first column with a non-zero in row ``r`` in any batch entry (``N`` if none);
+    ``last[c]``: the last row with a non-zero in column ``c`` in any batch entry (``-1`` if none).
+
+    Row ``r`` of the block ``t[..., r0:r1, c0:c1]`` is then non-zero iff ``first[r] < c1``
+    (when ``first[r] >= c0``), column ``c`` iff ``last[c] >= r0`` (when ``last[c] < r1``):
+    every Hankel block ``t[..., i:, :i]`` is trimmed from them (:func:`trim_by_extents`).
+    """
+    m, n = t.shape[-2:]
+    if m == 0 or n == 0:
+        return torch.full((m,), n, device=t.device), torch.full((n,), -1, device=t.device)
+    nz = torch.zeros(m, n, dtype=torch.bool, device=t.device)
+    buf = torch.empty_like(nz)
+    for entry in t.detach().reshape(-1, m, n):  # one entry at a time: an M x N bool buffer, not B x M x N
+        torch.ne(entry, 0, out=buf)
+        nz |= buf
+    first = torch.where(nz.any(-1), nz.view(torch.uint8).argmax(-1), n)  # argmax: the first maximum
+    last = torch.where(nz.any(-2), m - 1 - nz.flip(-2).view(torch.uint8).argmax(-2), -1)
+    return first, last
+
+
+def trim_by_extents(t: torch.Tensor, rows: slice, cols: slice, first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """``trim_zero_lines(t[..., rows, cols])`` (the same block, bit for bit) from the
+    :func:`nonzero_extents` of ``t``: no pass over the block. ``rows``, ``cols``: unit-step
+    slices. Where the extents cannot decide (a non-zero left of ``cols`` or below ``rows``),
+    the block is scanned as :func:`trim_zero_lines` does."""
+    (r0, r1, rs), (c0, c1, cs) = rows.indices(t.shape[-2]), cols.indices(t.shape[-1])
+    h = t[..., rows, cols]
+    m, n = h.shape[-2:]
+    if m == 0 or n == 0:
+        return h
+    if rs != 1 or cs != 1:
+        return trim_zero_lines(h)
+    f, la = first[r0:r1], last[c0:c1]
+    if (c0 > 0 and bool((f < c0).any())) or (r1 < t.shape[-2] and bool((la >= r1).any())):
+        return trim_zero_lines(h)
+    return _trim(h, f < c1, la >= r0)
 
 
 def oriented_svdvals(h: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ Used by :mod:`esswatch.ess`; sits between the operators and the functional API.
 
 from __future__ import annotations
 
-from ..engine.exact import trim_zero_lines
+from ..engine.exact import nonzero_extents, trim_by_extents, trim_zero_lines
 from ..operators import Dense, GatedRecurrence, Operator
 
 __all__ = ["BlockCache"]
@@ -17,6 +17,7 @@ class BlockCache:
     def __init__(self, op: Operator):
         self.op = op
         self._dense = None
+        self._extents = None  # nonzero_extents(T): trims every block of the dense T without a pass over it
         self._left = None  # T[:, :N]   (recurrences: every H_i with i <= N lies in it)
         self._bottom = None  # T[L-N:, :] (every H_i with L - i <= N)
 
@@ -43,7 +44,8 @@ class BlockCache:
         rows, cols = op.hankel_support(i)
         narrowed = (rows.indices(L)[:2], cols.indices(L)[:2]) != ((i, L), (0, i))
         if narrowed and self._dense is None and not isinstance(op, Dense):
-            h = op.block(rows, cols)  # a window or a short kernel: never materialize T
-        else:
-            h = self.dense()[..., rows, cols]
-        return trim_zero_lines(h)
+            return trim_zero_lines(op.block(rows, cols))  # a window or a short kernel: never materialize T
+        t = self.dense()
+        if self._extents is None:
+            self._extents = nonzero_extents(t)
+        return trim_by_extents(t, rows, cols, *self._extents)

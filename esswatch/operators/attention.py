@@ -16,6 +16,16 @@ __all__ = ["SoftmaxAttention"]
 #: scores whose bound exceeds this are computed in float64 for float32 inputs (softmax is
 #: invariant to the row max it subtracts, but the scores themselves must be representable)
 _F32_SAFE = 1e36
+#: the same for float64 scores: below it they cannot overflow and are not clamped
+_F64_SAFE = 1e300
+
+
+def _softmax(x: torch.Tensor) -> torch.Tensor:
+    """``torch.softmax(x, -1)``; in place (same kernel, same values) on CPU without autograd:
+    a fresh ``L x L`` output costs about as much as the softmax itself."""
+    if x.requires_grad or x.device.type != "cpu":
+        return torch.softmax(x, dim=-1)
+    return torch.softmax(x, dim=-1, out=x)
 
 
 class SoftmaxAttention(Operator):
@@ -132,46 +142,69 @@ class SoftmaxAttention(Operator):
     def dense(self) -> torch.Tensor:
         return self._dense_part(slice(None), slice(None))
 
-    def _dense_part(self, rows: slice, cols: slice) -> torch.Tensor:
-        """Rows ``rows`` of ``T`` restricted to ``cols``, which must hold every column the rows may attend to."""
-        out_dt = compute_dtype(self.q.dtype)
-        dt = out_dt
-        if dt == torch.float32:
-            # |score| <= max|q| max|k| d |scale|: past float32's range, score in float64 (one sync)
-            bound = (
-                self.q.detach().abs().amax().double()
-                * self.k.detach().abs().amax().double()
-                * self.q.shape[-1]
-                * abs(self.scale)
-            )
-            if float(bound) > _F32_SAFE:
-                dt = torch.float64
-        L = self.seq_len
-        r_idx = torch.arange(L, device=self.q.device)[rows]
-        c_idx = torch.arange(L, device=self.q.device)[cols]
-        q = self.q[..., rows, :]
-        k = self.k[..., cols, :]
-        fmax = torch.finfo(dt).max
-        scores = torch.clamp((q.to(dt) @ k.to(dt).transpose(-1, -2)) * self.scale, -fmax, fmax)
-        scores = scores.expand(*self.batch_shape, r_idx.numel(), c_idx.numel())
-        diff = r_idx[:, None] - c_idx[None, :]
-        ok = diff >= 0
+    def _score_dtype(self, out_dt: torch.dtype) -> tuple[torch.dtype, bool]:
+        """``(dtype, clamp)``: the scores' dtype and whether they may overflow it (then clamped).
+
+        ``|score| <= max|q| max|k| d |scale|`` (one sync): past float32's range, float32 scores
+        are computed in float64; below the bound the clamp to the finite range is the identity
+        and skipped (NaN or infinite inputs keep it)."""
+        bound = float(
+            self.q.detach().abs().amax().double()
+            * self.k.detach().abs().amax().double()
+            * self.q.shape[-1]
+            * abs(self.scale)
+        )
+        dt = torch.float64 if out_dt == torch.float32 and bound > _F32_SAFE else out_dt
+        return dt, not bound <= (_F32_SAFE if dt == torch.float32 else _F64_SAFE)
+
+    def _forbidden(self, rows: slice, cols: slice) -> torch.Tensor:
+        """Boolean ``(R, C)``: True where causality or the window forbid ``T[r, c]``."""
+        L, dev = self.seq_len, self.q.device
+        (r0, r1, rs), (c0, c1, cs) = rows.indices(L), cols.indices(L)
+        if rs != 1 or cs != 1:
+            r, c = torch.arange(L, device=dev)[rows], torch.arange(L, device=dev)[cols]
+            diff = r[:, None] - c[None, :]
+            return (diff < 0) if self.window is None else (diff < 0) | (diff >= self.window)
+        shape = (max(r1 - r0, 0), max(c1 - c0, 0))
+        # allowed iff 0 <= (r0 + a) - (c0 + b) < w: b - a <= r0 - c0 (and b - a > r0 - c0 - w)
+        bad = torch.ones(shape, dtype=torch.bool, device=dev).triu_(r0 - c0 + 1)
         if self.window is not None:
-            ok = ok & (diff < self.window)
+            bad |= torch.ones(shape, dtype=torch.bool, device=dev).tril_(r0 - c0 - self.window)
+        return bad
+
+    def _dense_part(self, rows: slice, cols: slice) -> torch.Tensor:
+        """Rows ``rows`` of ``T`` restricted to ``cols``, which must hold every column the rows may attend to.
+
+        One fresh ``(..., R, C)`` tensor (the scores) is filled in place and, without autograd
+        on CPU, turned into probabilities in place: the same values as the out-of-place
+        formula, bit for bit (``tests/test_materialize.py``)."""
+        out_dt = compute_dtype(self.q.dtype)
+        dt, clamp = self._score_dtype(out_dt)
+        scores = self.q[..., rows, :].to(dt) @ self.k[..., cols, :].to(dt).transpose(-1, -2)
+        scores = scores.mul_(self.scale)
+        if clamp:
+            fmax = torch.finfo(dt).max
+            scores = scores.clamp_(-fmax, fmax)
+        full = self.batch_shape + scores.shape[-2:]
+        if scores.shape != full:  # a mask with more batch dims than q, k
+            scores = scores.expand(full).clone()
+        bad = self._forbidden(rows, cols)
         if self.mask is None:
             # every row can attend at least to itself: one masked softmax, no empty-row handling
-            return torch.softmax(scores.masked_fill(~ok, float("-inf")), dim=-1).to(out_dt)
+            return _softmax(scores.masked_fill_(bad, float("-inf"))).to(out_dt)
         mask = self.mask[..., rows, cols]
         if mask.dtype == torch.bool:
-            ok = ok & mask
+            bad = bad | ~mask
         else:
-            scores = scores + mask.to(dt)
-            ok = ok & torch.isfinite(mask)
-        scores = scores.masked_fill(~ok, float("-inf"))
+            scores = scores.add_(mask.to(dt))
+            bad = bad | ~torch.isfinite(mask)
+        scores = scores.masked_fill_(bad, float("-inf"))
         row_has = torch.isfinite(scores).any(dim=-1, keepdim=True)
-        scores = torch.where(row_has, scores, torch.zeros_like(scores))
-        probs = torch.softmax(scores, dim=-1)
-        return torch.where(row_has & ok, probs, torch.zeros_like(probs)).to(out_dt)
+        probs = _softmax(scores.masked_fill_(~row_has, 0.0))
+        drop = bad | ~row_has
+        # the softmax's output is saved for its backward: zeroed in place only without autograd
+        probs = probs.masked_fill(drop, 0.0) if probs.requires_grad else probs.masked_fill_(drop, 0.0)
+        return probs.to(out_dt)
 
     def to(self, dtype=None, device=None) -> "SoftmaxAttention":
         cast = lambda x: None if x is None else x.to(dtype=dtype if x.is_floating_point() else None, device=device)
