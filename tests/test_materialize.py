@@ -204,13 +204,14 @@ def test_nonzero_extents_match_a_loop():
         assert last.tolist() == [int(L - 1 - np.argmax(col[::-1])) if col.any() else -1 for col in nz.T], name
 
 
-def test_block_cache_trims_the_dense_operator_as_before():
+@pytest.mark.parametrize("blocks", [None, 1])  # from the extents / one scan per block
+def test_block_cache_trims_the_dense_operator_as_before(blocks):
     """Every Hankel block BlockCache hands out: the block trim_zero_lines gives for the same slices."""
     cases = _attention_cases(L=29, dtype=torch.float64)
     # a wide window: H_14 is not narrowed (T is materialized), H_28 then is (narrowed slices of the dense T)
     cases["wide_window"] = SoftmaxAttention(cases["causal"].q, cases["causal"].k, window=20)
     for name, op in cases.items():
-        cache, T = BlockCache(op), op.dense()
+        cache, T = BlockCache(op, blocks=blocks), op.dense()
         for i in (14, 28, 1, 4, 10, 17):
             rows, cols = op.hankel_support(i)
             narrowed = (rows.indices(29)[:2], cols.indices(29)[:2]) != ((i, 29), (0, i))
@@ -219,3 +220,4 @@ def test_block_cache_trims_the_dense_operator_as_before():
             assert h.shape == ref.shape and torch.equal(h, ref), (name, i)
             sv = np.linalg.svd(T[..., i:, :i].numpy(), compute_uv=False)
             np.testing.assert_allclose(torch.linalg.svdvals(h).numpy(), sv[..., : min(h.shape[-2:])], atol=1e-12)
+        assert (cache._extents is not None) == (blocks is None and cache._dense is not None), name

@@ -81,8 +81,11 @@ def nonzero_extents(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     for entry in t.detach().reshape(-1, m, n):  # one entry at a time: an M x N bool buffer, not B x M x N
         torch.ne(entry, 0, out=buf)
         nz |= buf
-    first = torch.where(nz.any(-1), nz.view(torch.uint8).argmax(-1), n)  # argmax: the first maximum
-    last = torch.where(nz.any(-2), m - 1 - nz.flip(-2).view(torch.uint8).argmax(-2), -1)
+    # argmax: the first maximum; a line without a non-zero has its (first) 0 there
+    first = nz.view(torch.uint8).argmax(-1)
+    first = torch.where(nz.gather(-1, first[:, None])[:, 0], first, n)
+    last = m - 1 - nz.flip(-2).view(torch.uint8).argmax(-2)
+    last = torch.where(nz.gather(-2, last[None, :])[0], last, -1)
     return first, last
 
 

@@ -169,7 +169,7 @@ def entropy_ess(
     need_grad = torch.is_grad_enabled() and op.requires_grad
     plan = _plan(op, idx, estimator, need_grad)
     with _numerics(op.device):
-        cache = _Cache(op)
+        cache = _Cache(op, blocks=sum(e != "gram" for e in plan.values()))
         svs = _singular_values_by_plan(op, plan, cache)
         exact = _entropy_of_padded(svs, cdt)  # one batched entropy for all exact entries
         keys = list(exact)
@@ -228,7 +228,7 @@ def tolerance_ess(
         return _empty(op, idx, cdt)
     plan = _plan(op, idx, estimator, need_grad=False)
     with torch.no_grad(), _numerics(op.device):
-        cache = _Cache(op)
+        cache = _Cache(op, blocks=sum(e != "gram" for e in plan.values()))
         svs = _singular_values_by_plan(op, plan, cache)
         gen = None
         for i, e in plan.items():

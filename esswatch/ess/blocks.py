@@ -5,17 +5,28 @@ Used by :mod:`esswatch.ess`; sits between the operators and the functional API.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from ..engine.exact import nonzero_extents, trim_by_extents, trim_zero_lines
 from ..operators import Dense, GatedRecurrence, Operator
 
-__all__ = ["BlockCache"]
+__all__ = ["BlockCache", "EXTENTS_FROM"]
+
+
+#: a dense ``T`` is trimmed from one pass over it (``nonzero_extents``) when a call asks for at
+#: least this many blocks; below, each block is scanned (L = 2048, 4 heads: the pass costs
+#: about as much as scanning 4 interior blocks; examples/benchmarks/materialize.py)
+EXTENTS_FROM = 4
 
 
 class BlockCache:
-    """Blocks of ``T`` shared by all indices of one call, trimmed to their non-zero range."""
+    """Blocks of ``T`` shared by all indices of one call, trimmed to their non-zero range.
 
-    def __init__(self, op: Operator):
+    ``blocks``: how many blocks the call will ask for at most (``None``: many)."""
+
+    def __init__(self, op: Operator, blocks: Optional[int] = None):
         self.op = op
+        self._use_extents = blocks is None or blocks >= EXTENTS_FROM
         self._dense = None
         self._extents = None  # nonzero_extents(T): trims every block of the dense T without a pass over it
         self._left = None  # T[:, :N]   (recurrences: every H_i with i <= N lies in it)
@@ -46,6 +57,8 @@ class BlockCache:
         if narrowed and self._dense is None and not isinstance(op, Dense):
             return trim_zero_lines(op.block(rows, cols))  # a window or a short kernel: never materialize T
         t = self.dense()
+        if not self._use_extents:
+            return trim_zero_lines(t[..., rows, cols])
         if self._extents is None:
             self._extents = nonzero_extents(t)
         return trim_by_extents(t, rows, cols, *self._extents)
