@@ -24,7 +24,7 @@ import torch
 
 from .exact import oriented_svdvals
 from .randomized import entropy_bounds, sketch_singular_values
-from .slq import slq_entropy
+from .slq import frobenius2, slq_entropy
 from .spectral import entropy_from_singular_values
 
 __all__ = [
@@ -99,13 +99,14 @@ def randomized_entropy(h: torch.Tensor, rtol: float, generator, *, allow_slq: bo
     """
     if h.shape[-2] < h.shape[-1]:
         h = h.transpose(-1, -2)  # tall: same singular values, smaller sketch vectors
-    h = h.contiguous()
+    if h.stride(-1) != 1 and h.stride(-2) != 1:
+        h = h.contiguous()  # BLAS needs one unit stride; a sliced view of T is used as is
     batch, (m, n) = h.shape[:-2], h.shape[-2:]
     p = min(m, n)
     matmul = lambda v: h @ v
     rmatmul = lambda w: h.transpose(-1, -2) @ w
     use_slq = allow_slq and p >= SLQ_MIN_SIZE
-    fro2 = torch.sum(h * h, dim=(-1, -2), dtype=torch.float64)
+    fro2 = frobenius2(h)
 
     spent = 0.0
     if p >= 4 * SKETCH_PILOT_RANK:
