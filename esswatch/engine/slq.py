@@ -3,13 +3,15 @@
 Entropy-ESS needs two spectral sums of the whole spectrum of ``H`` (``m x n``):
 ``S1 = sum s_j`` and ``S2 = sum s_j log s_j``, with ``log ESS = log S1 - S2 / S1``.
 
-1. A rank-``k`` subspace iteration gives a right basis ``V`` (``n x k``); the top values
+1. A rank-``k`` subspace iteration (or a basis the caller's sketch already has, such as
+   the adaptive estimator's rank-16 pilot) gives a right basis ``V`` (``n x k``); the top values
    ``t = svdvals(H V)`` are computed exactly (``t_j <= s_j``, so they also feed the
    deterministic bounds of :func:`~esswatch.engine.randomized.entropy_bounds`).
 2. The deflated remainder ``A = H (I - V V^T)`` holds the tail. Both tail sums are traces
    of ``f(A^T A)`` with ``f(x) = sqrt(x)`` and ``f(x) = 0.5 sqrt(x) log x``. Each probe
    ``z`` (uniform on the unit sphere of the complement of ``V``, scaled by its dimension)
-   runs ``l`` steps of Golub-Kahan-Lanczos bidiagonalization (full reorthogonalization)
+   runs ``l`` steps of Golub-Kahan-Lanczos bidiagonalization (its right vectors are
+   reorthogonalized against the probe's earlier ones, one batched product per step)
    and gives ``z^T f(A^T A) z`` by the Gauss rule of the Lanczos tridiagonal, and by the
    Gauss-Radau rule with a node at 0. For ``f = sqrt`` the two rules bracket the value
    (Gauss above, Radau below); their gap measures the quadrature bias.
@@ -132,8 +134,10 @@ def slq_entropy(
     # 2. Golub-Kahan-Lanczos on all probes at once (probes are columns); the right vectors are
     # kept orthogonal to V and to each other (one-sided reorthogonalization)
     tiny = 1e-30
-    Vbuf = torch.zeros(*batch, n, probes, steps, dtype=lo, device=dev)
-    Vbuf[..., 0] = v
+    # the right vectors of each probe, stored row-wise (probes, steps, n): the reorthogonalization
+    # is then one batched product per step
+    Vbuf = torch.zeros(*batch, probes, steps, n, dtype=lo, device=dev)
+    Vbuf[..., 0, :] = v.transpose(-1, -2)
     alphas, betas = [], []
     u = hvv[..., V.shape[-1] :] * inv
     for j in range(steps):
@@ -141,15 +145,16 @@ def slq_entropy(
         u = u / torch.clamp(alpha, min=tiny)
         alphas.append(alpha[..., 0, :])
         w = bwd(u) - alpha * v
-        Vh = Vbuf[..., : j + 1]
-        w = w - (Vh * (Vh * w[..., None]).sum(-3, keepdim=True)).sum(-1)
+        Vh = Vbuf[..., : j + 1, :]  # batch + (probes, j + 1, n)
+        coef = Vh @ w.transpose(-1, -2)[..., None]  # batch + (probes, j + 1, 1)
+        w = w - (Vh.transpose(-1, -2) @ coef)[..., 0].transpose(-1, -2)
         w = w - V @ (Vt @ w)
         beta = _colnorm(w)
         betas.append(beta[..., 0, :])
         if j == steps - 1:
             break
         v = w / torch.clamp(beta, min=tiny)
-        Vbuf[..., j + 1] = v
+        Vbuf[..., j + 1, :] = v.transpose(-1, -2)
         u = fwd(v) - beta * u
     al = torch.stack(alphas, dim=-1).to(torch.float64)  # batch + (probes, l)
     be = torch.stack(betas, dim=-1).to(torch.float64)  # beta_1..beta_l (beta_l: Radau)
