@@ -320,3 +320,23 @@ def test_fast_paths_on_cuda_match_cpu(small_slq):
     e = ew.entropy_ess(op, [128], estimator="randomized")
     ref = entropy_ess_ref(op.dense().cpu().numpy(), [128])
     assert e.device.type == "cuda" and np.all(np.abs(e.cpu().numpy() - ref) <= 0.021 * ref)
+
+
+def test_slq_with_the_pilots_rank16_basis_against_svd():
+    """The adaptive path deflates by the pilot's right basis orth(H^T Q) (rank 16, half a power
+    iteration): the interlacing of the top values and the accuracy must hold with it too."""
+    from esswatch.engine.randomized import sketch_singular_values
+
+    op = _flat_tail_attention(512, seed=3)
+    h = op.dense()[..., 256:, :256]
+    g = torch.Generator().manual_seed(5)
+    _, basis = sketch_singular_values(
+        lambda v: h @ v, lambda w: h.mT @ w, 256, h.shape[:-2], 16, 0, h.dtype, h.device, g, return_basis=True
+    )
+    est, half_gap, se, t, fro2 = slq_entropy(h, 16, g, basis=basis)
+    s = torch.linalg.svdvals(h)
+    assert t.shape[-1] == 16 and (t <= s[..., :16] * (1 + 1e-9)).all()
+    ex = entropy_ess_ref(op.dense().numpy(), [256])[..., 0]
+    err = np.abs(est.numpy() - ex) / ex
+    assert (err <= half_gap.numpy() + 3 * se.numpy() + 1e-3).all(), (err, half_gap, se)
+    assert (err < 0.02).all()

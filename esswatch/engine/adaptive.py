@@ -10,7 +10,9 @@ Entropy-ESS (:func:`randomized_entropy`), in order of cost:
    cost less than ``SKETCH_BUDGET`` of an exact SVD;
 4. blocks where the bounds cannot close (a long flat tail) and whose smaller side is at
    least ``SLQ_MIN_SIZE``: the deflated stochastic Lanczos quadrature of :mod:`.slq`,
-   accepted per batch entry when ``gap/2 + 2 SE <= log(1 + rtol)`` (about 95% confidence);
+   accepted per batch entry when ``gap/2 + 2 SE <= log(1 + rtol)`` (about 95% confidence).
+   Blocks the pilot already screened out are deflated by the pilot's own right basis
+   (``orth(H^T Q)``, rank 16: half a power iteration, no further pass over the block);
 5. everything else (and every rejected batch entry) is computed exactly.
 
 All randomness comes from the ``generator`` argument. Pure tensor math on the block.
@@ -24,7 +26,7 @@ import torch
 
 from .exact import oriented_svdvals
 from .randomized import entropy_bounds, sketch_singular_values
-from .slq import slq_entropy
+from .slq import frobenius2, slq_entropy
 from .spectral import entropy_from_singular_values
 
 __all__ = [
@@ -99,22 +101,26 @@ def randomized_entropy(h: torch.Tensor, rtol: float, generator, *, allow_slq: bo
     """
     if h.shape[-2] < h.shape[-1]:
         h = h.transpose(-1, -2)  # tall: same singular values, smaller sketch vectors
-    h = h.contiguous()
+    if h.stride(-1) != 1 and h.stride(-2) != 1:
+        h = h.contiguous()  # BLAS needs one unit stride; a sliced view of T is used as is
     batch, (m, n) = h.shape[:-2], h.shape[-2:]
     p = min(m, n)
     matmul = lambda v: h @ v
     rmatmul = lambda w: h.transpose(-1, -2) @ w
     use_slq = allow_slq and p >= SLQ_MIN_SIZE
-    fro2 = torch.sum(h * h, dim=(-1, -2), dtype=torch.float64)
+    fro2 = frobenius2(h)
 
     spent = 0.0
     if p >= 4 * SKETCH_PILOT_RANK:
         # a pilot in the compute dtype: rank 16, no power iteration (a few % of an exact SVD)
         # screens out long-tailed blocks, which go to the SLQ or exact at once
-        t = sketch_singular_values(matmul, rmatmul, n, batch, SKETCH_PILOT_RANK, 0, h.dtype, h.device, generator)
+        t, basis = sketch_singular_values(
+            matmul, rmatmul, n, batch, SKETCH_PILOT_RANK, 0, h.dtype, h.device, generator, return_basis=True
+        )
         _, lo, hi = entropy_bounds(t.to(torch.float64), fro2, p)
         if _ratio(lo, hi) > SKETCH_HOPELESS_RATIO:
-            return _slq_or_exact(h, fro2, rtol, generator) if use_slq else _exact(h)
+            # a long tail: the pilot's right basis (H^T Q, half a power iteration) deflates the top
+            return _slq_or_exact(h, fro2, rtol, generator, basis) if use_slq else _exact(h)
         spent += SKETCH_COST * SKETCH_PILOT_RANK / 3
     # the sketches proper: power iterations in the compute dtype; the final projection and
     # ||H||_F^2 in float64, since the unseen energy r^2 = ||H||_F^2 - sum t_j^2 is a

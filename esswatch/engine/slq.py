@@ -3,13 +3,15 @@
 Entropy-ESS needs two spectral sums of the whole spectrum of ``H`` (``m x n``):
 ``S1 = sum s_j`` and ``S2 = sum s_j log s_j``, with ``log ESS = log S1 - S2 / S1``.
 
-1. A rank-``k`` subspace iteration gives a right basis ``V`` (``n x k``); the top values
+1. A rank-``k`` subspace iteration (or a basis the caller's sketch already has, such as
+   the adaptive estimator's rank-16 pilot) gives a right basis ``V`` (``n x k``); the top values
    ``t = svdvals(H V)`` are computed exactly (``t_j <= s_j``, so they also feed the
    deterministic bounds of :func:`~esswatch.engine.randomized.entropy_bounds`).
 2. The deflated remainder ``A = H (I - V V^T)`` holds the tail. Both tail sums are traces
    of ``f(A^T A)`` with ``f(x) = sqrt(x)`` and ``f(x) = 0.5 sqrt(x) log x``. Each probe
    ``z`` (uniform on the unit sphere of the complement of ``V``, scaled by its dimension)
-   runs ``l`` steps of Golub-Kahan-Lanczos bidiagonalization (full reorthogonalization)
+   runs ``l`` steps of Golub-Kahan-Lanczos bidiagonalization (its right vectors are
+   reorthogonalized against the probe's earlier ones, one batched product per step)
    and gives ``z^T f(A^T A) z`` by the Gauss rule of the Lanczos tridiagonal, and by the
    Gauss-Radau rule with a node at 0. For ``f = sqrt`` the two rules bracket the value
    (Gauss above, Radau below); their gap measures the quadrature bias.
@@ -28,11 +30,18 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SLQ_PROBES", "SLQ_STEPS", "slq_entropy"]
+__all__ = ["SLQ_PROBES", "SLQ_STEPS", "frobenius2", "slq_entropy"]
 
 #: probes and Lanczos steps per probe
 SLQ_PROBES = 16
 SLQ_STEPS = 8
+
+
+def frobenius2(h: torch.Tensor) -> torch.Tensor:
+    """``||h||_F^2`` in float64 (``batch``) without a full-size temporary: per-row norms in
+    ``h``'s dtype (a short pairwise sum each), squared and summed in float64."""
+    dim = -1 if h.stride(-1) == 1 else -2  # along the contiguous side
+    return (torch.linalg.vector_norm(h, dim=dim).to(torch.float64) ** 2).sum(-1)
 
 
 def _orth(y: torch.Tensor) -> torch.Tensor:
@@ -73,8 +82,9 @@ def slq_entropy(
     The products run in ``h``'s dtype (they read the whole block and dominate the cost);
     the top values, the quadrature and the statistics in float64. Top values from a
     float32 product are shrunk by ``1e-5`` so that they stay below the true ones (the
-    interlacing the deterministic bounds rest on). ``fro2`` (``||h||_F^2``, float64) and
-    ``hq`` (a contiguous ``h^T``) may be passed in if the caller has them, and ``basis``
+    interlacing the deterministic bounds rest on). ``h`` may be a strided view (one unit
+    stride; no copy is made). ``fro2`` (``||h||_F^2``, float64) and ``hq`` (``h^T``, by
+    default the view ``h.mT``) may be passed in if the caller has them, and ``basis``
     (an orthonormal right basis ``n x k`` from the caller's sketch, float64) replaces the
     subspace iteration.
 
@@ -85,11 +95,12 @@ def slq_entropy(
     batch, n = h.shape[:-2], h.shape[-1]
     dev, lo = h.device, h.dtype
     if fro2 is None:
-        fro2 = torch.sum(h * h, dim=(-1, -2), dtype=torch.float64)
+        fro2 = frobenius2(h)
     scale = torch.sqrt(torch.clamp(fro2, min=1e-300))  # entropy is scale-free: work on h / ||h||_F
     inv = (1.0 / scale).to(lo)[..., None, None]
-    h = h.contiguous()
-    hq = h.transpose(-1, -2).contiguous() if hq is None else hq  # row-major both ways (2x faster)
+    if h.stride(-1) != 1 and h.stride(-2) != 1:
+        h = h.contiguous()  # BLAS needs one unit stride; a sliced view of T is used as is
+    hq = h.transpose(-1, -2) if hq is None else hq
     # 1. the top of the spectrum: subspace iteration
     if basis is None:
         omega = torch.randn(*batch, n, k, dtype=lo, device=dev, generator=generator)
@@ -98,13 +109,20 @@ def slq_entropy(
             qm = _orth(h @ _orth(hq @ qm))
         basis = _orth((hq @ qm).to(torch.float64))
     V = basis.to(lo)  # n x k right basis
-    t = torch.linalg.svdvals((h @ V).to(torch.float64))
+    Vt = V.transpose(-1, -2)
+    # the probes (uniform on the sphere of V's complement), drawn before one product gives
+    # both h V (the top values) and h v (the first Lanczos step): one pass over h, not two
+    d = n - V.shape[-1]
+    g = torch.randn(*batch, n, probes, dtype=lo, device=dev, generator=generator)
+    z = g - V @ (Vt @ g)
+    v = z / torch.clamp(_colnorm(z), min=1e-30)
+    hvv = h @ torch.cat([V, v], dim=-1)
+    t = torch.linalg.svdvals(hvv[..., : V.shape[-1]].to(torch.float64))
     # the tail's energy is known exactly: ||h (I - V V^T)||_F^2 = ||h||_F^2 - ||h V||_F^2
     tail_energy = torch.clamp(1 - (t * t).sum(-1) / torch.clamp(fro2, min=1e-300), min=0)
     if lo != torch.float64:
         t = t * (1 - 1e-5)  # float32 round-off: stay below s_j
     t = t / scale[..., None]
-    Vt = V.transpose(-1, -2)
 
     def fwd(v):  # A v = h v / ||h|| for v orthogonal to V
         return (h @ v) * inv
@@ -115,29 +133,28 @@ def slq_entropy(
 
     # 2. Golub-Kahan-Lanczos on all probes at once (probes are columns); the right vectors are
     # kept orthogonal to V and to each other (one-sided reorthogonalization)
-    d = n - V.shape[-1]
-    g = torch.randn(*batch, n, probes, dtype=lo, device=dev, generator=generator)
-    z = g - V @ (Vt @ g)
-    v = z / torch.clamp(_colnorm(z), min=1e-30)
     tiny = 1e-30
-    Vbuf = torch.zeros(*batch, n, probes, steps, dtype=lo, device=dev)
-    Vbuf[..., 0] = v
+    # the right vectors of each probe, stored row-wise (probes, steps, n): the reorthogonalization
+    # is then one batched product per step
+    Vbuf = torch.zeros(*batch, probes, steps, n, dtype=lo, device=dev)
+    Vbuf[..., 0, :] = v.transpose(-1, -2)
     alphas, betas = [], []
-    u = fwd(v)
+    u = hvv[..., V.shape[-1] :] * inv
     for j in range(steps):
         alpha = _colnorm(u)
         u = u / torch.clamp(alpha, min=tiny)
         alphas.append(alpha[..., 0, :])
         w = bwd(u) - alpha * v
-        Vh = Vbuf[..., : j + 1]
-        w = w - (Vh * (Vh * w[..., None]).sum(-3, keepdim=True)).sum(-1)
+        Vh = Vbuf[..., : j + 1, :]  # batch + (probes, j + 1, n)
+        coef = Vh @ w.transpose(-1, -2)[..., None]  # batch + (probes, j + 1, 1)
+        w = w - (Vh.transpose(-1, -2) @ coef)[..., 0].transpose(-1, -2)
         w = w - V @ (Vt @ w)
         beta = _colnorm(w)
         betas.append(beta[..., 0, :])
         if j == steps - 1:
             break
         v = w / torch.clamp(beta, min=tiny)
-        Vbuf[..., j + 1] = v
+        Vbuf[..., j + 1, :] = v.transpose(-1, -2)
         u = fwd(v) - beta * u
     al = torch.stack(alphas, dim=-1).to(torch.float64)  # batch + (probes, l)
     be = torch.stack(betas, dim=-1).to(torch.float64)  # beta_1..beta_l (beta_l: Radau)
