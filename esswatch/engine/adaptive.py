@@ -26,7 +26,7 @@ import torch
 
 from .exact import oriented_svdvals
 from .randomized import entropy_bounds, sketch_singular_values
-from .slq import frobenius2, slq_entropy
+from .slq import frobenius2, products, slq_entropy
 from .spectral import entropy_from_singular_values
 
 __all__ = [
@@ -105,8 +105,7 @@ def randomized_entropy(h: torch.Tensor, rtol: float, generator, *, allow_slq: bo
         h = h.contiguous()  # BLAS needs one unit stride; a sliced view of T is used as is
     batch, (m, n) = h.shape[:-2], h.shape[-2:]
     p = min(m, n)
-    matmul = lambda v: h @ v
-    rmatmul = lambda w: h.transpose(-1, -2) @ w
+    matmul, rmatmul = products(h)
     use_slq = allow_slq and p >= SLQ_MIN_SIZE
     fro2 = frobenius2(h)
 
