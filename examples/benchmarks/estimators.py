@@ -8,7 +8,7 @@ Every figure is the median of ``--repeats`` runs (default 3) with the spread (mi
 contenders are timed alternately inside each repeat, and each ratio is the median of the
 per-repeat ratios. Every estimator pays the operator's materialization, as a user would.
 
-Part 1, the targets of the engine issue (L = 2048):
+Part 1, the targets of the engine issue (L = 2048; ``--target-length`` for another L):
   (a) ``gram`` over all 2047 indices vs ``exact`` over 8 (GatedRecurrence, 4 heads, N = 16);
   (b) ``randomized`` (rtol = 0.02) vs ``exact`` on low-ESS softmax attention with a long flat
       tail (clustered queries and keys plus small noise), 8 interior indices;
@@ -92,8 +92,7 @@ def interior(L, n):
     return torch.linspace(L // 8, L - L // 8, n).round().long().tolist()
 
 
-def targets(device, repeats, cases="abc"):
-    L = 2048
+def targets(device, repeats, cases="abc", L=2048):
     print(
         f"\n## targets (L = {L}); time in s: median [min-max] of {repeats}; "
         "ratio: median [min-max] of per-repeat ratios"
@@ -214,6 +213,7 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--skip-table", action="store_true")
     ap.add_argument("--cases", default="abc", help="which targets to run (subset of 'abc')")
+    ap.add_argument("--target-length", type=int, default=2048, help="L of the targets (the issue's is 2048)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -227,7 +227,7 @@ def main():
     for op in make_ops(128, device).values():  # warm-up: first calls load kernels
         for est in ("exact", "randomized", "auto") + (("gram",) if isinstance(op, GatedRecurrence) else ()):
             ew.entropy_ess(op, [64], estimator=est)
-    targets(device, args.repeats, args.cases)
+    targets(device, args.repeats, args.cases, args.target_length)
     if not args.skip_table:
         table(device, args.repeats, [256, 1024, 4096] if args.full else [256, 1024], args.n_indices)
 
