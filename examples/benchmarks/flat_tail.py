@@ -117,11 +117,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--L", type=int, default=2048)
+    ap.add_argument("--noise", type=float, default=0.05, help="noise on the clustered q/k (benchmark: 0.05)")
+    ap.add_argument("--d", type=int, default=32, help="head dimension (benchmark: 32)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    op = clustered_attention(args.L, dtype=torch.float32)
+    op = clustered_attention(args.L, d=args.d, noise=args.noise, dtype=torch.float32)
     cache = BlockCache(op)
-    print(f"# flat-tail anatomy, L = {args.L}, {torch.get_num_threads()} thread(s), torch {torch.__version__}")
+    print(
+        f"# flat-tail anatomy, L = {args.L}, d = {args.d}, noise = {args.noise}, "
+        f"{torch.get_num_threads()} thread(s), torch {torch.__version__}"
+    )
     print("\n## 1. spectrum (head 0, float64 SVD of the float32 block)")
     print(
         "| i | block | ESS | values > 0.1 s1 | band (1e-4..0.1 s1): count, S1 share "
