@@ -69,6 +69,25 @@ def test_gram_direct_and_chunked_agree_with_strong_and_vanishing_decays():
     np.testing.assert_allclose(e.numpy(), entropy_ess_ref(T, range(1, L, 7)), rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.parametrize("decay", ["none", "full", "head"])
+def test_gram_chunked_few_indices_match_the_all_offsets_path(decay):
+    """A few indices (n C <= L) take the chunked form without partial sums at every offset;
+    it must give the same Gramians as the all-offsets path, with strong and zero decays."""
+    B, L, N = 3, 203, 5  # C = 14: positions 13, 14, 15 straddle a chunk boundary
+    q, k = _rand(B, L, N, seed=21), _rand(B, L, N, seed=22)
+    ld = _decays(decay, B, L, N, seed=23, strength=30.0)
+    if ld is not None:
+        ld[:, 60] = -1e6  # a decay of (numerically) zero
+    few = torch.tensor([1, 13, 14, 15, 61, 100, 202])
+    assert few.numel() * round(L**0.5) <= L
+    P1, Q1 = gramians(q, k, ld, few, "chunked")
+    P2, Q2 = gramians(q, k, ld, torch.arange(1, L), "chunked")
+    P3, Q3 = gramians(q, k, ld, few, "direct")
+    for a, b in ((P1, P2[..., few - 1, :, :]), (Q1, Q2[..., few - 1, :, :]), (P1, P3), (Q1, Q3)):
+        assert torch.isfinite(a).all()
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-12)
+
+
 def test_gram_all_indices_long_sequence_matches_exact():
     B, L, N = 2, 300, 6
     q, k = _rand(B, L, N, seed=7), _rand(B, L, N, seed=8)

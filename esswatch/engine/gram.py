@@ -96,6 +96,8 @@ def _chunked_forward(k, lam, idx, C):
         lamp = torch.cat([lam, lam[..., -1:, :].expand(*lam.shape[:-2], pad, lam.shape[-1])], dim=-2)
         lc = lamp.reshape(*batch, nc, C, lamp.shape[-1])
         step = torch.exp(lc[..., 1:, :] - lc[..., :-1, :])  # a at offsets 1..C-1 (<= 1)
+    if idx.numel() * C <= L:
+        return _chunked_few(kc, lc if lam is not None else None, lamp if lam is not None else None, idx, C)
     # inside the chunks: S[j] = sum_{c in [mC, mC+j]} of k_c k_c^T weighted to position mC + j
     kk = kc[..., :, :, None] * kc[..., :, None, :]  # batch + (nc, C, N, N)
     parts = [kk[..., 0, :, :]]
@@ -107,14 +109,7 @@ def _chunked_forward(k, lam, idx, C):
         parts.append(prev + kk[..., j, :, :])
     S = torch.stack(parts, dim=-3)  # batch + (nc, C, N, N)
     # between chunks: A[m] = P at position mC (sum over c < mC)
-    anchors = [torch.zeros(*batch, N, N, dtype=dt, device=dev)]
-    for m in range(1, nc):
-        prev = anchors[-1]
-        if lam is not None and m > 1:
-            g = torch.exp(lamp[..., m * C - 1, :] - lamp[..., (m - 1) * C - 1, :])
-            prev = prev * (g[..., :, None] * g[..., None, :])
-        anchors.append(prev + S[..., m - 1, C - 1, :, :])
-    A = torch.stack(anchors, dim=-3)  # batch + (nc, N, N)
+    A = _anchors(S[..., :, C - 1, :, :], lamp if lam is not None else None, C, batch, N, dt, dev)
     # P_i = D A[m] D + S[m][i-1-mC], m = (i-1) // C, D = exp(Lam[i-1] - Lam[mC-1])
     m = (idx - 1) // C
     jj = (idx - 1) % C
@@ -126,6 +121,45 @@ def _chunked_forward(k, lam, idx, C):
         g = torch.exp(lamp[..., idx - 1, :] - lamp[..., prev_pos, :])  # batch + (n, N|1)
         base = base * (g[..., :, None] * g[..., None, :]) * has[:, None, None]
     return out + base
+
+
+def _anchors(ends, lamp, C, batch, N, dt, dev):
+    """``A[m]`` = ``P`` at position ``mC`` from the chunk sums ``ends[m]`` (weighted to the chunk's end)."""
+    anchors = [torch.zeros(*batch, N, N, dtype=dt, device=dev)]
+    for m in range(1, ends.shape[-3]):
+        prev = anchors[-1]
+        if lamp is not None and m > 1:
+            g = torch.exp(lamp[..., m * C - 1, :] - lamp[..., (m - 1) * C - 1, :])
+            prev = prev * (g[..., :, None] * g[..., None, :])
+        anchors.append(prev + ends[..., m - 1, :, :])
+    return torch.stack(anchors, dim=-3)
+
+
+def _chunked_few(kc, lc, lamp, idx, C):
+    """:func:`_chunked_forward` for a few indices (``n C <= L``): no partial sum at every offset.
+
+    A chunk's sum weighted to its end factors as ``(W k)^T (W k)`` with ``W[c] = exp(Lam[end] -
+    Lam[c]) <= 1``, and so does the partial sum up to ``i - 1`` inside ``i``'s chunk: one
+    batched product per chunk and per index instead of ``C`` steps over every chunk."""
+    *batch, nc, _, N = kc.shape
+    dev, dt = kc.device, kc.dtype
+    kw = kc if lc is None else kc * torch.exp(lc[..., C - 1 :, :] - lc)
+    ends = kw.transpose(-1, -2) @ kw  # batch + (nc, N, N)
+    A = _anchors(ends, lamp, C, batch, N, dt, dev)
+    m, jj = (idx - 1) // C, (idx - 1) % C
+    valid = torch.arange(C, device=dev)[None, :] <= jj[:, None]  # (n, C): c <= i - 1 inside the chunk
+    km = kc[..., m, :, :]  # batch + (n, C, N)
+    if lc is None:
+        w = valid[..., None].to(dt)
+        base = A[..., m, :, :]
+    else:
+        d = lamp[..., idx - 1, :][..., None, :] - lc[..., m, :, :]  # Lam[i-1] - Lam[c] (<= 0 where valid)
+        w = torch.exp(torch.where(valid[..., None], d, torch.tensor(float("-inf"), dtype=dt, device=dev)))
+        has = (m > 0).to(dt)
+        g = torch.exp(lamp[..., idx - 1, :] - lamp[..., torch.clamp(m * C - 1, min=0), :])
+        base = A[..., m, :, :] * (g[..., :, None] * g[..., None, :]) * has[:, None, None]
+    kp = km * w
+    return kp.transpose(-1, -2) @ kp + base
 
 
 def gramians(
