@@ -151,4 +151,10 @@ def test_ddp_background_reduce_ranks_agree_without_deadlock(tmp_path):
         assert a["skipped"] == b["skipped"]
         level = ("batch_rows", "heads", "indices", "cut")  # the agreed level (timings are per rank)
         assert [a["budget"][k] for k in level] == [b["budget"][k] for k in level]
-    assert r0["results"][-1]["budget"]["cut"]  # 0.01 s: something was cut
+    # the level's rule on each rank: cut until the prediction fits, or nothing needed a cut (a
+    # fast first sample: the measurement got quicker and 0.01 s no longer forces a cut)
+    from esswatch.watch.budget import TARGET
+
+    for r in (r0, r1):
+        bud = r["results"][-1]["budget"]
+        assert bud["cut"] or bud["predicted_seconds"] <= TARGET * 0.01, bud
