@@ -113,6 +113,12 @@ def s2_weighted(h, gen, probes=16, k=4, rank=16):
     return torch.exp(le), (le - log_ess(*rule(k - 1))).abs()
 
 
+def tall_block(cache, i):
+    """``H_i`` (trimmed) in its tall orientation, as the randomized estimator sees it."""
+    h = cache.hankel(i)
+    return h.transpose(-1, -2) if h.shape[-2] < h.shape[-1] else h
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -155,9 +161,7 @@ def main():
     print("| i | steps 4: err, half gap, accepted | steps 6 | steps 8 (esswatch) |")
     print("|---|---|---|---|")
     for i in idx:
-        h = cache.hankel(i)
-        if h.shape[-2] < h.shape[-1]:
-            h = h.transpose(-1, -2)
+        h = tall_block(cache, i)
         n = h.shape[-1]
         if n < 384:
             continue  # below SLQ_MIN_SIZE esswatch computes exactly
@@ -178,9 +182,7 @@ def main():
     print("| i | block (tall) | pass ms | ||H||_F^2 ms | exact SVD ms | passes affordable at 5x |")
     print("|---|---|---|---|---|---|")
     for i in idx:
-        h = cache.hankel(i)
-        if h.shape[-2] < h.shape[-1]:
-            h = h.transpose(-1, -2)
+        h = tall_block(cache, i)
         mul, rmul = products(h)
         v = torch.randn(*h.shape[:-2], h.shape[-1], 16)
         u = torch.randn(*h.shape[:-2], h.shape[-2], 16)
@@ -192,9 +194,7 @@ def main():
     print("| i | relative error per head | its own convergence estimate (4 vs 3 nodes) per head |")
     print("|---|---|---|")
     for i in idx:
-        h = cache.hankel(i)
-        if h.shape[-2] < h.shape[-1]:
-            h = h.transpose(-1, -2)
+        h = tall_block(cache, i)
         ref = entropy_from_singular_values(torch.linalg.svdvals(h.double()))
         est, conv = s2_weighted(h, torch.Generator().manual_seed(0))
         err = ", ".join(f"{float(x):+.4f}" for x in est / ref - 1)
