@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import math
 import threading
+import time
 import tracemalloc
 import warnings
 
@@ -451,39 +452,70 @@ def test_cuda_background_values_equal_blocking(transfer):
         assert torch.equal(p, q)
 
 
-def test_interpreter_exit_without_close_does_not_hang(tmp_path):
-    """The worker is a daemon thread: a script that never calls close(), with the worker stuck
-    in a measurement that never ends, still exits."""
+_EXIT_SCRIPT = """
+import threading, time, torch, esswatch
+import esswatch.watch.background as bg
+from torch import nn
+from esswatch.operators import Dense
+torch.set_num_threads(1)
+bg.EXIT_WAIT_SECONDS = {wait}
+never = threading.Event()
+
+class Busy(Dense):
+    def validate(self):
+        if {stuck}:
+            never.wait()
+        t0 = time.perf_counter()
+        x = torch.ones(32, 32)
+        while time.perf_counter() - t0 < 1.0:  # many short torch calls: the worker is in C++ most of the time
+            x = torch.tanh(x @ x)
+
+class Mixer(nn.Module):
+    def forward(self, x):
+        return x
+    def esswatch_operator(self, args, kwargs, output):
+        return Busy(torch.eye({L}))
+
+model = nn.Sequential(Mixer(), Mixer())
+watch = esswatch.ESSWatch(model, every_n_steps=1, background=True, indices=2)
+model(torch.zeros(2, {L}, 4))
+watch.step()
+time.sleep(0.2)
+print("handed over", watch._offload.worker.busy(), flush=True)
+"""
+
+
+def _exit_without_close(stuck: bool, wait: float):
     import subprocess
     import sys
-    import textwrap
 
-    code = textwrap.dedent(f"""
-        import threading, torch, esswatch
-        from torch import nn
-        from esswatch.operators import Dense
-        torch.set_num_threads(1)
-        never = threading.Event()
-
-        class Stuck(Dense):
-            def validate(self):
-                never.wait()
-
-        class Mixer(nn.Module):
-            def forward(self, x):
-                return x
-            def esswatch_operator(self, args, kwargs, output):
-                return Stuck(torch.eye({L}))
-
-        model = nn.Sequential(Mixer())
-        watch = esswatch.ESSWatch(model, every_n_steps=1, background=True, indices=2)
-        model(torch.zeros(2, {L}, 4))
-        watch.step()
-        print("handed over", watch._offload.worker.busy(), flush=True)
-    """)
+    code = _EXIT_SCRIPT.format(stuck=stuck, wait=wait, L=L)
+    t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return out, time.perf_counter() - t0
+
+
+def test_interpreter_exit_with_the_worker_inside_torch_calls_exits_cleanly():
+    """A script that never calls close() while the worker runs torch calls: CPython ends daemon
+    threads at finalization, which inside a torch call aborted the process (SIGABRT, "terminate
+    called without an active exception") in about half the runs before the exit handler. Now the
+    job is cancelled before its next layer, the handler waits for it, warns, and the exit is clean."""
+    for _ in range(3):
+        out, seconds = _exit_without_close(stuck=False, wait=30.0)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "handed over True"
+        assert "background sample of step 0" in out.stderr and "it was dropped" in out.stderr, out.stderr
+        assert "terminate called" not in out.stderr
+        assert seconds < 30  # one layer's busy second, not the second layer's (cancelled), not the wait bound
+
+
+def test_interpreter_exit_without_close_does_not_hang():
+    """A measurement stuck forever (in Python code) does not hold the exit beyond EXIT_WAIT_SECONDS."""
+    out, seconds = _exit_without_close(stuck=True, wait=1.0)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "handed over True"
+    assert "did not stop within 1 s" in out.stderr, out.stderr
+    assert seconds < 60
 
 
 def test_a_watch_dropped_without_close_lets_its_worker_exit():

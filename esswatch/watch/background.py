@@ -11,24 +11,41 @@ The pieces (used by :class:`~esswatch.ESSWatch`; the schedule logic lives in
   seeded generator) nor the torch thread count, and turns a layer's failure into an
   entry of ``Outcome.errors`` (the watch warns or raises when it collects the outcome).
 - :class:`Worker`: one daemon thread with a single job slot. ``submit`` refuses a job
-  while one is running (the watch then skips the sample: nothing queues without bound);
-  the thread never outlives the interpreter (daemon), and ``wait`` returns the outcome.
+  while one is running (the watch then skips the sample: nothing queues without bound),
+  and ``collect`` returns the outcome.
+
+At interpreter exit with a job still running (a script that never called ``close()``), an
+``atexit`` handler cancels it: :func:`run_job` stops before its next layer, and the handler
+waits up to :data:`EXIT_WAIT_SECONDS` for the worker thread to end, then warns that the sample
+was dropped. Without this wait, CPython (3.11) ends a daemon thread that is inside a torch
+call during finalization, which aborts the process ("terminate called without an active
+exception"); so does a thread that ends during finalization, whose thread-local torch state
+is torn down then. A layer that is still running after the wait (a measurement stuck in user code)
+is left to the interpreter's usual end of daemon threads.
 """
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
+import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from ..operators import Operator
+from .failures import ESSWarning
 from .measure import MeasureConfig, measure_operator, select_indices
 from .snapshot import TRANSFERS, _Copier, make_copier, snapshot
 
-__all__ = ["Job", "Outcome", "snapshot", "make_copier", "make_job", "run_job", "Worker", "TRANSFERS"]
+__all__ = ["Job", "Outcome", "snapshot", "make_copier", "make_job", "run_job", "Worker"]
+__all__ += ["TRANSFERS", "EXIT_WAIT_SECONDS"]
+
+#: At interpreter exit, how long to wait for a running job to stop (module doc).
+EXIT_WAIT_SECONDS = 30.0
 
 
 @dataclass
@@ -46,6 +63,7 @@ class Job:
     calibrate: bool = False
     ready: Any = None  # CUDA event after the snapshot copies
     stream: Any = None  # the side stream the worker computes on
+    cancel: Any = None  # threading.Event: stop before the next layer (set at interpreter exit)
 
 
 @dataclass
@@ -81,6 +99,8 @@ def run_job(job: Job) -> Outcome:
         with ctx, torch.no_grad():
             names = list(job.records) + [n for n in job.operators if n not in job.records]
             for name in names:
+                if job.cancel is not None and job.cancel.is_set():
+                    break
                 try:
                     if name in job.records:
                         probe, record = job.records[name]
@@ -164,8 +184,10 @@ class Worker:
         self._outcome: Optional[Outcome] = None
         self._running = False
         self._stop = False
+        self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
+        _LIVE.add(self)
 
     @property
     def thread(self) -> threading.Thread:
@@ -215,6 +237,7 @@ class Worker:
         with self._cv:
             if self._stop or self._running or self._outcome is not None:
                 return False
+            job.cancel = self._cancel
             self._job = job
             self._running = True
             self._cv.notify_all()
@@ -234,3 +257,38 @@ class Worker:
         with self._cv:
             self._stop = True
             self._cv.notify_all()
+
+    def cancel(self) -> Optional[int]:
+        """Stop the running job before its next layer and accept no other; returns the running
+        job's step (``None`` if none runs). Does not wait."""
+        with self._cv:
+            self._stop = True
+            self._cancel.set()
+            step = self._job.step if self._running and self._job is not None else None
+            self._cv.notify_all()
+            return step
+
+
+_LIVE: "weakref.WeakSet[Worker]" = weakref.WeakSet()
+
+
+def _at_exit() -> None:
+    """Interpreter exit (module doc): cancel every worker's job and let every thread end (its
+    thread-local torch state is torn down while the interpreter still runs); warn per dropped job."""
+    workers = list(_LIVE)
+    steps = [w.cancel() for w in workers]
+    deadline = time.monotonic() + EXIT_WAIT_SECONDS
+    for w, step in zip(workers, steps):
+        w.thread.join(max(0.0, deadline - time.monotonic()))
+        if step is None:
+            continue
+        warnings.warn(
+            f"esswatch: the interpreter exits with the background sample of step {step} still being measured; "
+            + ("it was dropped" if not w.thread.is_alive() else f"it did not stop within {EXIT_WAIT_SECONDS:g} s")
+            + " (call watch.close(), or use the watch as a context manager, to wait for it and log it)",
+            ESSWarning,
+            stacklevel=1,
+        )
+
+
+atexit.register(_at_exit)
