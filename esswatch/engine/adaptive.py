@@ -74,10 +74,11 @@ def _slq_or_exact(h, fro2, rtol, generator, basis=None):
 
     ``basis``: a right basis of ``h`` from a sketch already run (skips the SLQ's own)."""
     p = min(h.shape[-2:])
-    est, half_gap, se, t, _ = slq_entropy(h, SLQ_RANK, generator, fro2=fro2, basis=basis)
+    stop = math.log1p(rtol)
+    est, half_gap, se, t, _ = slq_entropy(h, SLQ_RANK, generator, fro2=fro2, basis=basis, stop=stop)
     _, lo, hi = entropy_bounds(t, fro2, p)
     est = torch.minimum(torch.maximum(est.to(lo.dtype), lo), hi)
-    ok = (half_gap + 2 * se <= math.log1p(rtol)) & torch.isfinite(est)
+    ok = (half_gap + 2 * se <= stop) & torch.isfinite(est)
     if bool(ok.all()):
         return est, lo, hi
     # exact for the rejected batch entries only

@@ -22,7 +22,11 @@ Accepted when ``gap / 2 + 2 * SE <= log(1 + rtol)`` (``gap`` = the difference of
 ``log ESS`` between the Gauss and the Radau rule): a two-standard-error criterion, so the
 estimate is within ``rtol`` of the exact value with about 95% confidence, not with
 certainty. It ignores the (small) cross-talk between the deflated top and the tail; the
-calibration test measures the realized miss rate. Pure tensor math, batched, on the
+calibration test measures the realized miss rate. With ``stop``, the test is also tried after
+6 and 7 steps (``SLQ_CHECKS``; the quadrature sums are cheap next to a pass over ``h``) and
+the runs end once every batch entry passes; the gap shrinks with each step, and the same
+probes are used throughout, so the extra looks barely change the miss rate (the calibration
+test runs with them). Pure tensor math, batched, on the
 block's device, float64; randomness only from the given generator.
 """
 
@@ -30,11 +34,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SLQ_PROBES", "SLQ_STEPS", "frobenius2", "products", "slq_entropy"]
+__all__ = ["SLQ_CHECKS", "SLQ_PROBES", "SLQ_STEPS", "frobenius2", "products", "slq_entropy"]
 
 #: probes and Lanczos steps per probe
 SLQ_PROBES = 16
 SLQ_STEPS = 8
+#: with ``stop``, the steps after which the acceptance test is tried early
+SLQ_CHECKS = (6, 7)
 
 
 def frobenius2(h: torch.Tensor) -> torch.Tensor:
@@ -77,6 +83,70 @@ def _sums(theta: torch.Tensor, w: torch.Tensor):
     return (w * s).sum(-1), (w * slogs).sum(-1)
 
 
+def _estimate(alphas, betas, t, d, tail_energy, fro2):
+    """The Gauss and Gauss-Radau sums of the Golub-Kahan runs so far (``alphas``, ``betas``:
+    one ``batch + (probes,)`` tensor per step), combined with the exact top values ``t``
+    (of ``h / ||h||_F``): ``(est, half_gap, se)`` (module doc, steps 2-3)."""
+    dev = t.device
+    al = torch.stack(alphas, dim=-1).to(torch.float64)  # batch + (probes, l)
+    be = torch.stack(betas, dim=-1).to(torch.float64)  # beta_1..beta_l (beta_l: Radau)
+    ell = al.shape[-1]
+    diag = al**2
+    diag[..., 1:] = diag[..., 1:] + be[..., :-1] ** 2
+    off = al[..., :-1] * be[..., :-1]
+    T = torch.diag_embed(diag) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+    th_g, w_g = _sym_quadrature(T)
+    # Gauss-Radau with a node at 0: extend by b = alpha_l beta_l and omega = b^2 (T^{-1})_{ll}
+    b = al[..., -1] * be[..., -1]
+    e_l = torch.zeros(*T.shape[:-1], 1, dtype=T.dtype, device=dev)
+    e_l[..., -1, 0] = 1.0
+    ridge = 1e-14 * torch.clamp(diag.amax(-1), min=1e-300)
+    delta = torch.linalg.solve(T + ridge[..., None, None] * torch.eye(ell, dtype=T.dtype, device=dev), e_l)
+    omega_r = b**2 * delta[..., -1, 0]
+    Tr = torch.zeros(*T.shape[:-2], ell + 1, ell + 1, dtype=T.dtype, device=dev)
+    Tr[..., :ell, :ell] = T
+    Tr[..., ell, ell - 1] = b
+    Tr[..., ell - 1, ell] = b
+    Tr[..., ell, ell] = omega_r
+    th_r, w_r = _sym_quadrature(Tr)
+    x_g, y_g = _sums(th_g, w_g)
+    x_r, y_r = _sums(th_r, w_r)
+    x_g, y_g, x_r, y_r = (d * x for x in (x_g, y_g, x_r, y_r))  # batch + (probes,)
+    # 3. combine with the exact top
+    t1 = t.sum(-1)
+    t2 = torch.where(t > 0, t * torch.log(torch.where(t > 0, t, torch.ones_like(t))), torch.zeros_like(t)).sum(-1)
+
+    def log_ess(x, y):
+        s1 = t1 + x
+        s2 = t2 + y
+        return torch.log(torch.clamp(s1, min=1e-300)) - s2 / torch.clamp(s1, min=1e-300)
+
+    xm, ym = 0.5 * (x_g + x_r), 0.5 * (y_g + y_r)
+    # control variate: each probe's z^T B z = d alpha_1^2 is exact and its mean is known
+    # (tail_energy); on a flat tail sqrt(B) and B are nearly proportional, so subtracting the
+    # regression on it removes most of the probe-to-probe variance
+    e = d * al[..., 0] ** 2 - tail_energy[..., None]
+    ec = e - e.mean(-1, keepdim=True)
+    ve = torch.clamp((ec * ec).sum(-1, keepdim=True), min=1e-300)
+    for_cv = lambda x: x - ((x - x.mean(-1, keepdim=True)) * ec).sum(-1, keepdim=True) / ve * e
+    xm, ym = for_cv(xm), for_cv(ym)
+    x_g, y_g, x_r, y_r = (for_cv(x) for x in (x_g, y_g, x_r, y_r))
+    log_est = log_ess(xm.mean(-1), ym.mean(-1))
+    half_gap = 0.5 * (log_ess(x_g.mean(-1), y_g.mean(-1)) - log_ess(x_r.mean(-1), y_r.mean(-1))).abs()
+    s1 = t1 + xm.mean(-1)
+    s2 = t2 + ym.mean(-1)
+    g1 = 1.0 / s1 + s2 / s1**2
+    g2 = -1.0 / s1
+    p = xm.shape[-1]
+    xc, yc = xm - xm.mean(-1, keepdim=True), ym - ym.mean(-1, keepdim=True)
+    # one degree of freedom spent on the control variate
+    var = ((g1[..., None] * xc + g2[..., None] * yc) ** 2).sum(-1) / max(p - 2, 1) / p
+    se = torch.sqrt(var)
+    est = torch.exp(log_est)
+    est = torch.where(fro2 > 0, est, torch.zeros_like(est))
+    return est, half_gap, se
+
+
 def slq_entropy(
     h: torch.Tensor,
     k: int,
@@ -87,6 +157,7 @@ def slq_entropy(
     power_iters: int = 1,
     fro2: torch.Tensor | None = None,
     basis: torch.Tensor | None = None,
+    stop: float | None = None,
 ):
     """Deflated SLQ estimate of entropy-ESS of ``h`` (``batch + (m, n)``).
 
@@ -97,7 +168,8 @@ def slq_entropy(
     stride; no copy is made). ``fro2`` (``||h||_F^2``, float64) may be passed in if the
     caller has it, and ``basis``
     (an orthonormal right basis ``n x k`` from the caller's sketch, float64) replaces the
-    subspace iteration.
+    subspace iteration. ``stop`` (``log(1 + rtol)``): after each step in ``SLQ_CHECKS``, return
+    at once if every batch entry already meets ``half_gap + 2 se <= stop``.
 
     Returns ``(est, half_gap, se, t, fro2)``: the estimate ``batch``, half the Gauss/Radau gap
     and the standard error, both in ``log ESS`` (``batch``), the top values ``t``
@@ -164,63 +236,12 @@ def slq_entropy(
         betas.append(beta[..., 0, :])
         if j == steps - 1:
             break
+        if stop is not None and j + 1 in SLQ_CHECKS:  # every entry accepted already: stop early
+            est, half_gap, se = _estimate(alphas, betas, t, d, tail_energy, fro2)
+            if bool((half_gap + 2 * se <= stop).all()):
+                return est, half_gap, se, t * scale[..., None], fro2
         v = w / torch.clamp(beta, min=tiny)
         Vbuf[..., j + 1, :] = v.transpose(-1, -2)
         u = fwd(v) - beta * u
-    al = torch.stack(alphas, dim=-1).to(torch.float64)  # batch + (probes, l)
-    be = torch.stack(betas, dim=-1).to(torch.float64)  # beta_1..beta_l (beta_l: Radau)
-    ell = al.shape[-1]
-    diag = al**2
-    diag[..., 1:] = diag[..., 1:] + be[..., :-1] ** 2
-    off = al[..., :-1] * be[..., :-1]
-    T = torch.diag_embed(diag) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
-    th_g, w_g = _sym_quadrature(T)
-    # Gauss-Radau with a node at 0: extend by b = alpha_l beta_l and omega = b^2 (T^{-1})_{ll}
-    b = al[..., -1] * be[..., -1]
-    e_l = torch.zeros(*T.shape[:-1], 1, dtype=T.dtype, device=dev)
-    e_l[..., -1, 0] = 1.0
-    ridge = 1e-14 * torch.clamp(diag.amax(-1), min=1e-300)
-    delta = torch.linalg.solve(T + ridge[..., None, None] * torch.eye(ell, dtype=T.dtype, device=dev), e_l)
-    omega_r = b**2 * delta[..., -1, 0]
-    Tr = torch.zeros(*T.shape[:-2], ell + 1, ell + 1, dtype=T.dtype, device=dev)
-    Tr[..., :ell, :ell] = T
-    Tr[..., ell, ell - 1] = b
-    Tr[..., ell - 1, ell] = b
-    Tr[..., ell, ell] = omega_r
-    th_r, w_r = _sym_quadrature(Tr)
-    x_g, y_g = _sums(th_g, w_g)
-    x_r, y_r = _sums(th_r, w_r)
-    x_g, y_g, x_r, y_r = (d * x for x in (x_g, y_g, x_r, y_r))  # batch + (probes,)
-    # 3. combine with the exact top
-    t1 = t.sum(-1)
-    t2 = torch.where(t > 0, t * torch.log(torch.where(t > 0, t, torch.ones_like(t))), torch.zeros_like(t)).sum(-1)
-
-    def log_ess(x, y):
-        s1 = t1 + x
-        s2 = t2 + y
-        return torch.log(torch.clamp(s1, min=1e-300)) - s2 / torch.clamp(s1, min=1e-300)
-
-    xm, ym = 0.5 * (x_g + x_r), 0.5 * (y_g + y_r)
-    # control variate: each probe's z^T B z = d alpha_1^2 is exact and its mean is known
-    # (tail_energy); on a flat tail sqrt(B) and B are nearly proportional, so subtracting the
-    # regression on it removes most of the probe-to-probe variance
-    e = d * al[..., 0] ** 2 - tail_energy[..., None]
-    ec = e - e.mean(-1, keepdim=True)
-    ve = torch.clamp((ec * ec).sum(-1, keepdim=True), min=1e-300)
-    for_cv = lambda x: x - ((x - x.mean(-1, keepdim=True)) * ec).sum(-1, keepdim=True) / ve * e
-    xm, ym = for_cv(xm), for_cv(ym)
-    x_g, y_g, x_r, y_r = (for_cv(x) for x in (x_g, y_g, x_r, y_r))
-    log_est = log_ess(xm.mean(-1), ym.mean(-1))
-    half_gap = 0.5 * (log_ess(x_g.mean(-1), y_g.mean(-1)) - log_ess(x_r.mean(-1), y_r.mean(-1))).abs()
-    s1 = t1 + xm.mean(-1)
-    s2 = t2 + ym.mean(-1)
-    g1 = 1.0 / s1 + s2 / s1**2
-    g2 = -1.0 / s1
-    p = xm.shape[-1]
-    xc, yc = xm - xm.mean(-1, keepdim=True), ym - ym.mean(-1, keepdim=True)
-    # one degree of freedom spent on the control variate
-    var = ((g1[..., None] * xc + g2[..., None] * yc) ** 2).sum(-1) / max(p - 2, 1) / p
-    se = torch.sqrt(var)
-    est = torch.exp(log_est)
-    est = torch.where(fro2 > 0, est, torch.zeros_like(est))
+    est, half_gap, se = _estimate(alphas, betas, t, d, tail_energy, fro2)
     return est, half_gap, se, t * scale[..., None], fro2
