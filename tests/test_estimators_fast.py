@@ -6,6 +6,8 @@ masks, padding, short kernels), the deflated SLQ and its calibration, and the RN
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -359,3 +361,34 @@ def test_slq_with_the_pilots_rank16_basis_against_svd():
     err = np.abs(est.numpy() - ex) / ex
     assert (err <= half_gap.numpy() + 3 * se.numpy() + 1e-3).all(), (err, half_gap, se)
     assert (err < 0.02).all()
+
+
+@pytest.mark.parametrize("seed, noise, expect", [(3, 0.02, 6), (4, 0.05, 7), (5, 0.08, 8)])
+def test_slq_early_stop_is_the_first_passing_check(seed, noise, expect):
+    """With ``stop``, the quadrature ends after the first step in SLQ_CHECKS at which every head
+    passes: its output is bit-identical to a run of that many steps (same probes), the runs
+    at the earlier checks did not pass, and the estimate is within rtol of a float64 SVD."""
+    from esswatch.engine.randomized import sketch_singular_values
+    from esswatch.engine.slq import SLQ_CHECKS, SLQ_STEPS
+
+    op = _flat_tail_attention(640, seed=seed, noise=noise)
+    h = op.dense()[..., 320:, :320]
+    stop = math.log1p(0.02)
+
+    def run(**kw):
+        g = torch.Generator().manual_seed(7)
+        _, basis = sketch_singular_values(
+            lambda v: h @ v, lambda w: h.mT @ w, 320, h.shape[:-2], 16, 0, h.dtype, h.device, g, return_basis=True
+        )
+        return slq_entropy(h, 16, g, basis=basis, **kw)
+
+    stopped = run(stop=stop)
+    fixed = {j: run(steps=j) for j in (*SLQ_CHECKS, SLQ_STEPS)}
+    passes = {j: bool((r[1] + 2 * r[2] <= stop).all()) for j, r in fixed.items()}
+    first = next((j for j in SLQ_CHECKS if passes[j]), SLQ_STEPS)
+    assert first == expect, passes  # the three cases cover a stop after 6, after 7, and none
+    for a, b in zip(stopped, fixed[first]):
+        assert torch.equal(a, b), first
+    ex = entropy_ess_ref(op.dense().numpy(), [320])[..., 0]
+    if passes[first]:
+        assert (np.abs(stopped[0].numpy() - ex) / ex < 0.02).all()
