@@ -26,21 +26,29 @@ calibration test measures the realized miss rate. With ``stop``, the test is als
 6 and 7 steps (``SLQ_CHECKS``; the quadrature sums are cheap next to a pass over ``h``) and
 the runs end once every batch entry passes; the gap shrinks with each step, and the same
 probes are used throughout, so the extra looks barely change the miss rate (the calibration
-test runs with them). Pure tensor math, batched, on the
-block's device, float64; randomness only from the given generator.
+test runs with them). After 4 steps the runs are abandoned (rejected) when every entry is
+still far above the limit (``SLQ_GIVE_UP``): the caller's exact SVD then costs 10 passes less.
+Pure tensor math, batched, on the block's device, float64; randomness only from the given
+generator.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["SLQ_CHECKS", "SLQ_PROBES", "SLQ_STEPS", "frobenius2", "products", "slq_entropy"]
+__all__ = ["SLQ_CHECKS", "SLQ_GIVE_UP", "SLQ_GIVE_UP_AT", "SLQ_PROBES", "SLQ_STEPS"]
+__all__ += ["frobenius2", "products", "slq_entropy"]
 
 #: probes and Lanczos steps per probe
 SLQ_PROBES = 16
 SLQ_STEPS = 8
 #: with ``stop``, the steps after which the acceptance test is tried early
 SLQ_CHECKS = (6, 7)
+#: with ``stop``: after ``SLQ_GIVE_UP_AT`` steps, give up (return the rejected estimate at once)
+#: when every entry is still above ``SLQ_GIVE_UP * stop``; the half gap shrinks about 2.5-5x
+#: from 4 to 8 steps on flat tails (``examples/benchmarks/flat_tail.py``), so these could not pass
+SLQ_GIVE_UP_AT = 4
+SLQ_GIVE_UP = 6.0
 
 
 def frobenius2(h: torch.Tensor) -> torch.Tensor:
@@ -169,7 +177,8 @@ def slq_entropy(
     caller has it, and ``basis``
     (an orthonormal right basis ``n x k`` from the caller's sketch, float64) replaces the
     subspace iteration. ``stop`` (``log(1 + rtol)``): after each step in ``SLQ_CHECKS``, return
-    at once if every batch entry already meets ``half_gap + 2 se <= stop``.
+    at once if every batch entry already meets ``half_gap + 2 se <= stop``; after
+    ``SLQ_GIVE_UP_AT`` steps, if every entry is still above ``SLQ_GIVE_UP * stop`` (rejected).
 
     Returns ``(est, half_gap, se, t, fro2)``: the estimate ``batch``, half the Gauss/Radau gap
     and the standard error, both in ``log ESS`` (``batch``), the top values ``t``
@@ -236,9 +245,12 @@ def slq_entropy(
         betas.append(beta[..., 0, :])
         if j == steps - 1:
             break
-        if stop is not None and j + 1 in SLQ_CHECKS:  # every entry accepted already: stop early
+        if stop is not None and (j + 1 in SLQ_CHECKS or j + 1 == SLQ_GIVE_UP_AT):
             est, half_gap, se = _estimate(alphas, betas, t, d, tail_energy, fro2)
-            if bool((half_gap + 2 * se <= stop).all()):
+            crit = half_gap + 2 * se
+            if j + 1 in SLQ_CHECKS and bool((crit <= stop).all()):  # every entry accepted already
+                return est, half_gap, se, t * scale[..., None], fro2
+            if j + 1 == SLQ_GIVE_UP_AT and bool((crit > SLQ_GIVE_UP * stop).all()):  # none can pass
                 return est, half_gap, se, t * scale[..., None], fro2
         v = w / torch.clamp(beta, min=tiny)
         Vbuf[..., j + 1, :] = v.transpose(-1, -2)
