@@ -422,12 +422,12 @@ def test_bypassed_registry_and_kv_cache_are_warned():
     assert any("transformer.h.0.attn" in m and "did not call" in m for m in msgs), msgs
 
     # a model whose only attention bypasses the registry: construction fails naming it (tests/test_unsupported.py)
-    cfg = T.FalconConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, vocab_size=VOCAB)
+    cfg = T.BloomConfig(hidden_size=32, n_layer=1, n_head=4, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
     with pytest.raises(
         esswatch.probes.UnsupportedModelError,
-        match=r"FalconAttention .*transformer\.h\.0\.self_attention.*without transformers'",
+        match=r"BloomAttention .*transformer\.h\.0\.self_attention.*without transformers'",
     ):
-        esswatch.capture(T.FalconForCausalLM(cfg))
+        esswatch.capture(T.BloomForCausalLM(cfg))
 
     model, names, _ = _make("llama")
     ids = _ids()
@@ -436,6 +436,39 @@ def test_bypassed_registry_and_kv_cache_are_warned():
         cap, _, msgs = _capture(model, ids[:, :1], past_key_values=past, use_cache=True)
     assert not cap.operators
     assert any(names[0] in m and "key length" in m for m in msgs), msgs
+
+
+@pytest.mark.parametrize("kind", ["gptj", "falcon"])
+def test_gptj_and_falcon_through_the_registry(kind):
+    """GPT-J and Falcon call the attention registry from transformers 5.24 (before, they are
+    reported as unsupported, like Bloom above): then their captured operators are the eager
+    attention probabilities the model returns, and the capture leaves the logits unchanged."""
+    from esswatch.integrations.transformers.provider import calls_attention_registry
+
+    T = transformers
+    if kind == "gptj":
+        cfg = T.GPTJConfig(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, rotary_dim=4)
+        model, attn = T.GPTJForCausalLM, "transformer.h.{}.attn"
+    else:
+        cfg = T.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB)
+        model, attn = T.FalconForCausalLM, "transformer.h.{}.self_attention"
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    m = model(cfg).eval()
+    names = [attn.format(i) for i in range(2)]
+    if not calls_attention_registry(type(m.get_submodule(names[0]))):
+        pytest.skip(f"transformers {T.__version__}: {kind} bypasses the registry (tested as unsupported)")
+    ids = _ids()
+    with torch.no_grad():
+        ref = m(ids, output_attentions=True)
+        cap, out, msgs = _capture(m, ids)
+    assert not msgs, msgs
+    assert torch.equal(out.logits, ref.logits)
+    assert sorted(cap.operators) == names
+    for i, name in enumerate(names):
+        op = cap.operators[name]
+        assert isinstance(op, SoftmaxAttention)
+        torch.testing.assert_close(op.dense(), ref.attentions[i].float(), **TOL)
 
 
 def test_cross_attention_is_not_selected():

@@ -27,16 +27,25 @@ REGISTRY = "without transformers' attention-function registry"
 BIDIRECTIONAL = "bidirectional attention (is_causal = False)"
 
 
-def gptj():
-    cfg = transformers.GPTJConfig(
-        n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, rotary_dim=4, bos_token_id=0, eos_token_id=0
+def bloom():
+    cfg = transformers.BloomConfig(
+        hidden_size=32, n_layer=2, n_head=4, vocab_size=VOCAB, bos_token_id=0, eos_token_id=0
     )
-    return transformers.GPTJForCausalLM(cfg)
+    return transformers.BloomForCausalLM(cfg)
 
 
-def falcon():
-    cfg = transformers.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB)
-    return transformers.FalconForCausalLM(cfg)
+def gpt_neo():
+    cfg = transformers.GPTNeoConfig(
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        attention_types=[[["global", "local"], 1]],
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return transformers.GPTNeoForCausalLM(cfg)
 
 
 def bert():
@@ -47,11 +56,13 @@ def bert():
 
 
 CASES = {
-    "gptj": (gptj, "GPTJAttention", ("transformer.h.0.attn", "transformer.h.1.attn"), REGISTRY),
-    "falcon": (
-        falcon,
-        "FalconAttention",
-        ("transformer.h.0.self_attention", "transformer.h.1.self_attention"),
+    # attention without the registry in every supported transformers release (GPT-J and Falcon
+    # call it from transformers 5.24: tests/test_capture_hf.py::test_gptj_and_falcon_through_the_registry)
+    "bloom": (bloom, "BloomAttention", ("transformer.h.0.self_attention", "transformer.h.1.self_attention"), REGISTRY),
+    "gpt_neo": (
+        gpt_neo,
+        "GPTNeoSelfAttention",
+        ("transformer.h.0.attn.attention", "transformer.h.1.attn.attention"),
         REGISTRY,
     ),
     "bert": (
@@ -141,12 +152,12 @@ def test_trainer_callback_fails_at_setup(tmp_path):
         save_strategy="no",
         disable_tqdm=True,
     )
-    model = gptj()
+    model = bloom()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[ESSCallback(every_n_steps=1)])
     with pytest.raises(UnsupportedModelError) as e:
         trainer.train()
-    _check_message(str(e.value), *CASES["gptj"][1:])
+    _check_message(str(e.value), *CASES["bloom"][1:])
     assert trainer.state.global_step == 0  # failed before the first step
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 

@@ -239,7 +239,7 @@ class HFAttentionProbe(Probe):
 class BypassingAttentionProbe(UnsupportedProbe):
     """Stands for a transformers attention module whose ``forward`` never calls the registry.
 
-    Such a module (e.g. Falcon, GPT-J, GPT-Neo, Bloom in transformers 5) computes attention
+    Such a module (e.g. Bloom and GPT-Neo; GPT-J and Falcon up to transformers 5.23) computes attention
     with its own code, so esswatch cannot see its query and key without reimplementing it.
     Not capturable: the capture names it (an error when nothing else can be captured,
     otherwise one warning), see :mod:`esswatch.probes.unsupported`.

@@ -124,7 +124,8 @@ class _MixerProbe(Probe):
         if not self.session.armed:
             return
         hidden = args[0] if args else kwargs.get("hidden_states")
-        cache = args[1] if len(args) > 1 else kwargs.get("cache_params")
+        # the cache: ``cache_params`` up to transformers 5.23, ``cache`` from 5.24
+        cache = args[1] if len(args) > 1 else kwargs.get("cache", kwargs.get("cache_params"))
         if self.has_record:  # a later call in this armed window: a decoding step (warned once)?
             if cache is not None and _continues_state(cache, module, hidden):
                 self.session.note_cached_call(self.name)

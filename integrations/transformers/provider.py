@@ -14,8 +14,8 @@ imported; importing it calls :func:`esswatch.probes.add_provider` with
 Recognised but not capturable (reported by name and reason when the capture is built:
 an error if nothing else in the model can be captured, otherwise one warning): statically
 bidirectional attention (``is_causal = False``, e.g. BERT encoders, ViT), cross-attention
-(``is_cross_attention = True``), attention that bypasses the registry (GPT-J, Falcon, ...),
-and state-space mixers without a probe.
+(``is_cross_attention = True``), attention that bypasses the registry (Bloom, GPT-Neo; GPT-J and
+Falcon before transformers 5.24), and state-space mixers without a probe.
 """
 
 from __future__ import annotations
