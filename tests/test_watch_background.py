@@ -394,6 +394,30 @@ def test_budget_ladder_cuts_rows_then_indices_then_heads():
     assert lvl["batch_rows"] == lvl["heads"] == lvl["indices"] == 1 and "cannot be met" in b.warning
 
 
+@pytest.mark.parametrize("t_one,t_full", [(0.25, 1.5), (1.5, 8.0), (0.3, 3.1), (10.0, 40.0), (0.05, 50.0)])
+def test_budget_takes_the_largest_level_within_target(t_one, t_full):
+    """The chosen level is predicted within 0.8 b and the ladder's level just above it (one more
+    row, index or head) is predicted over it: the budget is used, not halved away."""
+    from esswatch.watch.budget import TARGET
+
+    cfg, timings = MeasureConfig(indices=16), _timings(t_one, t_full)
+    b = Budget(1.0)
+    lvl = b.decide(timings, cfg, t_full)
+    ladder = b._ladder(timings)
+    level = (
+        lvl["batch_rows"],
+        lvl["indices"] if isinstance(lvl["indices"], int) else len(lvl["indices"]),
+        lvl["heads"],
+    )
+    j = ladder.index(level)
+    assert j > 0 and b.predict(timings, cfg, ladder[j - 1]) > TARGET * b.seconds
+    assert lvl["predicted_seconds"] == pytest.approx(b.predict(timings, cfg, level))
+    assert lvl["predicted_seconds"] <= TARGET * b.seconds
+    # consecutive levels differ by one row, index or head: the predicted time drops by a small step
+    assert all(sum(x != y for x, y in zip(a, c)) == 1 for a, c in zip(ladder, ladder[1:]))
+    assert all(sum(abs(x - y) for x, y in zip(a, c)) == 1 for a, c in zip(ladder, ladder[1:]))
+
+
 @pytest.mark.parametrize("background", [False, True])
 def test_budget_fixes_a_smaller_measurement_after_the_first_sample(background):
     """Full measurement (4 rows x 4 heads x 24 exact indices at L = 192) is far over a 0.1 s budget:

@@ -8,14 +8,16 @@ part (building the operator, one index) and a per-index part, with an index ``i`
 cheaper estimators: errs on the safe side). Everything scales with the kept batch rows and
 heads. The watch then picks the first level of this ladder whose predicted time is at most
 ``TARGET`` (0.8) times the budget, and keeps it for the rest of the run (curves stay
-comparable):
+comparable). Each count on the ladder steps down by one up to ``FINE_BELOW`` (16) and by about
+a fifth above it (:func:`_counts`), so the chosen level uses most of the budget (halving left
+later samples at 0.4-0.65 of it):
 
-1. **batch rows**, halved down to 1: rows are samples of the same quantity, so fewer rows
+1. **batch rows**, down to 1: rows are samples of the same quantity, so fewer rows
    only make each value noisier; every head, index and statistic keeps its meaning;
-2. **indices**, halved down to 1 (spread evenly as before): the ESS-versus-index profile
+2. **indices**, down to 1 (spread evenly as before): the ESS-versus-index profile
    gets coarser and ``avg`` / ``max`` average / maximize over fewer positions (``max`` can
    only drop), but every head is still measured;
-3. **heads / channels**, halved down to 1: the last resort, since ``total`` ESS then sums
+3. **heads / channels**, down to 1: the last resort, since ``total`` ESS then sums
    fewer heads (its scale changes) and per-head histograms lose heads.
 
 If even the smallest level is predicted over budget, that level is used and a warning says
@@ -33,10 +35,12 @@ import torch
 
 from .measure import IndexSpec, MeasureConfig, select_indices
 
-__all__ = ["Budget", "TARGET", "validate_budget", "agree_min"]
+__all__ = ["Budget", "FINE_BELOW", "TARGET", "validate_budget", "agree_min"]
 
 #: the level is chosen so that the predicted time is at most this fraction of the budget
 TARGET = 0.8
+#: ladder counts step down by one up to this, by about a fifth above it
+FINE_BELOW = 16
 
 
 def validate_budget(value: Any) -> Optional[float]:
@@ -51,10 +55,13 @@ def _weight(i: int, L: int) -> float:
     return float((L - i) * i * min(i, L - i))
 
 
-def _halvings(n: int) -> List[int]:
+def _counts(n: int) -> List[int]:
+    """``n`` and the smaller counts the ladder tries, descending to 1: each step removes one up
+    to ``FINE_BELOW``, about a fifth above it (a few dozen levels even for thousands of indices)."""
     out = [n]
     while out[-1] > 1:
-        out.append((out[-1] + 1) // 2)
+        c = out[-1]
+        out.append(c - 1 if c <= FINE_BELOW else max(FINE_BELOW, (4 * c) // 5))
     return out
 
 
@@ -88,9 +95,9 @@ class Budget:
         rows = max(t["rows"] for t in timings.values())
         heads = max(t["heads"] for t in timings.values())
         n_idx = max(len(t["indices"]) for t in timings.values())
-        ladder = [(r, n_idx, heads) for r in _halvings(rows)]
-        ladder += [(1, n, heads) for n in _halvings(n_idx)[1:]]
-        ladder += [(1, 1, h) for h in _halvings(heads)[1:]]
+        ladder = [(r, n_idx, heads) for r in _counts(rows)]
+        ladder += [(1, n, heads) for n in _counts(n_idx)[1:]]
+        ladder += [(1, 1, h) for h in _counts(heads)[1:]]
         return ladder
 
     @staticmethod
