@@ -28,6 +28,7 @@ so. With ``reduce=True`` the ranks agree on the most cut level of any rank (one 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -53,6 +54,12 @@ def validate_budget(value: Any) -> Optional[float]:
 
 def _weight(i: int, L: int) -> float:
     return float((L - i) * i * min(i, L - i))
+
+
+@functools.lru_cache(maxsize=256)
+def _cost(indices: Tuple[int, ...], L: int) -> float:
+    """The summed weight of ``indices`` (cached: the ladder asks for the same sets at every level)."""
+    return sum(_weight(i, L) for i in indices)
 
 
 def _counts(n: int) -> List[int]:
@@ -107,13 +114,13 @@ class Budget:
         total = 0.0
         for t in timings.values():
             L = t["seq_len"]
-            c_full = sum(_weight(i, L) for i in t["indices"])
-            c_one = sum(_weight(i, L) for i in t["one"])
+            c_full = _cost(tuple(t["indices"]), L)
+            c_one = _cost(tuple(t["one"]), L)
             per = 0.0
             if c_full > c_one:
                 per = max(0.0, (t["t_full"] - t["t_one"]) / (c_full - c_one))
             fixed = max(0.0, t["t_full"] - per * c_full, min(t["t_one"], t["t_full"]) - per * c_one)
-            c_new = sum(_weight(i, L) for i in select_indices(spec, L))
+            c_new = _cost(tuple(select_indices(spec, L)), L)
             scale = min(rows, t["rows"]) / t["rows"] * min(heads, t["heads"]) / t["heads"]
             total += scale * (fixed + per * c_new)
         return total
