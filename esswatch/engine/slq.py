@@ -22,12 +22,17 @@ Accepted when ``gap / 2 + 2 * SE <= log(1 + rtol)`` (``gap`` = the difference of
 ``log ESS`` between the Gauss and the Radau rule): a two-standard-error criterion, so the
 estimate is within ``rtol`` of the exact value with about 95% confidence, not with
 certainty. It ignores the (small) cross-talk between the deflated top and the tail; the
-calibration test measures the realized miss rate. With ``stop``, the test is also tried after
-6 and 7 steps (``SLQ_CHECKS``; the quadrature sums are cheap next to a pass over ``h``) and
-the runs end once every batch entry passes; the gap shrinks with each step, and the same
-probes are used throughout, so the extra looks barely change the miss rate (the calibration
-test runs with them). After 4 steps the runs are abandoned (rejected) when every entry is
-still far above the limit (``SLQ_GIVE_UP``): the caller's exact SVD then costs 10 passes less.
+calibration test measures the realized miss rate. With ``stop``, the runs take up to
+``SLQ_STEPS`` steps and the test is tried along the way (from ``SLQ_FIRST_CHECK`` steps; the
+quadrature sums are cheap next to a pass over ``h``): an entry is accepted at the first check
+it passes and keeps the values of the last check it passes (later steps come free while
+other entries run on). An entry is given up (left to the caller's exact
+SVD) when it cannot pass by ``SLQ_STEPS``: above ``SLQ_GIVE_UP * stop`` at the first check, or,
+later, when the power law through its last two checked criteria stays above ``stop`` at
+``SLQ_STEPS`` (the criterion falls about as ``step^-1.5`` to ``step^-2`` on flat tails and
+flattens where the standard error or a wide band holds it up). The runs end once every entry
+is accepted or given up. The gap shrinks with each step and the same probes are used
+throughout, so the extra looks barely change the miss rate (the calibration test runs with them).
 Pure tensor math, batched, on the block's device, float64; randomness only from the given
 generator.
 """
@@ -36,19 +41,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SLQ_CHECKS", "SLQ_GIVE_UP", "SLQ_GIVE_UP_AT", "SLQ_PROBES", "SLQ_STEPS"]
+from .slq_stopping import SLQ_FAST_DECAY, SLQ_FIRST_CHECK, SLQ_GIVE_UP, Checks
+
+__all__ = ["SLQ_FAST_DECAY", "SLQ_FIRST_CHECK", "SLQ_GIVE_UP", "SLQ_PROBES", "SLQ_STEPS"]
 __all__ += ["frobenius2", "products", "slq_entropy"]
 
-#: probes and Lanczos steps per probe
+#: probes, and Lanczos steps per probe (at most, with ``stop``)
 SLQ_PROBES = 16
-SLQ_STEPS = 8
-#: with ``stop``, the steps after which the acceptance test is tried early
-SLQ_CHECKS = (6, 7)
-#: with ``stop``: after ``SLQ_GIVE_UP_AT`` steps, give up (return the rejected estimate at once)
-#: when every entry is still above ``SLQ_GIVE_UP * stop``; the half gap shrinks about 2.5-5x
-#: from 4 to 8 steps on flat tails (``examples/benchmarks/flat_tail.py``), so these could not pass
-SLQ_GIVE_UP_AT = 4
-SLQ_GIVE_UP = 6.0
+SLQ_STEPS = 12
 
 
 def frobenius2(h: torch.Tensor) -> torch.Tensor:
@@ -176,9 +176,9 @@ def slq_entropy(
     stride; no copy is made). ``fro2`` (``||h||_F^2``, float64) may be passed in if the
     caller has it, and ``basis``
     (an orthonormal right basis ``n x k`` from the caller's sketch, float64) replaces the
-    subspace iteration. ``stop`` (``log(1 + rtol)``): after each step in ``SLQ_CHECKS``, return
-    at once if every batch entry already meets ``half_gap + 2 se <= stop``; after
-    ``SLQ_GIVE_UP_AT`` steps, if every entry is still above ``SLQ_GIVE_UP * stop`` (rejected).
+    subspace iteration. ``stop`` (``log(1 + rtol)``): try the acceptance test
+    ``half_gap + 2 se <= stop`` along the way and end early (module doc); accepted entries
+    keep the values of the last check they passed.
 
     Returns ``(est, half_gap, se, t, fro2)``: the estimate ``batch``, half the Gauss/Radau gap
     and the standard error, both in ``log ESS`` (``batch``), the top values ``t``
@@ -231,6 +231,7 @@ def slq_entropy(
     Vbuf = torch.zeros(*batch, probes, steps, n, dtype=lo, device=dev)
     Vbuf[..., 0, :] = v.transpose(-1, -2)
     alphas, betas = [], []
+    checks = None if stop is None else Checks(stop, steps)
     u = hvv[..., V.shape[-1] :] * inv
     for j in range(steps):
         alpha = _colnorm(u)
@@ -245,15 +246,14 @@ def slq_entropy(
         betas.append(beta[..., 0, :])
         if j == steps - 1:
             break
-        if stop is not None and (j + 1 in SLQ_CHECKS or j + 1 == SLQ_GIVE_UP_AT):
-            est, half_gap, se = _estimate(alphas, betas, t, d, tail_energy, fro2)
-            crit = half_gap + 2 * se
-            if j + 1 in SLQ_CHECKS and bool((crit <= stop).all()):  # every entry accepted already
-                return est, half_gap, se, t * scale[..., None], fro2
-            if j + 1 == SLQ_GIVE_UP_AT and bool((crit > SLQ_GIVE_UP * stop).all()):  # none can pass
-                return est, half_gap, se, t * scale[..., None], fro2
+        if checks is not None and checks.due(j + 1):
+            if checks.update(j + 1, *_estimate(alphas, betas, t, d, tail_energy, fro2)):
+                return (*checks.result(), t * scale[..., None], fro2)
         v = w / torch.clamp(beta, min=tiny)
         Vbuf[..., j + 1, :] = v.transpose(-1, -2)
         u = fwd(v) - beta * u
-    est, half_gap, se = _estimate(alphas, betas, t, d, tail_energy, fro2)
-    return est, half_gap, se, t * scale[..., None], fro2
+    final = _estimate(alphas, betas, t, d, tail_energy, fro2)
+    if checks is not None:
+        checks.update(steps, *final)
+        final = checks.result()
+    return (*final, t * scale[..., None], fro2)

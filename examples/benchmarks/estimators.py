@@ -166,6 +166,8 @@ FLAT_TAIL_VARIANTS = {
     "8 clusters, sharpness 2": {"clusters": 8, "sharp": 2.0},
     "noise 0.1": {"noise": 0.1},
     "d 64": {"d": 64},
+    "noise 0.07": {"noise": 0.07},
+    "d 48": {"d": 48},
 }
 
 

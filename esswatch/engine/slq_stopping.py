@@ -1,0 +1,72 @@
+"""When the deflated SLQ of :mod:`.slq` stops: its acceptance checks along the Golub-Kahan steps.
+
+With ``stop`` (``log(1 + rtol)``) the quadrature tries its acceptance test
+``half_gap + 2 SE <= stop`` after the steps :meth:`Checks.due` picks, and ends once every batch
+entry is accepted (it keeps the values of the last check it passed) or given up (it cannot pass by
+the last step, so the caller's exact SVD gets it sooner). Pure bookkeeping on small tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["SLQ_FAST_DECAY", "SLQ_FIRST_CHECK", "SLQ_GIVE_UP", "Checks"]
+
+#: with ``stop``: the acceptance test is tried after every step from ``SLQ_FIRST_CHECK`` on (a
+#: check is skipped when no open entry could pass there even if its criterion fell as fast as
+#: ``step^-SLQ_FAST_DECAY`` since the last check; it falls about as ``step^-1.5`` to ``step^-2``
+#: on flat tails, ``examples/benchmarks/flat_tail.py``)
+SLQ_FIRST_CHECK = 4
+SLQ_FAST_DECAY = 3.0
+#: with ``stop``: an entry is given up (rejected) at the first check when its criterion is above
+#: ``SLQ_GIVE_UP * stop``, and at a later check when the power law through its last two checked
+#: criteria does not reach ``stop`` by ``steps``; the runs end once every entry is accepted or given up
+SLQ_GIVE_UP = 6.0
+
+
+class Checks:
+    """The acceptance checks of :func:`~esswatch.engine.slq.slq_entropy` with ``stop`` (module doc): which steps are
+    checked, which entries are accepted (with the values of the last check they passed) or given up."""
+
+    def __init__(self, stop: float, steps: int):
+        self.stop, self.steps = stop, steps
+        self.values = None  # (est, half_gap, se): of the latest check, or an accepted entry's last passing one
+        self.accepted = None
+        self.last = None  # (step, crit) of the last check
+
+    def _open(self):
+        return ~self.accepted
+
+    def due(self, step: int) -> bool:
+        """Whether to check after ``step`` steps: from ``SLQ_FIRST_CHECK`` on, unless no open
+        entry could pass yet even if its criterion fell as ``step^-SLQ_FAST_DECAY``."""
+        if step < SLQ_FIRST_CHECK:
+            return False
+        if self.last is None:
+            return True
+        step0, crit0 = self.last
+        fastest = crit0 * (step0 / step) ** SLQ_FAST_DECAY
+        return bool(((fastest <= self.stop) & self._open()).any())
+
+    def update(self, step: int, est, half_gap, se) -> bool:
+        """Record the check after ``step`` steps; ``True`` once every entry is accepted or given up."""
+        crit = half_gap + 2 * se
+        if self.values is None:
+            self.values = [est, half_gap, se]
+            self.accepted = torch.zeros_like(crit, dtype=torch.bool)
+            hopeless = ~(crit <= SLQ_GIVE_UP * self.stop)  # NaN: given up
+        else:
+            # an accepted entry takes the later check's values (more steps, free) only if they pass too
+            keep = self.accepted & ~(crit <= self.stop)
+            self.values = [torch.where(keep, a, b) for a, b in zip(self.values, (est, half_gap, se))]
+            step0, crit0 = self.last
+            rate = torch.clamp(torch.log(crit0 / crit) / math.log(step / step0), min=0)
+            hopeless = ~(crit * (step / self.steps) ** rate <= self.stop)  # the power law misses by `steps`
+        self.accepted = self.accepted | (crit <= self.stop)
+        self.last = (step, torch.where(self.accepted, torch.zeros_like(crit), crit))
+        return bool((self.accepted | hopeless).all())
+
+    def result(self):
+        return tuple(self.values)
