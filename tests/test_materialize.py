@@ -98,6 +98,25 @@ def test_dense_and_parts_equal_the_plain_formula_bit_for_bit(dtype):
             assert torch.equal(op.dense(), plain_dense_part(op, slice(None), slice(None))), name
 
 
+@pytest.mark.parametrize("rows_per_fill", [1, 4, 7])
+def test_forbidden_fill_by_row_blocks_equals_the_plain_formula(monkeypatch, rows_per_fill):
+    """The forbidden scores are filled by blocks of rows (slice fills plus the bands causality and
+    the window cut through a block): with blocks smaller than the operator, every block edge case
+    (diagonal and window bands, narrowed rows and columns) gives the plain formula bit for bit."""
+    from esswatch.operators import attention
+
+    monkeypatch.setattr(attention, "_FILL_ROWS", rows_per_fill)
+    L = 37
+    for name, op in _attention_cases(L, torch.float32).items():
+        assert torch.equal(op.dense(), plain_dense_part(op, slice(None), slice(None))), name
+        for rows, cols in ((slice(9, 30), slice(0, 30)), (slice(20, 37), slice(11, 37)), (slice(0, 1), slice(0, 1))):
+            assert torch.equal(op._dense_part(rows, cols), plain_dense_part(op, rows, cols)), (name, rows, cols)
+        for w in (1, 3, 12):
+            win = SoftmaxAttention(op.q, op.k, scale=op.scale, window=w)
+            assert torch.equal(win.dense(), plain_dense_part(win, slice(None), slice(None))), (name, w)
+            assert torch.equal(win.block(slice(20, 33), slice(14, 30)), win.dense()[..., 20:33, 14:30]), (name, w)
+
+
 def test_dense_gradients_equal_the_plain_formula():
     L = 23
     for name, op in _attention_cases(L, torch.float64).items():

