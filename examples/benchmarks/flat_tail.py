@@ -361,7 +361,8 @@ def main():
     print(
         "\nThe quadrature as shipped spends at most 26 passes per block (a 2-pass pilot, then up to 12 Golub-Kahan "
         "steps of 2 passes, the first merged with H V; it checks from 4 steps on and stops once every head passes "
-        "or cannot pass by step 12: 7 steps on this benchmark), plus ||H||_F^2 and about 20 ms of small operations."
+        "or cannot pass by step 12: 7 or 8 steps on this benchmark), plus ||H||_F^2 and about 20 ms of "
+        "small operations."
     )
 
 
