@@ -24,9 +24,10 @@ estimate is within ``rtol`` of the exact value with about 95% confidence, not wi
 certainty. It ignores the (small) cross-talk between the deflated top and the tail; the
 calibration test measures the realized miss rate. With ``stop``, the runs take up to
 ``SLQ_STEPS`` steps and the test is tried along the way (from ``SLQ_FIRST_CHECK`` steps; the
-quadrature sums are cheap next to a pass over ``h``): an entry is accepted at the first check
-it passes and keeps the values of the last check it passes (later steps come free while
-other entries run on). An entry is given up (left to the caller's exact
+quadrature sums are cheap next to a pass over ``h``): an entry is accepted once a check passes
+it, and keeps the values of the last check that passed it (later steps come free while other
+entries run on; the buffer of right vectors grows with ``SLQ_STEPS``, ``probes x steps x n``, far
+below the block itself). An entry is given up (left to the caller's exact
 SVD) when it cannot pass by ``SLQ_STEPS``: above ``SLQ_GIVE_UP * stop`` at the first check, or,
 later, when the power law through its last two checked criteria stays above ``stop`` at
 ``SLQ_STEPS`` (the criterion falls about as ``step^-1.5`` to ``step^-2`` on flat tails and
