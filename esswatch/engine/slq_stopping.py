@@ -34,21 +34,18 @@ class Checks:
         self.stop, self.steps = stop, steps
         self.values = None  # (est, half_gap, se): of the latest check, or an accepted entry's last passing one
         self.accepted = None
-        self.last = None  # (step, crit) of the last check
-
-    def _open(self):
-        return ~self.accepted
+        self.last = None  # (step, crit) of the last check (accepted entries: 0)
+        self.best_open = math.inf  # the smallest criterion of an entry not yet accepted, at the last check
 
     def due(self, step: int) -> bool:
         """Whether to check after ``step`` steps: from ``SLQ_FIRST_CHECK`` on, unless no open
-        entry could pass yet even if its criterion fell as ``step^-SLQ_FAST_DECAY``."""
+        entry could pass yet even if its criterion fell as ``step^-SLQ_FAST_DECAY`` (plain floats:
+        no device sync between checks)."""
         if step < SLQ_FIRST_CHECK:
             return False
         if self.last is None:
             return True
-        step0, crit0 = self.last
-        fastest = crit0 * (step0 / step) ** SLQ_FAST_DECAY
-        return bool(((fastest <= self.stop) & self._open()).any())
+        return self.best_open * (self.last[0] / step) ** SLQ_FAST_DECAY <= self.stop
 
     def update(self, step: int, est, half_gap, se) -> bool:
         """Record the check after ``step`` steps; ``True`` once every entry is accepted or given up."""
@@ -66,7 +63,12 @@ class Checks:
             hopeless = ~(crit * (step / self.steps) ** rate <= self.stop)  # the power law misses by `steps`
         self.accepted = self.accepted | (crit <= self.stop)
         self.last = (step, torch.where(self.accepted, torch.zeros_like(crit), crit))
-        return bool((self.accepted | hopeless).all())
+        inf = torch.full((1,), math.inf, dtype=crit.dtype, device=crit.device)
+        open_crit = torch.where(self.accepted | torch.isnan(crit), math.inf, crit).reshape(-1)
+        best = torch.cat([open_crit, inf]).amin()
+        # one sync per check: whether the runs end, and the floor `due` reads until the next check
+        done, self.best_open = torch.stack([(self.accepted | hopeless).all().to(crit.dtype), best]).tolist()
+        return bool(done)
 
     def result(self):
         return tuple(self.values)
