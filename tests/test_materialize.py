@@ -87,13 +87,18 @@ def _attention_cases(L=37, dtype=torch.float32):
     }
 
 
+def _assert_dense_and_parts_match(name, op):
+    """``dense()`` and three row/column parts of ``op`` equal the plain formula bit for bit."""
+    assert torch.equal(op.dense(), plain_dense_part(op, slice(None), slice(None))), name
+    for rows, cols in ((slice(9, 30), slice(0, 30)), (slice(20, 37), slice(11, 37)), (slice(0, 1), slice(0, 1))):
+        assert torch.equal(op._dense_part(rows, cols), plain_dense_part(op, rows, cols)), (name, rows, cols)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_dense_and_parts_equal_the_plain_formula_bit_for_bit(dtype):
     L = 37
     for name, op in _attention_cases(L, dtype).items():
-        assert torch.equal(op.dense(), plain_dense_part(op, slice(None), slice(None))), name
-        for rows, cols in ((slice(9, 30), slice(0, 30)), (slice(20, 37), slice(11, 37)), (slice(0, 1), slice(0, 1))):
-            assert torch.equal(op._dense_part(rows, cols), plain_dense_part(op, rows, cols)), (name, rows, cols)
+        _assert_dense_and_parts_match(name, op)
         with torch.no_grad():  # the in-place softmax
             assert torch.equal(op.dense(), plain_dense_part(op, slice(None), slice(None))), name
 
@@ -108,9 +113,7 @@ def test_forbidden_fill_by_row_blocks_equals_the_plain_formula(monkeypatch, rows
     monkeypatch.setattr(attention, "_FILL_ROWS", rows_per_fill)
     L = 37
     for name, op in _attention_cases(L, torch.float32).items():
-        assert torch.equal(op.dense(), plain_dense_part(op, slice(None), slice(None))), name
-        for rows, cols in ((slice(9, 30), slice(0, 30)), (slice(20, 37), slice(11, 37)), (slice(0, 1), slice(0, 1))):
-            assert torch.equal(op._dense_part(rows, cols), plain_dense_part(op, rows, cols)), (name, rows, cols)
+        _assert_dense_and_parts_match(name, op)
         for w in (1, 3, 12):
             win = SoftmaxAttention(op.q, op.k, scale=op.scale, window=w)
             assert torch.equal(win.dense(), plain_dense_part(win, slice(None), slice(None))), (name, w)
