@@ -1,19 +1,19 @@
 """What the framework adapters (:mod:`esswatch.integrations.lightning`,
 :mod:`esswatch.integrations.transformers`) share: option checks at construction, the
 ``ESSWatch`` options they pass on, the warning about ESS steps that are not loss steps, and a
-sink that holds the latest scalars until the framework's log call takes them."""
+sink that holds the scalars of new results until the framework's log call takes them."""
 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Tuple
 
 from esswatch.engine.validation import check_positive_int
 from esswatch.watch import Sink
 from esswatch.watch.args import check_watch_options
 from esswatch.watch.sinks import as_sinks
 
-__all__ = ["check_callback_options", "watch_options", "warn_unaligned", "LatestScalars"]
+__all__ = ["check_callback_options", "watch_options", "warn_unaligned", "PendingScalars"]
 
 
 def check_callback_options(
@@ -55,18 +55,19 @@ def warn_unaligned(every_n_steps: int, setting: str, log_every: int, stacklevel:
         )
 
 
-class LatestScalars(Sink):
-    """Keeps the scalars of the latest result, and its step, until the adapter hands them to the
-    framework's log call (written on rank zero only, like every sink)."""
+class PendingScalars(Sink):
+    """Holds the scalars of the results written since the adapter's last log call, each with its
+    step, until that call takes them (written on rank zero only, like every sink). One
+    ``watch.step()`` can emit two: a background result collected and a skipped sample's
+    penalty-only result."""
 
     def __init__(self) -> None:
-        self.scalars: Optional[Dict[str, float]] = None
-        self.step: Optional[int] = None
+        self.pending: List[Tuple[int, Dict[str, float]]] = []
 
     def write(self, result: Dict[str, Any]) -> None:
-        self.scalars = dict(result["scalars"])
-        self.step = result["step"]
+        self.pending.append((result["step"], dict(result["scalars"])))
 
-    def pop(self) -> Optional[Dict[str, float]]:
-        out, self.scalars = self.scalars, None
+    def pop(self) -> List[Tuple[int, Dict[str, float]]]:
+        """``[(step, scalars), ...]`` in the order written; empties the sink."""
+        out, self.pending = self.pending, []
         return out

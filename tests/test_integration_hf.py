@@ -14,6 +14,7 @@ import copy
 import glob
 import math
 import os
+import threading
 
 import pytest
 import torch
@@ -258,6 +259,54 @@ def test_regularizer_through_compute_loss_func(tmp_path, kind, accumulate):
     assert loss[REG][4] - pen[4] != pytest.approx(loss[None][4], rel=1e-6)  # the task losses diverged
     ea = read_events(tmp_path / "reg")
     assert [e.step for e in ea.Scalars(PENALTY_TAG)] == [1, 2, 3, 4]
+
+
+class HoldWorker(TrainerCallback):
+    """Test-only: holds the background worker of ``ess`` (its first job waits) until train end,
+    so every later sample is skipped. Registered before ``ess`` so it opens before ``ess`` closes."""
+
+    def __init__(self, ess) -> None:
+        self.ess, self.gate = ess, threading.Event()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        worker = self.ess.watch._offload.worker
+        if not getattr(worker._fn, "held", False):
+            run_job = worker._fn
+            worker._fn = lambda job: run_job(job) if self.gate.wait(timeout=60) else None
+            worker._fn.held = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.gate.set()
+
+
+def test_background_skipped_samples_still_log_the_penalty(tmp_path):
+    """ESSCallback(background=True) with the regularizer and a worker busy from step 1 to the end:
+    log_history has the penalty (total and per layer) at every step, equal to the blocking run's,
+    the ESS values only at step 1 (at train end), and ess/skipped counting steps 2-4."""
+    logs = {}
+    for background in (False, True):
+        ess = ESSCallback(every_n_steps=1, regularizer=REG, images=False, background=background)
+        cbs = [HoldWorker(ess), ess] if background else [ess]
+        trainer = train(
+            tmp_path / str(background),
+            llama(),
+            cbs,
+            max_steps=4,
+            logging_steps=1,
+            compute_loss_func=ess.compute_loss_func(),
+        )
+        logs[background] = trainer.state.log_history
+    tags = [PENALTY_TAG] + [f"ess/penalty/{n}" for n in LLAMA_LAYERS]
+    pen = {b: {e["step"]: [e[t] for t in tags] for e in h if PENALTY_TAG in e} for b, h in logs.items()}
+    assert sorted(pen[False]) == sorted(pen[True]) == [1, 2, 3, 4]
+    for step in pen[False]:
+        assert pen[True][step] == pytest.approx(pen[False][step], rel=1e-6), step
+    ess_steps = {e["step"]: e for e in logs[True] if "ess/entropy/avg/model" in e}
+    assert sorted(ess_steps) == [1] and ess_steps[1]["ess/skipped"] == 3.0
+    skipped = {
+        e["step"]: e["ess/skipped"] for e in logs[True] if "ess/skipped" in e and "ess/entropy/avg/model" not in e
+    }
+    assert skipped == {2: 1.0, 3: 2.0, 4: 3.0}
 
 
 def test_regularizer_without_the_loss_hook_is_a_clear_error(tmp_path):

@@ -602,3 +602,50 @@ def test_probe_batch_and_regularizer_with_background_match_blocking(kw):
             assert b["penalty"]["total"] == pytest.approx(a["penalty"]["total"], rel=1e-6)
     for p, q in zip(mb.parameters(), mg.parameters()):  # the penalty's gradient is the same
         assert torch.equal(p, q)
+
+
+def test_a_skipped_sample_still_logs_the_regularizers_penalty(tmp_path):
+    """The penalty of a step whose sample was skipped is logged at that step, with the values
+    the blocking mode logs (read back from both runs' TensorBoard files)."""
+    logged = {}
+    for background in (False, True):
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        seen = []
+        logdir = tmp_path / str(background)
+        watch = esswatch.ESSWatch(
+            model, logdir=str(logdir), every_n_steps=1, background=background, regularizer=0.1, sinks=[seen.append]
+        )
+        gate = threading.Event()
+        if background:  # the worker holds step 0 until the loop is over: steps 1-3 are skipped
+            worker = watch._offload.worker
+            run_job = worker._fn
+            worker._fn = lambda job: run_job(job) if gate.wait(timeout=60) else None
+        for x in batches(4):
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+            (loss + watch.penalty()).backward()
+            opt.step()
+            opt.zero_grad()
+            watch.step()
+        gate.set()
+        watch.close()
+        ea = read_events(logdir)
+        logged[background] = {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
+        if background:
+            assert [r["step"] for r in seen] == [1, 2, 3, 0]  # penalty-only at once, step 0 at close()
+            assert all(r["layers"] == {} and "seconds" not in r for r in seen[:3])
+            assert [r["skipped_samples"] for r in seen] == [1, 2, 3, 3]
+            assert watch.latest()["step"] == 0 and watch.state_dict()["samples"] == 1
+    blocking, background = logged[False], logged[True]
+    pen = [t for t in blocking if t.startswith("ess/penalty/")]
+    assert len(pen) == 3  # total and both layers
+    for tag in pen:
+        assert [s for s, _ in blocking[tag]] == [0, 1, 2, 3]
+        got = sorted(background[tag])
+        assert [s for s, _ in got] == [0, 1, 2, 3]
+        assert [v for _, v in got] == pytest.approx([v for _, v in blocking[tag]], rel=1e-6)
+    assert sorted(background["ess/skipped"]) == [(0, 3.0), (1, 1.0), (2, 2.0), (3, 3.0)]
+    measured = [t for t in background if t.startswith("ess/entropy/avg/")]
+    assert measured and all([s for s, _ in background[t]] == [0] for t in measured)
+    assert [s for s, _ in background["ess/failures"]] == [0]

@@ -6,7 +6,9 @@ snapshot.snapshot`) and hands them to the worker (:class:`~esswatch.watch.backgr
 Worker`), then returns. If the worker has not finished (or its result has not been
 collected) the sample is *skipped* and counted (``ess/skipped``, cumulative): nothing
 queues. A sample captured before a ``budget_seconds`` decision changed what is captured is
-skipped the same way. Results are collected and emitted on the training thread, so sinks
+skipped the same way. The regularizer's penalty of a skipped step is still logged: a
+penalty-only result (:func:`~esswatch.watch.result.penalty_result`) is emitted at once, on
+rank 0, with no collective. Results are collected and emitted on the training thread, so sinks
 see one thread:
 
 - ``reduce=False``: at every ``step()`` the watch checks (a lock, no wait) whether the
@@ -28,6 +30,7 @@ import torch
 
 from . import distributed as dist_utils
 from .background import Worker, make_copier, make_job
+from .result import penalty_result
 
 __all__ = ["Offload"]
 
@@ -71,6 +74,13 @@ class Offload:
         if self.worker.pending() or stale:
             watch._skipped_samples += 1
             watch.capture.clear()
+            penalty = watch._penalties.result()
+            if penalty is not None:  # computed on this thread: logged although nothing is measured
+                source = "probe" if watch.probe_batch is not None else "train"
+                metrics = watch.measure_config.metrics
+                watch._emitter.emit(
+                    penalty_result(step, source, metrics, penalty, watch._skipped_samples), watch.config
+                )
             return
         if watch.probe_batch is not None and not watch._run_probe(step):
             return  # its forward raised: counted and warned as a failure

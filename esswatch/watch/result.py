@@ -12,6 +12,12 @@ from :func:`esswatch.watch.tags.scalar_tags`::
      "scalars": {tag: value},
      "budget": {...}            # with budget_seconds
      "penalty": {"total", "layers": {name: term}, "micro_batches"}}   # regularizer steps
+
+A sampled step that ``background=True`` skips (the worker was still busy) but whose forward
+the regularizer penalized gets a *penalty-only* result (:func:`penalty_result`): ``{"step",
+"source", "metrics", "layers": {}, "model": {}, "skipped": [], "skipped_samples", "penalty",
+"scalars"}``, so ``ess/penalty/*`` and ``ess/skipped`` are logged at that step; it has no ESS
+values, no ``failures`` and no ``seconds`` (nothing was measured) and is not ``latest()``.
 """
 
 from __future__ import annotations
@@ -22,9 +28,9 @@ from typing import Any, Dict, List, Optional, Sequence
 from .._version import __version__
 from .failures import ESSWarning
 from .measure import aggregate_model
-from .tags import scalar_tags
+from .tags import FAILURES_TAG, scalar_tags
 
-__all__ = ["build_result", "warn_empty", "watch_config"]
+__all__ = ["build_result", "penalty_result", "warn_empty", "watch_config"]
 
 
 def build_result(
@@ -55,6 +61,26 @@ def build_result(
     if outcome.penalty is not None:
         result["penalty"] = outcome.penalty
     result["scalars"] = scalar_tags(result)
+    return result
+
+
+def penalty_result(
+    step: int, source: str, metrics: Sequence[str], penalty: Dict[str, Any], skipped_samples: int
+) -> Dict[str, Any]:
+    """The penalty-only result of a skipped sample (module doc)."""
+    result: Dict[str, Any] = {
+        "step": step,
+        "source": source,
+        "metrics": list(metrics),
+        "layers": {},
+        "model": {},
+        "skipped": [],
+        "skipped_samples": skipped_samples,
+        "penalty": penalty,
+    }
+    scalars = scalar_tags(result)
+    del scalars[FAILURES_TAG]  # not counted here (a reduced count under DDP comes with measured results)
+    result["scalars"] = scalars
     return result
 
 

@@ -55,7 +55,7 @@ import torch
 
 from esswatch.watch import ESSWatch, Sink
 
-from .._adapter import LatestScalars, check_callback_options, warn_unaligned, watch_options
+from .._adapter import PendingScalars, check_callback_options, warn_unaligned, watch_options
 from .._versions import require
 
 __all__ = ["ESSCallback", "SUPPORTED_TRANSFORMERS"]
@@ -155,7 +155,7 @@ class ESSCallback(TrainerCallback):
             raise ValueError(f"writer must be a torch.utils.tensorboard.SummaryWriter, got {type(writer).__name__}")
         self.writer = writer
         self.logdir = logdir
-        self._pending = LatestScalars()
+        self._pending = PendingScalars()
         self._trainer = None
         self._args = None
         self._watched: Optional[torch.nn.Module] = None
@@ -230,13 +230,14 @@ class ESSCallback(TrainerCallback):
         self._log_pending(state, control)
 
     def _log_pending(self, state, control) -> None:
-        step = self._pending.step
-        logs = self._pending.pop()
-        if logs and self._trainer is not None:
+        if self._trainer is None:
+            self._pending.pop()
+            return
+        current = state.global_step
+        for step, logs in self._pending.pop():
             # a background result (ESSWatch(background=True)) arrives after its step: it is
             # logged with the step it was sampled at
-            current = state.global_step
-            state.global_step = current if step is None else step
+            state.global_step = step
             try:
                 log_quietly(self._trainer, self._args, state, control, logs, console=self.console, exclude=(self,))
             finally:
