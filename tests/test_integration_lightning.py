@@ -12,6 +12,7 @@ import copy
 import csv
 import math
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -494,3 +495,46 @@ def test_background_measurement_reaches_the_logger_with_the_sampled_steps(tmp_pa
         for layer in LAYERS:
             got = {e.step: e.value for e in ea.Scalars(f"ess/entropy/avg/{layer}")}[step]
             assert got == pytest.approx(ref[layer], rel=1e-4), (step, layer)
+
+
+class HoldWorker(L.Callback):
+    """Test-only: holds the background worker of ``cb`` (its first job waits) until training ends,
+    so every later sample is skipped."""
+
+    def __init__(self, cb) -> None:
+        self.cb, self.gate = cb, threading.Event()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        worker = self.cb.watch._offload.worker
+        if not getattr(worker._fn, "held", False):
+            run_job = worker._fn
+            worker._fn = lambda job: run_job(job) if self.gate.wait(timeout=60) else None
+            worker._fn.held = True
+
+    def on_train_end(self, trainer, pl_module):
+        self.gate.set()
+
+
+def test_background_skipped_samples_still_log_the_penalty(tmp_path):
+    """ESSCallback(background=True, regularizer=...) with the worker busy from step 0 to the end:
+    the CSV logger has the penalty (total and per layer) at every step, equal to the blocking
+    run's; the ESS values only at step 0; ess/skipped counts steps 1-3."""
+    train, _ = loaders(40)
+    runs = {}
+    for background in (False, True):
+        logger = CSVLogger(str(tmp_path), name=f"bg{background}")
+        cb = ESSCallback(every_n_steps=1, regularizer=WEIGHT, images=False, background=background)
+        cbs = [HoldWorker(cb), cb] if background else [cb]
+        trainer(tmp_path, cbs, logger, max_steps=4).fit(TinyLM(), train)
+        runs[background] = read_csv(os.path.join(logger.log_dir, "metrics.csv"))
+    tags = [PENALTY_TAG] + [f"ess/penalty/{n}" for n in LAYERS]
+    pen = {
+        b: {int(r["step"]): [float(r[t]) for t in tags] for r in rows if r.get(PENALTY_TAG)} for b, rows in runs.items()
+    }
+    assert sorted(pen[False]) == sorted(pen[True]) == [0, 1, 2, 3]
+    for step in pen[False]:
+        assert pen[True][step] == pytest.approx(pen[False][step], rel=1e-6), step
+    measured = ess_rows(runs[True])
+    assert sorted(measured) == [0] and float(measured[0]["ess/skipped"]) == 3.0
+    skipped = {int(r["step"]): float(r["ess/skipped"]) for r in runs[True] if r.get("ess/skipped")}
+    assert skipped == {0: 3.0, 1: 1.0, 2: 2.0, 3: 3.0}
