@@ -586,6 +586,7 @@ def test_no_leak_over_2000_steps(tmp_path):
     assert rss - base_rss < 8 * 2**20, f"resident memory grew by {(rss - base_rss) / 2**20:.1f} MiB"
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_training_loop_memory_constant():
     model = make_model().cuda()

@@ -461,6 +461,7 @@ def test_budget_fixes_a_smaller_measurement_after_the_first_sample(background):
 
 
 # -- CUDA -------------------------------------------------------------------------------------------
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("transfer", ["device", "host"])
 def test_cuda_background_values_equal_blocking(transfer):
