@@ -30,6 +30,7 @@ from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from esswatch import Regularizer  # noqa: E402
+from esswatch.watch import ESSWarning  # noqa: E402
 from esswatch.watch.regularizer import PENALTY_TAG  # noqa: E402
 
 VOCAB, SEQ, BATCH = 64, 16, 4
@@ -307,6 +308,40 @@ def test_background_skipped_samples_still_log_the_penalty(tmp_path):
         e["step"]: e["ess/skipped"] for e in logs[True] if "ess/skipped" in e and "ess/entropy/avg/model" not in e
     }
     assert skipped == {2: 1.0, 3: 2.0, 4: 3.0}
+
+
+class ReleaseAt(HoldWorker):
+    """Test-only: holds the worker until the end of step ``step``, then lets it finish before
+    ``ess`` ends that step (registered before ``ess``)."""
+
+    def __init__(self, ess, step) -> None:
+        super().__init__(ess)
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.gate.set()
+            assert self.ess.watch._offload.worker.wait_idle(timeout=60)
+
+
+def test_background_result_and_a_skipped_penalty_in_one_step_are_both_logged(tmp_path):
+    """One watch.step() can emit two results: at step 2 it collects step 1's sample, whose timing
+    fixes a budget_seconds cut, so step 2's own capture (armed before the cut) is skipped and its
+    penalty logged. Both reach log_history: ESS at steps 1 and 3, the penalty at 1, 2 and 3."""
+    ess = ESSCallback(every_n_steps=1, regularizer=REG, images=False, background=True, budget_seconds=1e-6)
+    with pytest.warns(ESSWarning, match="budget"):
+        trainer = train(
+            tmp_path,
+            llama(),
+            [ReleaseAt(ess, 2), ess],
+            max_steps=3,
+            logging_steps=1,
+            compute_loss_func=ess.compute_loss_func(),
+        )
+    hist = trainer.state.log_history
+    assert sorted(ess_history(trainer)) == [1, 3]
+    assert sorted(e["step"] for e in hist if PENALTY_TAG in e) == [1, 2, 3]
+    assert {e["step"]: e["ess/skipped"] for e in hist if "ess/skipped" in e} == {1: 0.0, 2: 1.0, 3: 1.0}
 
 
 def test_regularizer_without_the_loss_hook_is_a_clear_error(tmp_path):
