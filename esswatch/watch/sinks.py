@@ -27,7 +27,8 @@ class Sink:
 
     def write(self, result: Dict[str, Any]) -> None:
         """Receive one result; ``result["step"]`` is the global step, ``result["scalars"]``
-        the flat ``{tag: value}`` dict."""
+        the flat ``{tag: value}`` dict. ``result["layers"]`` and ``result["model"]`` are empty in
+        the penalty-only result of a sample ``background=True`` skipped (:mod:`.result`)."""
         raise NotImplementedError
 
     def close(self) -> None:
