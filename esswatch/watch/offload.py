@@ -70,22 +70,19 @@ class Offload:
         return result
 
     def _sample(self, watch, step: int) -> None:
+        source = "probe" if watch.probe_batch is not None else "train"
         stale = watch.probe_batch is None and watch._armed_gen != watch._budget_gen
         if self.worker.pending() or stale:
             watch._skipped_samples += 1
             watch.capture.clear()
             penalty = watch._penalties.result()
             if penalty is not None:  # computed on this thread: logged although nothing is measured
-                source = "probe" if watch.probe_batch is not None else "train"
-                metrics = watch.measure_config.metrics
-                watch._emitter.emit(
-                    penalty_result(step, source, metrics, penalty, watch._skipped_samples), watch.config
-                )
+                result = penalty_result(step, source, watch.measure_config.metrics, penalty, watch._skipped_samples)
+                watch._emitter.emit(result, watch.config)
             return
         if watch.probe_batch is not None and not watch._run_probe(step):
             return  # its forward raised: counted and warned as a failure
-        job = make_job(watch, step, "probe" if watch.probe_batch is not None else "train", self.copier)
-        self.worker.submit(job)
+        self.worker.submit(make_job(watch, step, source, self.copier))
 
     def close(self, watch) -> Optional[Dict[str, Any]]:
         """Wait for the outstanding sample and emit it (all ranks, with ``reduce``)."""
