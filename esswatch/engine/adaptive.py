@@ -13,7 +13,15 @@ Entropy-ESS (:func:`randomized_entropy`), in order of cost:
    accepted per batch entry when ``gap/2 + 2 SE <= log(1 + rtol)`` (about 95% confidence).
    Blocks the pilot already screened out are deflated by the pilot's own right basis
    (``orth(H^T Q)``, rank 16: half a power iteration, no further pass over the block);
-5. everything else (and every rejected batch entry) is computed exactly.
+5. entries that quadrature rejects, in blocks whose smaller side is at least
+   ``SLQ_RETRY_MIN_SIZE``: a second quadrature deflated by a rank-``k`` subspace iteration (one
+   power iteration), ``k = SLQ_RETRY_RANK`` doubled while the largest first estimate is above
+   ``1.5 k`` (and ``k <= p / 4``), for entries whose first estimate is at most
+   ``SLQ_RETRY_MAX_RATIO * k``.
+   It is for spectra with a band of values above the tail that rank 16 leaves in it: near-uniform
+   attention at initialisation has one value near ``s_1``, a band of about ``d`` (head dimension)
+   values and then a long tail. The same acceptance test;
+6. everything else (and every rejected batch entry) is computed exactly.
 
 All randomness comes from the ``generator`` argument. Pure tensor math on the block.
 """
@@ -38,6 +46,9 @@ __all__ = [
     "SKETCH_RANK0",
     "SLQ_MIN_SIZE",
     "SLQ_RANK",
+    "SLQ_RETRY_MAX_RATIO",
+    "SLQ_RETRY_MIN_SIZE",
+    "SLQ_RETRY_RANK",
     "randomized_entropy",
     "randomized_tolerance_sv",
 ]
@@ -58,6 +69,14 @@ SKETCH_PILOT_RANK = 16
 #: SVD is about as cheap) with a deflation rank of SLQ_RANK
 SLQ_MIN_SIZE = 384
 SLQ_RANK = 32
+#: entries the first quadrature rejects get a second one (:func:`_retry_rank`) when the block's
+#: smaller side is at least SLQ_RETRY_MIN_SIZE (there the try costs a small part of the exact SVD
+#: it may save), deflated by a subspace iteration of rank SLQ_RETRY_RANK or more, for entries
+#: whose first estimate is at most SLQ_RETRY_MAX_RATIO times that rank (far above it the tail
+#: holds most of the mass and the second try fails too)
+SLQ_RETRY_RANK = 128
+SLQ_RETRY_MIN_SIZE = 640
+SLQ_RETRY_MAX_RATIO = 3
 
 
 def _ratio(lo, hi) -> float:
@@ -69,26 +88,58 @@ def _exact(h):
     return e, e, e
 
 
+def _slq_try(h, fro2, stop, generator, k, basis=None):
+    """One deflated SLQ of ``h`` (rank ``k``; ``basis``: the caller's, else its own subspace
+    iteration): ``(est, lo, hi, ok)``, ``ok`` where it meets its acceptance test."""
+    est, half_gap, se, t, _ = slq_entropy(h, k, generator, fro2=fro2, basis=basis, stop=stop)
+    _, lo, hi = entropy_bounds(t, fro2, min(h.shape[-2:]))
+    est = torch.minimum(torch.maximum(est.to(lo.dtype), lo), hi)
+    return est, lo, hi, (half_gap + 2 * se <= stop) & torch.isfinite(est)
+
+
+def _retry_rank(first, p: int) -> int:
+    """The second quadrature's deflation rank for a block whose smaller side is ``p`` (0: no
+    second try), from the rejected entries' first estimates ``first``: ``SLQ_RETRY_RANK``, doubled
+    while their largest (of those it could take) is above 1.5 times it and the doubled rank stays
+    at most ``p / 4`` (the band above the tail grows with the ESS)."""
+    k = SLQ_RETRY_RANK
+    if p < max(SLQ_RETRY_MIN_SIZE, 4 * k) or first.numel() == 0:
+        return 0
+    top = float(torch.where(first <= SLQ_RETRY_MAX_RATIO * p / 4, first, 0).max())
+    while top > 1.5 * k and 8 * k <= p:
+        k *= 2
+    return k
+
+
 def _slq_or_exact(h, fro2, rtol, generator, basis=None):
     """The deflated SLQ where it meets its acceptance test, exact per batch entry elsewhere.
 
-    ``basis``: a right basis of ``h`` from a sketch already run (skips the SLQ's own)."""
+    ``basis``: a right basis of ``h`` from a sketch already run (skips the SLQ's own). Entries it
+    rejects may get a second try with a larger deflation (module doc, step 5) before their exact SVD."""
     p = min(h.shape[-2:])
     stop = math.log1p(rtol)
-    est, half_gap, se, t, _ = slq_entropy(h, SLQ_RANK, generator, fro2=fro2, basis=basis, stop=stop)
-    _, lo, hi = entropy_bounds(t, fro2, p)
-    est = torch.minimum(torch.maximum(est.to(lo.dtype), lo), hi)
-    ok = (half_gap + 2 * se <= stop) & torch.isfinite(est)
+    est, lo, hi, ok = _slq_try(h, fro2, stop, generator, SLQ_RANK, basis)
     if bool(ok.all()):
         return est, lo, hi
-    # exact for the rejected batch entries only
-    flat = h.reshape(-1, *h.shape[-2:])
-    bad = (~ok).reshape(-1)
-    ex = entropy_from_singular_values(torch.linalg.svdvals(flat[bad])).to(est.dtype)
-    est, lo, hi = (x.reshape(-1).clone() for x in (est, lo, hi))
-    for x in (est, lo, hi):
-        x[bad] = ex
     shape = ok.shape
+    flat = h.reshape(-1, *h.shape[-2:])
+    est, lo, hi, ok = (x.reshape(-1).clone() for x in (est, lo, hi, ok))
+    # a band of values above the tail (e.g. the head dimension's worth of near-uniform attention
+    # at initialisation) that rank 16 leaves in the tail: deflate it too
+    k = _retry_rank(est[~ok], p)
+    bad = ((~ok) & (est <= SLQ_RETRY_MAX_RATIO * k)).nonzero()[:, 0] if k else ok[:0]
+    if bad.numel():
+        e2, lo2, hi2, ok2 = _slq_try(flat[bad], fro2.reshape(-1)[bad], stop, generator, k)
+        est[bad] = torch.where(ok2, e2, est[bad])
+        lo[bad] = torch.maximum(lo[bad], lo2)
+        hi[bad] = torch.minimum(hi[bad], hi2)
+        ok[bad] = ok2
+    if not bool(ok.all()):
+        # exact for the rejected batch entries only
+        bad = ~ok
+        ex = entropy_from_singular_values(torch.linalg.svdvals(flat[bad])).to(est.dtype)
+        for x in (est, lo, hi):
+            x[bad] = ex
     return est.reshape(shape), lo.reshape(shape), hi.reshape(shape)
 
 
