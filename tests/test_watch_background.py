@@ -188,6 +188,35 @@ class GatedModel(nn.Module):
         return self.out(self.mixer(self.embed(x)))
 
 
+def test_held_penalties_go_out_at_once_past_the_cap(monkeypatch):
+    """Past ``MAX_HELD`` penalty-only results, the held ones are emitted at once (in step order)
+    instead of waiting for the outstanding sample: what waits stays bounded."""
+    from esswatch.watch import offload
+
+    monkeypatch.setattr(offload, "MAX_HELD", 2)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    seen = []
+    watch = esswatch.ESSWatch(model, every_n_steps=1, background=True, regularizer=0.1, sinks=[seen.append])
+    gate = threading.Event()
+    worker = watch._offload.worker
+    run_job = worker._fn
+    worker._fn = lambda job: run_job(job) if gate.wait(timeout=60) else None
+    for x in batches(5):  # step 0 holds the worker; steps 1-4 are skipped
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+        (loss + watch.penalty()).backward()
+        opt.step()
+        opt.zero_grad()
+        watch.step()
+        if len(seen) == 0:
+            assert len(watch._offload.held) <= 2
+    assert [r["step"] for r in seen] == [1, 2, 3]  # the third held one overflowed the cap of 2
+    gate.set()
+    watch.close()
+    assert [r["step"] for r in seen] == [1, 2, 3, 0, 4]
+
+
 def test_a_sample_due_while_the_worker_is_busy_is_skipped_and_counted(tmp_path):
     gate = threading.Event()
     model = GatedModel(gate)
@@ -607,7 +636,8 @@ def test_probe_batch_and_regularizer_with_background_match_blocking(kw):
 
 def test_a_skipped_sample_still_logs_the_regularizers_penalty(tmp_path):
     """The penalty of a step whose sample was skipped is logged at that step, with the values
-    the blocking mode logs (read back from both runs' TensorBoard files)."""
+    the blocking mode logs (read back from both runs' TensorBoard files), and every series is
+    written in the order of its steps (the penalty-only results wait for step 0's result)."""
     logged = {}
     for background in (False, True):
         model = make_model()
@@ -634,19 +664,20 @@ def test_a_skipped_sample_still_logs_the_regularizers_penalty(tmp_path):
         ea = read_events(logdir)
         logged[background] = {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
         if background:
-            assert [r["step"] for r in seen] == [1, 2, 3, 0]  # penalty-only at once, step 0 at close()
-            assert all(r["layers"] == {} and "seconds" not in r for r in seen[:3])
-            assert [r["skipped_samples"] for r in seen] == [1, 2, 3, 3]
+            # step 0 at close(); the penalty-only results of steps 1-3 held behind it, in step order
+            assert [r["step"] for r in seen] == [0, 1, 2, 3]
+            assert all(r["layers"] == {} and "seconds" not in r for r in seen[1:])
+            assert [r["skipped_samples"] for r in seen] == [3, 3, 3, 3]  # skipped before each was emitted
             assert watch.latest()["step"] == 0 and watch.state_dict()["samples"] == 1
     blocking, background = logged[False], logged[True]
     pen = [t for t in blocking if t.startswith("ess/penalty/")]
     assert len(pen) == 3  # total and both layers
     for tag in pen:
         assert [s for s, _ in blocking[tag]] == [0, 1, 2, 3]
-        got = sorted(background[tag])
+        got = background[tag]  # in the order written: the steps increase
         assert [s for s, _ in got] == [0, 1, 2, 3]
         assert [v for _, v in got] == pytest.approx([v for _, v in blocking[tag]], rel=1e-6)
-    assert sorted(background["ess/skipped"]) == [(0, 3.0), (1, 1.0), (2, 2.0), (3, 3.0)]
+    assert background["ess/skipped"] == [(0, 3.0), (1, 3.0), (2, 3.0), (3, 3.0)]
     measured = [t for t in background if t.startswith("ess/entropy/avg/")]
     assert measured and all([s for s, _ in background[t]] == [0] for t in measured)
     assert [s for s, _ in background["ess/failures"]] == [0]

@@ -7,9 +7,14 @@ Worker`), then returns. If the worker has not finished (or its result has not be
 collected) the sample is *skipped* and counted (``ess/skipped``, cumulative): nothing
 queues. A sample captured before a ``budget_seconds`` decision changed what is captured is
 skipped the same way. The regularizer's penalty of a skipped step is still logged: a
-penalty-only result (:func:`~esswatch.watch.result.penalty_result`) is emitted at once, on
-rank 0, with no collective. Results are collected and emitted on the training thread, so sinks
-see one thread:
+penalty-only result (:func:`~esswatch.watch.result.penalty_result`), on rank 0, with no
+collective. Results are collected and emitted on the training thread, so sinks see one thread,
+and in the order of their steps: a penalty-only result is emitted at once when no earlier
+sample is outstanding, and otherwise held until that sample's result has been emitted (at most
+``MAX_HELD``; past that the held ones go out at once). So every series a logger receives has
+increasing steps (Neptune, for one, drops a point older than its series' last one). Each result's
+``ess/skipped`` counts the samples skipped before it was emitted (a held one counts them at its
+release), so it never decreases along the steps either:
 
 - ``reduce=False``: at every ``step()`` the watch checks (a lock, no wait) whether the
   worker finished, and emits its result with the step it was sampled at;
@@ -24,7 +29,7 @@ see one thread:
 from __future__ import annotations
 
 import weakref
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -32,13 +37,17 @@ from . import distributed as dist_utils
 from .background import Worker, make_copier, make_job
 from .result import penalty_result
 
-__all__ = ["Offload"]
+__all__ = ["MAX_HELD", "Offload"]
+
+#: penalty-only results held back while an earlier sample is outstanding (module doc)
+MAX_HELD = 256
 
 
 class Offload:
     def __init__(self, transfer: str = "device") -> None:
         self.worker = Worker()
         self.copier = make_copier(transfer)
+        self.held: List[tuple] = []  # (step, source, penalty) of skipped samples waiting for an earlier one
 
     @classmethod
     def started(cls, watch) -> "Offload":
@@ -63,8 +72,10 @@ class Offload:
             out = self.worker.collect()
             if out is not None:
                 result = watch._finish(out)
+                self._release(watch)
         elif due and self.worker.pending() and self._all_done():
             result = watch._finish(self.worker.collect(wait=True))
+            self._release(watch)
         if due:
             self._sample(watch, step)
         return result
@@ -77,15 +88,24 @@ class Offload:
             watch.capture.clear()
             penalty = watch._penalties.result()
             if penalty is not None:  # computed on this thread: logged although nothing is measured
-                result = penalty_result(step, source, watch.measure_config.metrics, penalty, watch._skipped_samples)
-                watch._emitter.emit(result, watch.config)
+                self.held.append((step, source, penalty))
+                if not self.worker.pending() or len(self.held) > MAX_HELD:
+                    self._release(watch)  # nothing earlier outstanding (or too many held): now
             return
         if watch.probe_batch is not None and not watch._run_probe(step):
             return  # its forward raised: counted and warned as a failure
         self.worker.submit(make_job(watch, step, source, self.copier))
 
+    def _release(self, watch) -> None:
+        """Emit the held penalty-only results, in the order of their steps."""
+        held, self.held = self.held, []
+        for step, source, penalty in held:
+            result = penalty_result(step, source, watch.measure_config.metrics, penalty, watch._skipped_samples)
+            watch._emitter.emit(result, watch.config)
+
     def close(self, watch) -> Optional[Dict[str, Any]]:
-        """Wait for the outstanding sample and emit it (all ranks, with ``reduce``)."""
+        """Wait for the outstanding sample and emit it (all ranks, with ``reduce``), then the
+        penalty-only results held behind it."""
         try:
             if self.worker.pending():
                 out = self.worker.collect(wait=True)
@@ -93,4 +113,7 @@ class Offload:
                     return watch._finish(out)
             return None
         finally:
-            self.worker.shutdown()
+            try:
+                self._release(watch)
+            finally:
+                self.worker.shutdown()

@@ -10,7 +10,8 @@
 ``ess/failures``                              layer measurements skipped so far (cumulative)
 ``ess/measure_seconds``                       wall time of this step's measurement
 ``ess/skipped``                               samples skipped so far because the background
-                                              worker was still busy (cumulative; 0 when blocking)
+                                              worker was still busy (cumulative, when the result
+                                              is logged; 0 when blocking)
 ``ess/penalty/{total,<layer>}``               the regularizer's penalty (mean over the step's
                                               micro-batches), total and per layer
 ``ess_heads/<metric>/<layer>``                histogram: per-head ESS (mean over rows and indices)
