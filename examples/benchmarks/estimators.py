@@ -183,8 +183,8 @@ INIT_VARIANTS = {
     "at initialisation, d 64, q, k x 0.3": {"d": 64, "scale": 0.3},
     "at initialisation, d 64, q, k x 0.5": {"d": 64, "scale": 0.5},
     "at initialisation, d 128, q, k x 0.3": {"d": 128, "scale": 0.3},
-    # where both quadratures are tried and fail (ESS about 300 in the middle blocks: under the
-    # second try's screen of 3 x 128, above what rank 128 deflates), and just above the screen
+    # the second try's limits: ESS up to about 300 in the middle blocks (under its screen of
+    # 3 x 128; measured: still answered at rank 128), and about 480 (above the screen: exact)
     "at initialisation, d 64, q, k x 0.7": {"d": 64, "scale": 0.7},
     "at initialisation, d 64, q, k x 0.9": {"d": 64, "scale": 0.9},
 }
