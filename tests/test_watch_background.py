@@ -188,6 +188,25 @@ class GatedModel(nn.Module):
         return self.out(self.mixer(self.embed(x)))
 
 
+def hold_worker(watch):
+    """Test-only: the worker waits at its next job until the returned event is set."""
+    gate = threading.Event()
+    worker = watch._offload.worker
+    run_job = worker._fn
+    worker._fn = lambda job: run_job(job) if gate.wait(timeout=60) else None
+    return gate
+
+
+def penalized_step(model, opt, watch, x):
+    """One training step with the regularizer's penalty in the loss, then ``watch.step()``."""
+    logits = model(x)
+    loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+    (loss + watch.penalty()).backward()
+    opt.step()
+    opt.zero_grad()
+    watch.step()
+
+
 def test_held_penalties_go_out_at_once_past_the_cap(monkeypatch):
     """Past ``MAX_HELD`` penalty-only results, the held ones are emitted at once (in step order)
     instead of waiting for the outstanding sample: what waits stays bounded."""
@@ -198,17 +217,9 @@ def test_held_penalties_go_out_at_once_past_the_cap(monkeypatch):
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     seen = []
     watch = esswatch.ESSWatch(model, every_n_steps=1, background=True, regularizer=0.1, sinks=[seen.append])
-    gate = threading.Event()
-    worker = watch._offload.worker
-    run_job = worker._fn
-    worker._fn = lambda job: run_job(job) if gate.wait(timeout=60) else None
+    gate = hold_worker(watch)
     for x in batches(5):  # step 0 holds the worker; steps 1-4 are skipped
-        logits = model(x)
-        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1))
-        (loss + watch.penalty()).backward()
-        opt.step()
-        opt.zero_grad()
-        watch.step()
+        penalized_step(model, opt, watch, x)
         if len(seen) == 0:
             assert len(watch._offload.held) <= 2
     assert [r["step"] for r in seen] == [1, 2, 3]  # the third held one overflowed the cap of 2
@@ -647,18 +658,10 @@ def test_a_skipped_sample_still_logs_the_regularizers_penalty(tmp_path):
         watch = esswatch.ESSWatch(
             model, logdir=str(logdir), every_n_steps=1, background=background, regularizer=0.1, sinks=[seen.append]
         )
-        gate = threading.Event()
-        if background:  # the worker holds step 0 until the loop is over: steps 1-3 are skipped
-            worker = watch._offload.worker
-            run_job = worker._fn
-            worker._fn = lambda job: run_job(job) if gate.wait(timeout=60) else None
+        # the worker holds step 0 until the loop is over: steps 1-3 are skipped
+        gate = hold_worker(watch) if background else threading.Event()
         for x in batches(4):
-            logits = model(x)
-            loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1))
-            (loss + watch.penalty()).backward()
-            opt.step()
-            opt.zero_grad()
-            watch.step()
+            penalized_step(model, opt, watch, x)
         gate.set()
         watch.close()
         ea = read_events(logdir)
