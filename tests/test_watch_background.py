@@ -684,3 +684,46 @@ def test_a_skipped_sample_still_logs_the_regularizers_penalty(tmp_path):
     measured = [t for t in background if t.startswith("ess/entropy/avg/")]
     assert measured and all([s for s, _ in background[t]] == [0] for t in measured)
     assert [s for s, _ in background["ess/failures"]] == [0]
+
+
+def test_report_on_a_run_with_penalty_only_steps(tmp_path, capsys):
+    """``esswatch report`` on a background run whose last steps logged only the penalty: it reports
+    each layer at the last step with ESS values (read back from the event files with
+    ``EventAccumulator``) and the trend from the measured step before it, not at the later
+    penalty-only steps."""
+    import json
+
+    from esswatch.cli import main
+
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    watch = esswatch.ESSWatch(model, logdir=str(tmp_path), every_n_steps=1, background=True, regularizer=0.1)
+    gates = [threading.Event(), threading.Event()]
+    jobs = iter(range(10))
+    worker = watch._offload.worker
+    run_job = worker._fn
+    worker._fn = lambda job: run_job(job) if gates[min(next(jobs), 1)].wait(timeout=60) else None
+    data = batches(6)
+    for s in range(6):  # measured: 0 and 3; penalty only: 1, 2 (held behind 0), 4, 5 (behind 3)
+        if s == 3:
+            gates[0].set()
+            settle(watch)
+        penalized_step(model, opt, watch, data[s])
+    gates[1].set()
+    watch.close()
+    ea = read_events(tmp_path)
+    avg_tags = [t for t in ea.Tags()["scalars"] if t.startswith("ess/entropy/avg/")]
+    assert avg_tags and all([e.step for e in ea.Scalars(t)] == [0, 3] for t in avg_tags)
+    assert [e.step for e in ea.Scalars("ess/penalty/total")] == [0, 1, 2, 3, 4, 5]
+    assert main(["report", str(tmp_path), "--json", "--last", "2"]) == 0
+    (run,) = json.loads(capsys.readouterr().out)
+    table = run["metrics"]["entropy"]
+    assert sorted(f"ess/entropy/avg/{layer}" for layer in table) == sorted(avg_tags)
+    for layer, row in table.items():
+        ev = ea.Scalars(f"ess/entropy/avg/{layer}")
+        assert row["step"] == 3
+        assert row["avg"] == ev[-1].value
+        assert row["trend_avg"] == pytest.approx(ev[-1].value - ev[0].value)
+        for stat in ("max", "total", "utilization"):
+            assert row[stat] == ea.Scalars(f"ess/entropy/{stat}/{layer}")[-1].value
+    assert run["failures"] == 0
