@@ -66,16 +66,15 @@ class Offload:
 
     def step(self, watch, step: int) -> Optional[Dict[str, Any]]:
         """``watch.step()``'s work for step ``step`` (before the schedule advances)."""
-        result = None
+        result = out = None
         due = watch.schedule.due(step)
         if not watch.reduce:
             out = self.worker.collect()
-            if out is not None:
-                result = watch._finish(out)
-                self._release(watch)
         elif due and self.worker.pending() and self._all_done():
-            result = watch._finish(self.worker.collect(wait=True))
-            self._release(watch)
+            out = self.worker.collect(wait=True)
+        if out is not None:
+            result = watch._finish(out)
+            self._release(watch)  # the penalty-only results held behind it
         if due:
             self._sample(watch, step)
         return result
