@@ -31,21 +31,13 @@ from esswatch.engine import adaptive
 
 
 def llama_attention(L: int, rows: int):
-    import esswatch.integrations.transformers  # noqa: F401  (registers the Hugging Face probes)
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The attention operator of ``scale.py``'s one-layer Llama (built by its ``build``) on one
+    forward of ``rows x L`` random tokens."""
+    from types import SimpleNamespace
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=8000,
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=1,
-        num_attention_heads=12,
-        num_key_value_heads=12,
-        max_position_embeddings=L,
-    )
-    cfg._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(cfg)
+    from scale import build  # this folder is on sys.path when the script runs
+
+    model = build("llama", SimpleNamespace(vocab=8000, layers=1, lengths=[L]), "cpu")
     ids = torch.randint(0, 8000, (rows, L), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), ew.capture(model, batch_rows=rows) as cap:
         model(ids)
