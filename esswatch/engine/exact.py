@@ -65,28 +65,46 @@ def trim_zero_lines(h: torch.Tensor) -> torch.Tensor:
 
 
 def nonzero_extents(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(first, last)`` of a batch of ``M x N`` matrices ``t`` (one pass, detached):
+    """``(first, last)`` of a batch of ``M x N`` matrices ``t`` (detached):
     ``first[r]``: the first column with a non-zero in row ``r`` in any batch entry (``N`` if none);
     ``last[c]``: the last row with a non-zero in column ``c`` in any batch entry (``-1`` if none).
 
     Row ``r`` of the block ``t[..., r0:r1, c0:c1]`` is then non-zero iff ``first[r] < c1``
     (when ``first[r] >= c0``), column ``c`` iff ``last[c] >= r0`` (when ``last[c] < r1``):
     every Hankel block ``t[..., i:, :i]`` is trimmed from them (:func:`trim_by_extents`).
+
+    A row with a non-zero in column 0 starts there, and a column with a non-zero in the last row
+    ends there: only the other lines are scanned (none in causal attention without padding, whose
+    first column and last row have no zero: then two lines are read instead of ``M x N``).
     """
     m, n = t.shape[-2:]
     if m == 0 or n == 0:
         return torch.full((m,), n, device=t.device), torch.full((n,), -1, device=t.device)
-    nz = torch.zeros(m, n, dtype=torch.bool, device=t.device)
-    buf = torch.empty_like(nz)
-    for entry in t.detach().reshape(-1, m, n):  # one entry at a time: an M x N bool buffer, not B x M x N
-        torch.ne(entry, 0, out=buf)
-        nz |= buf
-    # argmax: the first maximum; a line without a non-zero has its (first) 0 there
-    first = nz.view(torch.uint8).argmax(-1)
-    first = torch.where(nz.gather(-1, first[:, None])[:, 0], first, n)
-    last = m - 1 - nz.flip(-2).view(torch.uint8).argmax(-2)
-    last = torch.where(nz.gather(-2, last[None, :])[0], last, -1)
+    flat = t.detach().reshape(-1, m, n)
+    first = torch.zeros(m, dtype=torch.long, device=t.device)
+    last = torch.full((n,), m - 1, dtype=torch.long, device=t.device)
+    rows = (flat[:, :, 0] == 0).all(0).nonzero()[:, 0]  # rows not settled by column 0
+    cols = (flat[:, m - 1, :] == 0).all(0).nonzero()[:, 0]  # columns not settled by the last row
+    if rows.numel():
+        nz = _any_nonzero(flat, rows, -2)
+        f = nz.view(torch.uint8).argmax(-1)  # argmax: the first maximum; a line without a non-zero has 0
+        first[rows] = torch.where(nz.gather(-1, f[:, None])[:, 0], f, n)
+    if cols.numel():
+        nz = _any_nonzero(flat, cols, -1)
+        la = m - 1 - nz.flip(-2).view(torch.uint8).argmax(-2)
+        last[cols] = torch.where(nz.gather(-2, la[None, :])[0], la, -1)
     return first, last
+
+
+def _any_nonzero(flat: torch.Tensor, lines: torch.Tensor, dim: int) -> torch.Tensor:
+    """Boolean: which entries of the rows (``dim=-2``) or columns (``dim=-1``) ``lines`` of ``flat``
+    (``B x M x N``) are non-zero in any batch entry; one entry at a time (a buffer of the lines'
+    size, not ``B`` of them)."""
+    nz = None
+    for entry in flat:
+        part = entry.index_select(dim, lines) != 0
+        nz = part if nz is None else nz.logical_or_(part)
+    return nz
 
 
 def trim_by_extents(t: torch.Tensor, rows: slice, cols: slice, first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,11 @@ from ..operators import Dense, GatedRecurrence, Operator
 __all__ = ["BlockCache", "EXTENTS_FROM"]
 
 
-#: a dense ``T`` is trimmed from one pass over it (``nonzero_extents``) when a call asks for at
-#: least this many blocks; below, each block is scanned (L = 2048, 4 heads: the pass costs
-#: about as much as scanning 4 interior blocks; examples/benchmarks/materialize.py)
+#: a dense ``T`` is trimmed from its ``nonzero_extents`` when a call asks for at least this many
+#: blocks; below, each block is scanned. Their cost: two lines of ``T`` when its first column and
+#: last row have no zero (causal attention without padding), else a pass over the lines these
+#: leave open, at worst all of ``T`` (L = 2048, 4 heads: about as much as scanning 4 interior
+#: blocks; examples/benchmarks/materialize.py)
 EXTENTS_FROM = 4
 
 
