@@ -71,6 +71,15 @@ def products(h: torch.Tensor):
     return (lambda v: (v.mT.contiguous() @ h.mT).mT), (lambda u: h.mT @ u)
 
 
+def _row_products(h: torch.Tensor):
+    """``(v -> (h @ v^T)^T, u -> (h^T @ u^T)^T)`` on vectors stored as contiguous rows
+    (``batch + (probes, n)`` and ``batch + (probes, m)``), in the BLAS layouts of :func:`products`;
+    both results are contiguous rows."""
+    if h.stride(-1) == 1:  # row-major
+        return (lambda v: (h @ v.mT.contiguous()).mT.contiguous()), (lambda u: u @ h)
+    return (lambda v: v @ h.mT), (lambda u: (h.mT @ u.mT.contiguous()).mT.contiguous())
+
+
 def _orth(y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(y, mode="reduced").Q
 
@@ -217,42 +226,39 @@ def slq_entropy(
         t = t * (1 - 1e-5)  # float32 round-off: stay below s_j
     t = t / scale[..., None]
 
-    def fwd(v):  # A v = h v / ||h|| for v orthogonal to V
-        return hmul(v) * inv
-
-    def bwd(u):  # A^T u = (I - V V^T) h^T u / ||h||
-        w = hrmul(u) * inv
-        return w - V @ (Vt @ w)
-
-    # 2. Golub-Kahan-Lanczos on all probes at once (probes are columns); the right vectors are
-    # kept orthogonal to V and to each other (one-sided reorthogonalization)
+    # 2. Golub-Kahan-Lanczos on all probes at once; the Lanczos vectors are stored as rows
+    # (batch + (probes, dim)), so norms, the reorthogonalization and the buffer writes read
+    # contiguous memory. A v = h v / ||h|| for v orthogonal to V; A^T u = (I - V V^T) h^T u / ||h||.
+    # The right vectors are kept orthogonal to V and to each other (one-sided reorthogonalization).
+    fwd, bwd = _row_products(h)
     tiny = 1e-30
-    # the right vectors of each probe, stored row-wise (probes, steps, n): the reorthogonalization
-    # is then one batched product per step
-    Vbuf = torch.zeros(*batch, probes, steps, n, dtype=lo, device=dev)
-    Vbuf[..., 0, :] = v.transpose(-1, -2)
+    # the right vectors of each probe (probes, steps, n): the reorthogonalization is one batched
+    # product per step
+    Vbuf = torch.empty(*batch, probes, steps, n, dtype=lo, device=dev)
+    vr = Vbuf[..., 0, :]
+    vr.copy_(v.mT)
     alphas, betas = [], []
     checks = None if stop is None else Checks(stop, steps)
-    u = hvv[..., V.shape[-1] :] * inv
+    ur = (hvv[..., V.shape[-1] :] * inv).mT.contiguous()
     for j in range(steps):
-        alpha = _colnorm(u)
-        u = u / torch.clamp(alpha, min=tiny)
-        alphas.append(alpha[..., 0, :])
-        w = bwd(u) - alpha * v
+        alpha = torch.linalg.vector_norm(ur, dim=-1, keepdim=True)
+        ur = ur / torch.clamp(alpha, min=tiny)
+        alphas.append(alpha[..., 0])
+        w = bwd(ur) * inv
+        w = torch.addcmul(w - (w @ V) @ Vt, alpha, vr, value=-1)  # the top first: it may be far larger
         Vh = Vbuf[..., : j + 1, :]  # batch + (probes, j + 1, n)
-        coef = Vh @ w.transpose(-1, -2)[..., None]  # batch + (probes, j + 1, 1)
-        w = w - (Vh.transpose(-1, -2) @ coef)[..., 0].transpose(-1, -2)
-        w = w - V @ (Vt @ w)
-        beta = _colnorm(w)
-        betas.append(beta[..., 0, :])
+        w = w - ((Vh @ w[..., None]) * Vh).sum(-2)
+        w = w - (w @ V) @ Vt
+        beta = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
+        betas.append(beta[..., 0])
         if j == steps - 1:
             break
         if checks is not None and checks.due(j + 1):
             if checks.update(j + 1, *_estimate(alphas, betas, t, d, tail_energy, fro2)):
                 return (*checks.result(), t * scale[..., None], fro2)
-        v = w / torch.clamp(beta, min=tiny)
-        Vbuf[..., j + 1, :] = v.transpose(-1, -2)
-        u = fwd(v) - beta * u
+        vr = Vbuf[..., j + 1, :]
+        torch.div(w, torch.clamp(beta, min=tiny), out=vr)
+        ur = torch.addcmul(fwd(vr) * inv, beta, ur, value=-1)
     final = _estimate(alphas, betas, t, d, tail_energy, fro2)
     if checks is not None:
         checks.update(steps, *final)
