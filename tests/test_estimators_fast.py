@@ -339,14 +339,17 @@ def test_second_try_answers_attention_at_initialisation(monkeypatch):
 
 def test_second_try_rank_grows_with_the_first_estimate(monkeypatch):
     """The second try's deflation rank doubles from 128 while the first estimate is above 1.5 times
-    it (up to p / 4); hopeless entries (above 3 times the largest rank) do not raise it. At the
+    it (up to p / 3); hopeless entries (above 3 times the largest rank) do not raise it. At the
     default sizes an ESS-300 head is answered by the rank-256 try within rtol of a NumPy SVD."""
     r = adaptive._retry_rank
     t = lambda *v: torch.tensor(v, dtype=F64)
     assert r(t(150.0), 600) == 0  # below SLQ_RETRY_MIN_SIZE
     assert r(t(185.0), 1365) == 128
     assert r(t(230.0), 1820) == 256
-    assert r(t(260.0), 910) == 128  # 256 > 910 / 4
+    assert r(t(260.0), 910) == 256
+    assert r(t(260.0), 700) == 128  # 256 > 700 / 3
+    assert r(t(480.0), 1820) == 512  # GPT-2-shaped attention at initialisation, L = 4096
+    assert r(t(480.0), 1500) == 256  # 512 > 1500 / 3
     assert r(t(500.0), 4096) == 512
     assert r(t(150.0, 5000.0), 4096) == 128  # 5000 > 3 * 1024: left to its exact SVD
     assert r(t(float("nan")), 1024) == 128

@@ -14,9 +14,10 @@ Families: low-ESS flat-tail attention (clustered q/k plus noise; the settings of
 ``estimators.py --variants`` and a few more), random attention, a random dense causal matrix
 (a wide spectrum, where the cross-talk is largest), the same with decaying columns, and a
 decaying long convolution, and near-uniform attention as at initialisation (head dimension 64
-and 128). Float64 operators, ``rtol = 0.02``. At ``--lengths 2048`` every block's smaller side is
-at least 640, so entries the first quadrature rejects get its second try (deflation rank 128 or
-more, ``esswatch.engine.adaptive.SLQ_RETRY_RANK``); a last line counts the entries it answered.
+and 128; queries and keys of standard deviation 0.3, 0.5 and 0.9). Float64 operators,
+``rtol = 0.02``. At ``--lengths 2048`` every block's smaller side is at least 640, so entries the
+first quadrature rejects get its second try (deflation rank 128 or more,
+``esswatch.engine.adaptive.SLQ_RETRY_RANK``); a last line counts the entries it answered.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def families(L, seed):
         "attention at initialisation, d 64": SoftmaxAttention(0.3 * rn(4, L, 64), 0.3 * rn(4, L, 64)),
         "attention at initialisation, d 64, q, k x 0.5": SoftmaxAttention(0.5 * rn(4, L, 64), 0.5 * rn(4, L, 64)),
         "attention at initialisation, d 128": SoftmaxAttention(0.3 * rn(4, L, 128), 0.3 * rn(4, L, 128)),
+        # larger q, k (ESS up to about 480 at L = 2048): second tries of rank 256 from p = 768
+        "attention at initialisation, d 64, q, k x 0.9": SoftmaxAttention(0.9 * rn(4, L, 64), 0.9 * rn(4, L, 64)),
     }
 
 
