@@ -173,12 +173,16 @@ def _patterns(L=24):
     pad[1, 18:, :] = 0  # right padding: rows 18.. empty, entry 1 only
     r = torch.arange(L)
     win = t * ((r[:, None] - r[None, :]) < torch.tensor([3, 5, 8])[:, None, None])  # a window per head
+    pad_all = t.clone()
+    pad_all[..., :, :5] = 0  # keys 0..4 padded in every entry: every row's column 0 is zero
+    pad_all[..., 20:, :] = 0  # queries 20.. padded in every entry: the last row is zero
     sparse = torch.zeros(3, L, L, dtype=F64)
     sparse[2, 20, 2] = 1.5  # one non-zero in one entry
     sparse[0, 9, 8] = -2.0
     return {
         "random": rnd,
         "padding": pad,
+        "padding_in_every_entry": pad_all,
         "windows_per_head": win,
         "sparse": sparse,
         "all_zero": torch.zeros(3, L, L, dtype=F64),

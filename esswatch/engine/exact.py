@@ -75,7 +75,9 @@ def nonzero_extents(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     A row with a non-zero in column 0 starts there, and a column with a non-zero in the last row
     ends there: only the other lines are scanned (none in causal attention without padding, whose
-    first column and last row have no zero: then two lines are read instead of ``M x N``).
+    first column and last row have no zero: then two lines are read instead of ``M x N``). When
+    more than half of the rows or of the columns stay open (padding that empties the first column
+    or the last row), one pass over all of ``t`` finds both, as without this shortcut.
     """
     m, n = t.shape[-2:]
     if m == 0 or n == 0:
@@ -85,25 +87,33 @@ def nonzero_extents(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     last = torch.full((n,), m - 1, dtype=torch.long, device=t.device)
     rows = (flat[:, :, 0] == 0).all(0).nonzero()[:, 0]  # rows not settled by column 0
     cols = (flat[:, m - 1, :] == 0).all(0).nonzero()[:, 0]  # columns not settled by the last row
+    if 2 * rows.numel() > m or 2 * cols.numel() > n:  # e.g. padding: one pass over all of t
+        rows, cols = torch.arange(m, device=t.device), torch.arange(n, device=t.device)
+        nz_rows = nz_cols = _any_nonzero(flat, None, -2)
+    else:
+        nz_rows = _any_nonzero(flat, rows, -2) if rows.numel() else None
+        nz_cols = _any_nonzero(flat, cols, -1) if cols.numel() else None
     if rows.numel():
-        nz = _any_nonzero(flat, rows, -2)
-        f = nz.view(torch.uint8).argmax(-1)  # argmax: the first maximum; a line without a non-zero has 0
-        first[rows] = torch.where(nz.gather(-1, f[:, None])[:, 0], f, n)
+        f = nz_rows.view(torch.uint8).argmax(-1)  # argmax: the first maximum; a line without a non-zero has 0
+        first[rows] = torch.where(nz_rows.gather(-1, f[:, None])[:, 0], f, n)
     if cols.numel():
-        nz = _any_nonzero(flat, cols, -1)
-        la = m - 1 - nz.flip(-2).view(torch.uint8).argmax(-2)
-        last[cols] = torch.where(nz.gather(-2, la[None, :])[0], la, -1)
+        la = m - 1 - nz_cols.flip(-2).view(torch.uint8).argmax(-2)
+        last[cols] = torch.where(nz_cols.gather(-2, la[None, :])[0], la, -1)
     return first, last
 
 
-def _any_nonzero(flat: torch.Tensor, lines: torch.Tensor, dim: int) -> torch.Tensor:
-    """Boolean: which entries of the rows (``dim=-2``) or columns (``dim=-1``) ``lines`` of ``flat``
-    (``B x M x N``) are non-zero in any batch entry; one entry at a time (a buffer of the lines'
-    size, not ``B`` of them)."""
-    nz = None
+def _any_nonzero(flat: torch.Tensor, lines, dim: int) -> torch.Tensor:
+    """Boolean: which entries of the rows (``dim=-2``) or columns (``dim=-1``) ``lines`` (``None``:
+    all) of ``flat`` (``B x M x N``) are non-zero in any batch entry; one entry at a time (a buffer
+    of the lines' size, not ``B`` of them)."""
+    nz = buf = None
     for entry in flat:
-        part = entry.index_select(dim, lines) != 0
-        nz = part if nz is None else nz.logical_or_(part)
+        part = entry if lines is None else entry.index_select(dim, lines)
+        if nz is None:
+            nz, buf = part != 0, torch.empty(part.shape, dtype=torch.bool, device=part.device)
+        else:
+            torch.ne(part, 0, out=buf)
+            nz |= buf
     return nz
 
 
