@@ -183,8 +183,8 @@ INIT_VARIANTS = {
     "at initialisation, d 64, q, k x 0.3": {"d": 64, "scale": 0.3},
     "at initialisation, d 64, q, k x 0.5": {"d": 64, "scale": 0.5},
     "at initialisation, d 128, q, k x 0.3": {"d": 128, "scale": 0.3},
-    # the second try's limits: ESS up to about 300 in the middle blocks (under its screen of
-    # 3 x 128; measured: still answered at rank 128), and about 480 (above the screen: exact)
+    # the second try's limits: ESS up to about 300 and about 480 in the middle blocks (with the
+    # rank cap p / 3 both get a rank-256 try there, which answers them; README "Estimators")
     "at initialisation, d 64, q, k x 0.7": {"d": 64, "scale": 0.7},
     "at initialisation, d 64, q, k x 0.9": {"d": 64, "scale": 0.9},
 }
