@@ -517,3 +517,59 @@ def test_slq_early_stop_keeps_each_heads_last_passing_check(seed, noise, d, step
     ex = entropy_ess_ref(op.dense().numpy(), [320])[..., 0]
     err = np.abs(stopped[0].numpy() - ex) / ex
     assert (err[np.array(accepted)] < 0.02).all(), err
+
+
+@pytest.mark.parametrize("seed, noise, d", [(4, 0.05, 16), (1, 0.05, 32), (6, 0.07, 16), (5, 0.08, 16)])
+def test_slq_chunks_of_one_head_stop_each_head_at_its_own_check(monkeypatch, seed, noise, d):
+    """With chunks of one entry (the CPU path for large blocks), each head runs until its own
+    check accepts or gives it up: its output is bit-identical to a fixed-step run of that many
+    steps (same probes), the heads stop at different steps, the top values and ``||h||_F^2`` are
+    those of the batched run, and an accepted head is within rtol of a float64 SVD."""
+    from esswatch.engine import golub_kahan
+    from esswatch.engine.randomized import sketch_singular_values
+
+    op = _flat_tail_attention(640, seed=seed, noise=noise, d=d)
+    h = op.dense()[..., 320:, :320]
+    stop = math.log1p(0.02)
+
+    def run(**kw):
+        g = torch.Generator().manual_seed(7)
+        _, basis = sketch_singular_values(
+            lambda v: h @ v, lambda w: h.mT @ w, 320, h.shape[:-2], 16, 0, h.dtype, h.device, g, return_basis=True
+        )
+        return slq_entropy(h, 16, g, basis=basis, **kw)
+
+    batched = run(stop=stop)
+    monkeypatch.setattr(golub_kahan, "SLQ_CPU_CHUNK_BYTES", 1)
+    assert golub_kahan.chunk_size(h, 4) == 1
+    chunked = run(stop=stop)
+    fixed = {s: run(steps=s) for s in range(4, 13)}
+    stopped_at = []
+    for j in range(4):
+        at = [s for s, out in fixed.items() if all(torch.equal(a[j], b[j]) for a, b in zip(chunked[:3], out[:3]))]
+        assert at, f"head {j}: no fixed-step run matches"
+        stopped_at.append(at[0])
+    assert len(set(stopped_at)) > 1, stopped_at  # the heads did stop at different steps
+    for a, b in zip(chunked[3:], batched[3:]):
+        assert torch.equal(a, b)
+    accepted = ((chunked[1] + 2 * chunked[2]) <= stop).numpy()
+    ex = entropy_ess_ref(op.dense().numpy(), [320])[..., 0]
+    err = np.abs(chunked[0].numpy() - ex) / ex
+    assert (err[accepted] < 0.02).all(), err
+
+
+def test_slq_checks_keep_frozen_entries():
+    """An entry whose chunk stopped (``frozen``) keeps its values and status at later checks."""
+    from esswatch.engine.slq_stopping import Checks
+
+    c = Checks(1.0, 12)
+    t = lambda *x: torch.tensor(x, dtype=F64)
+    zero = t(0.0, 0.0, 0.0)
+    assert not c.update(4, t(10.0, 11.0, 12.0), t(0.5, 3.0, 7.0), zero)  # 0 accepted, 2 given up
+    assert c.finished == [True, False, True]
+    frozen = torch.tensor([True, False, True])
+    # stale criteria of frozen entries: 0 would fail now, 2 would pass; neither changes
+    assert c.update(6, t(20.0, 21.0, 22.0), t(5.0, 0.5, 0.5), zero, frozen=frozen)
+    est, half_gap, _ = c.result()
+    assert est.tolist() == [10.0, 21.0, 12.0] and half_gap.tolist() == [0.5, 0.5, 7.0]
+    assert c.accepted.tolist() == [True, True, False] and c.finished == [True, True, True]

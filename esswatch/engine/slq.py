@@ -26,13 +26,14 @@ calibration test measures the realized miss rate. With ``stop``, the runs take u
 ``SLQ_STEPS`` steps and the test is tried along the way (from ``SLQ_FIRST_CHECK`` steps; the
 quadrature sums are cheap next to a pass over ``h``): an entry is accepted once a check passes
 it, and keeps the values of the last check that passed it (later steps come free while other
-entries run on; the buffer of right vectors grows with ``SLQ_STEPS``, ``probes x steps x n``, far
-below the block itself). An entry is given up (left to the caller's exact
+entries of its chunk run on, :mod:`.golub_kahan`; the buffer of right vectors grows with
+``SLQ_STEPS``, ``probes x steps x n``, far below the block itself). An entry is given up (left to the caller's exact
 SVD) when it cannot pass by ``SLQ_STEPS``: above ``SLQ_GIVE_UP * stop`` at the first check, or,
 later, when the power law through its last two checked criteria stays above ``stop`` at
 ``SLQ_STEPS`` (the criterion falls about as ``step^-1.5`` to ``step^-2`` on flat tails and
-flattens where the standard error or a wide band holds it up). The runs end once every entry
-is accepted or given up. The gap shrinks with each step and the same probes are used
+flattens where the standard error or a wide band holds it up). A chunk of entries stops once
+each of its entries is accepted or given up (its entries keep their values from then on), and the
+runs end once every chunk has stopped. The gap shrinks with each step and the same probes are used
 throughout, so the extra looks barely change the miss rate (the calibration test runs with them).
 Pure tensor math, batched, on the block's device, float64; randomness only from the given
 generator.
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import torch
 
+from .golub_kahan import GolubKahanRuns
 from .slq_stopping import SLQ_FAST_DECAY, SLQ_FIRST_CHECK, SLQ_GIVE_UP, Checks
 
 __all__ = ["SLQ_FAST_DECAY", "SLQ_FIRST_CHECK", "SLQ_GIVE_UP", "SLQ_PROBES", "SLQ_STEPS"]
@@ -71,15 +73,6 @@ def products(h: torch.Tensor):
     return (lambda v: (v.mT.contiguous() @ h.mT).mT), (lambda u: h.mT @ u)
 
 
-def _row_products(h: torch.Tensor):
-    """``(v -> (h @ v^T)^T, u -> (h^T @ u^T)^T)`` on vectors stored as contiguous rows
-    (``batch + (probes, n)`` and ``batch + (probes, m)``), in the BLAS layouts of :func:`products`;
-    both results are contiguous rows."""
-    if h.stride(-1) == 1:  # row-major
-        return (lambda v: (h @ v.mT.contiguous()).mT.contiguous()), (lambda u: u @ h)
-    return (lambda v: v @ h.mT), (lambda u: (h.mT @ u.mT.contiguous()).mT.contiguous())
-
-
 def _orth(y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(y, mode="reduced").Q
 
@@ -103,11 +96,11 @@ def _sums(theta: torch.Tensor, w: torch.Tensor):
 
 def _estimate(alphas, betas, t, d, tail_energy, fro2):
     """The Gauss and Gauss-Radau sums of the Golub-Kahan runs so far (``alphas``, ``betas``:
-    one ``batch + (probes,)`` tensor per step), combined with the exact top values ``t``
+    ``batch + (probes, l)``, step by step), combined with the exact top values ``t``
     (of ``h / ||h||_F``): ``(est, half_gap, se)`` (module doc, steps 2-3)."""
     dev = t.device
-    al = torch.stack(alphas, dim=-1).to(torch.float64)  # batch + (probes, l)
-    be = torch.stack(betas, dim=-1).to(torch.float64)  # beta_1..beta_l (beta_l: Radau)
+    al = alphas.to(torch.float64)  # batch + (probes, l)
+    be = betas.to(torch.float64)  # beta_1..beta_l (beta_l: Radau)
     ell = al.shape[-1]
     diag = al**2
     diag[..., 1:] = diag[..., 1:] + be[..., :-1] ** 2
@@ -226,41 +219,21 @@ def slq_entropy(
         t = t * (1 - 1e-5)  # float32 round-off: stay below s_j
     t = t / scale[..., None]
 
-    # 2. Golub-Kahan-Lanczos on all probes at once; the Lanczos vectors are stored as rows
-    # (batch + (probes, dim)), so norms, the reorthogonalization and the buffer writes read
-    # contiguous memory. A v = h v / ||h|| for v orthogonal to V; A^T u = (I - V V^T) h^T u / ||h||.
-    # The right vectors are kept orthogonal to V and to each other (one-sided reorthogonalization).
-    fwd, bwd = _row_products(h)
-    tiny = 1e-30
-    # the right vectors of each probe (probes, steps, n): the reorthogonalization is one batched
-    # product per step
-    Vbuf = torch.empty(*batch, probes, steps, n, dtype=lo, device=dev)
-    vr = Vbuf[..., 0, :]
-    vr.copy_(v.mT)
-    alphas, betas = [], []
+    # 2. Golub-Kahan-Lanczos on all probes at once (module doc), chunk by chunk of batch entries
+    # (golub_kahan.py: on CPU a chunk's block stays in cache for the steps it runs between two checks)
+    state = GolubKahanRuns(h, V, (hvv[..., V.shape[-1] :] * inv).mT, v.mT, inv, steps)
     checks = None if stop is None else Checks(stop, steps)
-    ur = (hvv[..., V.shape[-1] :] * inv).mT.contiguous()
-    for j in range(steps):
-        alpha = torch.linalg.vector_norm(ur, dim=-1, keepdim=True)
-        ur = ur / torch.clamp(alpha, min=tiny)
-        alphas.append(alpha[..., 0])
-        w = bwd(ur) * inv
-        w = torch.addcmul(w - (w @ V) @ Vt, alpha, vr, value=-1)  # the top first: it may be far larger
-        Vh = Vbuf[..., : j + 1, :]  # batch + (probes, j + 1, n)
-        w = w - ((Vh @ w[..., None]) * Vh).sum(-2)
-        w = w - (w @ V) @ Vt
-        beta = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
-        betas.append(beta[..., 0])
-        if j == steps - 1:
-            break
-        if checks is not None and checks.due(j + 1):
-            if checks.update(j + 1, *_estimate(alphas, betas, t, d, tail_energy, fro2)):
-                return (*checks.result(), t * scale[..., None], fro2)
-        vr = Vbuf[..., j + 1, :]
-        torch.div(w, torch.clamp(beta, min=tiny), out=vr)
-        ur = torch.addcmul(fwd(vr) * inv, beta, ur, value=-1)
-    final = _estimate(alphas, betas, t, d, tail_energy, fro2)
-    if checks is not None:
-        checks.update(steps, *final)
-        final = checks.result()
-    return (*final, t * scale[..., None], fro2)
+    j = 0
+    while True:
+        # run up to the next check (or the last step); every chunk not yet stopped
+        nxt = j + 1
+        while nxt < steps and not (checks is not None and checks.due(nxt)):
+            nxt += 1
+        state.run(j, nxt)
+        j = nxt
+        values = _estimate(*state.coefficients(j), t, d, tail_energy, fro2)
+        if checks is None:  # j == steps
+            return (*values, t * scale[..., None], fro2)
+        if checks.update(j, *values, frozen=state.frozen()) or j == steps:
+            return (*checks.result(), t * scale[..., None], fro2)
+        state.stop_chunks(checks.finished)

@@ -36,6 +36,7 @@ class Checks:
         self.accepted = None
         self.last = None  # (step, crit) of the last check (accepted entries: 0)
         self.best_open = math.inf  # the smallest criterion of an entry not yet accepted, at the last check
+        self.finished = []  # per flattened entry: accepted or given up at the last check
 
     def due(self, step: int) -> bool:
         """Whether to check after ``step`` steps: from ``SLQ_FIRST_CHECK`` on, unless no open
@@ -47,8 +48,12 @@ class Checks:
             return True
         return self.best_open * (self.last[0] / step) ** SLQ_FAST_DECAY <= self.stop
 
-    def update(self, step: int, est, half_gap, se) -> bool:
-        """Record the check after ``step`` steps; ``True`` once every entry is accepted or given up."""
+    def update(self, step: int, est, half_gap, se, frozen=None) -> bool:
+        """Record the check after ``step`` steps; ``True`` once every entry is accepted or given up.
+
+        ``frozen`` (bool, like ``est``): entries whose runs stopped at an earlier check (their chunk's
+        entries were all accepted or given up there); they keep that check's values and status.
+        :attr:`finished` lists, per flattened entry, whether it is accepted or given up (or frozen)."""
         crit = half_gap + 2 * se
         if self.values is None:
             self.values = [est, half_gap, se]
@@ -57,18 +62,27 @@ class Checks:
         else:
             # an accepted entry takes the later check's values (more steps, free) only if they pass too
             keep = self.accepted & ~(crit <= self.stop)
+            if frozen is not None:
+                keep = keep | frozen
             self.values = [torch.where(keep, a, b) for a, b in zip(self.values, (est, half_gap, se))]
             step0, crit0 = self.last
             rate = torch.clamp(torch.log(crit0 / crit) / math.log(step / step0), min=0)
             hopeless = ~(crit * (step / self.steps) ** rate <= self.stop)  # the power law misses by `steps`
-        self.accepted = self.accepted | (crit <= self.stop)
+        passed = crit <= self.stop
+        if frozen is not None:
+            passed, hopeless = passed & ~frozen, hopeless | frozen
+            crit = torch.where(frozen, self.last[1], crit)
+        self.accepted = self.accepted | passed
         self.last = (step, torch.where(self.accepted, torch.zeros_like(crit), crit))
         inf = torch.full((1,), math.inf, dtype=crit.dtype, device=crit.device)
-        open_crit = torch.where(self.accepted | torch.isnan(crit), math.inf, crit).reshape(-1)
+        closed = self.accepted | torch.isnan(crit) if frozen is None else self.accepted | torch.isnan(crit) | frozen
+        open_crit = torch.where(closed, math.inf, crit).reshape(-1)
         best = torch.cat([open_crit, inf]).amin()
-        # one sync per check: whether the runs end, and the floor `due` reads until the next check
-        done, self.best_open = torch.stack([(self.accepted | hopeless).all().to(crit.dtype), best]).tolist()
-        return bool(done)
+        finished = (self.accepted | hopeless).reshape(-1).to(crit.dtype)
+        # one sync per check: which entries are done, and the floor `due` reads until the next check
+        *fin, self.best_open = torch.cat([finished, best[None]]).tolist()
+        self.finished = [bool(x) for x in fin]
+        return all(self.finished)
 
     def result(self):
         return tuple(self.values)

@@ -15,6 +15,8 @@ Part 1, the targets of the engine issue (L = 2048; ``--target-length`` for anoth
   (c) sliding-window attention (window 128): esswatch's trimmed ``exact`` vs a plain
       ``torch.linalg.svdvals`` of each full block ``T[i:, :i]``, 8 interior indices.
 Part 2, a table of every estimator on every operator type (nothing regressed).
+``--chunks``: target (b) with the quadrature's Golub-Kahan runs in CPU chunks (the default) and in
+one batched run of all heads, side by side.
 """
 
 from __future__ import annotations
@@ -210,6 +212,42 @@ def flat_tail_variants(device, repeats, L, only=""):
         )
 
 
+def chunks_side_by_side(device, repeats, L):
+    """Target (b) with the quadrature's Golub-Kahan runs in CPU chunks (the default,
+    ``SLQ_CPU_CHUNK_BYTES``) and in one batched run of all heads, alternating with ``exact``."""
+    from esswatch.engine import golub_kahan
+
+    att = clustered_attention(L, device=device, dtype=torch.float32)
+    idx = interior(L, 8)
+    default = golub_kahan.SLQ_CPU_CHUNK_BYTES
+
+    def randomized(chunk_bytes):
+        golub_kahan.SLQ_CPU_CHUNK_BYTES = chunk_bytes
+        try:
+            return ew.entropy_ess(att, idx, estimator="randomized", rtol=0.02)
+        finally:
+            golub_kahan.SLQ_CPU_CHUNK_BYTES = default
+
+    ts, out = race(
+        {
+            "chunks": lambda: randomized(default),
+            "batched": lambda: randomized(2**62),
+            "exact": lambda: ew.entropy_ess(att, idx, estimator="exact"),
+        },
+        repeats,
+        device,
+    )
+    ref = out["exact"]
+    err = {k: float(((out[k] - ref).abs() / ref).max()) for k in ("chunks", "batched")}
+    print(f"\n## target (b) (L = {L}): the quadrature's runs in chunks of {default / 2**20:g} MiB of block vs batched")
+    print("| contender | time s | ratio exact / contender | max rel err |")
+    print("|---|---|---|---|")
+    for k in ("chunks", "batched"):
+        print(f"| {k} | {med(ts[k])} | {ratio(ts['exact'], ts[k])[0]} | {err[k]:.1e} |")
+    print(f"| exact | {med(ts['exact'])} | | |")
+    print(f"batched / chunks, per repeat: {ratio(ts['batched'], ts['chunks'])[0]}", flush=True)
+
+
 def _target_c(device, repeats, L):
     idx = interior(L, 8)
     sw = make_ops(L, device)["softmax_attention(window 128)"]
@@ -276,6 +314,9 @@ def main():
         help="also target (b)'s construction with other settings, and attention at initialisation",
     )
     ap.add_argument("--only", default="", help="with --variants: only the rows whose name contains this")
+    ap.add_argument(
+        "--chunks", action="store_true", help="also target (b) with the quadrature's runs in CPU chunks vs batched"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -291,6 +332,8 @@ def main():
             ew.entropy_ess(op, [64], estimator=est)
     if args.cases:  # --cases "": no target rows (e.g. with --variants --only ...)
         targets(device, args.repeats, args.cases, args.target_length)
+    if args.chunks:
+        chunks_side_by_side(device, args.repeats, args.target_length)
     if args.variants:
         flat_tail_variants(device, args.repeats, args.target_length, args.only)
     if not args.skip_table:

@@ -1,0 +1,115 @@
+"""The Golub-Kahan-Lanczos runs of the deflated SLQ (:mod:`.slq`), chunk by chunk of batch entries.
+
+Each probe's run alternates a product with ``h`` and one with ``h^T``: about 2 passes over the
+block per step, the bulk of the quadrature's cost. The batch entries (heads) run in chunks: off
+CPU one chunk holds them all (one batched product per step); on CPU a chunk holds as many entries
+as fit in ``SLQ_CPU_CHUNK_BYTES`` of block, and runs all its steps up to the next acceptance check
+before the next chunk starts, so its block stays in cache across those passes (a batch of 4
+attention heads at L = 2048 does not fit, one head does: ``examples/benchmarks/estimators.py``).
+A chunk whose entries were all accepted or given up at a check runs no further steps.
+Pure tensor math on the block's device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["SLQ_CPU_CHUNK_BYTES", "GolubKahanRuns", "chunk_size"]
+
+#: on CPU, the most bytes of block one chunk of batch entries holds (at least one entry per chunk)
+SLQ_CPU_CHUNK_BYTES = 4 * 2**20
+_TINY = 1e-30
+
+
+def _row_products(h: torch.Tensor):
+    """``(v -> (h @ v^T)^T, u -> (h^T @ u^T)^T)`` on vectors stored as contiguous rows
+    (``batch + (probes, n)`` and ``batch + (probes, m)``), in the BLAS layouts of :func:`products`;
+    both results are contiguous rows."""
+    if h.stride(-1) == 1:  # row-major
+        return (lambda v: (h @ v.mT.contiguous()).mT.contiguous()), (lambda u: u @ h)
+    return (lambda v: v @ h.mT), (lambda u: (h.mT @ u.mT.contiguous()).mT.contiguous())
+
+
+def chunk_size(h: torch.Tensor, entries: int) -> int:
+    """Batch entries per chunk of the Golub-Kahan runs: all of them off CPU (one batched product per
+    step); on CPU as many as fit in ``SLQ_CPU_CHUNK_BYTES`` (at least one), so that a chunk's block
+    stays in cache across the passes it runs between two checks."""
+    if h.device.type != "cpu":
+        return entries
+    per_entry = h.shape[-1] * h.shape[-2] * h.element_size()
+    return max(1, min(entries, SLQ_CPU_CHUNK_BYTES // max(per_entry, 1)))
+
+
+class GolubKahanRuns:
+    """The Golub-Kahan runs of :func:`~esswatch.engine.slq.slq_entropy` on the flattened batch, chunk by chunk.
+
+    Vectors are stored as rows (``entries x probes x dim``), so norms, the reorthogonalization and
+    the buffer writes read contiguous memory. ``A v = h v / ||h||`` for ``v`` orthogonal to ``V``;
+    ``A^T u = (I - V V^T) h^T u / ||h||``. The right vectors are kept orthogonal to ``V`` and to
+    each other (one-sided reorthogonalization, one batched product per step)."""
+
+    def __init__(self, h, V, u0, v0, inv, steps):
+        m, n = h.shape[-2:]
+        entries = u0.numel() // (u0.shape[-1] * u0.shape[-2])
+        probes = u0.shape[-2]
+        self.h = h.reshape(entries, m, n)
+        self.V = V.reshape(entries, n, V.shape[-1])
+        self.Vt = self.V.transpose(-1, -2)
+        self.inv = inv.reshape(entries, 1, 1)
+        self.Vbuf = torch.empty(entries, probes, steps, n, dtype=h.dtype, device=h.device)
+        self.Vbuf[:, :, 0].copy_(v0.reshape(entries, probes, n))
+        # alpha_j, beta_j of every step (1 and 0 past a stopped chunk's last step: a valid tridiagonal)
+        self.alpha = torch.ones(entries, probes, steps, dtype=h.dtype, device=h.device)
+        self.beta = torch.zeros(entries, probes, steps, dtype=h.dtype, device=h.device)
+        size = chunk_size(h, entries)
+        self.chunks = [slice(a, min(a + size, entries)) for a in range(0, entries, size)]
+        self.u = [u0.reshape(entries, probes, m)[c].contiguous() for c in self.chunks]
+        self.products = [_row_products(self.h[c]) for c in self.chunks]
+        self.running = [True] * len(self.chunks)
+        self.shape = u0.shape[:-2]
+
+    def run(self, j0: int, j1: int) -> None:
+        """Steps ``j0 .. j1 - 1`` of every running chunk, one chunk after the other."""
+        for ci, c in enumerate(self.chunks):
+            if self.running[ci]:
+                for j in range(j0, j1):
+                    self._step(ci, c, j)
+
+    def _step(self, ci: int, c: slice, j: int) -> None:
+        fwd, bwd = self.products[ci]
+        V, Vt, inv, Vbuf = self.V[c], self.Vt[c], self.inv[c], self.Vbuf[c]
+        ur, vr = self.u[ci], Vbuf[:, :, j]
+        if j > 0:
+            ur = torch.addcmul(fwd(vr) * inv, self.beta[c, :, j - 1 : j], ur, value=-1)
+        alpha = torch.linalg.vector_norm(ur, dim=-1, keepdim=True)
+        ur = ur / torch.clamp(alpha, min=_TINY)
+        self.u[ci] = ur
+        self.alpha[c, :, j] = alpha[..., 0]
+        w = bwd(ur) * inv
+        w = torch.addcmul(w - (w @ V) @ Vt, alpha, vr, value=-1)  # the top first: it may be far larger
+        Vh = Vbuf[:, :, : j + 1]  # entries x probes x (j + 1) x n
+        w = w - ((Vh @ w[..., None]) * Vh).sum(-2)
+        w = w - (w @ V) @ Vt
+        beta = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
+        self.beta[c, :, j] = beta[..., 0]
+        if j + 1 < Vbuf.shape[2]:
+            torch.div(w, torch.clamp(beta, min=_TINY), out=Vbuf[:, :, j + 1])
+
+    def coefficients(self, steps: int):
+        """``(alpha, beta)`` of the first ``steps`` steps, ``batch + (probes, steps)``."""
+        return (x[..., :steps].reshape(*self.shape, x.shape[1], steps) for x in (self.alpha, self.beta))
+
+    def frozen(self):
+        """Entries of the chunks that stopped (their values stay those of their last check), or ``None``."""
+        if all(self.running):
+            return None
+        f = torch.zeros(self.alpha.shape[0], dtype=torch.bool, device=self.alpha.device)
+        for ci, c in enumerate(self.chunks):
+            f[c] = not self.running[ci]
+        return f.reshape(self.shape)
+
+    def stop_chunks(self, finished) -> None:
+        """Stop the chunks whose entries are all accepted or given up (``finished``: flat, host)."""
+        for ci, c in enumerate(self.chunks):
+            if self.running[ci] and all(finished[c]):
+                self.running[ci] = False
