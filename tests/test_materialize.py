@@ -247,3 +247,50 @@ def test_block_cache_trims_the_dense_operator_as_before(blocks):
             sv = np.linalg.svd(T[..., i:, :i].numpy(), compute_uv=False)
             np.testing.assert_allclose(torch.linalg.svdvals(h).numpy(), sv[..., : min(h.shape[-2:])], atol=1e-12)
         assert (cache._extents is not None) == (blocks is None and cache._dense is not None), name
+
+
+def _thp_mode():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _anon_huge_kb(addr: int) -> int:
+    """``AnonHugePages`` (kB) of the mapping of this process that holds ``addr`` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1])
+    return 0
+
+
+def test_large_cpu_buffers_are_backed_by_huge_pages():
+    """``alloc.empty``: same shape and dtype as ``torch.empty``; on Linux with transparent huge pages
+    available (``madvise`` or ``always``), the kernel's own accounting shows huge pages in a touched
+    32 MiB buffer."""
+    from esswatch.engine import alloc
+
+    small = alloc.empty((3, 5), dtype=torch.float64, device=torch.device("cpu"))
+    assert small.shape == (3, 5) and small.dtype == torch.float64
+    if _thp_mode() not in ("madvise", "always"):
+        pytest.skip(f"transparent huge pages: {_thp_mode()}")
+    buf = alloc.empty((4, 1024, 2048), dtype=torch.float32, device=torch.device("cpu"))
+    buf.fill_(1.0)
+    assert _anon_huge_kb(buf.data_ptr() + buf.numel() * 2) >= 2048
+
+
+def test_dense_on_advised_buffers_equals_the_plain_formula(monkeypatch):
+    """Every buffer advised (threshold 0): ``dense()`` still equals the plain formula bit for bit."""
+    from esswatch.engine import alloc
+
+    monkeypatch.setattr(alloc, "HUGE_MIN_BYTES", 0)
+    for name, op in _attention_cases(37, torch.float32).items():
+        with torch.no_grad():
+            assert torch.equal(op.dense(), plain_dense_part(op, slice(None), slice(None))), name

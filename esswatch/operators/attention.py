@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from ..engine import alloc
 from ..engine.spectral import compute_dtype
 from ..engine.validation import broadcast_batch, check_finite, check_finite_number, check_positive_int
 from .base import Operator
@@ -211,7 +212,12 @@ class SoftmaxAttention(Operator):
         formula, bit for bit (``tests/test_materialize.py``)."""
         out_dt = compute_dtype(self.q.dtype)
         dt, clamp = self._score_dtype(out_dt)
-        scores = self.q[..., rows, :].to(dt) @ self.k[..., cols, :].to(dt).transpose(-1, -2)
+        q, kt = self.q[..., rows, :].to(dt), self.k[..., cols, :].to(dt).transpose(-1, -2)
+        if q.requires_grad or kt.requires_grad or q.device.type != "cpu":
+            scores = q @ kt
+        else:  # a large CPU buffer on huge pages (engine/alloc.py: its first touch is most of the cost)
+            shape = torch.broadcast_shapes(q.shape[:-2], kt.shape[:-2]) + (q.shape[-2], kt.shape[-1])
+            scores = torch.matmul(q, kt, out=alloc.empty(shape, dtype=dt, device=q.device))
         scores = scores.mul_(self.scale)
         if clamp:
             fmax = torch.finfo(dt).max

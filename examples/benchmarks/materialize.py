@@ -16,7 +16,9 @@ before and after timed alternately in each repeat; ratio: median [min-max] of pe
 The outputs of both are compared (``dense``: bit for bit; entropy-ESS: max abs difference).
 Two more rows time only how ``dense()`` fills the forbidden scores with ``-inf``: one
 broadcast ``L x L`` mask (the fill before) against blocks of rows
-(``SoftmaxAttention._fill_forbidden_``), causal and with a window of 128.
+(``SoftmaxAttention._fill_forbidden_``), causal and with a window of 128. One more times
+``dense()`` with its scores' buffer on plain pages against the huge-page advice of
+``esswatch/engine/alloc.py`` (the first touch of a fresh ``L x L`` buffer is page faults).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import time
 import torch
 
 import esswatch as ew
+from esswatch.engine import alloc
 from esswatch.engine.exact import nonzero_extents, trim_by_extents, trim_zero_lines
 from esswatch.ess import blocks
 from esswatch.operators import SoftmaxAttention
@@ -194,6 +197,25 @@ if __name__ == "__main__":
             f"bit-identical: {torch.equal(outs['one mask'], outs['row blocks'])} |",
             flush=True,
         )
+    # the scores' buffer: plain pages (torch.empty) against the huge-page advice of engine/alloc.py
+    ts, outs = {"plain": [], "huge": []}, {}
+    for _ in range(args.repeats):
+        for kind in ts:
+            saved = alloc.HUGE_MIN_BYTES
+            alloc.HUGE_MIN_BYTES = 2**62 if kind == "plain" else saved
+            try:
+                t0 = time.perf_counter()
+                outs[kind] = att.dense()
+                ts[kind].append(time.perf_counter() - t0)
+            finally:
+                alloc.HUGE_MIN_BYTES = saved
+    r = [a / b for a, b in zip(ts["plain"], ts["huge"])]
+    print(
+        f"| dense(): the scores' buffer on plain pages (before) / advised to huge pages (after) | "
+        f"{med(ts['plain'])} | {med(ts['huge'])} | {statistics.median(r):.2f}x [{min(r):.2f}-{max(r):.2f}] | "
+        f"bit-identical: {torch.equal(outs['plain'], outs['huge'])} |",
+        flush=True,
+    )
     for name, blocks_at in (
         ("trim 8 blocks", idx),
         ("trim 4 blocks", idx[::2]),
