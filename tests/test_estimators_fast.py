@@ -457,7 +457,7 @@ def test_slq_with_the_pilots_rank16_basis_against_svd():
 def test_slq_checks_follow_the_stated_rule():
     """The stopping rule by hand (stop = 1, at most 12 steps): the first check after 4 steps gives
     up entries above SLQ_GIVE_UP; a check is skipped while no open entry could pass even at
-    step^-3; a later check gives up an entry whose power law through its last two criteria stays
+    step^-2; a later check gives up an entry whose power law through its last two criteria stays
     above stop at step 12; accepted entries keep the values of the last check they passed."""
     from esswatch.engine.slq_stopping import SLQ_GIVE_UP, Checks
 
@@ -466,11 +466,11 @@ def test_slq_checks_follow_the_stated_rule():
     t = lambda *x: torch.tensor(x, dtype=F64)
     zero = t(0.0, 0.0, 0.0)
     assert not c.due(3) and c.due(4)
-    assert not c.update(4, t(10.0, 11.0, 12.0), t(0.5, 3.0, 7.0), zero)  # 0 accepted, 2 given up
+    assert not c.update(4, t(10.0, 11.0, 12.0), t(0.5, 2.0, 7.0), zero)  # 0 accepted, 2 given up
     assert c.accepted.tolist() == [True, False, False]
-    assert not c.due(5)  # 3 (4/5)^3 = 1.54 > 1
-    assert c.due(6)  # 3 (4/6)^3 = 0.89
-    # entry 1: rate log(3/1.5)/log(6/4) = 1.71, 1.5 (6/12)^1.71 = 0.46: still open
+    assert not c.due(5)  # 2 (4/5)^2 = 1.28 > 1
+    assert c.due(6)  # 2 (4/6)^2 = 0.89
+    # entry 1: rate log(2/1.5)/log(6/4) = 0.71, 1.5 (6/12)^0.71 = 0.92: still open
     assert not c.update(6, t(20.0, 21.0, 22.0), t(0.4, 1.5, 6.5), zero)  # entry 0 passes again: step 6's values
     # entry 1: rate log(1.5/1.4)/log(7/6) = 0.45, 1.4 (7/12)^0.45 = 1.1 > 1: given up, so all are done
     assert c.update(7, t(30.0, 31.0, 32.0), t(1.2, 1.4, 6.4), zero)  # entry 0 fails now: keeps step 6's
@@ -488,7 +488,7 @@ def test_slq_checks_follow_the_stated_rule():
         (4, 0.05, 16, 7, [True] * 4),
         (1, 0.05, 32, 10, [True] * 4),  # past 8 steps (the earlier limit)
         (6, 0.07, 16, 11, [True, True, False, True]),  # head 2 given up by its power law
-        (5, 0.08, 16, 10, [False] * 4),  # all given up by the power law
+        (5, 0.08, 16, 11, [False] * 4),  # all given up by the power law (at the check after step 11)
         (0, 0.2, 16, 4, [False] * 4),  # all given up at the first check
     ],
 )

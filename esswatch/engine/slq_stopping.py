@@ -17,9 +17,11 @@ __all__ = ["SLQ_FAST_DECAY", "SLQ_FIRST_CHECK", "SLQ_GIVE_UP", "Checks"]
 #: with ``stop``: the acceptance test is tried after every step from ``SLQ_FIRST_CHECK`` on (a
 #: check is skipped when no open entry could pass there even if its criterion fell as fast as
 #: ``step^-SLQ_FAST_DECAY`` since the last check; it falls about as ``step^-1.5`` to ``step^-2``
-#: on flat tails, ``examples/benchmarks/flat_tail.py``)
+#: on flat tails, ``examples/benchmarks/flat_tail.py``: between checks on target (b)'s blocks and
+#: attention at initialisation 1.5-1.95. A criterion falling faster costs one step past its passing
+#: one, never accuracy; 3 cost a check that no head could pass on every block of target (b))
 SLQ_FIRST_CHECK = 4
-SLQ_FAST_DECAY = 3.0
+SLQ_FAST_DECAY = 2.0
 #: with ``stop``: an entry is given up (rejected) at the first check when its criterion is above
 #: ``SLQ_GIVE_UP * stop``, and at a later check when the power law through its last two checked
 #: criteria does not reach ``stop`` by ``steps``; the runs end once every entry is accepted or given up
