@@ -521,7 +521,7 @@ def test_slq_early_stop_keeps_each_heads_last_passing_check(seed, noise, d, step
 
 @pytest.mark.parametrize("seed, noise, d", [(4, 0.05, 16), (1, 0.05, 32), (6, 0.07, 16), (5, 0.08, 16)])
 def test_slq_chunks_of_one_head_stop_each_head_at_its_own_check(monkeypatch, seed, noise, d):
-    """With chunks of one entry (the CPU path for large blocks), each head runs until its own
+    """With chunks of one entry (the CPU path for blocks that just fit the chunk size), each head runs until its own
     check accepts or gives it up: its output is bit-identical to a fixed-step run of that many
     steps (same probes), the heads stop at different steps, the top values and ``||h||_F^2`` are
     those of the batched run, and an accepted head is within rtol of a float64 SVD."""
@@ -540,7 +540,8 @@ def test_slq_chunks_of_one_head_stop_each_head_at_its_own_check(monkeypatch, see
         return slq_entropy(h, 16, g, basis=basis, **kw)
 
     batched = run(stop=stop)
-    monkeypatch.setattr(golub_kahan, "SLQ_CPU_CHUNK_BYTES", 1)
+    per_head = h.shape[-1] * h.shape[-2] * h.element_size()
+    monkeypatch.setattr(golub_kahan, "SLQ_CPU_CHUNK_BYTES", per_head)
     assert golub_kahan.chunk_size(h, 4) == 1
     chunked = run(stop=stop)
     fixed = {s: run(steps=s) for s in range(4, 13)}
@@ -556,6 +557,24 @@ def test_slq_chunks_of_one_head_stop_each_head_at_its_own_check(monkeypatch, see
     ex = entropy_ess_ref(op.dense().numpy(), [320])[..., 0]
     err = np.abs(chunked[0].numpy() - ex) / ex
     assert (err[accepted] < 0.02).all(), err
+
+
+def test_chunk_size_rule():
+    """On CPU: as many entries as fit in SLQ_CPU_CHUNK_BYTES (4 MiB); a block of one entry larger
+    than that, or a block off CPU, runs batched."""
+    from esswatch.engine.golub_kahan import SLQ_CPU_CHUNK_BYTES, chunk_size
+
+    assert SLQ_CPU_CHUNK_BYTES == 4 * 2**20
+    block = lambda m, n, dtype=torch.float32, device="cpu": torch.zeros(1, 1, 1, dtype=dtype, device=device).expand(
+        24, m, n
+    )
+    assert chunk_size(block(1024, 1024), 24) == 1  # 4 MiB: the largest block at L = 2048
+    assert chunk_size(block(1024, 512), 24) == 2
+    assert chunk_size(block(256, 256), 24) == 16
+    assert chunk_size(block(64, 64), 24) == 24
+    assert chunk_size(block(1025, 1024), 24) == 24  # over 4 MiB: batched
+    assert chunk_size(block(1024, 1024, torch.float64), 24) == 24
+    assert chunk_size(block(1024, 1024, device="meta"), 24) == 24  # off CPU: batched
 
 
 def test_slq_checks_keep_frozen_entries():

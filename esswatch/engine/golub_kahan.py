@@ -16,7 +16,9 @@ import torch
 
 __all__ = ["SLQ_CPU_CHUNK_BYTES", "GolubKahanRuns", "chunk_size"]
 
-#: on CPU, the most bytes of block one chunk of batch entries holds (at least one entry per chunk)
+#: on CPU, the most bytes of block one chunk of batch entries holds (blocks of one entry larger than
+#: this run batched); 4 MiB: every block of L = 2048 fits (measured on a CPU with 1 MiB of L2 per core
+#: and a shared L3)
 SLQ_CPU_CHUNK_BYTES = 4 * 2**20
 _TINY = 1e-30
 
@@ -31,12 +33,14 @@ def _row_products(h: torch.Tensor):
 
 
 def chunk_size(h: torch.Tensor, entries: int) -> int:
-    """Batch entries per chunk of the Golub-Kahan runs: all of them off CPU (one batched product per
-    step); on CPU as many as fit in ``SLQ_CPU_CHUNK_BYTES`` (at least one), so that a chunk's block
-    stays in cache across the passes it runs between two checks."""
-    if h.device.type != "cpu":
-        return entries
+    """Batch entries per chunk of the Golub-Kahan runs: on CPU, where one entry's block fits in
+    ``SLQ_CPU_CHUNK_BYTES``, as many entries as fit there, so that a chunk's block stays in cache
+    across the passes it runs between two checks; otherwise all of them (one batched product per
+    step: off CPU, and on CPU where a block cannot stay in cache anyway, there chunks of one entry
+    were 0.93-0.97x as fast, ``examples/benchmarks/second_try.py --contenders with,batched``)."""
     per_entry = h.shape[-1] * h.shape[-2] * h.element_size()
+    if h.device.type != "cpu" or per_entry > SLQ_CPU_CHUNK_BYTES:
+        return entries
     return max(1, min(entries, SLQ_CPU_CHUNK_BYTES // max(per_entry, 1)))
 
 

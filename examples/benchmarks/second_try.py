@@ -15,7 +15,9 @@ watch does by default). At the watch's 8 indices ``round(j L / 9)`` and with its
 - ``without``: the same code with the second try switched off (``SLQ_RETRY_MIN_SIZE`` set out of
   reach), which is what earlier releases did: those heads go to exact SVDs;
 - ``cap4``: the same code with the second try's rank capped at ``p / 4`` (the previous
-  ``SLQ_RETRY_RANK_DIVISOR``) instead of ``p / 3``.
+  ``SLQ_RETRY_RANK_DIVISOR``) instead of ``p / 3``;
+- ``batched``: the same code with the quadrature's Golub-Kahan runs in one batched run of all
+  heads (``SLQ_CPU_CHUNK_BYTES`` out of reach), as before the CPU chunks of ``golub_kahan.py``.
 
 Then one ``estimator="exact"`` call gives the reference for the errors. Prints the times (median
 [min-max] of ``--repeats``), the per-repeat ratios and the largest relative errors.
@@ -30,7 +32,7 @@ import time
 import torch
 
 import esswatch as ew
-from esswatch.engine import adaptive
+from esswatch.engine import adaptive, golub_kahan
 
 
 def attention(model_name: str, L: int, rows: int):
@@ -48,10 +50,15 @@ def attention(model_name: str, L: int, rows: int):
     return op
 
 
+def use(retry_min_size: int, divisor: int, chunk_bytes: int) -> None:
+    adaptive.SLQ_RETRY_MIN_SIZE, adaptive.SLQ_RETRY_RANK_DIVISOR = retry_min_size, divisor
+    golub_kahan.SLQ_CPU_CHUNK_BYTES = chunk_bytes
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama", choices=["llama", "gpt2"])
-    ap.add_argument("--contenders", default="without,with", help="comma-separated: without, with, cap4")
+    ap.add_argument("--contenders", default="without,with", help="comma-separated: without, with, cap4, batched")
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--rows", type=int, default=2, help="batch rows captured (the watch's default: 2)")
     ap.add_argument("--repeats", type=int, default=3)
@@ -66,10 +73,12 @@ def main():
         f"# second try: {args.model} attention at initialisation, L = {L}, {args.rows} rows x 12 heads, "
         f"indices {idx}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
     )
-    settings = {  # (SLQ_RETRY_MIN_SIZE, SLQ_RETRY_RANK_DIVISOR) of each contender
-        "with": (adaptive.SLQ_RETRY_MIN_SIZE, adaptive.SLQ_RETRY_RANK_DIVISOR),
-        "without": (10**9, adaptive.SLQ_RETRY_RANK_DIVISOR),
-        "cap4": (adaptive.SLQ_RETRY_MIN_SIZE, 4),
+    chunk = golub_kahan.SLQ_CPU_CHUNK_BYTES
+    settings = {  # (SLQ_RETRY_MIN_SIZE, SLQ_RETRY_RANK_DIVISOR, SLQ_CPU_CHUNK_BYTES) of each contender
+        "with": (adaptive.SLQ_RETRY_MIN_SIZE, adaptive.SLQ_RETRY_RANK_DIVISOR, chunk),
+        "without": (10**9, adaptive.SLQ_RETRY_RANK_DIVISOR, chunk),
+        "cap4": (adaptive.SLQ_RETRY_MIN_SIZE, 4, chunk),
+        "batched": (adaptive.SLQ_RETRY_MIN_SIZE, adaptive.SLQ_RETRY_RANK_DIVISOR, 2**62),
     }
     names = args.contenders.split(",")
     if not set(names) <= set(settings):
@@ -77,12 +86,12 @@ def main():
     times, out = {k: [] for k in names}, {}
     for _ in range(args.repeats):
         for name in names:
-            adaptive.SLQ_RETRY_MIN_SIZE, adaptive.SLQ_RETRY_RANK_DIVISOR = settings[name]
+            use(*settings[name])
             t0 = time.perf_counter()
             out[name] = ew.entropy_ess(op, idx)
             times[name].append(time.perf_counter() - t0)
             print(f"  {name}: {times[name][-1]:.1f} s", flush=True)
-    adaptive.SLQ_RETRY_MIN_SIZE, adaptive.SLQ_RETRY_RANK_DIVISOR = settings["with"]
+    use(*settings["with"])
     t0 = time.perf_counter()
     ref = ew.entropy_ess(op, idx, estimator="exact")
     t_exact = time.perf_counter() - t0
@@ -91,6 +100,7 @@ def main():
         "with": "with the second try",
         "without": "without (earlier releases)",
         "cap4": "second try, rank at most p / 4 (the earlier cap)",
+        "batched": "with the second try, quadrature runs batched (no CPU chunks)",
     }
     print("| contender | time s | max rel err vs exact | entries outside 2% |")
     print("|---|---|---|---|")
