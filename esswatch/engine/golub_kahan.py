@@ -92,7 +92,7 @@ class GolubKahanRuns:
         w = bwd(ur) * inv
         w = torch.addcmul(w - (w @ V) @ Vt, alpha, vr, value=-1)  # the top first: it may be far larger
         Vh = Vbuf[:, :, : j + 1]  # entries x probes x (j + 1) x n
-        w = w - ((Vh @ w[..., None]) * Vh).sum(-2)
+        w = w - ((Vh @ w[..., None]).mT @ Vh)[..., 0, :]
         w = w - (w @ V) @ Vt
         beta = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
         self.beta[c, :, j] = beta[..., 0]
