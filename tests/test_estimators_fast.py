@@ -481,6 +481,24 @@ def test_slq_checks_follow_the_stated_rule():
     assert nan.update(4, t(1.0), t(float("nan")), t(0.0))  # a NaN criterion is given up at once
 
 
+def _pilot_deflated_slq(seed, noise, d):
+    """``(op, h, run)``: a flat-tail block ``h`` (L = 640, i = 320, 4 heads) and ``run(**kw)``, the
+    quadrature deflated by a rank-16 pilot's basis as the adaptive estimator runs it (fixed seed)."""
+    from esswatch.engine.randomized import sketch_singular_values
+
+    op = _flat_tail_attention(640, seed=seed, noise=noise, d=d)
+    h = op.dense()[..., 320:, :320]
+
+    def run(**kw):
+        g = torch.Generator().manual_seed(7)
+        _, basis = sketch_singular_values(
+            lambda v: h @ v, lambda w: h.mT @ w, 320, h.shape[:-2], 16, 0, h.dtype, h.device, g, return_basis=True
+        )
+        return slq_entropy(h, 16, g, basis=basis, **kw)
+
+    return op, h, run
+
+
 @pytest.mark.parametrize(
     "seed, noise, d, steps, accepted",
     [
@@ -497,18 +515,8 @@ def test_slq_early_stop_keeps_each_heads_last_passing_check(seed, noise, d, step
     head was accepted or given up (same probes), and an accepted estimate is within rtol of a
     float64 SVD. The cases cover every way the runs end (a head that passes a check and fails a
     later one keeps the earlier values: ``test_slq_checks_follow_the_stated_rule``)."""
-    from esswatch.engine.randomized import sketch_singular_values
-
-    op = _flat_tail_attention(640, seed=seed, noise=noise, d=d)
-    h = op.dense()[..., 320:, :320]
+    op, h, run = _pilot_deflated_slq(seed, noise, d)
     stop = math.log1p(0.02)
-
-    def run(**kw):
-        g = torch.Generator().manual_seed(7)
-        _, basis = sketch_singular_values(
-            lambda v: h @ v, lambda w: h.mT @ w, 320, h.shape[:-2], 16, 0, h.dtype, h.device, g, return_basis=True
-        )
-        return slq_entropy(h, 16, g, basis=basis, **kw)
 
     stopped = run(stop=stop)
     for a, b in zip(stopped, run(steps=steps)):
@@ -526,18 +534,9 @@ def test_slq_chunks_of_one_head_stop_each_head_at_its_own_check(monkeypatch, see
     steps (same probes), the heads stop at different steps, the top values and ``||h||_F^2`` are
     those of the batched run, and an accepted head is within rtol of a float64 SVD."""
     from esswatch.engine import golub_kahan
-    from esswatch.engine.randomized import sketch_singular_values
 
-    op = _flat_tail_attention(640, seed=seed, noise=noise, d=d)
-    h = op.dense()[..., 320:, :320]
+    op, h, run = _pilot_deflated_slq(seed, noise, d)
     stop = math.log1p(0.02)
-
-    def run(**kw):
-        g = torch.Generator().manual_seed(7)
-        _, basis = sketch_singular_values(
-            lambda v: h @ v, lambda w: h.mT @ w, 320, h.shape[:-2], 16, 0, h.dtype, h.device, g, return_basis=True
-        )
-        return slq_entropy(h, 16, g, basis=basis, **kw)
 
     batched = run(stop=stop)
     per_head = h.shape[-1] * h.shape[-2] * h.element_size()

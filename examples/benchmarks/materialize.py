@@ -130,6 +130,18 @@ def ratio(ts):
     return f"{statistics.median(r):.2f}x [{min(r):.2f}-{max(r):.2f}]"
 
 
+def dense_race(op, kinds, setup):
+    """``op.dense()`` timed under each of ``kinds`` (``setup(kind)`` switches), alternating in each repeat."""
+    ts, outs = {k: [] for k in kinds}, {}
+    for _ in range(args.repeats):
+        for kind in kinds:
+            setup(kind)
+            t0 = time.perf_counter()
+            outs[kind] = op.dense()
+            ts[kind].append(time.perf_counter() - t0)
+    return ts, outs
+
+
 def trims(att, idx, t):
     """Trimming all blocks ``T[i:, :i]`` (``t``: the dense ``T``), the old way and the new."""
     old = lambda: [trim_zero_lines(t[..., i:, :i]) for i in idx]
@@ -177,18 +189,13 @@ if __name__ == "__main__":
     g = torch.Generator().manual_seed(0)
     rn = lambda: torch.randn(args.heads, args.L, 32, generator=g)
     for name, op in (("causal", att), ("window 128", SoftmaxAttention(rn(), rn(), window=128))):
-        ts, outs = {"one mask": [], "row blocks": []}, {}
-        for _ in range(args.repeats):
-            for fill in ts:
-                saved = SoftmaxAttention._fill_forbidden_
-                if fill == "one mask":
-                    SoftmaxAttention._fill_forbidden_ = one_mask
-                try:
-                    t0 = time.perf_counter()
-                    outs[fill] = op.dense()
-                    ts[fill].append(time.perf_counter() - t0)
-                finally:
-                    SoftmaxAttention._fill_forbidden_ = saved
+        saved = SoftmaxAttention._fill_forbidden_
+
+        def fill_by(kind):
+            SoftmaxAttention._fill_forbidden_ = one_mask if kind == "one mask" else saved
+
+        ts, outs = dense_race(op, ("one mask", "row blocks"), fill_by)
+        SoftmaxAttention._fill_forbidden_ = saved
         r = [a / b for a, b in zip(ts["one mask"], ts["row blocks"])]
         print(
             f"| dense(), {name}: forbidden scores by one mask (before) / by row blocks (after) | "
@@ -198,17 +205,11 @@ if __name__ == "__main__":
             flush=True,
         )
     # the scores' buffer: plain pages (torch.empty) against the huge-page advice of engine/alloc.py
-    ts, outs = {"plain": [], "huge": []}, {}
-    for _ in range(args.repeats):
-        for kind in ts:
-            saved = alloc.HUGE_MIN_BYTES
-            alloc.HUGE_MIN_BYTES = 2**62 if kind == "plain" else saved
-            try:
-                t0 = time.perf_counter()
-                outs[kind] = att.dense()
-                ts[kind].append(time.perf_counter() - t0)
-            finally:
-                alloc.HUGE_MIN_BYTES = saved
+    huge_min = alloc.HUGE_MIN_BYTES
+    ts, outs = dense_race(
+        att, ("plain", "huge"), lambda kind: setattr(alloc, "HUGE_MIN_BYTES", 2**62 if kind == "plain" else huge_min)
+    )
+    alloc.HUGE_MIN_BYTES = huge_min
     r = [a / b for a, b in zip(ts["plain"], ts["huge"])]
     print(
         f"| dense(): the scores' buffer on plain pages (before) / advised to huge pages (after) | "
