@@ -2,10 +2,12 @@
 
 Each probe's run alternates a product with ``h`` and one with ``h^T``: about 2 passes over the
 block per step, the bulk of the quadrature's cost. The batch entries (heads) run in chunks: off
-CPU one chunk holds them all (one batched product per step); on CPU a chunk holds as many entries
-as fit in ``SLQ_CPU_CHUNK_BYTES`` of block, and runs all its steps up to the next acceptance check
-before the next chunk starts, so its block stays in cache across those passes (a batch of 4
-attention heads at L = 2048 does not fit, one head does: ``examples/benchmarks/estimators.py``).
+CPU, and on CPU where one entry's block is larger than ``SLQ_CPU_CHUNK_BYTES`` (it cannot stay in
+cache), one chunk holds them all (one batched product per step); otherwise a chunk holds as many
+entries as fit in ``SLQ_CPU_CHUNK_BYTES`` of block, and runs all its steps up to the next
+acceptance check before the next chunk starts, so its block stays in cache across those passes
+(a batch of 4 attention heads at L = 2048 does not fit, one head does:
+``examples/benchmarks/estimators.py``).
 A chunk whose entries were all accepted or given up at a check runs no further steps.
 Pure tensor math on the block's device.
 """
