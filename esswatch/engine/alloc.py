@@ -3,9 +3,10 @@
 A fresh ``L x L`` operator is tens of MB (4 heads at L = 2048 in float32: 64 MiB). On Linux its
 pages are mapped on first touch, one 4 KiB page fault at a time; on the virtual machines this
 project measures on, that first touch cost more than the product that fills it (a fresh
-``q @ k^T`` of that size: about 51 ms, into a touched buffer: 17 ms). Advising the kernel that
-the range may use huge pages (``madvise(MADV_HUGEPAGE)``: 2 MiB pages, 512 times fewer faults)
-brought it to about 21 ms (``examples/benchmarks/materialize.py``). PyTorch's own switch for this,
+``q @ k^T`` of that size: about 51 ms, into a touched buffer: 17 ms, a throwaway script).
+Advising the kernel that the range may use huge pages (``madvise(MADV_HUGEPAGE)``: 2 MiB pages,
+512 times fewer faults) brought that product to about 21 ms, and ``SoftmaxAttention.dense()``
+from 0.065 s to 0.042 s (``examples/benchmarks/materialize.py``). PyTorch's own switch for this,
 the environment variable ``THP_MEM_ALLOC_ENABLE``, is read once per process, so a library cannot
 set it for its users.
 
