@@ -56,6 +56,7 @@ class GolubKahanRuns:
 
     def __init__(self, h, V, u0, v0, inv, steps):
         m, n = h.shape[-2:]
+        self.shape = u0.shape[:-2]
         entries = u0.numel() // (u0.shape[-1] * u0.shape[-2])
         probes = u0.shape[-2]
         self.h = h.reshape(entries, m, n)
@@ -69,10 +70,10 @@ class GolubKahanRuns:
         self.beta = torch.zeros(entries, probes, steps, dtype=h.dtype, device=h.device)
         size = chunk_size(h, entries)
         self.chunks = [slice(a, min(a + size, entries)) for a in range(0, entries, size)]
-        self.u = [u0.reshape(entries, probes, m)[c].contiguous() for c in self.chunks]
+        u0 = u0.reshape(entries, probes, m)  # once (a copy where u0 is a transposed view), then sliced
+        self.u = [u0[c].contiguous() for c in self.chunks]
         self.products = [_row_products(self.h[c]) for c in self.chunks]
         self.running = [True] * len(self.chunks)
-        self.shape = u0.shape[:-2]
 
     def run(self, j0: int, j1: int) -> None:
         """Steps ``j0 .. j1 - 1`` of every running chunk, one chunk after the other."""
