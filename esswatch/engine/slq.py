@@ -10,8 +10,8 @@ Entropy-ESS needs two spectral sums of the whole spectrum of ``H`` (``m x n``):
 2. The deflated remainder ``A = H (I - V V^T)`` holds the tail. Both tail sums are traces
    of ``f(A^T A)`` with ``f(x) = sqrt(x)`` and ``f(x) = 0.5 sqrt(x) log x``. Each probe
    ``z`` (uniform on the unit sphere of the complement of ``V``, scaled by its dimension)
-   runs ``l`` steps of Golub-Kahan-Lanczos bidiagonalization (its right vectors are
-   reorthogonalized against the probe's earlier ones, one batched product per step)
+   runs ``l`` steps of Golub-Kahan-Lanczos bidiagonalization (its right vectors are kept off
+   ``V``; no reorthogonalization against the probe's earlier ones, :mod:`.golub_kahan`)
    and gives ``z^T f(A^T A) z`` by the Gauss rule of the Lanczos tridiagonal, and by the
    Gauss-Radau rule with a node at 0. For ``f = sqrt`` the two rules bracket the value
    (Gauss above, Radau below); their gap measures the quadrature bias.
@@ -26,8 +26,7 @@ calibration test measures the realized miss rate. With ``stop``, the runs take u
 ``SLQ_STEPS`` steps and the test is tried along the way (from ``SLQ_FIRST_CHECK`` steps; the
 quadrature sums are cheap next to a pass over ``h``): an entry is accepted once a check passes
 it, and keeps the values of the last check that passed it (later steps come free while other
-entries of its chunk run on, :mod:`.golub_kahan`; the buffer of right vectors grows with
-``SLQ_STEPS``, ``probes x steps x n``, far below the block itself). An entry is given up (left to the caller's exact
+entries of its chunk run on, :mod:`.golub_kahan`). An entry is given up (left to the caller's exact
 SVD) when it cannot pass by ``SLQ_STEPS``: above ``SLQ_GIVE_UP * stop`` at the first check, or,
 later, when the power law through its last two checked criteria stays above ``stop`` at
 ``SLQ_STEPS`` (the criterion falls about as ``step^-1.5`` to ``step^-2`` on flat tails and
@@ -221,7 +220,7 @@ def slq_entropy(
 
     # 2. Golub-Kahan-Lanczos on all probes at once (module doc), chunk by chunk of batch entries
     # (golub_kahan.py: on CPU a chunk's block stays in cache for the steps it runs between two checks)
-    state = GolubKahanRuns(h, V, (hvv[..., V.shape[-1] :] * inv).mT, v.mT, inv, steps)
+    state = GolubKahanRuns(h, V, hvv[..., V.shape[-1] :].mT, v.mT, inv, steps)
     checks = None if stop is None else Checks(stop, steps)
     j = 0
     while True:
