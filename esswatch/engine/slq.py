@@ -80,81 +80,70 @@ def _colnorm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=-2, keepdim=True)
 
 
-def _sym_quadrature(T: torch.Tensor):
-    """Nodes (clamped at 0) and weights (first eigenvector components squared) of ``T``."""
-    theta, Y = torch.linalg.eigh(T)
-    return torch.clamp(theta, min=0), Y[..., 0, :] ** 2
-
-
-def _sums(theta: torch.Tensor, w: torch.Tensor):
-    """``sum w sqrt(theta)`` and ``sum w * 0.5 sqrt(theta) log theta`` (``0 log 0 = 0``)."""
-    s = torch.sqrt(theta)
-    slogs = torch.where(s > 0, s * torch.log(torch.where(s > 0, s, torch.ones_like(s))), torch.zeros_like(s))
-    return (w * s).sum(-1), (w * slogs).sum(-1)
+def _tridiagonal(diag: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
+    """The symmetric tridiagonal matrices with ``diag`` and ``off`` (``batch + (l,)``, ``(l - 1,)``)."""
+    ell = diag.shape[-1]
+    T = diag.new_zeros(*diag.shape, ell)
+    flat = T.view(*diag.shape[:-1], ell * ell)
+    flat[..., :: ell + 1] = diag
+    flat[..., 1 :: ell + 1] = off
+    flat[..., ell :: ell + 1] = off
+    return T
 
 
 def _estimate(alphas, betas, t, d, tail_energy, fro2):
     """The Gauss and Gauss-Radau sums of the Golub-Kahan runs so far (``alphas``, ``betas``:
     ``batch + (probes, l)``, step by step), combined with the exact top values ``t``
     (of ``h / ||h||_F``): ``(est, half_gap, se)`` (module doc, steps 2-3)."""
-    dev = t.device
     al = alphas.to(torch.float64)  # batch + (probes, l)
     be = betas.to(torch.float64)  # beta_1..beta_l (beta_l: Radau)
-    ell = al.shape[-1]
     diag = al**2
-    diag[..., 1:] = diag[..., 1:] + be[..., :-1] ** 2
+    diag[..., 1:] += be[..., :-1] ** 2
     off = al[..., :-1] * be[..., :-1]
-    T = torch.diag_embed(diag) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
-    th_g, w_g = _sym_quadrature(T)
-    # Gauss-Radau with a node at 0: extend by b = alpha_l beta_l and omega = b^2 (T^{-1})_{ll}
+    # Gauss: nodes and weights (first eigenvector components squared) of the Lanczos tridiagonal
+    theta, Y = torch.linalg.eigh(_tridiagonal(diag, off))
+    # Gauss-Radau with a node at 0: extend by b = alpha_l beta_l and omega = b^2 (T^{-1})_{ll},
+    # (T^{-1})_{ll} from the same eigendecomposition (a relative ridge of 1e-14 keeps it finite)
     b = al[..., -1] * be[..., -1]
-    e_l = torch.zeros(*T.shape[:-1], 1, dtype=T.dtype, device=dev)
-    e_l[..., -1, 0] = 1.0
     ridge = 1e-14 * torch.clamp(diag.amax(-1), min=1e-300)
-    delta = torch.linalg.solve(T + ridge[..., None, None] * torch.eye(ell, dtype=T.dtype, device=dev), e_l)
-    omega_r = b**2 * delta[..., -1, 0]
-    Tr = torch.zeros(*T.shape[:-2], ell + 1, ell + 1, dtype=T.dtype, device=dev)
-    Tr[..., :ell, :ell] = T
-    Tr[..., ell, ell - 1] = b
-    Tr[..., ell - 1, ell] = b
-    Tr[..., ell, ell] = omega_r
-    th_r, w_r = _sym_quadrature(Tr)
-    x_g, y_g = _sums(th_g, w_g)
-    x_r, y_r = _sums(th_r, w_r)
-    x_g, y_g, x_r, y_r = (d * x for x in (x_g, y_g, x_r, y_r))  # batch + (probes,)
-    # 3. combine with the exact top
-    t1 = t.sum(-1)
-    t2 = torch.where(t > 0, t * torch.log(torch.where(t > 0, t, torch.ones_like(t))), torch.zeros_like(t)).sum(-1)
-
-    def log_ess(x, y):
-        s1 = t1 + x
-        s2 = t2 + y
-        return torch.log(torch.clamp(s1, min=1e-300)) - s2 / torch.clamp(s1, min=1e-300)
-
-    xm, ym = 0.5 * (x_g + x_r), 0.5 * (y_g + y_r)
+    omega = b**2 * (Y[..., -1, :] ** 2 / (theta + ridge[..., None])).sum(-1)
+    theta_r, Y_r = torch.linalg.eigh(
+        _tridiagonal(torch.cat([diag, omega[..., None]], -1), torch.cat([off, b[..., None]], -1))
+    )
+    # per probe, both rules: sum w s and sum w s log s over the nodes s = sqrt(theta) (0 log 0 = 0)
+    sums = []
+    for th, w in ((theta, Y[..., 0, :] ** 2), (theta_r, Y_r[..., 0, :] ** 2)):
+        s = torch.sqrt(torch.clamp(th, min=0))
+        sums += [(w * s).sum(-1), (w * torch.special.xlogy(s, s)).sum(-1)]
+    X = d * torch.stack(sums)  # (Gauss S1, Gauss S2, Radau S1, Radau S2) x batch x probes
     # control variate: each probe's z^T B z = d alpha_1^2 is exact and its mean is known
     # (tail_energy); on a flat tail sqrt(B) and B are nearly proportional, so subtracting the
     # regression on it removes most of the probe-to-probe variance
     e = d * al[..., 0] ** 2 - tail_energy[..., None]
     ec = e - e.mean(-1, keepdim=True)
     ve = torch.clamp((ec * ec).sum(-1, keepdim=True), min=1e-300)
-    for_cv = lambda x: x - ((x - x.mean(-1, keepdim=True)) * ec).sum(-1, keepdim=True) / ve * e
-    xm, ym = for_cv(xm), for_cv(ym)
-    x_g, y_g, x_r, y_r = (for_cv(x) for x in (x_g, y_g, x_r, y_r))
-    log_est = log_ess(xm.mean(-1), ym.mean(-1))
-    half_gap = 0.5 * (log_ess(x_g.mean(-1), y_g.mean(-1)) - log_ess(x_r.mean(-1), y_r.mean(-1))).abs()
+    X = X - ((X - X.mean(-1, keepdim=True)) * ec).sum(-1, keepdim=True) / ve * e
+    M = X.mean(-1)
+    # 3. combine with the exact top
+    t1, t2 = t.sum(-1), torch.special.xlogy(t, t).sum(-1)
+
+    def log_ess(x, y):
+        s1 = torch.clamp(t1 + x, min=1e-300)
+        return torch.log(s1) - (t2 + y) / s1
+
+    log_est = log_ess(0.5 * (M[0] + M[2]), 0.5 * (M[1] + M[3]))  # the midpoint of the two rules
+    half_gap = 0.5 * (log_ess(M[0], M[1]) - log_ess(M[2], M[3])).abs()
+    # the standard error of log ESS (delta method for S2 / S1) over the probes' midpoints
+    xm, ym = 0.5 * (X[0] + X[2]), 0.5 * (X[1] + X[3])
     s1 = t1 + xm.mean(-1)
-    s2 = t2 + ym.mean(-1)
-    g1 = 1.0 / s1 + s2 / s1**2
+    g1 = 1.0 / s1 + (t2 + ym.mean(-1)) / s1**2
     g2 = -1.0 / s1
     p = xm.shape[-1]
     xc, yc = xm - xm.mean(-1, keepdim=True), ym - ym.mean(-1, keepdim=True)
     # one degree of freedom spent on the control variate
     var = ((g1[..., None] * xc + g2[..., None] * yc) ** 2).sum(-1) / max(p - 2, 1) / p
-    se = torch.sqrt(var)
-    est = torch.exp(log_est)
-    est = torch.where(fro2 > 0, est, torch.zeros_like(est))
-    return est, half_gap, se
+    est = torch.where(fro2 > 0, torch.exp(log_est), 0.0)
+    return est, half_gap, torch.sqrt(var)
 
 
 def slq_entropy(
