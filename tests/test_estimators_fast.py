@@ -657,3 +657,36 @@ def test_golub_kahan_runs_match_a_reorthogonalized_float64_reference(monkeypatch
         np.testing.assert_allclose(got[0].numpy(), want[0].numpy(), rtol=2e-6)  # the estimate
         np.testing.assert_allclose(got[1].numpy(), want[1].numpy(), atol=1e-6)  # half the Gauss/Radau gap
         np.testing.assert_allclose(got[2].numpy(), want[2].numpy(), atol=1e-6)  # the standard error
+
+
+def test_hankel_frobenius2_matches_each_block(monkeypatch):
+    """``||T[..., i:, :i]||_F^2`` of many indices from one pass (unsorted, repeated, first and
+    last) equals a float64 sum over each block; the functional API's randomized estimates and
+    bounds with it equal those from each block's own norm (to 1e-4), and the exact values lie in the bounds."""
+    from esswatch.engine.slq import hankel_frobenius2
+    from esswatch.ess.blocks import BlockCache
+
+    t = torch.rand(3, 2, 300, 300, generator=torch.Generator().manual_seed(0)).tril()
+    t[..., 40:55, :] = 0  # zero rows (padding)
+    idx = [299, 7, 150, 1, 150, 64, 255]
+    got = hankel_frobenius2(t, idx)
+    assert sorted(got) == sorted(set(idx))
+    for i in idx:
+        want = (t[..., i:, :i].double() ** 2).sum((-1, -2))
+        np.testing.assert_allclose(got[i].numpy(), want.numpy(), rtol=1e-6)
+        assert got[i].dtype == F64 and got[i].shape == (3, 2)
+
+    op = _flat_tail_attention(768, d=32).to(dtype=torch.float32)
+    idx = [200, 384, 500]
+    run = lambda: ew.entropy_ess(
+        op, idx, estimator="randomized", rtol=0.02, return_bounds=True, generator=torch.Generator().manual_seed(0)
+    )
+    assert BlockCache(op).frobenius2(idx)  # this operator's blocks take the one-pass norms
+    shared = run()
+    monkeypatch.setattr(BlockCache, "frobenius2", lambda self, indices: {})
+    per_block = run()
+    for a, b in zip(shared, per_block):  # the norms differ by float32 round-off; the quadrature's tail energy
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4)  # (a difference) by more: 1.2e-5 here
+    ref = entropy_ess_ref(op.dense().double().numpy(), idx)
+    assert (np.abs(shared[0].numpy() - ref) / ref < 0.02).all()
+    assert (shared[1].numpy() <= ref * (1 + 1e-5)).all() and (ref <= shared[2].numpy() * (1 + 1e-5)).all()

@@ -147,13 +147,14 @@ def _slq_or_exact(h, fro2, rtol, generator, basis=None):
     return est.reshape(shape), lo.reshape(shape), hi.reshape(shape)
 
 
-def randomized_entropy(h: torch.Tensor, rtol: float, generator, *, allow_slq: bool = True):
+def randomized_entropy(h: torch.Tensor, rtol: float, generator, *, allow_slq: bool = True, fro2=None):
     """``(est, lower, upper)`` of entropy-ESS of the block ``h`` (``batch + (m, n)``).
 
     ``lower <= exact <= upper`` always (deterministic bounds; equal to the estimate where the
     block was computed exactly). The estimate is within ``rtol`` of the exact value for
     bound-closed and exact entries; for entries accepted by the deflated SLQ with about 95%
-    confidence.
+    confidence. ``fro2``: ``||h||_F^2`` (float64, ``batch``) where the caller has it
+    (:func:`~esswatch.engine.slq.hankel_frobenius2`), else one pass over ``h`` computes it.
     """
     if h.shape[-2] < h.shape[-1]:
         h = h.transpose(-1, -2)  # tall: same singular values, smaller sketch vectors
@@ -163,7 +164,7 @@ def randomized_entropy(h: torch.Tensor, rtol: float, generator, *, allow_slq: bo
     p = min(m, n)
     matmul, rmatmul = products(h)
     use_slq = allow_slq and p >= SLQ_MIN_SIZE
-    fro2 = frobenius2(h)
+    fro2 = frobenius2(h) if fro2 is None else fro2
 
     spent = 0.0
     if p >= 4 * SKETCH_PILOT_RANK:

@@ -176,12 +176,14 @@ def entropy_ess(
         table = torch.stack([exact[i] for i in keys], dim=-1) if keys else None
         bounds = {}
         gen = generator
-        for i, e in plan.items():
-            if e == "randomized":
+        sketched = [i for i, e in plan.items() if e == "randomized"]
+        with torch.no_grad():
+            fro2 = cache.frobenius2(sketched)  # ||H_i||_F^2 of all of them in one pass over T, where T is dense
+            for i in sketched:
                 if gen is None:
                     gen = _default_generator(op.device)
-                with torch.no_grad():
-                    bounds[i] = tuple(x.to(cdt) for x in randomized_entropy(cache.hankel(i), float(rtol), gen))
+                h = cache.hankel(i)
+                bounds[i] = tuple(x.to(cdt) for x in randomized_entropy(h, float(rtol), gen, fro2=fro2.get(i)))
     if not bounds:
         # every index exact: one gather in the requested order (repeats allowed)
         pos = {i: j for j, i in enumerate(keys)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..engine.exact import nonzero_extents, trim_by_extents, trim_zero_lines
+from ..engine.slq import hankel_frobenius2
 from ..operators import Dense, GatedRecurrence, Operator
 
 __all__ = ["BlockCache", "EXTENTS_FROM"]
@@ -64,3 +65,15 @@ class BlockCache:
         if self._extents is None:
             self._extents = nonzero_extents(t)
         return trim_by_extents(t, rows, cols, *self._extents)
+
+    def frobenius2(self, indices) -> dict:
+        """``{i: ||H_i||_F^2}`` (float64) from one pass over the dense ``T`` where every ``H_i`` is
+        a slice of it (:meth:`hankel`; trimming zero lines keeps the norm), else ``{}``."""
+        op, L = self.op, self.op.seq_len
+        if not indices or (self._dense is None and isinstance(op, GatedRecurrence)):
+            return {}
+        for i in indices:
+            rows, cols = op.hankel_support(i)
+            if (rows.indices(L)[:2], cols.indices(L)[:2]) != ((i, L), (0, i)) and not isinstance(op, Dense):
+                return {}  # a window or a short kernel: blocks from op.block, T never materialized
+        return hankel_frobenius2(self.dense(), indices)
