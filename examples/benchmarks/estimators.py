@@ -6,7 +6,11 @@
 
 Every figure is the median of ``--repeats`` runs (default 3) with the spread (min-max);
 contenders are timed alternately inside each repeat, and each ratio is the median of the
-per-repeat ratios. Every estimator pays the operator's materialization, as a user would.
+per-repeat ratios. Before the timed repeats each contender runs ``--warmup`` times (default 1)
+untimed on the same input: a watch measures the same shapes again and again, and a first call
+at a new size pays one-time costs (fresh memory faulted in, library workspaces) that later calls
+do not; ``--warmup 0`` times the cold first call too. Every estimator pays the operator's
+materialization, as a user would.
 
 Part 1, the targets of the engine issue (L = 2048; ``--target-length`` for another L):
   (a) ``gram`` over all 2047 indices vs ``exact`` over 8 (GatedRecurrence, 4 heads, N = 16);
@@ -76,10 +80,18 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+#: untimed calls of each contender before the timed repeats (``--warmup``)
+WARMUP = 1
+
+
 def race(fns: dict, repeats: int, device):
-    """Time each function once per repeat, alternating; returns ({name: [times]}, {name: last output})."""
+    """Time each function once per repeat, alternating, after ``WARMUP`` untimed calls of each;
+    returns ({name: [times]}, {name: last output})."""
     times = {k: [] for k in fns}
     outs = {}
+    for _ in range(WARMUP):
+        for fn in fns.values():
+            fn()
     for _ in range(repeats):
         for name, fn in fns.items():
             sync(device)
@@ -299,10 +311,12 @@ def table(device, repeats, Ls, n_idx):
 
 
 def main():
+    global WARMUP
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--full", action="store_true", help="table also at L = 4096")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=WARMUP, help="untimed calls of each contender before timing")
     ap.add_argument("--n-indices", type=int, default=2, help="interior indices per table cell")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--skip-table", action="store_true")
@@ -318,6 +332,7 @@ def main():
         "--chunks", action="store_true", help="also target (b) with the quadrature's runs in CPU chunks vs batched"
     )
     args = ap.parse_args()
+    WARMUP = args.warmup
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
