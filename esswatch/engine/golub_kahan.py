@@ -51,14 +51,17 @@ class GolubKahanRuns:
 
     Vectors are stored as rows (``entries x probes x dim``), so norms and projections read
     contiguous memory. The runs are on ``h`` itself: ``A v = h v`` for ``v`` orthogonal to ``V``,
-    ``A^T u = (I - V V^T) h^T u``, and :meth:`coefficients` scales ``alpha``, ``beta`` by ``inv``
-    (``1 / ||h||_F``: the runs of ``h / ||h||_F``, same vectors, two products per step fewer).
+    ``A^T u = (I - V V^T) h^T u``, from ``u0 = h v0`` (unscaled), and :meth:`coefficients` scales
+    ``alpha``, ``beta`` by ``inv`` (``1 / ||h||_F``: the runs of ``h / ||h||_F``, same vectors, two
+    vector scalings per step fewer).
     The right vectors are projected off ``V`` every step (the top: ``h^T u`` has large components
     there) but not reorthogonalized against the probe's earlier ones: within ``SLQ_STEPS`` (12)
     steps, on flat-tail and near-uniform attention blocks at L = 2048, that changed the estimates by
     about ``1e-7`` (relative: float32 round-off) and cost about 150 us per step and head, 10-12% of
-    the step (a line timer, one thread). The coefficients match a float64 run with full
-    reorthogonalization (``tests/test_estimators_fast.py``); Lanczos quadrature without
+    the step (a line timer, one thread). The estimates, half gaps and standard errors match a
+    float64 run with full reorthogonalization of both sides (``tests/test_estimators_fast.py``;
+    the coefficients themselves agree in the first steps and drift apart later, by about 1e-4 of
+    the largest, as float32 runs with reorthogonalization do too); Lanczos quadrature without
     reorthogonalization is the standard SLQ (Ubaru, Chen & Saad 2017)."""
 
     def __init__(self, h, V, u0, v0, inv, steps):
