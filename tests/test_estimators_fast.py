@@ -619,9 +619,10 @@ def test_golub_kahan_runs_match_a_reorthogonalized_float64_reference(monkeypatch
     """The quadrature's float32 runs (one projection off ``V`` per step, no reorthogonalization
     against earlier vectors, the ``1 / ||h||_F`` scaling folded into the coefficients, chunks of
     one head) give the estimates, half gaps and standard errors of a float64 run with full
-    reorthogonalization of both sides, over all 12 steps. The coefficients themselves drift
-    apart in the later steps (about 1e-4 of the largest on the flat tail, with or without the
-    reorthogonalization in float32); the quadrature does not (plain Lanczos quadrature is stable)."""
+    reorthogonalization of both sides, over all ``SLQ_STEPS`` steps (12; the test follows the
+    constant). The coefficients themselves drift apart in the later steps (about 1e-4 of the
+    largest on the flat tail, with or without the reorthogonalization in float32); the quadrature
+    does not (plain Lanczos quadrature is stable)."""
     from esswatch.engine import golub_kahan, slq
 
     if block == "flat tail":
@@ -637,12 +638,13 @@ def test_golub_kahan_runs_match_a_reorthogonalized_float64_reference(monkeypatch
     v0 = z / z.norm(dim=-2, keepdim=True)
     fro = h.double().square().sum((-1, -2)).sqrt()
     monkeypatch.setattr(golub_kahan, "SLQ_CPU_CHUNK_BYTES", 320 * 320 * 4)  # chunks of one head
-    runs = golub_kahan.GolubKahanRuns(h, V, (h @ v0).mT, v0.mT, (1 / fro).to(torch.float32), 12)
+    steps = slq.SLQ_STEPS
+    runs = golub_kahan.GolubKahanRuns(h, V, (h @ v0).mT, v0.mT, (1 / fro).to(torch.float32), steps)
     assert len(runs.chunks) == 4
-    runs.run(0, 12)
-    alpha, beta = (x.double() for x in runs.coefficients(12))
+    runs.run(0, steps)
+    alpha, beta = (x.double() for x in runs.coefficients(steps))
     ref = [
-        _golub_kahan_ref((h[e].double() / fro[e]).numpy(), V[e].double().numpy(), v0[e].mT.double().numpy(), 12)
+        _golub_kahan_ref((h[e].double() / fro[e]).numpy(), V[e].double().numpy(), v0[e].mT.double().numpy(), steps)
         for e in range(4)
     ]
     ref_alpha, ref_beta = (torch.from_numpy(np.stack([r[i] for r in ref])) for i in (0, 1))
@@ -651,9 +653,9 @@ def test_golub_kahan_runs_match_a_reorthogonalized_float64_reference(monkeypatch
     # the estimates from both coefficient sets (the same top values and tail energy)
     t = torch.linalg.svdvals((h @ V).double()) / fro[:, None]
     energy = 1 - (t * t).sum(-1)
-    for steps in (4, 7, 12):
-        got = slq._estimate(alpha[..., :steps], beta[..., :steps], t, 320 - 16, energy, fro**2)
-        want = slq._estimate(ref_alpha[..., :steps], ref_beta[..., :steps], t, 320 - 16, energy, fro**2)
+    for ell in (4, 7, steps):
+        got = slq._estimate(alpha[..., :ell], beta[..., :ell], t, 320 - 16, energy, fro**2)
+        want = slq._estimate(ref_alpha[..., :ell], ref_beta[..., :ell], t, 320 - 16, energy, fro**2)
         np.testing.assert_allclose(got[0].numpy(), want[0].numpy(), rtol=2e-6)  # the estimate
         np.testing.assert_allclose(got[1].numpy(), want[1].numpy(), atol=1e-6)  # half the Gauss/Radau gap
         np.testing.assert_allclose(got[2].numpy(), want[2].numpy(), atol=1e-6)  # the standard error
