@@ -66,13 +66,13 @@ def hankel_frobenius2(t: torch.Tensor, indices) -> dict:
     once, in the rows below its right end (the rows every block holding it needs), not once per
     block (at 8 interior indices of L = 2048, about a quarter of what the blocks hold together).
     As :func:`frobenius2`: norms of row segments in ``t``'s dtype, squared and summed in float64."""
-    out, rows, prev, prev_i = {}, None, 0, 0
+    out, rows, prev = {}, None, 0
     for i in sorted(set(int(i) for i in indices)):
         seg = torch.linalg.vector_norm(t[..., i:, prev:i], dim=-1).to(torch.float64) ** 2
         # rows[..., r]: the sum over the segments so far of row i + r's squared norms
-        rows = seg if rows is None else rows[..., i - prev_i :] + seg
+        rows = seg if rows is None else rows[..., i - prev :] + seg
         out[i] = rows.sum(-1)
-        prev = prev_i = i
+        prev = i
     return out
 
 

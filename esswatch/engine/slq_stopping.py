@@ -77,7 +77,9 @@ class Checks:
         self.accepted = self.accepted | passed
         self.last = (step, torch.where(self.accepted, torch.zeros_like(crit), crit))
         inf = torch.full((1,), math.inf, dtype=crit.dtype, device=crit.device)
-        closed = self.accepted | torch.isnan(crit) if frozen is None else self.accepted | torch.isnan(crit) | frozen
+        closed = self.accepted | torch.isnan(crit)
+        if frozen is not None:
+            closed = closed | frozen
         open_crit = torch.where(closed, math.inf, crit).reshape(-1)
         best = torch.cat([open_crit, inf]).amin()
         finished = (self.accepted | hopeless).reshape(-1).to(crit.dtype)

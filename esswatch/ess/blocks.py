@@ -40,6 +40,14 @@ class BlockCache:
             self._dense = self.op.dense()
         return self._dense
 
+    def _support(self, i: int):
+        """``(rows, cols, own)``: ``H_i``'s non-zero support, and whether the operator narrows it
+        (a window, a short kernel) so that the block comes from ``op.block``, not from ``T``."""
+        L = self.op.seq_len
+        rows, cols = self.op.hankel_support(i)
+        narrowed = (rows.indices(L)[:2], cols.indices(L)[:2]) != ((i, L), (0, i))
+        return rows, cols, narrowed and not isinstance(self.op, Dense)
+
     def hankel(self, i: int):
         """``H_i`` without its all-zero rows and columns (same non-zero singular values)."""
         op = self.op
@@ -55,9 +63,8 @@ class BlockCache:
                     self._bottom = op.block(slice(L - n, None), slice(None))
                 return self._bottom[..., i - (L - n) :, :i]
             return op.hankel(i)
-        rows, cols = op.hankel_support(i)
-        narrowed = (rows.indices(L)[:2], cols.indices(L)[:2]) != ((i, L), (0, i))
-        if narrowed and self._dense is None and not isinstance(op, Dense):
+        rows, cols, own = self._support(i)
+        if own and self._dense is None:
             return trim_zero_lines(op.block(rows, cols))  # a window or a short kernel: never materialize T
         t = self.dense()
         if not self._use_extents:
@@ -69,11 +76,8 @@ class BlockCache:
     def frobenius2(self, indices) -> dict:
         """``{i: ||H_i||_F^2}`` (float64) from one pass over the dense ``T`` where every ``H_i`` is
         a slice of it (:meth:`hankel`; trimming zero lines keeps the norm), else ``{}``."""
-        op, L = self.op, self.op.seq_len
-        if not indices or (self._dense is None and isinstance(op, GatedRecurrence)):
+        if not indices or (self._dense is None and isinstance(self.op, GatedRecurrence)):
             return {}
-        for i in indices:
-            rows, cols = op.hankel_support(i)
-            if (rows.indices(L)[:2], cols.indices(L)[:2]) != ((i, L), (0, i)) and not isinstance(op, Dense):
-                return {}  # a window or a short kernel: blocks from op.block, T never materialized
+        if any(self._support(i)[2] for i in indices):
+            return {}  # a window or a short kernel: blocks from op.block, T never materialized
         return hankel_frobenius2(self.dense(), indices)
