@@ -25,7 +25,7 @@ The estimate is their geometric mean; the rank is doubled until
 value between the bounds. These bounds are functions of (1) and (2) only, so they
 do not depend on the random draw holding; that the two configurations are the
 extremes of entropy-ESS over the consistent set is checked numerically in the
-test-suite (random and adversarial spectra), not proven. See the README and
+test-suite (random and adversarial spectra), not proven. See ``docs/estimators.md`` (section 1) and
 ``docs/ess.md`` section 4.
 """
 

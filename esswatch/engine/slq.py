@@ -36,6 +36,7 @@ runs end once every chunk has stopped. The gap shrinks with each step and the sa
 throughout, so the extra looks barely change the miss rate (the calibration test runs with them).
 Pure tensor math, batched, on the block's device, float64; randomness only from the given
 generator.
+For users: ``docs/estimators.md`` (sections 2 to 4, with the calibration figures).
 """
 
 from __future__ import annotations

@@ -183,7 +183,7 @@ def _target_b(device, repeats, L):
     )
 
 
-#: target (b)'s construction with other settings (README "Estimators": settings nobody tuned for)
+#: target (b)'s construction with other settings (README "Estimators" and the benchmark log: settings nobody tuned for)
 FLAT_TAIL_VARIANTS = {
     "the benchmark (noise 0.05, d 32, 4 clusters)": {},
     "8 clusters, sharpness 2": {"clusters": 8, "sharp": 2.0},
@@ -198,7 +198,7 @@ INIT_VARIANTS = {
     "at initialisation, d 64, q, k x 0.5": {"d": 64, "scale": 0.5},
     "at initialisation, d 128, q, k x 0.3": {"d": 128, "scale": 0.3},
     # the second try's limits: ESS up to about 300 and about 480 in the middle blocks (with the
-    # rank cap p / 3 both get a rank-256 try there, which answers them; README "Estimators")
+    # rank cap p / 3 both get a rank-256 try there, which answers them; examples/benchmarks/README.md)
     "at initialisation, d 64, q, k x 0.7": {"d": 64, "scale": 0.7},
     "at initialisation, d 64, q, k x 0.9": {"d": 64, "scale": 0.9},
 }
