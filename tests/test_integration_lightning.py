@@ -88,6 +88,15 @@ def trainer(tmp_path, callbacks, logger, **kw) -> L.Trainer:
     return L.Trainer(callbacks=callbacks, logger=logger, **opts)
 
 
+class DestroyProcessGroup(L.Callback):
+    """Test-only: destroys the default process group when ``fit`` ends, before the spawned process
+    exits (torch's advice; without it a spawned rank sometimes aborted at exit under pytest)."""
+
+    def teardown(self, trainer, pl_module, stage):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 class Snapshot(L.Callback):
     """Test-only: the parameters and the batch at the start of chosen steps."""
 
@@ -259,7 +268,7 @@ def test_ddp_two_cpu_processes(tmp_path):
     train, _ = loaders(48)
     t = trainer(
         tmp_path,
-        [ESSCallback(every_n_steps=2, reduce=True, regularizer=0.1, images=False)],
+        [ESSCallback(every_n_steps=2, reduce=True, regularizer=0.1, images=False), DestroyProcessGroup()],
         csv_logger,
         max_steps=5,
         strategy="ddp_spawn",
