@@ -32,6 +32,17 @@ def tolerance_ess_ref(T: np.ndarray, indices, tol: float, relative: bool) -> np.
     return np.stack(out, -1)
 
 
+def softmax_attention_dense(q, k) -> np.ndarray:
+    """Causal softmax attention matrices ``(..., L, L)`` in float64 from ``q, k (..., L, d)``
+    (torch tensors or arrays), scale ``1 / sqrt(d)``: the formula vectorized."""
+    q, k = (np.asarray(t.detach().double() if hasattr(t, "detach") else t, np.float64) for t in (q, k))
+    s = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])
+    n = s.shape[-1]
+    s = np.where(np.tril(np.ones((n, n), bool)), s, -np.inf)
+    s = np.exp(s - s.max(-1, keepdims=True))
+    return s / s.sum(-1, keepdims=True)
+
+
 # -- naive loop implementations of each operator's formula (docs/ess.md section 1) ----------
 
 

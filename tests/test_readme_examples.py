@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from reference import entropy_ess_ref, tolerance_ess_ref
+from reference import entropy_ess_ref, softmax_attention_dense, tolerance_ess_ref
 from torch import nn
 
 EventAccumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator").EventAccumulator
@@ -27,16 +27,6 @@ def readme_block(section: str) -> str:
     match = re.compile(r"```python\n(.*?)```", re.S).search(README, start)
     assert match is not None, f"no python block after {section!r}"
     return match.group(1)
-
-
-def softmax_T(q: torch.Tensor, k: torch.Tensor) -> np.ndarray:
-    """Causal softmax attention with scale 1/sqrt(d), in float64 NumPy."""
-    q, k = q.double().numpy(), k.double().numpy()
-    L, d = q.shape[-2:]
-    s = q @ np.swapaxes(k, -1, -2) / np.sqrt(d)
-    s = np.where(np.tril(np.ones((L, L), bool)), s, -np.inf)
-    e = np.exp(s - s.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
 
 
 def gla_T(q: torch.Tensor, k: torch.Tensor, log_decay: torch.Tensor) -> np.ndarray:
@@ -68,7 +58,7 @@ def test_functional_api_example_matches_numpy():
     ns: dict = {}
     att_ess, rand_ess, gla_ess = run_statements(readme_block("## The functional API"), ns, "ess")
 
-    T_att = softmax_T(ns["q"], ns["k"])
+    T_att = softmax_attention_dense(ns["q"], ns["k"])
     assert att_ess.shape == (2, 4, 3)  # the README's "-> (2, 4, 3)"
     np.testing.assert_allclose(att_ess.double().numpy(), entropy_ess_ref(T_att, [128, 256, 384]), rtol=1e-4)
 
@@ -139,7 +129,7 @@ def attention_T(weights: dict, x: torch.Tensor, heads: int = 2) -> np.ndarray:
     qkv = h @ w["attn.in_proj_weight"].T + w["attn.in_proj_bias"]
     q, k = qkv[..., :d], qkv[..., d : 2 * d]
     split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, d // heads).transpose(0, 2, 1, 3)  # noqa: E731
-    return softmax_T(torch.from_numpy(split(q)), torch.from_numpy(split(k)))
+    return softmax_attention_dense(split(q), split(k))
 
 
 def scalars(logdir: Path) -> dict:

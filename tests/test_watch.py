@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from reference import softmax_attention_dense
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.util import tensor_util
@@ -65,16 +66,6 @@ def np_entropy_ess(t, indices):
         h = -np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0).sum(-1)
         out[..., j] = np.where(tot[..., 0] > 0, np.exp(h), 0)
     return out
-
-
-def np_softmax_attention(q, k):
-    """Causal softmax attention matrices (..., L, L) in float64 from q, k (..., L, d)."""
-    q, k = q.detach().double().numpy(), k.detach().double().numpy()
-    s = q @ np.swapaxes(k, -1, -2) / math.sqrt(q.shape[-1])
-    n = s.shape[-1]
-    s = np.where(np.tril(np.ones((n, n), bool)), s, -np.inf)
-    s = np.exp(s - s.max(-1, keepdims=True))
-    return s / s.sum(-1, keepdims=True)
 
 
 def np_gated_recurrence(q, k, log_decay):
@@ -156,7 +147,7 @@ def test_training_loop_writes_event_files_with_correct_values(tmp_path):
     r15 = next(r for r in results if r["step"] == check_step)
     for n in names:
         mixer, feats = rec.feats[n]
-        t = np_softmax_attention(feats["q"], feats["k"])
+        t = softmax_attention_dense(feats["q"], feats["k"])
         idx = r15["layers"][n]["indices"]
         e = np_entropy_ess(t, idx)  # (rows, heads, n)
         assert r15["layers"][n]["entropy"]["avg"] == pytest.approx(e.mean(), rel=1e-4)
@@ -455,7 +446,7 @@ def test_autocast_training_computes_ess_in_float32(dtype):
     for n, f in feats.items():
         # NumPy float64 on the very same low-precision q, k: a float32 computation agrees to ~1e-6,
         # a bf16/fp16 one would be off by ~1e-2
-        e = np_entropy_ess(np_softmax_attention(f["q"], f["k"]), r["layers"][n]["indices"])
+        e = np_entropy_ess(softmax_attention_dense(f["q"], f["k"]), r["layers"][n]["indices"])
         assert r["layers"][n]["entropy"]["avg"] == pytest.approx(e.mean(), rel=2e-5)
 
 
