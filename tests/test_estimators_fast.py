@@ -230,15 +230,15 @@ def test_sliding_window_support_is_at_most_w():
 # -- the deflated SLQ --------------------------------------------------------------------------
 
 
-def _flat_tail_attention(L, heads=4, noise=0.05, seed=0, d=16, sharp=4.0):
+def _flat_tail_attention(L, heads=4, noise=0.05, seed=0, d=16, sharp=4.0, clusters=4):
     """Low-ESS attention with a long flat tail: clustered queries and keys plus small noise."""
     g = torch.Generator().manual_seed(seed)
-    centers = torch.randn(heads, 4, d, generator=g, dtype=F64)
+    centers = torch.randn(heads, clusters, d, generator=g, dtype=F64)
     h = torch.arange(heads)[:, None]
-    k = centers[h, torch.randint(0, 4, (heads, L), generator=g)] + noise * torch.randn(
+    k = centers[h, torch.randint(0, clusters, (heads, L), generator=g)] + noise * torch.randn(
         heads, L, d, generator=g, dtype=F64
     )
-    q = centers[h, torch.randint(0, 4, (heads, L), generator=g)] + noise * torch.randn(
+    q = centers[h, torch.randint(0, clusters, (heads, L), generator=g)] + noise * torch.randn(
         heads, L, d, generator=g, dtype=F64
     )
     return SoftmaxAttention(q * sharp, k)
@@ -432,6 +432,75 @@ def test_fast_paths_on_cuda_match_cpu(small_slq):
     e = ew.entropy_ess(op, [128], estimator="randomized")
     ref = entropy_ess_ref(op.dense().cpu().numpy(), [128])
     assert e.device.type == "cuda" and np.all(np.abs(e.cpu().numpy() - ref) <= 0.021 * ref)
+
+
+class _LadderSpy:
+    """Records the adaptive estimator's sketches (rank, power iterations) and bound ratios, in order."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        sketch, ratio = adaptive.sketch_singular_values, adaptive._ratio
+
+        def spy_sketch(*a, **k):
+            self.calls.append(("sketch", a[4], a[5]))
+            return sketch(*a, **k)
+
+        def spy_ratio(lo, hi):
+            r = ratio(lo, hi)
+            self.calls.append(("ratio", r))
+            return r
+
+        monkeypatch.setattr(adaptive, "sketch_singular_values", spy_sketch)
+        monkeypatch.setattr(adaptive, "_ratio", spy_ratio)
+
+    def ranks(self):
+        return [c[1] for c in self.calls if c[0] == "sketch"]
+
+
+def _geometric_spectrum(L, tau, seed, heads=2):
+    """A causal matrix whose blocks' singular values fall about as exp(-j / tau): closable by a sketch."""
+    g = torch.Generator().manual_seed(seed)
+    u, v = torch.randn(heads, L, 128, generator=g), torch.randn(heads, L, 128, generator=g)
+    return Dense(torch.tril(torch.einsum("hlr,r,hmr->hlm", u, torch.exp(-torch.arange(128) / tau), v)))
+
+
+@pytest.mark.parametrize("L, i", [(1024, 347), (768, 300)])
+def test_sketch_ladder_still_closes_a_decaying_spectrum(monkeypatch, L, i):
+    """A spectrum falling as exp(-j / 2): the pilot's bounds stay open (its ratio is above the re-sketch's
+    ``SKETCH_REPROJECT_RATIO``) but its unseen energy fills few values, so the flat-tail screen lets the
+    rank-32 sketch run, which closes the bounds: within rtol of NumPy, deterministically."""
+    spy = _LadderSpy(monkeypatch)
+    op = _geometric_spectrum(L, 2.0, seed=i)
+    ref = entropy_ess_ref(op.dense().double().numpy(), [i])
+    e, lo, hi = (x.double().numpy() for x in ew.entropy_ess(op, [i], estimator="randomized", return_bounds=True))
+    pilot = spy.calls[1][1]
+    assert adaptive.SKETCH_REPROJECT_RATIO < pilot <= adaptive.SKETCH_HOPELESS_RATIO, spy.calls
+    assert spy.ranks() == [16, 32]  # no float64 re-sketch at rank 16, then the rank-32 rung
+    assert np.all(hi / lo <= 1.02**2) and np.all(lo <= ref * (1 + 1e-5)) and np.all(hi >= ref * (1 - 1e-5))
+    assert np.all(np.abs(e - ref) <= 0.02 * ref)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_flat_tail_screen_skips_a_ladder_that_cannot_close(monkeypatch, seed):
+    """Eight-cluster flat-tail attention (float32, a block of p = 347 < SLQ_MIN_SIZE): the pilot's bounds
+    are open but below SKETCH_HOPELESS_RATIO, and its unseen energy fills more than p / 2 values at its
+    smallest level. The screen sends the block to its exact SVD at once; the old ladder (screen off) ran
+    the rank-32 sketch, did not close, and computed the same exact value."""
+    L, i = 1024, 347
+    att = _flat_tail_attention(L, d=32, sharp=2.0, clusters=8, seed=seed)
+    op = SoftmaxAttention(att.q.float(), att.k.float())
+    ref = entropy_ess_ref(op.dense().double().numpy(), [i])
+    spy = _LadderSpy(monkeypatch)
+    e, lo, hi = ew.entropy_ess(op, [i], estimator="randomized", return_bounds=True)
+    assert adaptive.SKETCH_REPROJECT_RATIO < spy.calls[1][1] <= adaptive.SKETCH_HOPELESS_RATIO
+    assert spy.ranks() == [16]  # the pilot only
+    assert torch.equal(lo, hi) and np.allclose(e.double().numpy(), ref, rtol=1e-5)  # exact
+    spy.calls.clear()
+    monkeypatch.setattr(adaptive, "SKETCH_FLAT_TAIL", math.inf)
+    monkeypatch.setattr(adaptive, "SKETCH_REPROJECT_RATIO", math.inf)
+    e0, lo0, hi0 = ew.entropy_ess(op, [i], estimator="randomized", return_bounds=True)
+    assert spy.ranks()[:3] == [16, 16, 32] and torch.equal(lo0, hi0)  # the ladder ran and gave up
+    assert np.allclose(e0.double().numpy(), ref, rtol=1e-5)
 
 
 def test_slq_with_the_pilots_rank16_basis_against_svd():

@@ -3,9 +3,11 @@
 Entropy-ESS (:func:`randomized_entropy`), in order of cost:
 
 1. a rank-16 pilot sketch without power iterations (a few % of an exact SVD); long-tailed
-   blocks (``upper/lower > SKETCH_HOPELESS_RATIO``) skip the bound-closing sketches;
+   blocks (``upper/lower > SKETCH_HOPELESS_RATIO``, or an unseen energy worth more than
+   ``SKETCH_FLAT_TAIL * p`` values at the pilot's smallest) skip the bound-closing sketches;
 2. low-ESS blocks are often resolved by the pilot's rank already (bounds of
-   :mod:`.randomized` within ``(1 + rtol)^2``);
+   :mod:`.randomized` within ``(1 + rtol)^2``) once a float64 re-sketch at that rank makes the
+   unseen energy exact; it runs where the pilot's bounds are within ``SKETCH_REPROJECT_RATIO``;
 3. sketches of rank 32, 64, ... with 2 power iterations until the bounds close, while they
    cost less than ``SKETCH_BUDGET`` of an exact SVD;
 4. blocks where the bounds cannot close (a long flat tail) and whose smaller side is at
@@ -40,10 +42,12 @@ from .spectral import entropy_from_singular_values
 __all__ = [
     "SKETCH_BUDGET",
     "SKETCH_COST",
+    "SKETCH_FLAT_TAIL",
     "SKETCH_HOPELESS_RATIO",
     "SKETCH_PILOT_RANK",
     "SKETCH_POWER_ITERS",
     "SKETCH_RANK0",
+    "SKETCH_REPROJECT_RATIO",
     "SLQ_MIN_SIZE",
     "SLQ_RANK",
     "SLQ_RETRY_MAX_RATIO",
@@ -66,6 +70,16 @@ SKETCH_BUDGET = 0.5
 SKETCH_HOPELESS_RATIO = 1.5
 #: rank of the pilot sketch (no power iteration) that screens out long-tailed blocks
 SKETCH_PILOT_RANK = 16
+#: the pilot's rank is sketched again with a float64 projection only where the pilot's bounds are
+#: within this ratio: float32 round-off in the unseen energy holds them open by a few % at most
+#: (examples/benchmarks/sketch_ladder.py: re-sketches closed blocks whose pilot had 1.005-1.05,
+#: none above 1.05, over 1,000 blocks of 60 operators)
+SKETCH_REPROJECT_RATIO = 1.1
+#: ... and the sketches of rank 32 and up (step 3) are skipped where the pilot's unseen energy would
+#: fill more than SKETCH_FLAT_TAIL * p values at its smallest level (a flat tail, which they cannot
+#: close; sketch_ladder.py: blocks they closed had at most 0.39 p, those they could not close 0.45 p
+#: or more, 62 of 65 above 0.5 p)
+SKETCH_FLAT_TAIL = 0.5
 #: the deflated SLQ runs on blocks whose smaller side is at least this (below it an exact
 #: SVD is about as cheap) with a deflation rank of SLQ_RANK
 SLQ_MIN_SIZE = 384
@@ -85,6 +99,13 @@ SLQ_RETRY_RANK_DIVISOR = 3
 
 def _ratio(lo, hi) -> float:
     return float((hi / torch.clamp(lo, min=1e-300)).max())
+
+
+def _flat_tail(t, fro2, p: int) -> bool:
+    """Whether the pilot's unseen energy ``r^2 = ||H||_F^2 - sum t_j^2`` exceeds
+    ``SKETCH_FLAT_TAIL * p`` values at its smallest level ``t_k^2`` in some batch entry."""
+    r2 = fro2 - (t * t).sum(-1)
+    return bool((r2 > SKETCH_FLAT_TAIL * p * t[..., -1] ** 2).any())
 
 
 def _exact(h):
@@ -166,15 +187,17 @@ def randomized_entropy(h: torch.Tensor, rtol: float, generator, *, allow_slq: bo
     use_slq = allow_slq and p >= SLQ_MIN_SIZE
     fro2 = frobenius2(h) if fro2 is None else fro2
 
-    spent = 0.0
+    spent, pilot_ratio = 0.0, math.inf
     if p >= 4 * SKETCH_PILOT_RANK:
         # a pilot in the compute dtype: rank 16, no power iteration (a few % of an exact SVD)
         # screens out long-tailed blocks, which go to the SLQ or exact at once
         t, basis = sketch_singular_values(
             matmul, rmatmul, n, batch, SKETCH_PILOT_RANK, 0, h.dtype, h.device, generator, return_basis=True
         )
-        _, lo, hi = entropy_bounds(t.to(torch.float64), fro2, p)
-        if _ratio(lo, hi) > SKETCH_HOPELESS_RATIO:
+        t = t.to(torch.float64)
+        _, lo, hi = entropy_bounds(t, fro2, p)
+        pilot_ratio = _ratio(lo, hi)
+        if pilot_ratio > SKETCH_HOPELESS_RATIO or (pilot_ratio > SKETCH_REPROJECT_RATIO and _flat_tail(t, fro2, p)):
             # a long tail: the pilot's right basis (H^T Q, half a power iteration) deflates the top
             return _slq_or_exact(h, fro2, rtol, generator, basis) if use_slq else _exact(h)
         spent += SKETCH_COST * SKETCH_PILOT_RANK / 3
@@ -183,10 +206,11 @@ def randomized_entropy(h: torch.Tensor, rtol: float, generator, *, allow_slq: bo
     # difference of near-equal numbers that float32 round-off would swamp
     h64 = h.to(torch.float64)
     fro2 = (h64 * h64).sum(dim=(-1, -2))
-    rmatmul64 = lambda w: h64.transpose(-1, -2) @ w
+    _, rmatmul64 = products(h64)  # the BLAS layout matters in float64 too: 2-5x (h64^T @ w is slow)
 
-    if p >= 4 * SKETCH_PILOT_RANK:
-        # low-ESS blocks (trained attention) are often resolved by the pilot's rank already
+    if p >= 4 * SKETCH_PILOT_RANK and pilot_ratio <= SKETCH_REPROJECT_RATIO:
+        # low-ESS blocks (trained attention) are often resolved by the pilot's rank already, once the
+        # unseen energy is exact: a float64 re-sketch at the pilot's rank, where the pilot came close
         t = sketch_singular_values(
             matmul, rmatmul, n, batch, SKETCH_PILOT_RANK, 0, h.dtype, h.device, generator, rmatmul_exact=rmatmul64
         )
@@ -232,14 +256,16 @@ def randomized_tolerance_sv(h: torch.Tensor, tol: float, relative: bool, generat
     p = min(m, n)
     h64 = h.to(torch.float64)
     fro2 = (h64**2).sum(dim=(-1, -2))
+    matmul, rmatmul = products(h)
+    _, rmatmul64 = products(h64)
     k = min(SKETCH_RANK0, p)
     spent = 0.0
     while True:
         if k >= p:
             return oriented_svdvals(h)
         t = sketch_singular_values(
-            lambda v: h @ v,
-            lambda w: h.transpose(-1, -2) @ w,
+            matmul,
+            rmatmul,
             n,
             batch,
             k,
@@ -247,7 +273,7 @@ def randomized_tolerance_sv(h: torch.Tensor, tol: float, relative: bool, generat
             h.dtype,
             h.device,
             generator,
-            rmatmul_exact=lambda w: h64.transpose(-1, -2) @ w,
+            rmatmul_exact=rmatmul64,
         )
         spent += SKETCH_COST * k
         r = torch.sqrt(torch.clamp(fro2 - (t**2).sum(-1), min=0))

@@ -42,10 +42,12 @@ import torch
 from ..engine.adaptive import (  # noqa: F401  (the sketch constants are part of this namespace)
     SKETCH_BUDGET,
     SKETCH_COST,
+    SKETCH_FLAT_TAIL,
     SKETCH_HOPELESS_RATIO,
     SKETCH_PILOT_RANK,
     SKETCH_POWER_ITERS,
     SKETCH_RANK0,
+    SKETCH_REPROJECT_RATIO,
     randomized_entropy,
     randomized_tolerance_sv,
 )
