@@ -138,6 +138,26 @@ def test_duplicate_and_unsorted_indices(estimator):
         np.testing.assert_allclose(t.numpy(), tolerance_ess_ref(op.dense().numpy(), idx, 1e-6, True))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("relative, tol", [(True, 1e-3), (True, 1e-6), (False, 1e-2)])
+def test_tolerance_ess_randomized_counts_match_numpy(dtype, relative, tol):
+    """``tolerance_ess(estimator="randomized")`` counts exactly: a low-rank gated recurrence (the sketches
+    resolve it), causal softmax attention (a long spectrum: the fallback to an exact SVD) and a decaying
+    long convolution, blocks from 64 to 128 wide, against a NumPy SVD of the float64 blocks."""
+    L, idx = 256, [64, 128, 200]
+    gates = _decays("full", 2, L, 8, seed=3, strength=0.05)
+    ops = [
+        GatedRecurrence(_rand(2, L, 8, seed=1), _rand(2, L, 8, seed=2), gates),
+        SoftmaxAttention(_rand(2, L, 8, seed=4), _rand(2, L, 8, seed=5)),
+        Convolution(_rand(2, L, seed=6) * torch.exp(-torch.arange(L, dtype=F64) / 12)),
+    ]
+    for op in ops:
+        op = op.to(dtype)
+        T = op.dense().double().numpy()
+        got = ew.tolerance_ess(op, idx, estimator="randomized", tol=tol, relative=relative).numpy()
+        np.testing.assert_array_equal(got, tolerance_ess_ref(T, idx, tol, relative), err_msg=type(op).__name__)
+
+
 def test_duplicate_indices_softmax_with_randomized_entries():
     L = 200
     op = SoftmaxAttention(_rand(2, L, 8, seed=1), _rand(2, L, 8, seed=2))
