@@ -73,7 +73,7 @@ SKETCH_PILOT_RANK = 16
 #: the pilot's rank is sketched again with a float64 projection only where the pilot's bounds are
 #: within this ratio: float32 round-off in the unseen energy holds them open by a few % at most
 #: (examples/benchmarks/sketch_ladder.py: re-sketches closed blocks whose pilot had 1.005-1.05,
-#: none above 1.05, over 1,000 blocks of 60 operators)
+#: none above 1.05, over 1,072 blocks of 134 operators)
 SKETCH_REPROJECT_RATIO = 1.1
 #: ... and the sketches of rank 32 and up (step 3) are skipped where the pilot's unseen energy would
 #: fill more than SKETCH_FLAT_TAIL * p values at its smallest level (a flat tail, which they cannot
