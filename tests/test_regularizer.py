@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from spawned import run_rank
 
 import esswatch as ew
 from esswatch.layers import SequenceModel
@@ -161,35 +162,28 @@ def test_fp16_autocast_with_grad_scaler_matches_float32():
     assert den > 0 and num / den < 0.05
 
 
-def _ddp_worker(rank, world, tmp):
+def _ddp_body(rank, tmp):
     torch.set_num_threads(1)
-    # a file rendezvous: no TCP port to race for with other tests
-    dist.init_process_group(
-        "gloo", init_method=f"file://{os.path.join(tmp, 'rendezvous')}", rank=rank, world_size=world
-    )
-    try:
-        model = torch.nn.parallel.DistributedDataParallel(_model())
-        watch = ew.ESSWatch(model, every_n_steps=2, regularizer=1.0)
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        pens = []
-        for x in _batches(3, seed=10 + rank):
-            loss = F.cross_entropy(model(x).flatten(0, 1), x.flatten()) + watch.penalty()
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            pens.append(float(loss))
-            watch.step()
-        watch.close()
-        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-        with open(os.path.join(tmp, f"r{rank}.json"), "w") as f:
-            json.dump({"loss": pens, "params": flat[:50].tolist()}, f)
-    finally:
-        dist.destroy_process_group()
+    model = torch.nn.parallel.DistributedDataParallel(_model())
+    watch = ew.ESSWatch(model, every_n_steps=2, regularizer=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    pens = []
+    for x in _batches(3, seed=10 + rank):
+        loss = F.cross_entropy(model(x).flatten(0, 1), x.flatten()) + watch.penalty()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        pens.append(float(loss))
+        watch.step()
+    watch.close()
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    with open(os.path.join(tmp, f"r{rank}.json"), "w") as f:
+        json.dump({"loss": pens, "params": flat[:50].tolist()}, f)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_ddp_two_ranks_with_regularizer(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(run_rank, args=(_ddp_body, 2, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in (0, 1))
     assert all(np.isfinite(r0["loss"])) and r0["loss"] != r1["loss"]  # own data per rank
     np.testing.assert_allclose(r0["params"], r1["params"], rtol=0, atol=0)  # gradients all-reduced

@@ -9,61 +9,55 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from spawned import run_rank
 from torch import nn
 
 VOCAB, L, B, STEPS, EVERY = 11, 12, 4, 5, 2
 
 
-def _worker(rank: int, world: int, tmp: str) -> None:
+def _worker(rank: int, tmp: str) -> None:
     import esswatch
     from esswatch.layers import SequenceModel
 
     torch.set_num_threads(1)
-    # a file rendezvous: no TCP port to race for with other tests
-    dist.init_process_group(
-        "gloo", init_method=f"file://{os.path.join(tmp, 'rendezvous')}", rank=rank, world_size=world
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(
+        SequenceModel(VOCAB, d_model=16, n_layers=2, mixer="attention", n_heads=2)
     )
-    try:
-        torch.manual_seed(0)
-        model = nn.parallel.DistributedDataParallel(
-            SequenceModel(VOCAB, d_model=16, n_layers=2, mixer="attention", n_heads=2)
-        )
-        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-        seen = []
-        watch = esswatch.ESSWatch(
-            model, logdir=os.path.join(tmp, "tb"), every_n_steps=EVERY, reduce=True, sinks=[seen.append]
-        )
-        g = torch.Generator().manual_seed(100 + rank)  # every rank trains on its own data
-        out = []
-        for _ in range(STEPS):
-            x = torch.randint(0, VOCAB, (B, L), generator=g)
-            logits = model(x)
-            nn.functional.cross_entropy(logits.reshape(-1, VOCAB), x.reshape(-1)).backward()
-            opt.step()
-            opt.zero_grad()
-            r = watch.step()
-            if r is not None:
-                out.append(
-                    {
-                        "step": r["step"],
-                        "reduced": r["layers"]["blocks.0.mixer"]["entropy"]["avg"],
-                        "local": sum(r["layers"]["blocks.0.mixer"]["entropy"]["per_index"])
-                        / len(r["layers"]["blocks.0.mixer"]["entropy"]["per_index"]),
-                        "ranks": r["layers"]["blocks.0.mixer"]["ranks"],
-                    }
-                )
-        watch.close()
-        with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
-            json.dump({"results": out, "sink_calls": len(seen)}, f)
-    finally:
-        dist.destroy_process_group()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    seen = []
+    watch = esswatch.ESSWatch(
+        model, logdir=os.path.join(tmp, "tb"), every_n_steps=EVERY, reduce=True, sinks=[seen.append]
+    )
+    g = torch.Generator().manual_seed(100 + rank)  # every rank trains on its own data
+    out = []
+    for _ in range(STEPS):
+        x = torch.randint(0, VOCAB, (B, L), generator=g)
+        logits = model(x)
+        nn.functional.cross_entropy(logits.reshape(-1, VOCAB), x.reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+        r = watch.step()
+        if r is not None:
+            out.append(
+                {
+                    "step": r["step"],
+                    "reduced": r["layers"]["blocks.0.mixer"]["entropy"]["avg"],
+                    "local": sum(r["layers"]["blocks.0.mixer"]["entropy"]["per_index"])
+                    / len(r["layers"]["blocks.0.mixer"]["entropy"]["per_index"]),
+                    "ranks": r["layers"]["blocks.0.mixer"]["ranks"],
+                }
+            )
+    watch.close()
+    with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
+        json.dump({"results": out, "sink_calls": len(seen)}, f)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_ddp_two_ranks_reduce_and_rank_zero_writes(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(run_rank, args=(_worker, 2, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     steps = [x["step"] for x in r0["results"]]
     assert steps == [x["step"] for x in r1["results"]] == [0, 2, 4]
@@ -82,63 +76,57 @@ def test_ddp_two_ranks_reduce_and_rank_zero_writes(tmp_path):
     assert [v for _, v in logged] == pytest.approx([x["reduced"] for x in r0["results"]], rel=1e-6)
 
 
-def _bg_worker(rank: int, world: int, tmp: str) -> None:
+def _bg_worker(rank: int, tmp: str) -> None:
     """background=True, reduce=True, a sample due at every step (so ranks race their workers)
     and a budget (its level is agreed on collectively)."""
     import esswatch
     from esswatch.layers import SequenceModel
 
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{os.path.join(tmp, 'rendezvous')}", rank=rank, world_size=world
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(
+        SequenceModel(VOCAB, d_model=16, n_layers=2, mixer="attention", n_heads=2)
     )
-    try:
-        torch.manual_seed(0)
-        model = nn.parallel.DistributedDataParallel(
-            SequenceModel(VOCAB, d_model=16, n_layers=2, mixer="attention", n_heads=2)
-        )
-        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-        watch = esswatch.ESSWatch(
-            model, logdir=os.path.join(tmp, "tb"), every_n_steps=1, reduce=True, background=True, budget_seconds=0.01
-        )
-        g = torch.Generator().manual_seed(100 + rank)
-        out = []
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    watch = esswatch.ESSWatch(
+        model, logdir=os.path.join(tmp, "tb"), every_n_steps=1, reduce=True, background=True, budget_seconds=0.01
+    )
+    g = torch.Generator().manual_seed(100 + rank)
+    out = []
 
-        def keep(r):
-            lay = r["layers"]["blocks.0.mixer"]
-            out.append(
-                {
-                    "step": r["step"],
-                    "reduced": lay["entropy"]["avg"],
-                    "ranks": lay["ranks"],
-                    "local": sum(lay["entropy"]["per_index"]) / len(lay["entropy"]["per_index"]),
-                    "skipped": r["skipped_samples"],
-                    "budget": r["budget"],
-                }
-            )
+    def keep(r):
+        lay = r["layers"]["blocks.0.mixer"]
+        out.append(
+            {
+                "step": r["step"],
+                "reduced": lay["entropy"]["avg"],
+                "ranks": lay["ranks"],
+                "local": sum(lay["entropy"]["per_index"]) / len(lay["entropy"]["per_index"]),
+                "skipped": r["skipped_samples"],
+                "budget": r["budget"],
+            }
+        )
 
-        for s in range(3 * STEPS):
-            x = torch.randint(0, VOCAB, (B, L + 4 * rank * (s % 2)), generator=g)  # uneven work per rank
-            logits = model(x)
-            nn.functional.cross_entropy(logits.reshape(-1, VOCAB), x.reshape(-1)).backward()
-            opt.step()
-            opt.zero_grad()
-            r = watch.step()
-            if r is not None:
-                keep(r)
-        watch.close()
-        last = watch.latest()
-        if last is not None and (not out or out[-1]["step"] != last["step"]):
-            keep(last)
-        with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
-            json.dump({"results": out, "skipped": watch.state_dict()["skipped_samples"]}, f)
-    finally:
-        dist.destroy_process_group()
+    for s in range(3 * STEPS):
+        x = torch.randint(0, VOCAB, (B, L + 4 * rank * (s % 2)), generator=g)  # uneven work per rank
+        logits = model(x)
+        nn.functional.cross_entropy(logits.reshape(-1, VOCAB), x.reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+        r = watch.step()
+        if r is not None:
+            keep(r)
+    watch.close()
+    last = watch.latest()
+    if last is not None and (not out or out[-1]["step"] != last["step"]):
+        keep(last)
+    with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
+        json.dump({"results": out, "skipped": watch.state_dict()["skipped_samples"]}, f)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_ddp_background_reduce_ranks_agree_without_deadlock(tmp_path):
-    mp.spawn(_bg_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(run_rank, args=(_bg_worker, 2, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     steps = [x["step"] for x in r0["results"]]
     assert steps and steps[0] == 0
