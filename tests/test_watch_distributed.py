@@ -15,6 +15,15 @@ from torch import nn
 VOCAB, L, B, STEPS, EVERY = 11, 12, 4, 5, 2
 
 
+def _train_step(model, opt, watch, x):
+    """One optimizer step of the next-token loss on ``x``, then ``watch.step()`` (its result)."""
+    logits = model(x)
+    nn.functional.cross_entropy(logits.reshape(-1, VOCAB), x.reshape(-1)).backward()
+    opt.step()
+    opt.zero_grad()
+    return watch.step()
+
+
 def _worker(rank: int, tmp: str) -> None:
     import esswatch
     from esswatch.layers import SequenceModel
@@ -32,12 +41,7 @@ def _worker(rank: int, tmp: str) -> None:
     g = torch.Generator().manual_seed(100 + rank)  # every rank trains on its own data
     out = []
     for _ in range(STEPS):
-        x = torch.randint(0, VOCAB, (B, L), generator=g)
-        logits = model(x)
-        nn.functional.cross_entropy(logits.reshape(-1, VOCAB), x.reshape(-1)).backward()
-        opt.step()
-        opt.zero_grad()
-        r = watch.step()
+        r = _train_step(model, opt, watch, torch.randint(0, VOCAB, (B, L), generator=g))
         if r is not None:
             out.append(
                 {
@@ -109,11 +113,7 @@ def _bg_worker(rank: int, tmp: str) -> None:
 
     for s in range(3 * STEPS):
         x = torch.randint(0, VOCAB, (B, L + 4 * rank * (s % 2)), generator=g)  # uneven work per rank
-        logits = model(x)
-        nn.functional.cross_entropy(logits.reshape(-1, VOCAB), x.reshape(-1)).backward()
-        opt.step()
-        opt.zero_grad()
-        r = watch.step()
+        r = _train_step(model, opt, watch, x)
         if r is not None:
             keep(r)
     watch.close()
