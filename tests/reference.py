@@ -43,6 +43,21 @@ def softmax_attention_dense(q, k) -> np.ndarray:
     return s / s.sum(-1, keepdims=True)
 
 
+def gated_recurrence_dense(q, k, log_decay) -> np.ndarray:
+    """``T[r, c] = sum_n q[r, n] k[c, n] exp(Lam[r, n] - Lam[c, n])`` for ``c <= r`` (``Lam`` the
+    cumulative sum of ``log_decay`` over time: ``prod_{s=c+1..r} a[s, n]``), in float64, from
+    ``q, k, log_decay (..., L, N)`` (torch tensors or arrays): :func:`gated_recurrence_loop` vectorized."""
+    q, k, ld = (np.asarray(t.detach().double() if hasattr(t, "detach") else t, np.float64) for t in (q, k, log_decay))
+    lam = np.cumsum(np.broadcast_to(ld, q.shape), axis=-2)
+    L = q.shape[-2]
+    causal = np.tril(np.ones((L, L), bool))
+    T = np.zeros(q.shape[:-2] + (L, L))
+    for b in np.ndindex(*q.shape[:-2]):
+        diff = np.where(causal[..., None], lam[b][:, None, :] - lam[b][None, :, :], -np.inf)
+        T[b] = np.einsum("rn,cn,rcn->rc", q[b], k[b], np.exp(diff))
+    return T
+
+
 # -- naive loop implementations of each operator's formula (docs/ess.md section 1) ----------
 
 

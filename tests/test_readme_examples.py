@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from reference import entropy_ess_ref, softmax_attention_dense, tolerance_ess_ref
+from reference import entropy_ess_ref, gated_recurrence_dense, softmax_attention_dense, tolerance_ess_ref
 from torch import nn
 
 EventAccumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator").EventAccumulator
@@ -27,20 +27,6 @@ def readme_block(section: str) -> str:
     match = re.compile(r"```python\n(.*?)```", re.S).search(README, start)
     assert match is not None, f"no python block after {section!r}"
     return match.group(1)
-
-
-def gla_T(q: torch.Tensor, k: torch.Tensor, log_decay: torch.Tensor) -> np.ndarray:
-    """``T[r, c] = sum_n q[r, n] k[c, n] exp(Lam[r, n] - Lam[c, n])`` for ``c <= r``,
-    ``Lam`` the cumulative sum of ``log_decay`` (docs/ess.md), in float64 NumPy."""
-    q, k = q.double().numpy(), k.double().numpy()
-    lam = np.cumsum(log_decay.double().numpy(), axis=-2)
-    L = q.shape[-2]
-    causal = np.tril(np.ones((L, L), bool))
-    T = np.zeros(q.shape[:-2] + (L, L))
-    for b in np.ndindex(*q.shape[:-2]):
-        diff = np.where(causal[..., None], lam[b][:, None, :] - lam[b][None, :, :], -np.inf)
-        T[b] = np.einsum("rn,cn,rcn->rc", q[b], k[b], np.exp(diff))
-    return T
 
 
 def run_statements(code: str, ns: dict, name: str) -> list:
@@ -74,7 +60,7 @@ def test_functional_api_example_matches_numpy():
     assert gla_ess.shape == (2, 4, 511)
     gla = ns["gla"]
     idx = [1, 64, 255, 256, 448, 511]
-    ref = entropy_ess_ref(gla_T(gla.q, gla.k, gla.log_decay), idx)
+    ref = entropy_ess_ref(gated_recurrence_dense(gla.q, gla.k, gla.log_decay), idx)
     np.testing.assert_allclose(gla_ess.double().numpy()[..., [i - 1 for i in idx]], ref, rtol=1e-5)
 
 

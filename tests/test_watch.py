@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from reference import softmax_attention_dense
+from reference import gated_recurrence_dense, softmax_attention_dense
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.util import tensor_util
@@ -66,18 +66,6 @@ def np_entropy_ess(t, indices):
         h = -np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0).sum(-1)
         out[..., j] = np.where(tot[..., 0] > 0, np.exp(h), 0)
     return out
-
-
-def np_gated_recurrence(q, k, log_decay):
-    """T[r, c] = sum_n q[r,n] k[c,n] prod_{s=c+1..r} a[s,n] by explicit loops (float64)."""
-    q, k, ld = (t.detach().double().numpy() for t in (q, k, log_decay))
-    n = q.shape[-2]
-    t = np.zeros(q.shape[:-2] + (n, n))
-    for r in range(n):
-        for c in range(r + 1):
-            decay = np.exp(ld[..., c + 1 : r + 1, :].sum(-2))
-            t[..., r, c] = (q[..., r, :] * k[..., c, :] * decay).sum(-1)
-    return t
 
 
 class InputRecorder:
@@ -194,7 +182,7 @@ def test_recurrence_and_tolerance_metric_match_numpy():
     rec.remove()
     assert r["step"] == 0 and set(r["scalars"]) >= {"ess/tolerance/avg/model", "ess/entropy/total/blocks.0.mixer"}
     for n, f in feats.items():
-        t = np_gated_recurrence(f["q"][:, :1], f["k"][:, :1], f["log_decay"][:, :1])
+        t = gated_recurrence_dense(f["q"][:, :1], f["k"][:, :1], f["log_decay"][:, :1])
         lay = r["layers"][n]
         assert lay["indices"] == list(range(1, L)) and lay["heads"] == 1 and lay["state_size"] == f["q"].shape[-1]
         e = np_entropy_ess(t, lay["indices"])
