@@ -502,14 +502,16 @@ def test_sketch_ladder_still_closes_a_decaying_spectrum(monkeypatch, L, i):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_flat_tail_screen_skips_a_ladder_that_cannot_close(monkeypatch, seed):
-    """Eight-cluster flat-tail attention (float32, a block of p = 347 < SLQ_MIN_SIZE): the pilot's bounds
-    are open but below SKETCH_HOPELESS_RATIO, and its unseen energy fills more than p / 2 values at its
-    smallest level. The screen sends the block to its exact SVD at once; the old ladder (screen off) ran
-    the rank-32 sketch, did not close, and computed the same exact value."""
+    """Eight-cluster flat-tail attention (float32, a block of p = 347 < SLQ_MIN_SIZE; the quadrature of
+    small blocks off): the pilot's bounds are open but below SKETCH_HOPELESS_RATIO, and its unseen energy
+    fills more than p / 2 values at its smallest level. The screen sends the block to its exact SVD at
+    once; the old ladder (screen off) ran the rank-32 sketch, did not close, and computed the same exact
+    value."""
     L, i = 1024, 347
     att = _flat_tail_attention(L, d=32, sharp=2.0, clusters=8, seed=seed)
     op = SoftmaxAttention(att.q.float(), att.k.float())
     ref = entropy_ess_ref(op.dense().double().numpy(), [i])
+    monkeypatch.setattr(adaptive, "SLQ_SMALL_MIN_SIZE", math.inf)
     spy = _LadderSpy(monkeypatch)
     e, lo, hi = ew.entropy_ess(op, [i], estimator="randomized", return_bounds=True)
     assert adaptive.SKETCH_REPROJECT_RATIO < spy.calls[1][1] <= adaptive.SKETCH_HOPELESS_RATIO
@@ -521,6 +523,45 @@ def test_flat_tail_screen_skips_a_ladder_that_cannot_close(monkeypatch, seed):
     e0, lo0, hi0 = ew.entropy_ess(op, [i], estimator="randomized", return_bounds=True)
     assert spy.ranks()[:3] == [16, 16, 32] and torch.equal(lo0, hi0)  # the ladder ran and gave up
     assert np.allclose(e0.double().numpy(), ref, rtol=1e-5)
+
+
+class _SLQSpy:
+    """Counts the adaptive estimator's calls of the deflated SLQ."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        slq = adaptive.slq_entropy
+
+        def spy(*a, **k):
+            self.calls += 1
+            return slq(*a, **k)
+
+        monkeypatch.setattr(adaptive, "slq_entropy", spy)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_small_blocks_go_to_the_quadrature_only_where_the_pilot_is_close(monkeypatch, seed):
+    """Blocks with SLQ_SMALL_MIN_SIZE <= p < SLQ_MIN_SIZE (here p = 300, float32): flat-tail attention
+    (pilot ratio at most SLQ_SMALL_MAX_RATIO) is answered by the SLQ (its bounds stay open), within rtol
+    of NumPy's SVD; attention at initialisation (pilot ratio far above it) gets its exact SVD, no SLQ."""
+    L, i = 1024, 300
+    att = _flat_tail_attention(L, d=64, seed=seed)
+    flat = SoftmaxAttention(att.q.float(), att.k.float())
+    g = torch.Generator().manual_seed(seed)
+    init = SoftmaxAttention(*(0.3 * torch.randn(4, L, 64, generator=g) for _ in range(2)))
+    for op, slq_answers in ((flat, True), (init, False)):
+        ref = entropy_ess_ref(op.dense().double().numpy(), [i])
+        ladder, slq = _LadderSpy(monkeypatch), _SLQSpy(monkeypatch)
+        e, lo, hi = (x.double().numpy() for x in ew.entropy_ess(op, [i], estimator="randomized", return_bounds=True))
+        pilot = ladder.calls[1][1]
+        assert (pilot <= adaptive.SLQ_SMALL_MAX_RATIO) == slq_answers and ladder.ranks() == [16]
+        assert slq.calls == int(slq_answers)
+        assert np.all(lo <= ref * (1 + 1e-5)) and np.all(hi >= ref * (1 - 1e-5))
+        if slq_answers:
+            assert np.all(hi / lo > 1.02**2) and np.all(np.abs(e - ref) <= 0.02 * ref)
+        else:
+            assert np.array_equal(lo, hi) and np.allclose(e, ref, rtol=1e-5)
+    assert adaptive.SLQ_SMALL_MIN_SIZE <= 300 < adaptive.SLQ_MIN_SIZE
 
 
 def test_slq_with_the_pilots_rank16_basis_against_svd():

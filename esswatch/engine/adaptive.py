@@ -11,7 +11,8 @@ Entropy-ESS (:func:`randomized_entropy`), in order of cost:
 3. sketches of rank 32, 64, ... with 2 power iterations until the bounds close, while they
    cost less than ``SKETCH_BUDGET`` of an exact SVD;
 4. blocks where the bounds cannot close (a long flat tail) and whose smaller side is at
-   least ``SLQ_MIN_SIZE``: the deflated stochastic Lanczos quadrature of :mod:`.slq`,
+   least ``SLQ_MIN_SIZE`` (``SLQ_SMALL_MIN_SIZE`` where the pilot's bound ratio is at most
+   ``SLQ_SMALL_MAX_RATIO``): the deflated stochastic Lanczos quadrature of :mod:`.slq`,
    accepted per batch entry when ``gap/2 + 2 SE <= log(1 + rtol)`` (about 95% confidence).
    Blocks the pilot already screened out are deflated by the pilot's own right basis
    (``orth(H^T Q)``, rank 16: half a power iteration, no further pass over the block);
@@ -54,6 +55,8 @@ __all__ = [
     "SLQ_RETRY_MIN_SIZE",
     "SLQ_RETRY_RANK",
     "SLQ_RETRY_RANK_DIVISOR",
+    "SLQ_SMALL_MAX_RATIO",
+    "SLQ_SMALL_MIN_SIZE",
     "randomized_entropy",
     "randomized_tolerance_sv",
 ]
@@ -84,6 +87,11 @@ SKETCH_FLAT_TAIL = 0.5
 #: SVD is about as cheap) with a deflation rank of SLQ_RANK
 SLQ_MIN_SIZE = 384
 SLQ_RANK = 32
+#: ... and blocks from SLQ_SMALL_MIN_SIZE where the pilot's bound ratio is at most SLQ_SMALL_MAX_RATIO
+#: (examples/benchmarks/small_blocks.py: ratios of 1.28-2.09 there, every head accepted, 0.17-0.94 of the
+#: exact SVD's time; from 2.56 up most heads were rejected, so the quadrature's time was lost)
+SLQ_SMALL_MIN_SIZE = 256
+SLQ_SMALL_MAX_RATIO = 2.3
 #: entries the first quadrature rejects get a second one (:func:`_retry_rank`) when the block's
 #: smaller side is at least SLQ_RETRY_MIN_SIZE (there the try costs a small part of the exact SVD
 #: it may save), deflated by a subspace iteration of rank SLQ_RETRY_RANK or more, for entries
@@ -197,6 +205,7 @@ def randomized_entropy(h: torch.Tensor, rtol: float, generator, *, allow_slq: bo
         t = t.to(torch.float64)
         _, lo, hi = entropy_bounds(t, fro2, p)
         pilot_ratio = _ratio(lo, hi)
+        use_slq |= allow_slq and p >= SLQ_SMALL_MIN_SIZE and pilot_ratio <= SLQ_SMALL_MAX_RATIO
         if pilot_ratio > SKETCH_HOPELESS_RATIO or (pilot_ratio > SKETCH_REPROJECT_RATIO and _flat_tail(t, fro2, p)):
             # a long tail: the pilot's right basis (H^T Q, half a power iteration) deflates the top
             return _slq_or_exact(h, fro2, rtol, generator, basis) if use_slq else _exact(h)
