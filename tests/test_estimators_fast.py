@@ -386,8 +386,61 @@ def test_second_try_rank_grows_with_the_first_estimate(monkeypatch):
     ref = entropy_ess_ref(op.dense().double().numpy(), [1024])
     e, lo, hi = (x.double().numpy() for x in ew.entropy_ess(op, [1024], estimator="randomized", return_bounds=True))
     assert 250 < ref[0, 0] < 400
-    assert used == [(32, [False]), (256, [True])]
+    assert used == [(256, [True])]  # the first quadrature is only a scout here (test_scout_...)
     assert abs(e[0, 0] - ref[0, 0]) <= 0.02 * ref[0, 0] and lo[0, 0] <= ref[0, 0] * (1 + 1e-5) <= hi[0, 0] * (1 + 2e-5)
+
+
+class _QuadratureSpy:
+    """Records the adaptive estimator's quadrature runs: ``(rank, steps, stop given)``."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        slq = adaptive.slq_entropy
+
+        def spy(h, k, generator, **kw):
+            self.calls.append((k, kw.get("steps"), kw.get("stop") is not None))
+            return slq(h, k, generator, **kw)
+
+        monkeypatch.setattr(adaptive, "slq_entropy", spy)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_scout_replaces_a_first_quadrature_that_cannot_pass(monkeypatch, seed):
+    """Attention at initialisation (pilot ratio far above SLQ_SCOUT_RATIO, a tail that is not flat): with a
+    second try possible (p >= 640) the first quadrature is a SLQ_SCOUT_STEPS-step run without acceptance,
+    then the second try at the rank the full first try picks too; below 640 the block goes to exact at
+    once. With the scout off the first try runs and is rejected everywhere. Values against NumPy."""
+    op = _attention_at_init(2048, 64, 0.3, seed=seed, heads=2, dtype=torch.float32)
+    idx = [500, 1024]  # p = 500 (no second try) and p = 1024
+    ref = entropy_ess_ref(op.dense().double().numpy(), idx)
+    results, spy, cut = {}, _QuadratureSpy(monkeypatch), adaptive.SLQ_SCOUT_RATIO
+    for scout in (True, False):
+        monkeypatch.setattr(adaptive, "SLQ_SCOUT_RATIO", cut if scout else math.inf)
+        spy.calls = []
+        e, lo, hi = (x.double().numpy() for x in ew.entropy_ess(op, idx, estimator="randomized", return_bounds=True))
+        results[scout] = (spy.calls, e)
+        assert np.all(lo <= ref * (1 + 1e-5)) and np.all(hi >= ref * (1 - 1e-5))
+        assert np.all(np.abs(e - ref) <= 0.02 * ref)
+        np.testing.assert_allclose(e[:, 0], ref[:, 0], rtol=1e-5)  # p = 500: exact
+    scout_calls, off_calls = results[True][0], results[False][0]
+    steps = adaptive.SLQ_SCOUT_STEPS
+    # (rank, steps: None = all SLQ_STEPS with checks, acceptance test given)
+    assert scout_calls == [(adaptive.SLQ_RANK, steps, False), (128, None, True)]
+    assert off_calls == [(adaptive.SLQ_RANK, None, True)] * 2 + [(128, None, True)]
+
+
+def test_a_flat_tail_with_a_large_pilot_ratio_keeps_its_first_quadrature(monkeypatch):
+    """A random dense causal matrix: a pilot ratio far above SLQ_SCOUT_RATIO, but a flat tail (the pilot's
+    test), where the first quadrature does pass: it runs, and answers within rtol of NumPy."""
+    g = torch.Generator().manual_seed(0)
+    op = Dense(torch.tril(torch.randn(2, 1024, 1024, generator=g)))
+    ref = entropy_ess_ref(op.dense().numpy(), [512])
+    spy = _QuadratureSpy(monkeypatch)
+    ratios = _LadderSpy(monkeypatch)
+    e, lo, hi = (x.double().numpy() for x in ew.entropy_ess(op, [512], estimator="randomized", return_bounds=True))
+    assert ratios.calls[1][1] > adaptive.SLQ_SCOUT_RATIO
+    assert spy.calls[0] == (adaptive.SLQ_RANK, None, True)
+    assert np.all(hi / lo > 1.02**2) and np.all(np.abs(e - ref) <= 0.02 * ref)
 
 
 def test_second_try_calibration(small_slq, monkeypatch):

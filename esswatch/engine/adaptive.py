@@ -1,4 +1,4 @@
-"""The adaptive randomized estimators of one Hankel block (entropy-ESS and tolerance-ESS).
+"""The adaptive randomized estimator of entropy-ESS of one Hankel block (tolerance-ESS: :mod:`.tolerance_sketch`).
 
 Entropy-ESS (:func:`randomized_entropy`), in order of cost:
 
@@ -20,7 +20,9 @@ Entropy-ESS (:func:`randomized_entropy`), in order of cost:
    ``SLQ_RETRY_MIN_SIZE``: a second quadrature deflated by a rank-``k`` subspace iteration (one
    power iteration), ``k = SLQ_RETRY_RANK`` doubled while the largest first estimate is above
    ``1.5 k`` (and ``k <= p / 3``), for entries whose first estimate is at most
-   ``SLQ_RETRY_MAX_RATIO * k``.
+   ``SLQ_RETRY_MAX_RATIO * k``. Where the pilot's ratio is above ``SLQ_SCOUT_RATIO`` and its tail is
+   not flat, the first quadrature is not tried: a ``SLQ_SCOUT_STEPS``-step run only estimates
+   (for the rank), or, below ``SLQ_RETRY_MIN_SIZE``, the block goes to exact at once.
    It is for spectra with a band of values above the tail that rank 16 leaves in it: near-uniform
    attention at initialisation has one value near ``s_1``, a band of about ``d`` (head dimension)
    values and then a long tail. The same acceptance test;
@@ -55,10 +57,11 @@ __all__ = [
     "SLQ_RETRY_MIN_SIZE",
     "SLQ_RETRY_RANK",
     "SLQ_RETRY_RANK_DIVISOR",
+    "SLQ_SCOUT_RATIO",
+    "SLQ_SCOUT_STEPS",
     "SLQ_SMALL_MAX_RATIO",
     "SLQ_SMALL_MIN_SIZE",
     "randomized_entropy",
-    "randomized_tolerance_sv",
 ]
 
 #: randomized: starting rank and power iterations.
@@ -88,7 +91,7 @@ SKETCH_FLAT_TAIL = 0.5
 SLQ_MIN_SIZE = 384
 SLQ_RANK = 32
 #: ... and blocks from SLQ_SMALL_MIN_SIZE where the pilot's bound ratio is at most SLQ_SMALL_MAX_RATIO
-#: (examples/benchmarks/small_blocks.py: ratios of 1.28-2.09 there, every head accepted, 0.17-0.94 of the
+#: (examples/benchmarks/small_blocks.py: ratios of 1.28-2.09 there, every head accepted, 0.17-0.75 of the
 #: exact SVD's time; from 2.56 up most heads were rejected, so the quadrature's time was lost)
 SLQ_SMALL_MIN_SIZE = 256
 SLQ_SMALL_MAX_RATIO = 2.3
@@ -103,6 +106,11 @@ SLQ_RETRY_MAX_RATIO = 3
 #: the second try's rank stays at most p / SLQ_RETRY_RANK_DIVISOR (3: on GPT-2-shaped attention at
 #: initialisation, L = 4096, heads with ESS about 480 at p = 1820 needed rank 512; p / 4 stopped at 256)
 SLQ_RETRY_RANK_DIVISOR = 3
+#: a pilot ratio above SLQ_SCOUT_RATIO with a tail that is not flat: the first quadrature fails (examples/
+#: benchmarks/first_try.py: none accepted above 5.6 but one block; attention at initialisation is at 20-150),
+#: so only its estimates after SLQ_SCOUT_STEPS steps are made, to pick the second try's rank
+SLQ_SCOUT_RATIO = 8.0
+SLQ_SCOUT_STEPS = 2
 
 
 def _ratio(lo, hi) -> float:
@@ -144,14 +152,22 @@ def _retry_rank(first, p: int) -> int:
     return k
 
 
-def _slq_or_exact(h, fro2, rtol, generator, basis=None):
+def _slq_or_exact(h, fro2, rtol, generator, basis=None, scout=False):
     """The deflated SLQ where it meets its acceptance test, exact per batch entry elsewhere.
 
     ``basis``: a right basis of ``h`` from a sketch already run (skips the SLQ's own). Entries it
-    rejects may get a second try with a larger deflation (module doc, step 5) before their exact SVD."""
+    rejects may get a second try with a larger deflation (module doc, step 5) before their exact SVD.
+    ``scout``: the first try only estimates, for the second try's rank (module doc, step 5)."""
     p = min(h.shape[-2:])
     stop = math.log1p(rtol)
-    est, lo, hi, ok = _slq_try(h, fro2, stop, generator, SLQ_RANK, basis)
+    if not scout:
+        est, lo, hi, ok = _slq_try(h, fro2, stop, generator, SLQ_RANK, basis)
+    elif p < max(SLQ_RETRY_MIN_SIZE, SLQ_RETRY_RANK_DIVISOR * SLQ_RETRY_RANK):
+        return _exact(h)  # no second try for this block
+    else:
+        est, _, _, t, _ = slq_entropy(h, SLQ_RANK, generator, fro2=fro2, basis=basis, steps=SLQ_SCOUT_STEPS)
+        _, lo, hi = entropy_bounds(t, fro2, p)
+        est, ok = torch.minimum(torch.maximum(est.to(lo.dtype), lo), hi), torch.zeros_like(lo, dtype=torch.bool)
     if bool(ok.all()):
         return est, lo, hi
     shape = ok.shape
@@ -208,7 +224,8 @@ def randomized_entropy(h: torch.Tensor, rtol: float, generator, *, allow_slq: bo
         use_slq |= allow_slq and p >= SLQ_SMALL_MIN_SIZE and pilot_ratio <= SLQ_SMALL_MAX_RATIO
         if pilot_ratio > SKETCH_HOPELESS_RATIO or (pilot_ratio > SKETCH_REPROJECT_RATIO and _flat_tail(t, fro2, p)):
             # a long tail: the pilot's right basis (H^T Q, half a power iteration) deflates the top
-            return _slq_or_exact(h, fro2, rtol, generator, basis) if use_slq else _exact(h)
+            scout = pilot_ratio > SLQ_SCOUT_RATIO and not _flat_tail(t, fro2, p)
+            return _slq_or_exact(h, fro2, rtol, generator, basis, scout) if use_slq else _exact(h)
         spent += SKETCH_COST * SKETCH_PILOT_RANK / 3
     # the sketches proper: power iterations in the compute dtype; the final projection and
     # ||H||_F^2 in float64, since the unseen energy r^2 = ||H||_F^2 - sum t_j^2 is a
@@ -256,42 +273,4 @@ def randomized_entropy(h: torch.Tensor, rtol: float, generator, *, allow_slq: bo
         k_next = min(2 * k, p)
         if ratio > SKETCH_HOPELESS_RATIO or spent + SKETCH_COST * k_next > SKETCH_BUDGET * p:
             return _exact(h)
-        k = k_next
-
-
-def randomized_tolerance_sv(h: torch.Tensor, tol: float, relative: bool, generator):
-    """Sketched top singular values of ``h``, enough that counting them above the threshold is exact."""
-    batch, (m, n) = h.shape[:-2], h.shape[-2:]
-    p = min(m, n)
-    h64 = h.to(torch.float64)
-    fro2 = (h64**2).sum(dim=(-1, -2))
-    matmul, rmatmul = products(h)
-    _, rmatmul64 = products(h64)
-    k = min(SKETCH_RANK0, p)
-    spent = 0.0
-    while True:
-        if k >= p:
-            return oriented_svdvals(h)
-        t = sketch_singular_values(
-            matmul,
-            rmatmul,
-            n,
-            batch,
-            k,
-            SKETCH_POWER_ITERS,
-            h.dtype,
-            h.device,
-            generator,
-            rmatmul_exact=rmatmul64,
-        )
-        spent += SKETCH_COST * k
-        r = torch.sqrt(torch.clamp(fro2 - (t**2).sum(-1), min=0))
-        thresh = tol * t[..., 0] if relative else torch.full_like(r, tol)
-        # every unseen singular value is <= ||H - Q Q^T H||_2 <= r; every seen one lies in [t_j, t_j + r]
-        near = ((t - thresh[..., None]).abs() <= r[..., None]).any(-1)
-        if bool(((r < thresh) & ~near).all()):
-            return t
-        k_next = min(2 * k, p)
-        if spent + SKETCH_COST * k_next > SKETCH_BUDGET * p:
-            return oriented_svdvals(h)
         k = k_next

@@ -49,9 +49,9 @@ from ..engine.adaptive import (  # noqa: F401  (the sketch constants are part of
     SKETCH_RANK0,
     SKETCH_REPROJECT_RATIO,
     randomized_entropy,
-    randomized_tolerance_sv,
 )
 from ..engine.spectral import tolerance_from_singular_values
+from ..engine.tolerance_sketch import randomized_tolerance_sv
 from ..engine.validation import check_finite_number
 from ..operators import Dense, Operator
 from .blocks import BlockCache as _Cache

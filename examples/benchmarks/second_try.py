@@ -17,7 +17,9 @@ watch does by default). At the watch's 8 indices ``round(j L / 9)`` and with its
 - ``cap4``: the same code with the second try's rank capped at ``p / 4`` (the previous
   ``SLQ_RETRY_RANK_DIVISOR``) instead of ``p / 3``;
 - ``batched``: the same code with the quadrature's Golub-Kahan runs in one batched run of all
-  heads (``SLQ_CPU_CHUNK_BYTES`` out of reach), as before the CPU chunks of ``golub_kahan.py``.
+  heads (``SLQ_CPU_CHUNK_BYTES`` out of reach), as before the CPU chunks of ``golub_kahan.py``;
+- ``noscout``: the same code with the full first quadrature tried on every block
+  (``SLQ_SCOUT_RATIO`` out of reach), as before the scout of step 5.
 
 Then one ``estimator="exact"`` call gives the reference for the errors. Prints the times (median
 [min-max] of ``--repeats``), the per-repeat ratios and the largest relative errors.
@@ -50,15 +52,17 @@ def attention(model_name: str, L: int, rows: int):
     return op
 
 
-def use(retry_min_size: int, divisor: int, chunk_bytes: int) -> None:
+def use(retry_min_size: int, divisor: int, chunk_bytes: int, scout_ratio: float) -> None:
     adaptive.SLQ_RETRY_MIN_SIZE, adaptive.SLQ_RETRY_RANK_DIVISOR = retry_min_size, divisor
-    golub_kahan.SLQ_CPU_CHUNK_BYTES = chunk_bytes
+    golub_kahan.SLQ_CPU_CHUNK_BYTES, adaptive.SLQ_SCOUT_RATIO = chunk_bytes, scout_ratio
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama", choices=["llama", "gpt2"])
-    ap.add_argument("--contenders", default="without,with", help="comma-separated: without, with, cap4, batched")
+    ap.add_argument(
+        "--contenders", default="without,with", help="comma-separated: without, with, cap4, batched, noscout"
+    )
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--rows", type=int, default=2, help="batch rows captured (the watch's default: 2)")
     ap.add_argument("--repeats", type=int, default=3)
@@ -73,12 +77,14 @@ def main():
         f"# second try: {args.model} attention at initialisation, L = {L}, {args.rows} rows x 12 heads, "
         f"indices {idx}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
     )
-    chunk = golub_kahan.SLQ_CPU_CHUNK_BYTES
-    settings = {  # (SLQ_RETRY_MIN_SIZE, SLQ_RETRY_RANK_DIVISOR, SLQ_CPU_CHUNK_BYTES) of each contender
-        "with": (adaptive.SLQ_RETRY_MIN_SIZE, adaptive.SLQ_RETRY_RANK_DIVISOR, chunk),
-        "without": (10**9, adaptive.SLQ_RETRY_RANK_DIVISOR, chunk),
-        "cap4": (adaptive.SLQ_RETRY_MIN_SIZE, 4, chunk),
-        "batched": (adaptive.SLQ_RETRY_MIN_SIZE, adaptive.SLQ_RETRY_RANK_DIVISOR, 2**62),
+    chunk, scout = golub_kahan.SLQ_CPU_CHUNK_BYTES, adaptive.SLQ_SCOUT_RATIO
+    # (SLQ_RETRY_MIN_SIZE, SLQ_RETRY_RANK_DIVISOR, SLQ_CPU_CHUNK_BYTES, SLQ_SCOUT_RATIO) of each contender
+    settings = {
+        "with": (adaptive.SLQ_RETRY_MIN_SIZE, adaptive.SLQ_RETRY_RANK_DIVISOR, chunk, scout),
+        "without": (10**9, adaptive.SLQ_RETRY_RANK_DIVISOR, chunk, scout),
+        "cap4": (adaptive.SLQ_RETRY_MIN_SIZE, 4, chunk, scout),
+        "batched": (adaptive.SLQ_RETRY_MIN_SIZE, adaptive.SLQ_RETRY_RANK_DIVISOR, 2**62, scout),
+        "noscout": (adaptive.SLQ_RETRY_MIN_SIZE, adaptive.SLQ_RETRY_RANK_DIVISOR, chunk, float("inf")),
     }
     names = args.contenders.split(",")
     if not set(names) <= set(settings):
@@ -101,6 +107,7 @@ def main():
         "without": "without (earlier releases)",
         "cap4": "second try, rank at most p / 4 (the earlier cap)",
         "batched": "with the second try, quadrature runs batched (no CPU chunks)",
+        "noscout": "with the second try, the full first quadrature on every block (no scout)",
     }
     print("| contender | time s | max rel err vs exact | entries outside 2% |")
     print("|---|---|---|---|")

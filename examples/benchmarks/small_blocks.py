@@ -36,9 +36,10 @@ from calibration import families  # noqa: E402
 from estimators import FLAT_TAIL_VARIANTS, INIT_VARIANTS, attention_at_init, clustered_attention  # noqa: E402
 
 
-def operators(seeds: int):
-    """``(family, L, dense T)`` in float32: calibration.py's families, then estimators.py's variants."""
-    for L in (768, 1024):
+def operators(seeds: int, lengths=(768, 1024)):
+    """``(family, L, dense T)`` in float32: calibration.py's families at ``lengths``, then estimators.py's
+    variants (L = 2048). Also used by ``first_try.py``."""
+    for L in lengths:
         for seed in range(seeds):
             for name, op in families(L, seed).items():
                 yield name, L, op.dense().float()
@@ -48,19 +49,26 @@ def operators(seeds: int):
         yield f"estimators.py: {name}", 2048, attention_at_init(2048, dtype=torch.float32, **kw).dense()
 
 
-def block(T, i, seed, rtol):
-    """``(pilot ratio, accepted share, time quadrature / exact, largest error accepted)`` of ``T[..., i:, :i]``,
-    or ``None`` where the pilot closes its bounds."""
+def pilot(T, i, seed):
+    """The block ``T[..., i:, :i]`` (tall, as the estimator takes it) and its rank-16 pilot, as the estimator
+    runs it: ``(h, p, generator, ||h||_F^2, t (float64), right basis, bound ratio)``. Also used by ``first_try.py``."""
     h = T[..., i:, :i]
     if h.shape[-2] < h.shape[-1]:
-        h = h.transpose(-1, -2)  # tall, as the estimator takes it
+        h = h.transpose(-1, -2)
     p = min(h.shape[-2:])
     g = torch.Generator().manual_seed(seed)
     fro2 = frobenius2(h)
     mm, rm = products(h)
     t, basis = sketch_singular_values(mm, rm, h.shape[-1], h.shape[:-2], 16, 0, h.dtype, h.device, g, return_basis=True)
-    _, lo, hi = entropy_bounds(t.double(), fro2, p)
-    ratio = float((hi / lo).max())
+    t = t.double()
+    _, lo, hi = entropy_bounds(t, fro2, p)
+    return h, p, g, fro2, t, basis, float((hi / lo).max())
+
+
+def block(T, i, seed, rtol):
+    """``(pilot ratio, accepted share, time quadrature / exact, largest error accepted)`` of ``T[..., i:, :i]``,
+    or ``None`` where the pilot closes its bounds."""
+    h, p, g, fro2, _, basis, ratio = pilot(T, i, seed)
     if ratio <= (1 + rtol) ** 2:
         return None
     t0 = time.perf_counter()
@@ -83,13 +91,19 @@ def summary(rows):
     return f"| {min(r):.2f}-{max(r):.2f} ({len(rows)}) | {share:.2f} | {min(tt):.2f}-{max(tt):.2f} | {worst} |"
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(doc: str, seeds: int):
+    """The command line of this script and ``first_try.py`` (``--threads`` is applied)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--seeds", type=int, default=3, help="operators per calibration family and length")
+    ap.add_argument("--seeds", type=int, default=seeds, help="operators per calibration family and length")
     ap.add_argument("--rtol", type=float, default=0.02)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    return args
+
+
+def main():
+    args = arguments(__doc__, seeds=3)
     cut = adaptive.SLQ_SMALL_MAX_RATIO
     t0 = time.perf_counter()
     fams = {}
