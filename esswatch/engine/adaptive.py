@@ -129,13 +129,28 @@ def _exact(h):
     return e, e, e
 
 
+def _bounded(est, t, fro2, p: int):
+    """``(est, lo, hi)``: the deterministic bounds of the top values ``t`` and the estimate clamped into them."""
+    _, lo, hi = entropy_bounds(t, fro2, p)
+    return torch.minimum(torch.maximum(est.to(lo.dtype), lo), hi), lo, hi
+
+
 def _slq_try(h, fro2, stop, generator, k, basis=None):
     """One deflated SLQ of ``h`` (rank ``k``; ``basis``: the caller's, else its own subspace
     iteration): ``(est, lo, hi, ok)``, ``ok`` where it meets its acceptance test."""
     est, half_gap, se, t, _ = slq_entropy(h, k, generator, fro2=fro2, basis=basis, stop=stop)
-    _, lo, hi = entropy_bounds(t, fro2, min(h.shape[-2:]))
-    est = torch.minimum(torch.maximum(est.to(lo.dtype), lo), hi)
+    est, lo, hi = _bounded(est, t, fro2, min(h.shape[-2:]))
     return est, lo, hi, (half_gap + 2 * se <= stop) & torch.isfinite(est)
+
+
+def _scout(h, fro2, generator, basis):
+    """The first quadrature's estimates after ``SLQ_SCOUT_STEPS`` steps, no acceptance test: ``(est, lo, hi)``."""
+    est, _, _, t, _ = slq_entropy(h, SLQ_RANK, generator, fro2=fro2, basis=basis, steps=SLQ_SCOUT_STEPS)
+    return _bounded(est, t, fro2, min(h.shape[-2:]))
+
+
+def _has_second_try(p: int, k: int = SLQ_RETRY_RANK) -> bool:
+    return p >= max(SLQ_RETRY_MIN_SIZE, SLQ_RETRY_RANK_DIVISOR * k)
 
 
 def _retry_rank(first, p: int) -> int:
@@ -144,7 +159,7 @@ def _retry_rank(first, p: int) -> int:
     while their largest (of those it could take) is above 1.5 times it and the doubled rank stays
     at most ``p / SLQ_RETRY_RANK_DIVISOR`` (the band above the tail grows with the ESS)."""
     k, div = SLQ_RETRY_RANK, SLQ_RETRY_RANK_DIVISOR
-    if p < max(SLQ_RETRY_MIN_SIZE, div * k) or first.numel() == 0:
+    if not _has_second_try(p, k) or first.numel() == 0:
         return 0
     top = float(torch.where(first <= SLQ_RETRY_MAX_RATIO * p / div, first, 0).max())
     while top > 1.5 * k and 2 * k * div <= p:
@@ -162,12 +177,11 @@ def _slq_or_exact(h, fro2, rtol, generator, basis=None, scout=False):
     stop = math.log1p(rtol)
     if not scout:
         est, lo, hi, ok = _slq_try(h, fro2, stop, generator, SLQ_RANK, basis)
-    elif p < max(SLQ_RETRY_MIN_SIZE, SLQ_RETRY_RANK_DIVISOR * SLQ_RETRY_RANK):
-        return _exact(h)  # no second try for this block
+    elif not _has_second_try(p):
+        return _exact(h)
     else:
-        est, _, _, t, _ = slq_entropy(h, SLQ_RANK, generator, fro2=fro2, basis=basis, steps=SLQ_SCOUT_STEPS)
-        _, lo, hi = entropy_bounds(t, fro2, p)
-        est, ok = torch.minimum(torch.maximum(est.to(lo.dtype), lo), hi), torch.zeros_like(lo, dtype=torch.bool)
+        est, lo, hi = _scout(h, fro2, generator, basis)
+        ok = torch.zeros_like(lo, dtype=torch.bool)
     if bool(ok.all()):
         return est, lo, hi
     shape = ok.shape
@@ -222,9 +236,10 @@ def randomized_entropy(h: torch.Tensor, rtol: float, generator, *, allow_slq: bo
         _, lo, hi = entropy_bounds(t, fro2, p)
         pilot_ratio = _ratio(lo, hi)
         use_slq |= allow_slq and p >= SLQ_SMALL_MIN_SIZE and pilot_ratio <= SLQ_SMALL_MAX_RATIO
-        if pilot_ratio > SKETCH_HOPELESS_RATIO or (pilot_ratio > SKETCH_REPROJECT_RATIO and _flat_tail(t, fro2, p)):
+        flat = pilot_ratio > SKETCH_REPROJECT_RATIO and _flat_tail(t, fro2, p)
+        if pilot_ratio > SKETCH_HOPELESS_RATIO or flat:
             # a long tail: the pilot's right basis (H^T Q, half a power iteration) deflates the top
-            scout = pilot_ratio > SLQ_SCOUT_RATIO and not _flat_tail(t, fro2, p)
+            scout = pilot_ratio > SLQ_SCOUT_RATIO and not flat
             return _slq_or_exact(h, fro2, rtol, generator, basis, scout) if use_slq else _exact(h)
         spent += SKETCH_COST * SKETCH_PILOT_RANK / 3
     # the sketches proper: power iterations in the compute dtype; the final projection and

@@ -22,11 +22,7 @@ import pathlib
 import sys
 import time
 
-import torch
-
 from esswatch.engine import adaptive
-from esswatch.engine.randomized import entropy_bounds
-from esswatch.engine.slq import slq_entropy
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from small_blocks import arguments, operators, pilot  # noqa: E402
@@ -42,9 +38,7 @@ def block(T, i, seed, rtol):
     state = g.get_state()
     est, _, _, ok = adaptive._slq_try(h, fro2, math.log1p(rtol), g, adaptive.SLQ_RANK, basis)
     g.set_state(state)  # the scout draws the same probes
-    scout, _, _, t2, _ = slq_entropy(h, adaptive.SLQ_RANK, g, fro2=fro2, basis=basis, steps=adaptive.SLQ_SCOUT_STEPS)
-    _, lo2, hi2 = entropy_bounds(t2, fro2, p)
-    scout = torch.minimum(torch.maximum(scout.to(lo2.dtype), lo2), hi2)
+    scout = adaptive._scout(h, fro2, g, basis)[0]
     k_first = adaptive._retry_rank(est[~ok], p)
     k_scout = adaptive._retry_rank(scout.reshape(-1), p)
     same = None if k_scout == 0 else (k_first == k_scout or bool(ok.all()))
