@@ -59,10 +59,11 @@ def pilot(T, i, seed):
     g = torch.Generator().manual_seed(seed)
     fro2 = frobenius2(h)
     mm, rm = products(h)
-    t, basis = sketch_singular_values(mm, rm, h.shape[-1], h.shape[:-2], 16, 0, h.dtype, h.device, g, return_basis=True)
+    k = adaptive.SKETCH_PILOT_RANK
+    t, basis = sketch_singular_values(mm, rm, h.shape[-1], h.shape[:-2], k, 0, h.dtype, h.device, g, return_basis=True)
     t = t.double()
     _, lo, hi = entropy_bounds(t, fro2, p)
-    return h, p, g, fro2, t, basis, float((hi / lo).max())
+    return h, p, g, fro2, t, basis, adaptive._ratio(lo, hi)
 
 
 def block(T, i, seed, rtol):
