@@ -42,20 +42,10 @@ from esswatch.engine.spectral import entropy_from_singular_values
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from estimators import FLAT_TAIL_VARIANTS, clustered_attention, interior  # noqa: E402
+from flat_tail import timed  # noqa: E402
 
 L = 2048
 SECTIONS = ("blocks", "profile", "layouts", "compact", "gram", "float64")
-
-
-def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(ts)
 
 
 def _tall(T, i):
@@ -151,7 +141,7 @@ def profile(att, idx, T):
     m, n = h.shape[-2:]
     fwd, bwd = golub_kahan._row_products(h[:1])
     v, u = torch.randn(1, 16, n), torch.randn(1, 16, m)
-    alone = _median_ms(lambda: fwd(v), 20) + _median_ms(lambda: bwd(u), 20)
+    alone = 1e3 * (timed(lambda: fwd(v), 20) + timed(lambda: bwd(u), 20))
     h1 = h[:1]  # one head: the chunk the loop runs at this size
     loop = statistics.median(_gk_ms(h1) for _ in range(5)) / 10
     rate = lambda ms: 2 * 2 * m * n * 16 / ms / 1e6
@@ -241,8 +231,8 @@ def gram(idx, T, repeats: int):
         h = _tall(T, i).contiguous()
         ref = _ess(torch.linalg.svdvals(h.double()))
         err = lambda s: float(((_ess(s.double()) - ref).abs() / ref).max())
-        t_svd = _median_ms(lambda: torch.linalg.svdvals(h), repeats, warmup=1)
-        t_gram = _median_ms(lambda: from_gram(h), repeats, warmup=1)
+        t_svd = 1e3 * timed(lambda: torch.linalg.svdvals(h), repeats)
+        t_gram = 1e3 * timed(lambda: from_gram(h), repeats)
         tot[0] += t_svd
         tot[1] += t_gram
         print(
