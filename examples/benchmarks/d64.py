@@ -36,7 +36,8 @@ import time
 import torch
 
 import esswatch as ew
-from esswatch.engine import golub_kahan
+from esswatch.engine import adaptive, golub_kahan
+from esswatch.engine.exact import oriented_svdvals
 from esswatch.engine.golub_kahan import GolubKahanRuns
 from esswatch.engine.spectral import entropy_from_singular_values
 
@@ -80,9 +81,6 @@ def _gk_ms(h, steps: int = 10) -> float:
 
 
 def blocks(idx, T, repeats: int):
-    from esswatch.engine import adaptive
-    from esswatch.engine.exact import oriented_svdvals
-
     print("\n## 0. per block: randomized (rtol 0.02) against an exact SVD (4 heads; ms, median, alternating)")
     print("| i | block | randomized | exact | exact / randomized | Golub-Kahan steps per head |")
     print("|---|---|---|---|---|---|")
@@ -213,10 +211,6 @@ def compact(idx, repeats: int, names):
         )
 
 
-def _ess(s):
-    return entropy_from_singular_values(s)
-
-
 def gram(idx, T, repeats: int):
     print("\n## 4. exact values from a float64 Gram matrix against float32 svdvals (4 heads; ms, median)")
     print("| i | block | svdvals (float32) | eigvalsh(H^T H) (float64) | ratio | ESS error svdvals | ESS error Gram |")
@@ -229,8 +223,8 @@ def gram(idx, T, repeats: int):
     tot = [0.0, 0.0]
     for i in idx:
         h = _tall(T, i).contiguous()
-        ref = _ess(torch.linalg.svdvals(h.double()))
-        err = lambda s: float(((_ess(s.double()) - ref).abs() / ref).max())
+        ref = entropy_from_singular_values(torch.linalg.svdvals(h.double()))
+        err = lambda s: float(((entropy_from_singular_values(s.double()) - ref).abs() / ref).max())
         t_svd = 1e3 * timed(lambda: torch.linalg.svdvals(h), repeats)
         t_gram = 1e3 * timed(lambda: from_gram(h), repeats)
         tot[0] += t_svd
