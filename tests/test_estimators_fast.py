@@ -414,6 +414,8 @@ def test_scout_replaces_a_first_quadrature_that_cannot_pass(monkeypatch, seed):
     idx = [500, 1024]  # p = 500 (no second try) and p = 1024
     ref = entropy_ess_ref(op.dense().double().numpy(), idx)
     results, spy, cut = {}, _QuadratureSpy(monkeypatch), adaptive.SLQ_SCOUT_RATIO
+    # the rank-64 first try runs up to SLQ_SCOUT_RATIO: off here, so that "scout off" is the rank-16 first try
+    monkeypatch.setattr(adaptive, "SLQ_WIDE_RATIO", math.inf)
     for scout in (True, False):
         monkeypatch.setattr(adaptive, "SLQ_SCOUT_RATIO", cut if scout else math.inf)
         spy.calls = []
@@ -443,34 +445,83 @@ def test_a_flat_tail_with_a_large_pilot_ratio_keeps_its_first_quadrature(monkeyp
     assert np.all(hi / lo > 1.02**2) and np.all(np.abs(e - ref) <= 0.02 * ref)
 
 
+class _FirstTrySpy:
+    """Records the adaptive estimator's quadrature tries: ``(rank, own basis, accepted per entry)``."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        orig = adaptive._slq_try
+
+        def spy(h, fro2, stop, generator, k, basis=None):
+            out = orig(h, fro2, stop, generator, k, basis)
+            self.calls.append((k if basis is None else basis.shape[-1], basis is None, out[3].tolist()))
+            return out
+
+        monkeypatch.setattr(adaptive, "_slq_try", spy)
+
+
+def test_a_band_above_the_tail_gets_a_rank64_first_quadrature(monkeypatch):
+    """Clustered attention with more noise (a band of about clusters x d values above the flat tail): a pilot
+    ratio between SLQ_WIDE_RATIO and SLQ_SCOUT_RATIO, a tail that is not flat. The first quadrature deflates
+    at rank 64 by its own subspace iteration, accepts every head and answers within rtol of NumPy; with the
+    rule off (the previous route) the pilot's rank-16 basis is tried first. Both inside the exact bounds."""
+    op = _flat_tail_attention(2048, heads=2, noise=0.07, seed=0).to(dtype=torch.float32)
+    ref = entropy_ess_ref(op.dense().double().numpy(), [695])
+    cut, calls, est = adaptive.SLQ_WIDE_RATIO, {}, {}
+    for wide in (cut, math.inf):
+        spy = _FirstTrySpy(monkeypatch)
+        monkeypatch.setattr(adaptive, "SLQ_WIDE_RATIO", wide)
+        gen = torch.Generator().manual_seed(0)
+        out = ew.entropy_ess(op, [695], estimator="randomized", return_bounds=True, generator=gen)
+        e, lo, hi = (x.double().numpy() for x in out)
+        assert np.all(lo <= ref * (1 + 1e-5)) and np.all(hi >= ref * (1 - 1e-5)) and np.all(hi / lo > 1.02**2)
+        calls[wide], est[wide] = list(spy.calls), e  # a copy: the next spy wraps this one
+    assert calls[cut] == [(adaptive.SLQ_WIDE_RANK, True, [True, True])]
+    assert np.all(np.abs(est[cut] - ref) <= 0.02 * ref)
+    assert calls[math.inf][0][:2] == (adaptive.SKETCH_PILOT_RANK, False)
+
+
+def test_rank64_first_quadrature_calibration(small_slq, monkeypatch):
+    """The rank-64 first quadrature over >= 80 seeded trials (flat tails with noise 0.08-0.1 at L = 768, whose
+    blocks of p = 256 to 384 have pilot ratios of about 4 to 6): it answers >= 40 entries, and the miss rate
+    stays at or under the stated 5%."""
+    spy = _FirstTrySpy(monkeypatch)
+    settings = [(0.08, 16), (0.1, 16)] * 4  # (noise, head dimension)
+    ops = [_flat_tail_attention(768, noise=nz, d=d, seed=30 + s) for s, (nz, d) in enumerate(settings)]
+    trials, misses = _calibration_counts(ops, [256, 384, 512], seed=300)
+    answered = sum(sum(ok) for k, own, ok in spy.calls if k == adaptive.SLQ_WIDE_RANK and own)
+    assert trials >= 80
+    assert answered >= 40, spy.calls  # the rank-64 route really answers entries
+    assert misses / trials <= 0.05, (misses, trials)
+
+
+def _calibration_counts(ops, idx, seed, rtol=0.02):
+    """``(trials, misses)`` of ``randomized`` over ``ops`` at ``idx`` against NumPy (operator ``j`` with generator
+    seed ``seed + j``); the deterministic bounds must hold on every entry."""
+    trials = misses = 0
+    for j, op in enumerate(ops):
+        ref = entropy_ess_ref(op.dense().numpy(), idx)
+        gen = torch.Generator().manual_seed(seed + j)
+        out = ew.entropy_ess(op, idx, estimator="randomized", rtol=rtol, return_bounds=True, generator=gen)
+        e, lo, hi = (x.numpy() for x in out)
+        assert np.all(lo <= ref * (1 + 1e-9)) and np.all(hi >= ref * (1 - 1e-9))
+        trials += ref.size
+        misses += int((np.abs(e - ref) > rtol * ref).sum())
+    return trials, misses
+
+
 def test_second_try_calibration(small_slq, monkeypatch):
     """The second try at test sizes (deflation rank 32 from blocks of 128): over >= 80 seeded trials
     on attention at initialisation and flat tails it answers >= 20 entries, and the miss rate stays
     at or under the stated 5%."""
     monkeypatch.setattr(adaptive, "SLQ_RETRY_RANK", 32)
     monkeypatch.setattr(adaptive, "SLQ_RETRY_MIN_SIZE", 128)
-    answered = []
-    orig = adaptive._slq_try
-
-    def spy(h, fro2, stop, generator, k, basis=None):
-        out = orig(h, fro2, stop, generator, k, basis)
-        if k == 32 and basis is None:
-            answered.append(int(out[3].sum()))
-        return out
-
-    monkeypatch.setattr(adaptive, "_slq_try", spy)
-    rtol, L, idx = 0.02, 384, [128, 192, 256]
+    spy = _FirstTrySpy(monkeypatch)
+    L = 384
     ops = [_attention_at_init(L, d, sc, seed) for seed, (d, sc) in enumerate([(16, 0.3), (16, 0.5), (24, 0.3)] * 2)]
     ops += [_flat_tail_attention(L, seed=20 + s, noise=0.1) for s in range(2)]
-    trials = misses = 0
-    for j, op in enumerate(ops):
-        ref = entropy_ess_ref(op.dense().numpy(), idx)
-        gen = torch.Generator().manual_seed(200 + j)
-        out = ew.entropy_ess(op, idx, estimator="randomized", return_bounds=True, generator=gen)
-        e, lo, hi = (x.numpy() for x in out)
-        assert np.all(lo <= ref * (1 + 1e-9)) and np.all(hi >= ref * (1 - 1e-9))
-        trials += ref.size
-        misses += int((np.abs(e - ref) > rtol * ref).sum())
+    trials, misses = _calibration_counts(ops, [128, 192, 256], seed=200)
+    answered = [sum(ok) for k, own, ok in spy.calls if k == 32 and own]
     assert trials >= 80
     assert sum(answered) >= 20, answered  # the second try really answers entries
     assert misses / trials <= 0.05, (misses, trials)

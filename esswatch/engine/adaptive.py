@@ -15,7 +15,9 @@ Entropy-ESS (:func:`randomized_entropy`), in order of cost:
    ``SLQ_SMALL_MAX_RATIO``): the deflated stochastic Lanczos quadrature of :mod:`.slq`,
    accepted per batch entry when ``gap/2 + 2 SE <= log(1 + rtol)`` (about 95% confidence).
    Blocks the pilot already screened out are deflated by the pilot's own right basis
-   (``orth(H^T Q)``, rank 16: half a power iteration, no further pass over the block);
+   (``orth(H^T Q)``, rank 16: half a power iteration, no further pass over the block), or, where
+   its ratio is above ``SLQ_WIDE_RATIO`` and its tail is not flat (a band above the tail), by a
+   rank-``SLQ_WIDE_RANK`` subspace iteration (one power iteration);
 5. entries that quadrature rejects, in blocks whose smaller side is at least
    ``SLQ_RETRY_MIN_SIZE``: a second quadrature deflated by a rank-``k`` subspace iteration (one
    power iteration), ``k = SLQ_RETRY_RANK`` doubled while the largest first estimate is above
@@ -61,12 +63,12 @@ __all__ = [
     "SLQ_SCOUT_STEPS",
     "SLQ_SMALL_MAX_RATIO",
     "SLQ_SMALL_MIN_SIZE",
+    "SLQ_WIDE_RANK",
+    "SLQ_WIDE_RATIO",
     "randomized_entropy",
 ]
 
-#: randomized: starting rank and power iterations.
-SKETCH_RANK0 = 32
-SKETCH_POWER_ITERS = 2
+SKETCH_RANK0, SKETCH_POWER_ITERS = 32, 2  #: randomized: starting rank and power iterations
 #: cost model (measured on CPU, examples/benchmarks/estimators.py): a rank-k sketch with
 #: 2 power iterations costs about SKETCH_COST * k / p of the exact SVD of the same block.
 SKETCH_COST = 3.0
@@ -111,6 +113,10 @@ SLQ_RETRY_RANK_DIVISOR = 3
 #: so only its estimates after SLQ_SCOUT_STEPS steps are made, to pick the second try's rank
 SLQ_SCOUT_RATIO = 8.0
 SLQ_SCOUT_STEPS = 2
+#: a pilot ratio from SLQ_WIDE_RATIO to SLQ_SCOUT_RATIO, a tail that is not flat: the first quadrature deflates at rank
+#: SLQ_WIDE_RANK (examples/benchmarks/wide_band.py: rank 16 leaves a band above the tail and fails; cut above d 64's)
+SLQ_WIDE_RATIO = 3.75
+SLQ_WIDE_RANK = 64
 
 
 def _ratio(lo, hi) -> float:
@@ -167,7 +173,7 @@ def _retry_rank(first, p: int) -> int:
     return k
 
 
-def _slq_or_exact(h, fro2, rtol, generator, basis=None, scout=False):
+def _slq_or_exact(h, fro2, rtol, generator, basis=None, scout=False, k=SLQ_RANK):
     """The deflated SLQ where it meets its acceptance test, exact per batch entry elsewhere.
 
     ``basis``: a right basis of ``h`` from a sketch already run (skips the SLQ's own). Entries it
@@ -176,7 +182,7 @@ def _slq_or_exact(h, fro2, rtol, generator, basis=None, scout=False):
     p = min(h.shape[-2:])
     stop = math.log1p(rtol)
     if not scout:
-        est, lo, hi, ok = _slq_try(h, fro2, stop, generator, SLQ_RANK, basis)
+        est, lo, hi, ok = _slq_try(h, fro2, stop, generator, k, basis)
     elif not _has_second_try(p):
         return _exact(h)
     else:
@@ -240,6 +246,8 @@ def randomized_entropy(h: torch.Tensor, rtol: float, generator, *, allow_slq: bo
         if pilot_ratio > SKETCH_HOPELESS_RATIO or flat:
             # a long tail: the pilot's right basis (H^T Q, half a power iteration) deflates the top
             scout = pilot_ratio > SLQ_SCOUT_RATIO and not flat
+            if use_slq and not flat and SLQ_WIDE_RATIO < pilot_ratio <= SLQ_SCOUT_RATIO and p >= 3 * SLQ_WIDE_RANK:
+                return _slq_or_exact(h, fro2, rtol, generator, k=SLQ_WIDE_RANK)
             return _slq_or_exact(h, fro2, rtol, generator, basis, scout) if use_slq else _exact(h)
         spent += SKETCH_COST * SKETCH_PILOT_RANK / 3
     # the sketches proper: power iterations in the compute dtype; the final projection and
