@@ -14,9 +14,10 @@ Families: low-ESS flat-tail attention (clustered q/k plus noise; the settings of
 ``estimators.py --variants`` and a few more), random attention, a random dense causal matrix
 (a wide spectrum, where the cross-talk is largest), the same with decaying columns, and a
 decaying long convolution, and near-uniform attention as at initialisation (head dimension 64
-and 128; queries and keys of standard deviation 0.3, 0.5 and 0.9). Float64 operators,
-``rtol = 0.02``. At ``--lengths 2048`` every block's smaller side is at least 640, so entries the
-first quadrature rejects get its second try (deflation rank 128 or more,
+and 128; queries and keys of standard deviation 0.3, 0.5 and 0.9). Float64 operators (``--dtype
+float32``: the same operators rounded to float32, as a watch measures them; the reference stays the
+float64 operator's SVD), ``rtol = 0.02``. At ``--lengths 2048`` every block's smaller side is at least
+640, so entries the first quadrature rejects get its second try (deflation rank 128 or more,
 ``esswatch.engine.adaptive.SLQ_RETRY_RANK``); a last line counts the entries it answered.
 """
 
@@ -102,7 +103,9 @@ def main():
     ap.add_argument("--seeds", type=int, default=8, help="operators per family and length")
     ap.add_argument("--lengths", default="384,768")
     ap.add_argument("--rtol", type=float, default=0.02)
+    ap.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="the estimator's input")
     args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
     adaptive.SLQ_MIN_SIZE = 96
     tries = adaptive._slq_try = SecondTries(args.rtol)
@@ -115,8 +118,9 @@ def main():
                 ref = entropy_ess_ref(op.dense().numpy(), idx)
                 gen = torch.Generator().manual_seed(seed)
                 e, lo, hi = ew.entropy_ess(
-                    op, idx, estimator="randomized", rtol=args.rtol, return_bounds=True, generator=gen
+                    op.to(dtype=dtype), idx, estimator="randomized", rtol=args.rtol, return_bounds=True, generator=gen
                 )
+                e, lo, hi = e.double(), lo.double(), hi.double()
                 e, lo, hi = e.numpy(), lo.numpy(), hi.numpy()
                 by_slq = hi / lo > (1 + args.rtol) ** 2 + 1e-9
                 err = np.abs(e - ref) / ref
@@ -126,7 +130,8 @@ def main():
                 r["miss"] += int((err > args.rtol).sum())
                 r["max"] = max(r["max"], float(err[by_slq].max()) if by_slq.any() else 0.0)
     print(
-        f"# quadrature calibration, rtol {args.rtol}, lengths {args.lengths}, {args.seeds} seeds, "
+        f"# quadrature calibration, {args.dtype} operators, rtol {args.rtol}, lengths {args.lengths}, "
+        f"{args.seeds} seeds, "
         f"{torch.get_num_threads()} thread(s), torch {torch.__version__}"
     )
     print("| family | entries | by the quadrature | outside rtol | largest error of a quadrature answer |")
