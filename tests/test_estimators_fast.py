@@ -391,17 +391,24 @@ def test_second_try_rank_grows_with_the_first_estimate(monkeypatch):
 
 
 class _QuadratureSpy:
-    """Records the adaptive estimator's quadrature runs: ``(rank, steps, stop given)``."""
+    """Records the adaptive estimator's quadrature runs, ``calls``: ``(rank, steps, stop given)``, and its
+    tries with the acceptance test, ``tries``: ``(deflation rank, own basis, accepted per entry)``."""
 
     def __init__(self, monkeypatch):
-        self.calls = []
-        slq = adaptive.slq_entropy
+        self.calls, self.tries = [], []
+        slq, try_ = adaptive.slq_entropy, adaptive._slq_try
 
         def spy(h, k, generator, **kw):
             self.calls.append((k, kw.get("steps"), kw.get("stop") is not None))
             return slq(h, k, generator, **kw)
 
+        def spy_try(h, fro2, stop, generator, k, basis=None):
+            out = try_(h, fro2, stop, generator, k, basis)
+            self.tries.append((k if basis is None else basis.shape[-1], basis is None, out[3].tolist()))
+            return out
+
         monkeypatch.setattr(adaptive, "slq_entropy", spy)
+        monkeypatch.setattr(adaptive, "_slq_try", spy_try)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -445,21 +452,6 @@ def test_a_flat_tail_with_a_large_pilot_ratio_keeps_its_first_quadrature(monkeyp
     assert np.all(hi / lo > 1.02**2) and np.all(np.abs(e - ref) <= 0.02 * ref)
 
 
-class _FirstTrySpy:
-    """Records the adaptive estimator's quadrature tries: ``(rank, own basis, accepted per entry)``."""
-
-    def __init__(self, monkeypatch):
-        self.calls = []
-        orig = adaptive._slq_try
-
-        def spy(h, fro2, stop, generator, k, basis=None):
-            out = orig(h, fro2, stop, generator, k, basis)
-            self.calls.append((k if basis is None else basis.shape[-1], basis is None, out[3].tolist()))
-            return out
-
-        monkeypatch.setattr(adaptive, "_slq_try", spy)
-
-
 def test_a_band_above_the_tail_gets_a_rank64_first_quadrature(monkeypatch):
     """Clustered attention with more noise (a band of about clusters x d values above the flat tail): a pilot
     ratio between SLQ_WIDE_RATIO and SLQ_SCOUT_RATIO, a tail that is not flat. The first quadrature deflates
@@ -467,15 +459,15 @@ def test_a_band_above_the_tail_gets_a_rank64_first_quadrature(monkeypatch):
     rule off (the previous route) the pilot's rank-16 basis is tried first. Both inside the exact bounds."""
     op = _flat_tail_attention(2048, heads=2, noise=0.07, seed=0).to(dtype=torch.float32)
     ref = entropy_ess_ref(op.dense().double().numpy(), [695])
-    cut, calls, est = adaptive.SLQ_WIDE_RATIO, {}, {}
+    cut, calls, est, spy = adaptive.SLQ_WIDE_RATIO, {}, {}, _QuadratureSpy(monkeypatch)
     for wide in (cut, math.inf):
-        spy = _FirstTrySpy(monkeypatch)
+        spy.tries = []
         monkeypatch.setattr(adaptive, "SLQ_WIDE_RATIO", wide)
         gen = torch.Generator().manual_seed(0)
         out = ew.entropy_ess(op, [695], estimator="randomized", return_bounds=True, generator=gen)
         e, lo, hi = (x.double().numpy() for x in out)
         assert np.all(lo <= ref * (1 + 1e-5)) and np.all(hi >= ref * (1 - 1e-5)) and np.all(hi / lo > 1.02**2)
-        calls[wide], est[wide] = list(spy.calls), e  # a copy: the next spy wraps this one
+        calls[wide], est[wide] = spy.tries, e
     assert calls[cut] == [(adaptive.SLQ_WIDE_RANK, True, [True, True])]
     assert np.all(np.abs(est[cut] - ref) <= 0.02 * ref)
     assert calls[math.inf][0][:2] == (adaptive.SKETCH_PILOT_RANK, False)
@@ -525,13 +517,13 @@ def test_rank64_first_quadrature_calibration(small_slq, monkeypatch):
     """The rank-64 first quadrature over >= 80 seeded trials (flat tails with noise 0.08-0.1 at L = 768, whose
     blocks of p = 256 to 384 have pilot ratios of about 4 to 6): it answers >= 40 entries, and the miss rate
     stays at or under the stated 5%."""
-    spy = _FirstTrySpy(monkeypatch)
+    spy = _QuadratureSpy(monkeypatch)
     settings = [(0.08, 16), (0.1, 16)] * 4  # (noise, head dimension)
     ops = [_flat_tail_attention(768, noise=nz, d=d, seed=30 + s) for s, (nz, d) in enumerate(settings)]
     trials, misses = _calibration_counts(ops, [256, 384, 512], seed=300)
-    answered = sum(sum(ok) for k, own, ok in spy.calls if k == adaptive.SLQ_WIDE_RANK and own)
+    answered = sum(sum(ok) for k, own, ok in spy.tries if k == adaptive.SLQ_WIDE_RANK and own)
     assert trials >= 80
-    assert answered >= 40, spy.calls  # the rank-64 route really answers entries
+    assert answered >= 40, spy.tries  # the rank-64 route really answers entries
     assert misses / trials <= 0.05, (misses, trials)
 
 
@@ -556,12 +548,12 @@ def test_second_try_calibration(small_slq, monkeypatch):
     at or under the stated 5%."""
     monkeypatch.setattr(adaptive, "SLQ_RETRY_RANK", 32)
     monkeypatch.setattr(adaptive, "SLQ_RETRY_MIN_SIZE", 128)
-    spy = _FirstTrySpy(monkeypatch)
+    spy = _QuadratureSpy(monkeypatch)
     L = 384
     ops = [_attention_at_init(L, d, sc, seed) for seed, (d, sc) in enumerate([(16, 0.3), (16, 0.5), (24, 0.3)] * 2)]
     ops += [_flat_tail_attention(L, seed=20 + s, noise=0.1) for s in range(2)]
     trials, misses = _calibration_counts(ops, [128, 192, 256], seed=200)
-    answered = [sum(ok) for k, own, ok in spy.calls if k == 32 and own]
+    answered = [sum(ok) for k, own, ok in spy.tries if k == 32 and own]
     assert trials >= 80
     assert sum(answered) >= 20, answered  # the second try really answers entries
     assert misses / trials <= 0.05, (misses, trials)
