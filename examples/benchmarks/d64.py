@@ -8,7 +8,9 @@ benchmark log's account of it (examples/benchmarks/README.md, "Small blocks to t
 why d 64 stays below 5x"), at L = 2048, 8 interior indices, float32:
 
 0. ``--sections blocks``: per block, ``randomized``'s time against the exact SVD's and the
-   Golub-Kahan steps each head ran (the outer blocks are where the ratio is lost).
+   Golub-Kahan steps each head ran (the outer blocks are where the ratio is lost), and what the
+   four middle blocks would need for 5x over the eight. ``--blocks-of "d 64;noise 0.07"`` runs
+   this section on other variants of ``estimators.py`` too.
 1. ``profile``: the share of ``randomized``'s CPU time in matrix products
    (``torch.profiler``), and the products' rate inside the Golub-Kahan loop against a single
    product on the same block.
@@ -80,8 +82,8 @@ def _gk_ms(h, steps: int = 10) -> float:
     return 1e3 * (time.perf_counter() - t0)
 
 
-def blocks(idx, T, repeats: int):
-    print("\n## 0. per block: randomized (rtol 0.02) against an exact SVD (4 heads; ms, median, alternating)")
+def blocks(idx, T, repeats: int, name: str = "d 64"):
+    print(f"\n## 0. {name}, per block: randomized (rtol 0.02) against an exact SVD (4 heads; ms, median, alternating)")
     print("| i | block | randomized | exact | exact / randomized | Golub-Kahan steps per head |")
     print("|---|---|---|---|---|---|")
     orig, steps = GolubKahanRuns._step, []
@@ -90,7 +92,7 @@ def blocks(idx, T, repeats: int):
         steps.append(self.chunks[ci].stop - self.chunks[ci].start)  # the chunk's heads run step j
         return orig(self, ci, j)
 
-    tot = [0.0, 0.0]
+    tot, per = [0.0, 0.0], []
     for i in idx:
         h = T[..., i:, :i]
         g = torch.Generator().manual_seed(0)
@@ -112,9 +114,21 @@ def blocks(idx, T, repeats: int):
         a, b = 1e3 * statistics.median(t_r), 1e3 * statistics.median(t_e)
         tot[0] += a
         tot[1] += b
+        per.append((a, b))
         shape = f"{h.shape[-2]} x {h.shape[-1]}"
         print(f"| {i} | {shape} | {a:.1f} | {b:.1f} | {b / a:.2f}x | {sum(steps) / h.shape[0]:.1f} |", flush=True)
     print(f"| all | | {tot[0]:.1f} | {tot[1]:.1f} | {tot[1] / tot[0]:.2f}x | |")
+    # 5x over the eight blocks, with the outer four as measured: what is left for the middle four
+    outer = [k for k in range(len(idx)) if k < 2 or k >= len(idx) - 2]
+    o_r, o_e = sum(per[k][0] for k in outer), sum(per[k][1] for k in outer)
+    m_r, m_e = tot[0] - o_r, tot[1] - o_e
+    left = tot[1] / 5 - o_r
+    need = f"{m_e / left:.1f}x (at most {left:.1f} ms)" if left > 0 else "impossible (the outer four exceed a fifth)"
+    print(
+        f"\nouter four blocks {o_r:.1f} ms ({o_e / o_r:.2f}x), middle four {m_r:.1f} ms ({m_e / m_r:.2f}x); "
+        f"5x over the eight would need the middle four at {need}",
+        flush=True,
+    )
 
 
 def profile(att, idx, T):
@@ -252,6 +266,14 @@ def float64_operator(idx, T32):
     print(f"exact ESS, float32 operator / float64 operator - 1, 8 indices x 4 heads: {r.min():.1e} to {r.max():.1e}")
 
 
+def _variants(ap, spec: str) -> list[str]:
+    parts = [v.strip() for v in spec.split(";") if v.strip()]
+    bad = [v for v in parts if not any(v in n for n in FLAT_TAIL_VARIANTS)]
+    if bad:
+        ap.error(f"no variant matches {bad}; the variants: {list(FLAT_TAIL_VARIANTS)}")
+    return [n for v in parts for n in FLAT_TAIL_VARIANTS if v in n]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -262,16 +284,17 @@ def main():
         default="benchmark;d 64;d 48",
         help="for section compact: ';'-separated parts of estimators.py's FLAT_TAIL_VARIANTS names",
     )
+    ap.add_argument(
+        "--blocks-of",
+        default="d 64",
+        help="for section blocks: ';'-separated parts of estimators.py's FLAT_TAIL_VARIANTS names",
+    )
     args = ap.parse_args()
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
-    parts = [v.strip() for v in args.variants.split(";") if v.strip()]
-    names = [n for v in parts for n in FLAT_TAIL_VARIANTS if v in n]
-    bad = [v for v in parts if not any(v in n for n in FLAT_TAIL_VARIANTS)]
-    if bad:
-        ap.error(f"no variant matches {bad}; the variants: {list(FLAT_TAIL_VARIANTS)}")
+    names = _variants(ap, args.variants)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     threads = torch.get_num_threads()
@@ -281,7 +304,10 @@ def main():
     att = clustered_attention(L, dtype=torch.float32, d=64)
     T = att.dense()
     if "blocks" in sections:
-        blocks(idx, T, args.repeats)
+        for name in _variants(ap, args.blocks_of):
+            kw = FLAT_TAIL_VARIANTS[name]
+            T_v = T if name == "d 64" else clustered_attention(L, dtype=torch.float32, **kw).dense()
+            blocks(idx, T_v, args.repeats, name)
     if "profile" in sections:
         profile(att, idx, T)
     if "layouts" in sections:
