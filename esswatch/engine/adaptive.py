@@ -24,10 +24,9 @@ Entropy-ESS (:func:`randomized_entropy`), in order of cost:
    ``1.5 k`` (and ``k <= p / 3``), for entries whose first estimate is at most
    ``SLQ_RETRY_MAX_RATIO * k``. Where the pilot's ratio is above ``SLQ_SCOUT_RATIO`` and its tail is
    not flat, the first quadrature is not tried: a ``SLQ_SCOUT_STEPS``-step run only estimates
-   (for the rank), or, below ``SLQ_RETRY_MIN_SIZE``, the block goes to exact at once.
-   It is for spectra with a band of values above the tail that rank 16 leaves in it: near-uniform
-   attention at initialisation has one value near ``s_1``, a band of about ``d`` (head dimension)
-   values and then a long tail. The same acceptance test;
+   (for the rank), or, below ``SLQ_RETRY_MIN_SIZE``, the block goes to exact at once. It is for
+   a band of values above the tail that rank 16 leaves in it (attention at initialisation: one
+   value near ``s_1``, a band of about ``d`` values, a long tail). The same acceptance test;
 6. everything else (and every rejected batch entry) is computed exactly.
 
 All randomness comes from the ``generator`` argument. Pure tensor math on the block.
@@ -41,6 +40,7 @@ import torch
 
 from .exact import oriented_svdvals
 from .randomized import entropy_bounds, sketch_singular_values
+from .scaling import on_unit_scale
 from .slq import frobenius2, products, slq_entropy
 from .spectral import entropy_from_singular_values
 
@@ -220,7 +220,13 @@ def randomized_entropy(h: torch.Tensor, rtol: float, generator, *, allow_slq: bo
     bound-closed and exact entries; for entries accepted by the deflated SLQ with about 95%
     confidence. ``fro2``: ``||h||_F^2`` (float64, ``batch``) where the caller has it
     (:func:`~esswatch.engine.slq.hankel_frobenius2`), else one pass over ``h`` computes it.
+    Entries far from unit scale are rescaled, all-zero ones answered with 0 (:mod:`.scaling`).
     """
+    fro2 = frobenius2(h) if fro2 is None else fro2
+    return on_unit_scale(lambda h, f: _randomized_entropy(h, rtol, generator, allow_slq, f), h, fro2)
+
+
+def _randomized_entropy(h: torch.Tensor, rtol: float, generator, allow_slq: bool, fro2):
     if h.shape[-2] < h.shape[-1]:
         h = h.transpose(-1, -2)  # tall: same singular values, smaller sketch vectors
     if h.stride(-1) != 1 and h.stride(-2) != 1:
@@ -229,7 +235,6 @@ def randomized_entropy(h: torch.Tensor, rtol: float, generator, *, allow_slq: bo
     p = min(m, n)
     matmul, rmatmul = products(h)
     use_slq = allow_slq and p >= SLQ_MIN_SIZE
-    fro2 = frobenius2(h) if fro2 is None else fro2
 
     spent, pilot_ratio = 0.0, math.inf
     if p >= 4 * SKETCH_PILOT_RANK:
@@ -271,19 +276,8 @@ def randomized_entropy(h: torch.Tensor, rtol: float, generator, *, allow_slq: bo
     while True:
         if k >= p:
             return _exact(h)
-        t, basis = sketch_singular_values(
-            matmul,
-            rmatmul,
-            n,
-            batch,
-            k,
-            SKETCH_POWER_ITERS,
-            h.dtype,
-            h.device,
-            generator,
-            rmatmul_exact=rmatmul64,
-            return_basis=True,
-        )
+        sketch = (matmul, rmatmul, n, batch, k, SKETCH_POWER_ITERS, h.dtype, h.device, generator)
+        t, basis = sketch_singular_values(*sketch, rmatmul_exact=rmatmul64, return_basis=True)
         spent += SKETCH_COST * k
         est, lo, hi = entropy_bounds(t, fro2, p)
         ratio = _ratio(lo, hi)
