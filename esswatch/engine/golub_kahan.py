@@ -108,11 +108,22 @@ class GolubKahanRuns:
         self.uv[ci] = (ur, w / torch.clamp(beta, min=_TINY))
 
     def coefficients(self, steps: int):
-        """``(alpha, beta)`` of the first ``steps`` steps, ``batch + (probes, steps)``."""
-        return (
-            (x[..., :steps] * self.inv[..., None]).reshape(*self.shape, x.shape[1], steps)
-            for x in (self.alpha, self.beta)
-        )
+        """``(alpha, beta)`` of the first ``steps`` steps, ``batch + (probes, steps)``, of ``h / ||h||_F``.
+
+        A coefficient below the dtype's ``eps`` is a breakdown: the probe's Krylov space is exhausted
+        (an exactly low-rank block, whose deflated remainder is round-off). The runs go on with
+        normalized round-off, which the one-sided deflation lets pick up the top of the spectrum
+        again, so that coefficient and every later one of the probe are set to 0, as in exact
+        arithmetic. On blocks with a real tail no coefficient comes near ``eps``."""
+        a, b = ((x[..., :steps] * self.inv[..., None]) for x in (self.alpha, self.beta))
+        eps = torch.finfo(a.dtype).eps
+        bad_a, bad_b = a < eps, b < eps
+        if bool((bad_a | bad_b).any()):
+            # alpha_j ~ 0: alpha_j, beta_j and later are 0; beta_j ~ 0: beta_j and alpha_{j+1} on are 0
+            after_b = torch.nn.functional.pad(bad_b[..., :-1], (1, 0))
+            a = torch.where((bad_a | after_b).cumsum(-1) > 0, 0.0, a)
+            b = torch.where((bad_a | bad_b).cumsum(-1) > 0, 0.0, b)
+        return (x.reshape(*self.shape, x.shape[1], steps) for x in (a, b))
 
     def frozen(self):
         """Entries of the chunks that stopped (their values stay those of their last check), or ``None``."""

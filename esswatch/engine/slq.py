@@ -150,7 +150,8 @@ def _estimate(alphas, betas, t, d, tail_energy, fro2):
     # Gauss-Radau with a node at 0: extend by b = alpha_l beta_l and omega = b^2 (T^{-1})_{ll},
     # (T^{-1})_{ll} from the same eigendecomposition (a relative ridge of 1e-14 keeps it finite)
     b = al[..., -1] * be[..., -1]
-    ridge = 1e-14 * torch.clamp(diag.amax(-1), min=1e-300)
+    dmax = diag.amax(-1)
+    ridge = 1e-14 * torch.where(dmax > 0, dmax, 1.0)  # all zero (a breakdown at step 1): b = 0, any ridge
     omega = b**2 * (Y[..., -1, :] ** 2 / (theta + ridge[..., None])).sum(-1)
     theta_r, Y_r = torch.linalg.eigh(
         _tridiagonal(torch.cat([diag, omega[..., None]], -1), torch.cat([off, b[..., None]], -1))

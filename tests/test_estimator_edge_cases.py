@@ -1,9 +1,12 @@
 """The randomized estimator on blocks its construction did not plan for, against NumPy SVDs.
 
 Left padding leaves a batch row's block all zero at early indices (ESS 0); a block can be tiny
-relative to its operator (the functional API rescales the operator, not each block). Before
-``esswatch/engine/scaling.py``, float32 ``auto`` and ``randomized`` raised a LinAlgError on the
-first, and both dtypes were up to 20% off on the second.
+relative to its operator (the functional API rescales the operator, not each block); a block can
+be exactly low-rank (uniform attention, an all-ones kernel: rank 1), so that the quadrature's
+Golub-Kahan runs break down at once. Before ``esswatch/engine/scaling.py``, float32 ``auto`` and
+``randomized`` raised a LinAlgError on the first, and both dtypes were up to 20% off on the
+second; before the breakdown rule of ``GolubKahanRuns.coefficients``, float32 answered ESS 2.53
+for the all-ones blocks of ESS 1.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch
 from reference import entropy_ess_ref
 
 import esswatch as ew
-from esswatch.operators import Dense, SoftmaxAttention
+from esswatch.operators import Convolution, Dense, SoftmaxAttention
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 F64 = torch.float64
@@ -82,3 +85,35 @@ def test_a_block_tiny_against_its_operator_keeps_its_ess(dtype):
             first = e
     # and every scale agrees with the unscaled estimate within rtol
     np.testing.assert_allclose(e, first, rtol=RTOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("case", ["all-ones kernel", "uniform attention"])
+def test_exactly_low_rank_blocks(dtype, case):
+    """Rank-1 blocks at sizes where the quadrature runs (L = 1024, 12 indices, 4 generator seeds): a
+    convolution with an all-ones kernel (``T`` the causal all-ones matrix) and attention whose keys
+    are all equal (``T[r, c] = 1 / (r + 1)``). The deflated remainder is round-off and the
+    Golub-Kahan runs break down at their first step; the answer must still be ESS 1 (the float32
+    all-ones case put 9 of 192 answers at about 2.5 before the breakdown rule)."""
+    n = 1024
+    if case == "all-ones kernel":
+        op = Convolution(torch.ones(4, n, dtype=F64))
+    else:
+        g = torch.Generator().manual_seed(2)
+        q, k = torch.randn(4, n, 16, generator=g, dtype=F64), torch.randn(4, 1, 16, generator=g, dtype=F64)
+        op = SoftmaxAttention(q, k.expand(4, n, 16))
+    op = op.to(dtype=dtype)
+    idx = list(range(300, n - 299, 37))
+    ref = entropy_ess_ref(op.dense().double().numpy(), idx)
+    assert np.allclose(ref, 1.0, rtol=2e-3)  # the float32 matrices' own round-off values: up to 1.0008
+    for seed in range(4):
+        e, lo, hi = (
+            x.double().numpy()
+            for x in ew.entropy_ess(
+                op, idx, estimator="randomized", return_bounds=True, generator=torch.Generator().manual_seed(seed)
+            )
+        )
+        np.testing.assert_array_less(np.abs(e - ref), RTOL * ref)
+        # entries answered exactly carry float32 SVD round-off: values near eps s_1 move ESS 1 by up to 3e-5
+        slack = 1e-4 if dtype == torch.float32 else 1e-9
+        assert (lo <= ref * (1 + slack)).all() and (ref <= hi * (1 + slack)).all()
