@@ -117,3 +117,17 @@ def test_exactly_low_rank_blocks(dtype, case):
         # entries answered exactly carry float32 SVD round-off: values near eps s_1 move ESS 1 by up to 3e-5
         slack = 1e-4 if dtype == torch.float32 else 1e-9
         assert (lo <= ref * (1 + slack)).all() and (ref <= hi * (1 + slack)).all()
+
+
+@pytest.mark.parametrize("estimator", ["randomized", "auto"])
+def test_a_window_of_one_leaves_empty_blocks_with_ess_zero(estimator):
+    """A window of 1 makes ``T`` diagonal: every ``H_i`` is zero and trimmed to an empty block
+    (a property test found the rescaling step failing on it)."""
+    q, k = _clustered(seed=3)
+    op = SoftmaxAttention(q[:, :40], k[:, :40], window=1)
+    idx = [1, 2, 20, 39]
+    ref = entropy_ess_ref(op.dense().numpy(), idx)
+    assert (ref == 0).all()
+    for dtype in (torch.float32, F64):
+        e = ew.entropy_ess(op.to(dtype=dtype), idx, estimator=estimator, return_bounds=True)
+        assert all((x == 0).all() for x in e)

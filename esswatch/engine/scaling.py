@@ -37,10 +37,10 @@ def on_unit_scale(estimate, h: torch.Tensor, fro2: torch.Tensor):
     is summed again in float64 after the scaling (before it, it may not be representable)."""
     lo_f, hi_f = 2.0 ** (-2 * SAFE_LOG2), 2.0 ** (2 * SAFE_LOG2)
     off = (fro2 < lo_f) | (fro2 > hi_f)
-    if not bool(off.any()):
+    if h.numel() == 0 or not bool(off.any()):  # an empty block (a window of 1) is the estimator's own case
         return estimate(h, fro2)
     batch, (m, n) = h.shape[:-2], h.shape[-2:]
-    flat, f2 = h.reshape(-1, m, n), fro2.reshape(-1).clone()
+    flat, f2 = h.reshape(fro2.numel(), m, n), fro2.reshape(-1).clone()
     shift = torch.zeros_like(f2)
     cap = _MAX_SHIFT.get(h.dtype, 1000)
     for e in off.reshape(-1).nonzero()[:, 0].tolist():
