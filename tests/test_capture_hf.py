@@ -668,3 +668,50 @@ def test_mamba_decoding_step_is_skipped_with_warning():
         cap, _, msgs = _capture(model, ids[:, :1], cache_params=cache, use_cache=True)
     assert not cap.operators
     assert any("backbone.layers.0.mixer" in m and "cached state" in m for m in msgs), msgs
+
+
+def test_watch_measures_a_left_padded_batch_at_length_1024(tmp_path):
+    """A left-padded batch row's blocks are all zero at the indices inside its padding. Before
+    ``esswatch/engine/scaling.py`` the default estimator raised there (float32, blocks large enough for
+    the quadrature) and the watch skipped the layer. A one-layer Llama whose queries are scaled by 8
+    (sharper, lower-ESS attention, as after training), L = 1024, row 0 left-padded by 700 tokens: the
+    watch's per-index ESS must match NumPy SVDs of the model's own attention probabilities (eager,
+    ``output_attentions``, padded rows and columns zero as captured), within ``rtol``."""
+    from reference import entropy_ess_ref
+
+    n = 1024
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.mul_(8.0)
+    # tokens drawn with seed 4: the live row's blocks then go to the quadrature at indices inside row 0's
+    # padding (with seeds 0-3 they did not, and the previous code measured them too)
+    ids = torch.randint(0, VOCAB, (2, n), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(2, n, dtype=torch.long)
+    mask[0, :700] = 0
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with esswatch.ESSWatch(model, logdir=str(tmp_path), every_n_steps=1) as watch:
+            out = model(ids, attention_mask=mask, output_attentions=True)
+            watch.step()
+            got = watch.latest()
+    assert got["failures"] == 0, [str(x.message) for x in w]
+    layer = got["layers"]["model.layers.0.self_attn"]
+    idx = layer["indices"]
+    t = out.attentions[0].detach().double().clone()
+    t[0, :, :700, :] = 0
+    t[0, :, :, :700] = 0
+    ref = entropy_ess_ref(t.numpy(), idx)  # (2, 4, indices)
+    assert (ref[0, :, [i <= 700 for i in idx]] == 0).all()  # inside the padding: ESS 0
+    want = ref.mean(axis=(0, 1))
+    for a, b in zip(layer["entropy"]["per_index"], want):
+        assert abs(a - b) <= 0.02 * b + 1e-9
