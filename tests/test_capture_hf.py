@@ -694,7 +694,7 @@ def test_watch_measures_a_left_padded_batch_at_length_1024(tmp_path):
     with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.weight.mul_(8.0)
     # tokens drawn with seed 4: the live row's blocks then go to the quadrature at indices inside row 0's
-    # padding (with seeds 0-3 they did not, and the previous code measured them too)
+    # padding (with seeds 0-3 the previous code measured the layer without a failure)
     ids = torch.randint(0, VOCAB, (2, n), generator=torch.Generator().manual_seed(4))
     mask = torch.ones(2, n, dtype=torch.long)
     mask[0, :700] = 0
