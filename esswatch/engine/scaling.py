@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from .slq import frobenius2
+
 __all__ = ["SAFE_LOG2", "on_unit_scale"]
 
 #: entries whose ||h||_F lies within 2^-SAFE_LOG2 .. 2^SAFE_LOG2 are left as they are
@@ -49,8 +51,7 @@ def on_unit_scale(estimate, h: torch.Tensor, fro2: torch.Tensor):
             f2[e] = 0.0
             continue
         shift[e] = min(max(round(math.log2(top)), -cap), cap)
-        he = flat[e].to(torch.float64) * 2.0 ** -float(shift[e])
-        f2[e] = (he * he).sum()
+        f2[e] = frobenius2(flat[e].to(torch.float64) * 2.0 ** -float(shift[e]))
     nz = (f2 > 0).nonzero()[:, 0]
     out = [torch.zeros(f2.shape, dtype=f2.dtype, device=f2.device) for _ in range(3)]
     if nz.numel():
