@@ -12,6 +12,7 @@ import gc
 import warnings
 import weakref
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -438,6 +439,138 @@ def test_bypassed_registry_and_kv_cache_are_warned():
     assert any(names[0] in m and "key length" in m for m in msgs), msgs
 
 
+def _captures_eager_probabilities(model, ids, names):
+    """Capture ``model(ids)``: no warning, bit-identical logits, operators for exactly ``names`` (the attention
+    layers in order), each equal to the eager attention probabilities the model returns. Returns the capture."""
+    with torch.no_grad():
+        ref = model(ids, output_attentions=True)
+        cap, out, msgs = _capture(model, ids)
+    assert not msgs, msgs
+    assert torch.equal(out.logits, ref.logits)
+    assert list(cap.operators) == names
+    for i, name in enumerate(names):
+        op = cap.operators[name]
+        assert isinstance(op, SoftmaxAttention)
+        torch.testing.assert_close(op.dense(), ref.attentions[i].float(), **TOL)
+    return cap
+
+
+def _more_decoders():
+    """Decoder-only models beyond ``MODELS`` (tiny configs): ``(config, model class, attention names,
+    expected sliding windows)``."""
+    T = transformers
+    c = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    gpt = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4)
+    attn = ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    return {
+        "qwen3": (T.Qwen3Config(**c, num_key_value_heads=2, head_dim=8), T.Qwen3ForCausalLM, attn, None),
+        "phi3": (T.Phi3Config(**c, pad_token_id=0), T.Phi3ForCausalLM, attn, None),
+        "phi": (T.PhiConfig(**c), T.PhiForCausalLM, attn, None),
+        "gemma": (T.GemmaConfig(**c, head_dim=8, num_key_value_heads=1), T.GemmaForCausalLM, attn, None),
+        "gemma3": (  # layer types alternate sliding (window 4) and full attention
+            T.Gemma3TextConfig(**c, head_dim=8, num_key_value_heads=2, sliding_window=4),
+            T.Gemma3ForCausalLM,
+            attn,
+            "sliding",
+        ),
+        "olmo2": (T.Olmo2Config(**c), T.Olmo2ForCausalLM, attn, None),
+        "cohere": (T.CohereConfig(**c), T.CohereForCausalLM, attn, None),
+        "granite": (T.GraniteConfig(**c), T.GraniteForCausalLM, attn, None),
+        "starcoder2": (
+            T.Starcoder2Config(**c, num_key_value_heads=2, sliding_window=5),
+            T.Starcoder2ForCausalLM,
+            attn,
+            "sliding",
+        ),
+        "gpt_bigcode": (  # multi-query attention
+            T.GPTBigCodeConfig(**gpt, multi_query=True),
+            T.GPTBigCodeForCausalLM,
+            ["transformer.h.0.attn", "transformer.h.1.attn"],
+            None,
+        ),
+        "opt": (
+            T.OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64),
+            T.OPTForCausalLM,
+            ["model.decoder.layers.0.self_attn", "model.decoder.layers.1.self_attn"],
+            None,
+        ),
+        "codegen": (
+            T.CodeGenConfig(**gpt, rotary_dim=4),
+            T.CodeGenForCausalLM,
+            ["transformer.h.0.attn", "transformer.h.1.attn"],
+            None,
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "qwen3",
+        "phi3",
+        "phi",
+        "gemma",
+        "gemma3",
+        "olmo2",
+        "cohere",
+        "granite",
+        "starcoder2",
+        "gpt_bigcode",
+        "opt",
+        "codegen",
+    ],
+)
+def test_more_decoders_capture_their_own_attention_probabilities(kind):
+    """Twelve more decoder architectures (rotary variants, QK norms, multi-query and grouped-query heads,
+    learned positions, sliding windows): the captured operators are the eager attention probabilities
+    the model returns, with no warning, and the logits are bit-identical with the capture attached."""
+    cfg, model_cls, names, window = _more_decoders()[kind]
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = model_cls(cfg).eval()
+    cap = _captures_eager_probabilities(
+        model, torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1)), names
+    )
+    windows = [cap.operators[n].window for n in names]
+    if window == "sliding":  # at least one layer has a window, and it is what the probabilities show
+        assert any(w is not None for w in windows), windows
+        for name, w in zip(names, windows):
+            if w is not None:
+                t = cap.operators[name].dense()
+                assert torch.all(torch.tril(t, diagonal=-w) == 0) and torch.all(t.diagonal(-(w - 1), -2, -1) > 0)
+    else:
+        assert windows == [None, None]
+
+
+def test_recurrent_gemma_attention_is_captured_and_its_rg_lru_block_named():
+    """RecurrentGemma: the local attention layer is captured (its probabilities as the model returns them);
+    the RG-LRU recurrent block has no probe and no ``A_log``, and is named in one warning, not left out silently."""
+    T = transformers
+    cfg = T.RecurrentGemmaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        lru_width=32,
+        intermediate_size=64,
+        attention_window_size=8,
+        block_types=["recurrent", "attention"],
+    )
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = T.RecurrentGemmaForCausalLM(cfg).eval()
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids, output_attentions=True)
+        cap, out, msgs = _capture(model, ids)
+    assert torch.equal(out.logits, ref.logits)
+    assert list(cap.operators) == ["model.layers.1.temporal_block"]
+    attentions = [a for a in ref.attentions if a is not None]
+    torch.testing.assert_close(cap.operators["model.layers.1.temporal_block"].dense(), attentions[0].float(), **TOL)
+    assert list(cap.unsupported) == ["model.layers.0.temporal_block"]
+    assert len(msgs) == 1 and "RecurrentGemmaRecurrentBlock" in msgs[0] and "model.layers.0.temporal_block" in msgs[0]
+
+
 @pytest.mark.parametrize("kind", ["gptj", "falcon"])
 def test_gptj_and_falcon_through_the_registry(kind):
     """GPT-J and Falcon call the attention registry from transformers 5.24 (before, they are
@@ -458,17 +591,7 @@ def test_gptj_and_falcon_through_the_registry(kind):
     names = [attn.format(i) for i in range(2)]
     if not calls_attention_registry(type(m.get_submodule(names[0]))):
         pytest.skip(f"transformers {T.__version__}: {kind} bypasses the registry (tested as unsupported)")
-    ids = _ids()
-    with torch.no_grad():
-        ref = m(ids, output_attentions=True)
-        cap, out, msgs = _capture(m, ids)
-    assert not msgs, msgs
-    assert torch.equal(out.logits, ref.logits)
-    assert sorted(cap.operators) == names
-    for i, name in enumerate(names):
-        op = cap.operators[name]
-        assert isinstance(op, SoftmaxAttention)
-        torch.testing.assert_close(op.dense(), ref.attentions[i].float(), **TOL)
+    _captures_eager_probabilities(m, _ids(), names)
 
 
 def test_cross_attention_is_not_selected():
@@ -625,6 +748,198 @@ def test_mamba2_operator_reproduces_scan_and_mixer_output():
         model(ids)
     for name in mixers:
         torch.testing.assert_close(part.operators[name].dense(), cap.operators[name].dense()[:1, :3])
+
+
+# -- hybrids whose Mamba2 mixers copy Mamba2Mixer: Bamba, Zamba2, Granite 4, Nemotron-H, Falcon-H1 --------
+def _hybrid(kind):
+    """A tiny hybrid model whose first layer is a Mamba2-style mixer (4 heads of dim 8, N = 4, 2 groups).
+
+    ``initializer_range=0.5``: at the default 0.02 the mixers' ``T x`` is below float32 round-off
+    of their ``D x`` term, and the output check would not see the operator at all."""
+    T = transformers
+    torch.manual_seed(0)
+    common = dict(
+        initializer_range=0.5,
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=32,
+    )
+    mamba = dict(mamba_n_heads=4, mamba_d_head=8, mamba_d_state=4, mamba_n_groups=2, mamba_d_conv=3)
+    if kind == "bamba":
+        cfg = T.BambaConfig(**common, **mamba, mamba_expand=2, mamba_chunk_size=4, attn_layer_indices=[1])
+        model = T.BambaForCausalLM
+    elif kind == "zamba2":
+        cfg = T.Zamba2Config(
+            initializer_range=0.5,
+            vocab_size=VOCAB,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            mamba_d_state=4,
+            mamba_headdim=8,
+            n_mamba_heads=4,
+            mamba_ngroups=2,
+            mamba_d_conv=3,
+            mamba_expand=2,
+            chunk_size=4,
+            layers_block_type=["mamba", "hybrid"],
+            num_mem_blocks=1,
+            use_mem_rope=False,
+        )
+        model = T.Zamba2ForCausalLM
+    elif kind == "granitemoehybrid":
+        cfg = T.GraniteMoeHybridConfig(
+            **common,
+            **mamba,
+            mamba_expand=2,
+            mamba_chunk_size=4,
+            layer_types=["mamba", "attention"],
+            num_local_experts=0,
+        )
+        model = T.GraniteMoeHybridForCausalLM
+    elif kind == "nemotron_h":
+        cfg = T.NemotronHConfig(
+            **common,
+            mamba_num_heads=4,
+            mamba_head_dim=8,
+            ssm_state_size=4,
+            n_groups=2,
+            conv_kernel=3,
+            expand=2,
+            chunk_size=4,
+            layers_block_type=["mamba", "attention"],
+        )
+        model = T.NemotronHForCausalLM
+    else:  # Falcon-H1: muP multipliers on the mixer's input and on in_proj's output
+        cfg = T.FalconH1Config(
+            **common,
+            **mamba,
+            mamba_d_ssm=32,
+            mamba_chunk_size=4,
+            ssm_in_multiplier=0.7,
+            ssm_multipliers=[0.5, 1.5, 0.8, 1.2, 0.9],
+        )
+        model = T.FalconH1ForCausalLM
+    cfg._attn_implementation = "eager"
+    return model(cfg).eval()
+
+
+HYBRIDS = ["bamba", "zamba2", "granitemoehybrid", "nemotron_h", "falcon_h1"]
+
+
+@pytest.mark.parametrize("kind", HYBRIDS)
+def test_hybrid_mamba2_mixers_reproduce_their_output(kind):
+    """Each mixer's captured operator, applied as the mixer applies its scan (``T x + D x``, then the
+    gated norm, or ``silu(gate)`` where Falcon-H1 has no norm), reproduces the input of the mixer's own
+    ``out_proj`` and the mixer's output; the logits are bit-identical with the capture attached."""
+    model = _hybrid(kind)
+    ids = _ids()
+    mixers = {n: m for n, m in model.named_modules() if isinstance(getattr(m, "A_log", None), torch.Tensor)}
+    assert mixers
+    seen, hooks = {}, []
+    for name, mixer in mixers.items():
+        hooks.append(mixer.in_proj.register_forward_hook(lambda m, a, o, n=name: seen.__setitem__((n, "zxbcdt"), o)))
+        hooks.append(mixer.out_proj.register_forward_hook(lambda m, a, o, n=name: seen.__setitem__((n, "gated"), a[0])))
+        hooks.append(mixer.register_forward_hook(lambda m, a, o, n=name: seen.__setitem__((n, "out"), o)))
+    try:
+        with torch.no_grad():
+            ref = model(ids).logits
+            cap, out, msgs = _capture(model, ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.equal(out.logits, ref)
+    assert not cap.unsupported and not msgs, msgs
+    for name, mixer in mixers.items():
+        op = cap.operators[name]
+        assert isinstance(op, GatedRecurrence) and op.batch_shape == (2, 4) and op.state_size == 4
+        assert op.value_dim == 8 and cap.tss[name] == 4
+        zxbcdt = seen[(name, "zxbcdt")]
+        if kind == "falcon_h1":
+            zxbcdt = zxbcdt * mixer.mup_vector
+        gate, xbc, _ = zxbcdt.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
+        x = _mamba2_x(mixer, xbc)
+        scan = op.dense() @ x
+        y = (scan + mixer.D[None, :, None, None] * x).permute(0, 2, 1, 3).reshape(2, L, -1)
+        with torch.no_grad():
+            gated = mixer.norm(y, gate) if getattr(mixer, "mamba_rms_norm", True) else y * F.silu(gate)
+            full = mixer.out_proj(gated)
+        assert scan.abs().max() > 0.1 * y.abs().max()  # the operator's part is not lost in round-off
+        torch.testing.assert_close(gated, seen[(name, "gated")], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(full, seen[(name, "out")], atol=1e-5, rtol=1e-4)
+
+
+def test_watch_measures_a_hybrid_mixer_against_numpy():
+    """``ESSWatch`` on a training step of Bamba (a Mamba2 mixer, then attention): both layers measured, no
+    failure, and the mixer's logged per-index entropy-ESS equals NumPy SVDs of ``T`` rebuilt in float64
+    from the mixer's own ``in_proj`` output (``reference.gated_recurrence_dense``)."""
+    from reference import entropy_ess_ref, gated_recurrence_dense
+
+    model = _hybrid("bamba").train()
+    ids = _ids()
+    mixer = model.model.layers[0].mamba
+    seen = {}
+    hook = mixer.in_proj.register_forward_hook(lambda m, a, o: seen.setdefault("zxbcdt", o.detach()))
+    try:
+        with esswatch.ESSWatch(model, every_n_steps=1, indices="all", histograms=False, images=False) as watch:
+            model(ids, labels=ids).loss.backward()
+            watch.step()
+            got = watch.latest()
+    finally:
+        hook.remove()
+    assert got["failures"] == 0 and set(got["layers"]) == {"model.layers.0.mamba", "model.layers.1.self_attn"}
+    _, xbc, dt = seen["zxbcdt"].double().split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
+    w = mixer.conv1d.weight.detach().double()
+    xbc = F.silu(F.conv1d(xbc.transpose(1, 2), w, mixer.conv1d.bias.detach().double(), padding=2, groups=w.shape[0]))
+    _, B, C = xbc[..., :L].transpose(1, 2).split([mixer.intermediate_size, 8, 8], dim=-1)
+    dt = F.softplus(dt + mixer.dt_bias.detach().double()).clamp(*mixer.time_step_limit)  # (b, L, h)
+    A = -torch.exp(mixer.A_log.detach().double())
+    group = torch.arange(4) // 2  # heads 0, 1 read group 0; heads 2, 3 group 1
+    q = C.view(2, L, 2, 4)[:, :, group].permute(0, 2, 1, 3)  # (b, h, L, N)
+    k = dt.permute(0, 2, 1)[..., None] * B.view(2, L, 2, 4)[:, :, group].permute(0, 2, 1, 3)
+    log_decay = (dt * A).permute(0, 2, 1)[..., None].expand_as(q)
+    layer = got["layers"]["model.layers.0.mamba"]
+    want = entropy_ess_ref(gated_recurrence_dense(q, k, log_decay), layer["indices"]).mean(axis=(0, 1))
+    np.testing.assert_allclose(layer["entropy"]["per_index"], want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", HYBRIDS)
+def test_hybrid_training_with_the_watch_is_bit_identical(kind):
+    """Three AdamW steps of each hybrid with ``ESSWatch(every_n_steps=1)``, blocking and in the background:
+    the parameters and the global RNG stream afterwards equal those of training without the watch, every
+    mixer and attention layer is measured, and nothing fails."""
+
+    def train(background):
+        model = _hybrid(kind).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(3)
+        torch.manual_seed(7)
+        watch = None
+        if background is not None:
+            watch = esswatch.ESSWatch(model, every_n_steps=1, background=background, histograms=False, images=False)
+        for _ in range(3):
+            ids = torch.randint(0, VOCAB, (2, 32), generator=g)
+            model(ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if watch is not None:
+                watch.step()
+        got = None
+        if watch is not None:
+            watch.close()
+            got = (watch.failures, sorted(watch.latest()["layers"]), watch.latest()["step"])
+        return [p.detach().clone() for p in model.parameters()], torch.rand(4), got
+
+    plain, rng, _ = train(None)
+    mixers = [n for n, m in _hybrid(kind).named_modules() if isinstance(getattr(m, "A_log", None), torch.Tensor)]
+    for background in (False, True):
+        params, rng_after, (failures, layers, step) = train(background)
+        assert all(torch.equal(a, b) for a, b in zip(plain, params))
+        assert torch.equal(rng, rng_after)
+        assert failures == 0 and step == 2 and set(mixers) < set(layers)
 
 
 def test_mamba_padding_is_warned():

@@ -74,6 +74,43 @@ CASES = {
 }
 
 
+def qwen3_next():
+    """Qwen3-Next: a gated delta rule layer (``Qwen3NextGatedDeltaNet``, no esswatch probe), then attention."""
+    cfg = transformers.Qwen3NextConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        linear_num_value_heads=4,
+        linear_num_key_heads=2,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        layer_types=["linear_attention", "full_attention"],
+        num_experts=2,
+        num_experts_per_tok=1,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+    )
+    return transformers.Qwen3NextForCausalLM(cfg)
+
+
+def kimi_linear():
+    """Kimi Linear: delta attention that bypasses the registry, with a gate module of its own that owns an ``A_log``."""
+    cfg = transformers.KimiLinearConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        pad_token_id=0,
+    )
+    return transformers.KimiLinearForCausalLM(cfg)
+
+
 def _check_message(msg, type_name, names, reason):
     assert f"{type_name} (transformers.models." in msg and "2 layers" in msg, msg
     assert all(n in msg for n in names), msg
@@ -229,3 +266,34 @@ def test_some_unsupported_layers_warn_once_and_the_rest_is_measured():
     assert "the other 2 will be" in ours[0]
     assert all(sorted(r["layers"]) == ["0.attn", "2.attn"] for r in results)
     assert watch.capture.unsupported["1.attn"][0] is nn.MultiheadAttention
+
+
+def test_a_recurrent_mixer_without_a_probe_is_named_not_silently_left_out():
+    """Qwen3-Next's gated delta rule layer owns an ``A_log`` but is no ``...Mixer``: before, the capture
+    measured the attention layer and said nothing about it. Now one warning names it and why; the
+    attention layer is measured."""
+    torch.manual_seed(0)
+    model = qwen3_next().eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad(), esswatch.capture(model) as cap:
+            model(torch.randint(0, VOCAB, (2, 8)))
+        ops = cap.operators
+    msgs = [str(w.message) for w in caught if issubclass(w.category, CaptureWarning)]
+    assert len(msgs) == 1, msgs
+    assert "Qwen3NextGatedDeltaNet (transformers.models." in msgs[0] and "model.layers.0.linear_attn" in msgs[0]
+    assert "recurrent (state-space or linear-attention) mixer esswatch has no probe for" in msgs[0]
+    assert list(ops) == ["model.layers.1.self_attn"]
+    assert list(cap.unsupported) == ["model.layers.0.linear_attn"]
+
+
+def test_a_gate_module_inside_an_unsupported_layer_is_not_listed_twice():
+    """Kimi Linear's ``forget_gate`` (it owns an ``A_log``) sits inside its delta attention, which bypasses the
+    registry: the error names the attention layers only."""
+    torch.manual_seed(0)
+    model = kimi_linear()
+    with pytest.raises(UnsupportedModelError) as e:
+        esswatch.capture(model)
+    msg = str(e.value)
+    _check_message(msg, "KimiLinearDeltaAttention", ("model.layers.0.self_attn", "model.layers.1.self_attn"), REGISTRY)
+    assert "forget_gate" not in msg and "KimiLinearForgetGate" not in msg, msg

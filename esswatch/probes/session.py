@@ -43,7 +43,8 @@ def _supported_text() -> str:
     return (
         f"{', '.join(supported_types()) or '(no registered types)'}; causal Hugging Face attention that "
         "calls transformers' attention-function registry, and MambaMixer / FalconMambaMixer / "
-        "JambaMambaMixer / Mamba2Mixer, once `transformers` is imported"
+        "JambaMambaMixer / Mamba2Mixer (also the Mamba2 mixers of Bamba, Zamba2, GraniteMoeHybrid, NemotronH and "
+        "FalconH1), once `transformers` is imported"
     )
 
 
@@ -59,6 +60,13 @@ def _explicit_message(name: str, module: torch.nn.Module, reason: str) -> str:
         f"layers: {name!r} is a {type(module).__name__}, which esswatch cannot capture: {reason}. "
         f"{HOW_TO_ADD} Supported: {_supported_text()}."
     )
+
+
+def _outermost(unsupported: Dict[str, Tuple[type, str]], probes: Dict[str, Probe]) -> Dict[str, Tuple[type, str]]:
+    """``unsupported`` without the layers nested in another recognised layer (a recurrent layer's
+    gate module inside its attention module is reported once, as that attention module)."""
+    owners = [n for n in (*probes, *unsupported) if n]
+    return {n: v for n, v in unsupported.items() if not any(n.startswith(o + ".") for o in owners)}
 
 
 class Capture:
@@ -135,6 +143,7 @@ class Capture:
                     probes[name] = probe
                 else:
                     self.unsupported[name] = (type(mod), reason)
+            self.unsupported = _outermost(self.unsupported, probes)
             if not probes:
                 prefix = "" if layers is None else "the `layers` predicate selected no supported layer: "
                 raise UnsupportedModelError(_unsupported_message(model, self.unsupported, prefix))

@@ -1,11 +1,13 @@
 """Probes for Hugging Face Mamba-family mixers: ``MambaMixer``, ``FalconMambaMixer``,
-``JambaMambaMixer`` (:class:`MambaProbe`) and ``Mamba2Mixer`` (:class:`Mamba2Probe`).
+``JambaMambaMixer`` (:class:`MambaProbe`), ``Mamba2Mixer`` and the hybrids' copies of it
+(``BambaMixer``, ``Zamba2MambaMixer``, ``GraniteMoeHybridMambaLayer``, ``NemotronHMamba2Mixer``,
+``FalconH1Mixer``; :class:`Mamba2Probe`).
 
 On an armed forward call the probe takes the mixer's input and recomputes, with the
 mixer's own submodules and parameters, the selective-scan inputs exactly as the
-PyTorch path of ``forward`` does (padding mask, ``in_proj``, depthwise causal conv +
-activation, ``x_proj`` / split, FalconMamba's and Jamba's B/C/dt norms, ``dt`` bias, softplus and
-clamp). It does not depend on which scan ran (the torch loop on CPU, the fused CUDA
+PyTorch path of ``forward`` does (padding mask, Falcon-H1's muP multipliers, ``in_proj``,
+depthwise causal conv + activation, ``x_proj`` / split, FalconMamba's and Jamba's B/C/dt norms,
+``dt`` bias, softplus and clamp). It does not depend on which scan ran (the torch loop on CPU, the fused CUDA
 kernels when ``kernels`` / ``mamba_ssm`` are installed), and it uses no randomness.
 The cost is one more ``in_proj`` and conv on sampled steps only.
 
@@ -86,7 +88,13 @@ def mamba2_scan_inputs(mixer, hidden_states: torch.Tensor, attention_mask: Optio
     """
     b, L, _ = hidden_states.shape
     hs = _mask_padding(hidden_states, attention_mask)
+    multiplier = getattr(mixer, "ssm_in_multiplier", None)  # Falcon-H1's muP multipliers
+    if multiplier is not None:
+        hs = hs * multiplier
     projected = mixer.in_proj(hs)
+    mup = getattr(mixer, "mup_vector", None)
+    if isinstance(mup, torch.Tensor):
+        projected = projected * mup
     _gate, xbc, dt = projected.split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
     xbc = _causal_conv(mixer, xbc.transpose(1, 2))
     xbc = _mask_padding(xbc.transpose(1, 2), attention_mask)
@@ -191,7 +199,7 @@ class MambaProbe(_MixerProbe):
 class Mamba2Probe(_MixerProbe):
     """Mamba2 mixer: a gated recurrence per head with one scalar decay per step (SSD)."""
 
-    layer_type = "Hugging Face Mamba2Mixer"
+    layer_type = "Hugging Face Mamba2Mixer (also Bamba, Zamba2, GraniteMoeHybrid, NemotronH, FalconH1)"
 
     def _record_from(self, mixer, hidden, mask) -> None:
         _x, dt, B, C = mamba2_scan_inputs(mixer, hidden, mask)
@@ -220,14 +228,16 @@ class Mamba2Probe(_MixerProbe):
 
 
 class UnsupportedMixerProbe(UnsupportedProbe):
-    """A transformers state-space mixer esswatch has no probe for (e.g. Bamba, FalconH1, Zamba2).
+    """A transformers recurrent mixer (a module with an ``A_log`` parameter) esswatch has no probe
+    for, e.g. the gated delta rule layers of Qwen3-Next and OLMo-hybrid.
 
     Not capturable: the capture names it (an error when nothing else can be captured,
     otherwise one warning), see :mod:`esswatch.probes.unsupported`.
     """
 
-    layer_type = "Hugging Face state-space mixer without an esswatch probe (not capturable)"
+    layer_type = "Hugging Face recurrent mixer without an esswatch probe (not capturable)"
     reason = (
-        "a state-space mixer esswatch has no probe for (supported: MambaMixer, FalconMambaMixer, "
-        "JambaMambaMixer, Mamba2Mixer)"
+        "a recurrent (state-space or linear-attention) mixer esswatch has no probe for (supported: "
+        "MambaMixer, FalconMambaMixer, JambaMambaMixer, Mamba2Mixer and the Mamba2 mixers of Bamba, "
+        "Zamba2, GraniteMoeHybrid, NemotronH and FalconH1)"
     )

@@ -9,13 +9,15 @@ imported; importing it calls :func:`esswatch.probes.add_provider` with
   GPT-NeoX and most decoder models of transformers >= 4.48, with any kernel
   (eager, sdpa, flash, flex) -> :class:`~.attention.HFAttentionProbe`;
 - ``MambaMixer`` (Mamba), ``FalconMambaMixer``, ``JambaMambaMixer`` -> :class:`~.mamba.MambaProbe`;
-- ``Mamba2Mixer`` -> :class:`~.mamba.Mamba2Probe`.
+- ``Mamba2Mixer`` and the Mamba2 mixers of the hybrids Bamba, Zamba2, GraniteMoeHybrid
+  (Granite 4), Nemotron-H and Falcon-H1 -> :class:`~.mamba.Mamba2Probe`.
 
 Recognised but not capturable (reported by name and reason when the capture is built:
 an error if nothing else in the model can be captured, otherwise one warning): statically
 bidirectional attention (``is_causal = False``, e.g. BERT encoders, ViT), cross-attention
 (``is_cross_attention = True``), attention that bypasses the registry (Bloom, GPT-Neo; GPT-J and
-Falcon before transformers 5.24), and state-space mixers without a probe.
+Falcon before transformers 5.24), and recurrent mixers without a probe (gated delta rule layers,
+RecurrentGemma's RG-LRU).
 """
 
 from __future__ import annotations
@@ -50,6 +52,17 @@ _MIXERS = {
     ("transformers.models.falcon_mamba.modeling_falcon_mamba", "FalconMambaMixer"): MambaProbe,
     ("transformers.models.jamba.modeling_jamba", "JambaMambaMixer"): MambaProbe,
     ("transformers.models.mamba2.modeling_mamba2", "Mamba2Mixer"): Mamba2Probe,
+    # the hybrids' Mamba2 mixers: the same forward as Mamba2Mixer (FalconH1 adds muP multipliers)
+    ("transformers.models.bamba.modeling_bamba", "BambaMixer"): Mamba2Probe,
+    ("transformers.models.zamba2.modeling_zamba2", "Zamba2MambaMixer"): Mamba2Probe,
+    ("transformers.models.granitemoehybrid.modeling_granitemoehybrid", "GraniteMoeHybridMambaLayer"): Mamba2Probe,
+    ("transformers.models.nemotron_h.modeling_nemotron_h", "NemotronHMamba2Mixer"): Mamba2Probe,
+    ("transformers.models.falcon_h1.modeling_falcon_h1", "FalconH1Mixer"): Mamba2Probe,
+}
+
+# recurrent layers without an ``A_log`` (the generic sign of a recurrent mixer, see provider()), no probe
+_RECURRENT_WITHOUT_A_LOG = {
+    ("transformers.models.recurrent_gemma.modeling_recurrent_gemma", "RecurrentGemmaRecurrentBlock"),  # RG-LRU
 }
 
 _REGISTRY_NAMES = {"ALL_ATTENTION_FUNCTIONS", "AttentionInterface"}
@@ -91,8 +104,8 @@ def _probe_for_type(t: type) -> Optional[Type[Probe]]:
         return HFAttentionProbe
     if _looks_like_attention(t):
         return BypassingAttentionProbe
-    if t.__module__.startswith("transformers.models.") and t.__name__.endswith("Mixer"):
-        return UnsupportedMixerProbe  # kept only if it has an `A_log` (a state-space mixer), see provider()
+    if t.__module__.startswith("transformers.models."):
+        return UnsupportedMixerProbe  # kept only if it owns an `A_log` (a recurrent mixer), see provider()
     return None
 
 
@@ -102,15 +115,20 @@ def provider(module: torch.nn.Module) -> Optional[Type[Probe]]:
     Statically bidirectional (``is_causal = False``) and cross-attention modules are not
     selected. An ``...Attention`` module of transformers that does not call the registry
     (and contains no other attention module) gets :class:`BypassingAttentionProbe`, and a
-    state-space ``...Mixer`` (with an ``A_log``) that esswatch has no probe for gets
-    :class:`UnsupportedMixerProbe`: both warn, naming the layer, that it cannot be captured.
+    recurrent mixer (a module that owns an ``A_log``, or RecurrentGemma's RG-LRU block) that esswatch
+    has no probe for gets :class:`UnsupportedMixerProbe`: both warn, naming the layer, that it cannot
+    be captured.
     """
     t = type(module)
     try:
         p = _by_type[t]
     except KeyError:
         p = _by_type[t] = _probe_for_type(t)
-    if p is UnsupportedMixerProbe and not isinstance(getattr(module, "A_log", None), torch.Tensor):
+    if (
+        p is UnsupportedMixerProbe
+        and (t.__module__, t.__qualname__) not in _RECURRENT_WITHOUT_A_LOG
+        and not isinstance(getattr(module, "A_log", None), torch.Tensor)
+    ):
         return None
     if p is BypassingAttentionProbe and any(
         _looks_like_attention(type(m)) for m in module.modules() if m is not module
