@@ -45,7 +45,7 @@ import torch
 from esswatch.watch import ESSWatch, Sink, TensorBoardSink
 
 from ._adapter import check_callback_options, warn_unaligned, watch_options
-from ._versions import require
+from ._versions import SUPPORTED_LIGHTNING, require
 
 __all__ = ["ESSCallback", "LightningLoggerSink", "SUPPORTED_LIGHTNING"]
 
@@ -53,9 +53,6 @@ __all__ = ["ESSCallback", "LightningLoggerSink", "SUPPORTED_LIGHTNING"]
 _WATCH_DEFAULTS = {
     k: p.default for k, p in inspect.signature(ESSWatch).parameters.items() if k in ("histograms", "images")
 }
-
-#: The Lightning versions this adapter supports (the ``lightning`` extra installs them).
-SUPPORTED_LIGHTNING = ">=2.2,<3"
 
 require("lightning", SUPPORTED_LIGHTNING, "lightning")
 

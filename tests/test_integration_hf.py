@@ -15,6 +15,7 @@ import glob
 import math
 import os
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,14 +23,16 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from esswatch.integrations._versions import UnsupportedVersionError, require  # noqa: E402
+from esswatch.integrations._versions import SUPPORTED_TRANSFORMERS, UnsupportedVersionError, require  # noqa: E402
 from esswatch.integrations.transformers import ESSCallback  # noqa: E402
 from reference import entropy_ess_ref  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
+import esswatch  # noqa: E402
 from esswatch import Regularizer  # noqa: E402
+from esswatch.probes import UnsupportedModelError  # noqa: E402
 from esswatch.watch import ESSWarning  # noqa: E402
 from esswatch.watch.regularizer import PENALTY_TAG  # noqa: E402
 
@@ -221,11 +224,49 @@ def test_callback_validates_its_arguments():
 
 
 def test_version_check_names_the_installed_version_and_the_range():
-    assert require("transformers", ">=4.48,<6", "transformers").__version__ == transformers.__version__
+    assert require("transformers", SUPPORTED_TRANSFORMERS, "transformers").__version__ == transformers.__version__
     with pytest.raises(UnsupportedVersionError, match=rf"transformers>=99.*{transformers.__version__}.*esswatch\["):
         require("transformers", ">=99", "transformers")
     with pytest.raises(UnsupportedVersionError, match="not installed"):
         require("esswatch_no_such_framework", ">=1", "transformers")
+
+
+def test_the_supported_range_is_the_extras_range():
+    """``pyproject.toml``'s extras install the range the adapters check, and CI tests its lower end."""
+    from esswatch.integrations._versions import SUPPORTED_LIGHTNING
+
+    root = Path(__file__).resolve().parents[1]
+    pyproject = (root / "pyproject.toml").read_text(encoding="utf-8")  # (no tomllib: Python 3.10 is supported)
+    extras = pyproject.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+    assert extras.count(f'"transformers{SUPPORTED_TRANSFORMERS}"') == 2  # the transformers and dev extras
+    assert extras.count(f'"lightning{SUPPORTED_LIGHTNING}"') == 2
+    assert "transformers>" not in extras.replace(f"transformers{SUPPORTED_TRANSFORMERS}", "")
+    assert "lightning>" not in extras.replace(f"lightning{SUPPORTED_LIGHTNING}", "")
+    ci = (root / ".ci" / "run").read_text(encoding="utf-8")
+    for name, spec in (("transformers", SUPPORTED_TRANSFORMERS), ("lightning", SUPPORTED_LIGHTNING)):
+        floor = spec.split(",")[0].removeprefix(">=")
+        assert f'"{name}=={floor}' in ci, (name, floor)  # the oldest supported release, tested by .ci/run
+
+
+def test_an_out_of_range_transformers_reports_its_layers_as_not_capturable(monkeypatch):
+    """With a transformers release outside the supported range (5.0-5.14 capture FalconMamba's mixer
+    wrongly; 4.x lacks the registry's ``get_interface``), the Hugging Face layers are named as not
+    capturable, with the installed version and the range, instead of being captured wrongly."""
+    from esswatch.integrations.transformers import provider
+
+    problem = provider.version_problem(transformers, ">=99", "transformers")
+    assert f"transformers {transformers.__version__} is installed" in problem and "transformers>=99" in problem
+    monkeypatch.setattr(provider, "_VERSION_PROBLEM", problem)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    model = transformers.LlamaForCausalLM(cfg)
+    with pytest.raises(UnsupportedModelError) as e:
+        esswatch.ESSWatch(model, every_n_steps=1)
+    msg = str(e.value)
+    assert "model.layers.0.self_attn" in msg and "model.layers.1.self_attn" in msg and problem in msg, msg
+    monkeypatch.setattr(provider, "_VERSION_PROBLEM", None)
+    esswatch.ESSWatch(model, every_n_steps=1).close()  # in range: captured
 
 
 # -- the regularizer ------------------------------------------------------------------------------

@@ -290,6 +290,8 @@ def test_a_recurrent_mixer_without_a_probe_is_named_not_silently_left_out():
 def test_a_gate_module_inside_an_unsupported_layer_is_not_listed_twice():
     """Kimi Linear's ``forget_gate`` (it owns an ``A_log``) sits inside its delta attention, which bypasses the
     registry: the error names the attention layers only."""
+    if not hasattr(transformers, "KimiLinearConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no Kimi Linear (added in 5.16)")
     torch.manual_seed(0)
     model = kimi_linear()
     with pytest.raises(UnsupportedModelError) as e:

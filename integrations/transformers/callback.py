@@ -56,12 +56,9 @@ import torch
 from esswatch.watch import ESSWatch, Sink
 
 from .._adapter import PendingScalars, check_callback_options, warn_unaligned, watch_options
-from .._versions import require
+from .._versions import SUPPORTED_TRANSFORMERS, require
 
 __all__ = ["ESSCallback", "SUPPORTED_TRANSFORMERS"]
-
-#: The transformers versions this adapter supports (the ``transformers`` extra installs them).
-SUPPORTED_TRANSFORMERS = ">=4.48,<6"
 
 require("transformers", SUPPORTED_TRANSFORMERS, "transformers")
 

@@ -28,9 +28,11 @@ import weakref
 from typing import Optional, Type
 
 import torch
+import transformers
 
-from esswatch.probes import Probe, add_provider
+from esswatch.probes import Probe, UnsupportedProbe, add_provider
 
+from .._versions import SUPPORTED_TRANSFORMERS, version_problem
 from .attention import BidirectionalAttentionProbe, BypassingAttentionProbe, CrossAttentionProbe, HFAttentionProbe
 from .mamba import Mamba2Probe, MambaProbe, UnsupportedMixerProbe
 
@@ -44,6 +46,7 @@ __all__ = [
     "Mamba2Probe",
     "UnsupportedMixerProbe",
     "calls_attention_registry",
+    "OutOfRangeProbe",
 ]
 
 # classes matched by name along the MRO (no import of the model files needed)
@@ -64,6 +67,20 @@ _MIXERS = {
 _RECURRENT_WITHOUT_A_LOG = {
     ("transformers.models.recurrent_gemma.modeling_recurrent_gemma", "RecurrentGemmaRecurrentBlock"),  # RG-LRU
 }
+
+#: why the installed transformers is outside the supported range (``None`` when it is inside): then the
+#: layers below would be captured wrongly or not at all, so they are reported as not capturable
+_VERSION_PROBLEM = version_problem(transformers, SUPPORTED_TRANSFORMERS, "transformers")
+
+
+class OutOfRangeProbe(UnsupportedProbe):
+    """A Hugging Face layer esswatch would capture, with a transformers release outside the supported range."""
+
+    layer_type = "Hugging Face layer, transformers outside the supported range (not capturable)"
+
+    def unsupported_reason(self) -> str:
+        return str(_VERSION_PROBLEM)
+
 
 _REGISTRY_NAMES = {"ALL_ATTENTION_FUNCTIONS", "AttentionInterface"}
 _ATTENTION_NAME = re.compile(r"Attention\d*$")
@@ -139,6 +156,8 @@ def provider(module: torch.nn.Module) -> Optional[Type[Probe]]:
             return CrossAttentionProbe
         if getattr(module, "is_causal", True) is False:
             return BidirectionalAttentionProbe
+    if _VERSION_PROBLEM is not None and p in (HFAttentionProbe, MambaProbe, Mamba2Probe):
+        return OutOfRangeProbe
     return p
 
 
