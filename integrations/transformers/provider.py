@@ -6,7 +6,8 @@ imported; importing it calls :func:`esswatch.probes.add_provider` with
 
 - attention modules whose ``forward`` calls transformers' attention-function registry
   (``ALL_ATTENTION_FUNCTIONS`` / ``AttentionInterface``): Llama, Mistral, Qwen2, GPT-2,
-  GPT-NeoX and most decoder models of transformers >= 4.48, with any kernel
+  GPT-NeoX and most decoder models of the supported transformers releases (``SUPPORTED_TRANSFORMERS``; outside
+  them these layers get :class:`OutOfRangeProbe`: not capturable), with any kernel
   (eager, sdpa, flash, flex) -> :class:`~.attention.HFAttentionProbe`;
 - ``MambaMixer`` (Mamba), ``FalconMambaMixer``, ``JambaMambaMixer`` -> :class:`~.mamba.MambaProbe`;
 - ``Mamba2Mixer`` and the Mamba2 mixers of the hybrids Bamba, Zamba2, GraniteMoeHybrid
