@@ -104,3 +104,23 @@ def convolution_loop(h):
         for c in range(r + 1):
             T[..., r, c] = h[..., r - c]
     return T
+
+
+def delta_rule_loop(q, k, beta, log_decay):
+    """The gated delta rule's ``T`` in float64, by running its recurrence literally on one-hot values:
+    ``S <- exp(g_t) S``, ``S <- S + k_t (beta_t (v_t - S^T k_t))^T``, ``o_t = S^T q_t`` with ``v_c = e_c``, so
+    that ``o_t`` is row ``t`` of ``T``. ``q, k (..., L, N)``, ``beta, log_decay (..., L)``."""
+    q, k, beta, g = (
+        np.asarray(t.detach().double() if hasattr(t, "detach") else t, np.float64) for t in (q, k, beta, log_decay)
+    )
+    L, N = q.shape[-2:]
+    T = np.zeros(q.shape[:-2] + (L, L))
+    for b in np.ndindex(*q.shape[:-2]):
+        S = np.zeros((N, L))
+        for t in range(L):
+            S = np.exp(g[b][t]) * S
+            v = np.zeros(L)
+            v[t] = 1.0
+            S = S + np.outer(k[b][t], beta[b][t] * (v - S.T @ k[b][t]))
+            T[b][t] = S.T @ q[b][t]
+    return T

@@ -9,6 +9,7 @@ their own ``x_proj`` / ``in_proj`` / ``norm`` inputs, and the logits without cap
 from __future__ import annotations
 
 import gc
+import math
 import warnings
 import weakref
 
@@ -760,6 +761,8 @@ def _hybrid(kind):
 
     ``initializer_range=0.5``: at the default 0.02 the mixers' ``T x`` is below float32 round-off
     of their ``D x`` term, and the output check would not see the operator at all."""
+    if kind in DELTANETS:
+        return _gated_deltanet(kind)
     T = transformers
     torch.manual_seed(0)
     common = dict(
@@ -832,6 +835,84 @@ def _hybrid(kind):
 
 
 HYBRIDS = ["bamba", "zamba2", "granitemoehybrid", "nemotron_h", "falcon_h1"]
+DELTANETS = ["qwen3_next", "qwen3_5"]
+
+
+def _gated_deltanet(kind):
+    """A tiny Qwen3-Next or Qwen3.5: a Gated DeltaNet layer (2 key heads of dim 8 shared by 4 value heads of
+    dim 8), then attention. ``A_log`` is set to ``log 0.2``: at its default initialization (``A`` up to 16) the
+    decays are so fast that ``T`` is nearly diagonal."""
+    T = transformers
+    if kind == "qwen3_5" and not hasattr(T, "Qwen3_5TextConfig"):
+        pytest.skip(f"transformers {T.__version__} has no Qwen3.5")
+    common = dict(
+        initializer_range=0.5,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        linear_num_value_heads=4,
+        linear_num_key_heads=2,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        layer_types=["linear_attention", "full_attention"],
+    )
+    torch.manual_seed(0)
+    if kind == "qwen3_next":
+        moe = dict(num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16, shared_expert_intermediate_size=16)
+        cfg, model = T.Qwen3NextConfig(**common, **moe), T.Qwen3NextForCausalLM
+    else:
+        cfg, model = T.Qwen3_5TextConfig(**common), T.Qwen3_5ForCausalLM
+    cfg._attn_implementation = "eager"
+    m = model(cfg).eval()
+    with torch.no_grad():
+        m.model.layers[0].linear_attn.A_log.fill_(math.log(0.2))
+    return m
+
+
+@pytest.mark.parametrize("kind", DELTANETS)
+def test_gated_deltanet_reproduces_the_layer_output(kind):
+    """The captured ``DeltaRule`` operator applied to the layer's own values reproduces the delta rule's output
+    (the input of the layer's gated norm), and, with the gated norm and ``out_proj``, the layer's output. At
+    L = 8 the 8 value channels of a head determine ``T`` completely. Logits are bit-identical with the capture."""
+    from esswatch.integrations.transformers.delta import gated_delta_inputs
+
+    from esswatch.operators import DeltaRule
+
+    model = _gated_deltanet(kind)
+    layer = model.model.layers[0].linear_attn
+    seen, hooks = {}, []
+    hooks.append(layer.norm.register_forward_hook(lambda m, a, o: seen.__setitem__("core", a)))
+    hooks.append(layer.register_forward_hook(lambda m, a, o: seen.__setitem__("out", o)))
+    hooks.append(
+        layer.register_forward_pre_hook(
+            lambda m, a, kw: seen.__setitem__("in", a[0] if a else kw["hidden_states"]), with_kwargs=True
+        )
+    )
+    try:
+        with torch.no_grad():
+            ref = model(_ids()).logits
+            cap, out, msgs = _capture(model, _ids())
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.equal(out.logits, ref) and not msgs, msgs
+    op = cap.operators["model.layers.0.linear_attn"]
+    assert isinstance(op, DeltaRule) and op.batch_shape == (2, 4) and op.state_size == 8 and op.value_dim == 8
+    assert cap.tss["model.layers.0.linear_attn"] == 8
+    with torch.no_grad():
+        v = gated_delta_inputs(layer, seen["in"])[2].float()  # (b, h, L, dv): the conv's SiLU output
+    assert torch.linalg.matrix_rank(v[0, 0]) == L  # the values span R^L: T is checked in full
+    core, gate = seen["core"]
+    got = (op.dense() @ v).transpose(1, 2).reshape(core.shape)
+    torch.testing.assert_close(got, core, atol=1e-5, rtol=1e-4)
+    assert (op.dense()[..., 2:, :2].abs() > 1e-4).any()  # not a nearly diagonal operator
+    with torch.no_grad():
+        full = layer.out_proj(layer.norm(got, gate).reshape(2, L, -1))
+    torch.testing.assert_close(full, seen["out"], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", HYBRIDS)
@@ -910,7 +991,7 @@ def test_watch_measures_a_hybrid_mixer_against_numpy():
     np.testing.assert_allclose(layer["entropy"]["per_index"], want, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", HYBRIDS)
+@pytest.mark.parametrize("kind", HYBRIDS + DELTANETS)
 def test_hybrid_training_with_the_watch_is_bit_identical(kind):
     """Three AdamW steps of each hybrid with ``ESSWatch(every_n_steps=1)``, blocking and in the background:
     the parameters and the global RNG stream afterwards equal those of training without the watch, every

@@ -11,7 +11,8 @@ materializing ``T``), ``hankel_support(i)`` (the rows and columns that can hold 
 from .attention import SoftmaxAttention
 from .base import Operator
 from .convolution import Convolution
+from .delta import DeltaRule
 from .dense import Dense
 from .recurrence import GatedRecurrence
 
-__all__ = ["Operator", "Dense", "SoftmaxAttention", "GatedRecurrence", "Convolution"]
+__all__ = ["Operator", "Dense", "SoftmaxAttention", "GatedRecurrence", "Convolution", "DeltaRule"]

@@ -44,7 +44,7 @@ def _supported_text() -> str:
         f"{', '.join(supported_types()) or '(no registered types)'}; causal Hugging Face attention that "
         "calls transformers' attention-function registry, and MambaMixer / FalconMambaMixer / "
         "JambaMambaMixer / Mamba2Mixer (also the Mamba2 mixers of Bamba, Zamba2, GraniteMoeHybrid, NemotronH and "
-        "FalconH1), once `transformers` is imported"
+        "FalconH1) and the Gated DeltaNet of Qwen3-Next and Qwen3.5, once `transformers` is imported"
     )
 
 

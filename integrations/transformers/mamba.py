@@ -158,13 +158,15 @@ class _MixerProbe(Probe):
     def tss(self) -> Optional[int]:
         return int(self.module.ssm_state_size)
 
+    #: what padding does to the operator (the padding warning's middle)
+    padding_effect = "padded positions have zero input (B = C = 0), so they are zero rows and columns of the operator"
+
     def _warn_padding(self, mask: Optional[torch.Tensor]) -> None:
         if mask is not None and not self._warned_pad and not bool((mask != 0).all()):
             self._warned_pad = True
             warnings.warn(
-                f"esswatch: {self.name}: padded batch: padded positions have zero input (B = C = 0), "
-                "so they are zero rows and columns of the operator and ESS at index i mixes different "
-                "token positions across differently padded rows.",
+                f"esswatch: {self.name}: padded batch: {self.padding_effect}, and ESS at index i mixes "
+                "different token positions across differently padded rows.",
                 CaptureWarning,
                 stacklevel=3,
             )
@@ -229,7 +231,7 @@ class Mamba2Probe(_MixerProbe):
 
 class UnsupportedMixerProbe(UnsupportedProbe):
     """A transformers recurrent mixer (a module with an ``A_log`` parameter) esswatch has no probe
-    for, e.g. the gated delta rule layers of Qwen3-Next and OLMo-hybrid.
+    for, e.g. OLMo-hybrid's gated delta rule layer.
 
     Not capturable: the capture names it (an error when nothing else can be captured,
     otherwise one warning), see :mod:`esswatch.probes.unsupported`.
@@ -238,6 +240,6 @@ class UnsupportedMixerProbe(UnsupportedProbe):
     layer_type = "Hugging Face recurrent mixer without an esswatch probe (not capturable)"
     reason = (
         "a recurrent (state-space or linear-attention) mixer esswatch has no probe for (supported: "
-        "MambaMixer, FalconMambaMixer, JambaMambaMixer, Mamba2Mixer and the Mamba2 mixers of Bamba, "
-        "Zamba2, GraniteMoeHybrid, NemotronH and FalconH1)"
+        "MambaMixer, FalconMambaMixer, JambaMambaMixer, Mamba2Mixer, the Mamba2 mixers of Bamba, "
+        "Zamba2, GraniteMoeHybrid, NemotronH and FalconH1, and the Gated DeltaNet of Qwen3-Next and Qwen3.5)"
     )

@@ -11,14 +11,15 @@ imported; importing it calls :func:`esswatch.probes.add_provider` with
   (eager, sdpa, flash, flex) -> :class:`~.attention.HFAttentionProbe`;
 - ``MambaMixer`` (Mamba), ``FalconMambaMixer``, ``JambaMambaMixer`` -> :class:`~.mamba.MambaProbe`;
 - ``Mamba2Mixer`` and the Mamba2 mixers of the hybrids Bamba, Zamba2, GraniteMoeHybrid
-  (Granite 4), Nemotron-H and Falcon-H1 -> :class:`~.mamba.Mamba2Probe`.
+  (Granite 4), Nemotron-H and Falcon-H1 -> :class:`~.mamba.Mamba2Probe`;
+- the Gated DeltaNet layers of Qwen3-Next and Qwen3.5 -> :class:`~.delta.GatedDeltaNetProbe`.
 
 Recognised but not capturable (reported by name and reason when the capture is built:
 an error if nothing else in the model can be captured, otherwise one warning): statically
 bidirectional attention (``is_causal = False``, e.g. BERT encoders, ViT), cross-attention
 (``is_cross_attention = True``), attention that bypasses the registry (Bloom, GPT-Neo; GPT-J and
-Falcon before transformers 5.24), and recurrent mixers without a probe (gated delta rule layers,
-RecurrentGemma's RG-LRU).
+Falcon before transformers 5.24), and recurrent mixers without a probe (OLMo-hybrid's gated delta
+rule, RecurrentGemma's RG-LRU).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from esswatch.probes import Probe, UnsupportedProbe, add_provider
 
 from .._versions import SUPPORTED_TRANSFORMERS, version_problem
 from .attention import BidirectionalAttentionProbe, BypassingAttentionProbe, CrossAttentionProbe, HFAttentionProbe
+from .delta import GatedDeltaNetProbe
 from .mamba import Mamba2Probe, MambaProbe, UnsupportedMixerProbe
 
 __all__ = [
@@ -48,6 +50,7 @@ __all__ = [
     "UnsupportedMixerProbe",
     "calls_attention_registry",
     "OutOfRangeProbe",
+    "GatedDeltaNetProbe",
 ]
 
 # classes matched by name along the MRO (no import of the model files needed)
@@ -62,6 +65,10 @@ _MIXERS = {
     ("transformers.models.granitemoehybrid.modeling_granitemoehybrid", "GraniteMoeHybridMambaLayer"): Mamba2Probe,
     ("transformers.models.nemotron_h.modeling_nemotron_h", "NemotronHMamba2Mixer"): Mamba2Probe,
     ("transformers.models.falcon_h1.modeling_falcon_h1", "FalconH1Mixer"): Mamba2Probe,
+    # Gated DeltaNet (the gated delta rule)
+    ("transformers.models.qwen3_next.modeling_qwen3_next", "Qwen3NextGatedDeltaNet"): GatedDeltaNetProbe,
+    ("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5GatedDeltaNet"): GatedDeltaNetProbe,
+    ("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe", "Qwen3_5MoeGatedDeltaNet"): GatedDeltaNetProbe,
 }
 
 # recurrent layers without an ``A_log`` (the generic sign of a recurrent mixer, see provider()), no probe
@@ -157,7 +164,7 @@ def provider(module: torch.nn.Module) -> Optional[Type[Probe]]:
             return CrossAttentionProbe
         if getattr(module, "is_causal", True) is False:
             return BidirectionalAttentionProbe
-    if _VERSION_PROBLEM is not None and p in (HFAttentionProbe, MambaProbe, Mamba2Probe):
+    if _VERSION_PROBLEM is not None and p in (HFAttentionProbe, MambaProbe, Mamba2Probe, GatedDeltaNetProbe):
         return OutOfRangeProbe
     return p
 
