@@ -74,9 +74,11 @@ CASES = {
 }
 
 
-def olmo_hybrid():
-    """OLMo-hybrid: a gated delta rule layer (``OlmoHybridGatedDeltaNet``: no esswatch probe), then attention."""
-    cfg = transformers.OlmoHybridConfig(
+def _tiny_decoder(name):
+    """A tiny 2-layer ``{name}ForCausalLM``: OLMo-hybrid (a gated delta rule layer, ``OlmoHybridGatedDeltaNet``:
+    no esswatch probe, then attention) or Kimi Linear (delta attention that bypasses the registry, with a gate
+    module of its own that owns an ``A_log``)."""
+    cfg = getattr(transformers, f"{name}Config")(
         vocab_size=VOCAB,
         hidden_size=32,
         num_hidden_layers=2,
@@ -85,21 +87,7 @@ def olmo_hybrid():
         intermediate_size=64,
         pad_token_id=0,
     )
-    return transformers.OlmoHybridForCausalLM(cfg)
-
-
-def kimi_linear():
-    """Kimi Linear: delta attention that bypasses the registry, with a gate module of its own that owns an ``A_log``."""
-    cfg = transformers.KimiLinearConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        pad_token_id=0,
-    )
-    return transformers.KimiLinearForCausalLM(cfg)
+    return getattr(transformers, f"{name}ForCausalLM")(cfg)
 
 
 def _check_message(msg, type_name, names, reason):
@@ -266,7 +254,7 @@ def test_a_recurrent_mixer_without_a_probe_is_named_not_silently_left_out():
     if not hasattr(transformers, "OlmoHybridConfig"):
         pytest.skip(f"transformers {transformers.__version__} has no OLMo-hybrid")
     torch.manual_seed(0)
-    model = olmo_hybrid().eval()
+    model = _tiny_decoder("OlmoHybrid").eval()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with torch.no_grad(), esswatch.capture(model) as cap:
@@ -286,7 +274,7 @@ def test_a_gate_module_inside_an_unsupported_layer_is_not_listed_twice():
     if not hasattr(transformers, "KimiLinearConfig"):
         pytest.skip(f"transformers {transformers.__version__} has no Kimi Linear (added in 5.16)")
     torch.manual_seed(0)
-    model = kimi_linear()
+    model = _tiny_decoder("KimiLinear")
     with pytest.raises(UnsupportedModelError) as e:
         esswatch.capture(model)
     msg = str(e.value)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from esswatch.operators import DeltaRule, Operator
 
-from .mamba import _mask_padding, _MixerProbe
+from .mamba import _causal_conv, _mask_padding, _MixerProbe
 
 __all__ = ["GatedDeltaNetProbe", "gated_delta_inputs"]
 
@@ -51,9 +51,7 @@ def gated_delta_inputs(layer, hidden_states: torch.Tensor, attention_mask=None):
         mixed = torch.cat([x.reshape(b, L, -1) for x in (query, key, value)], dim=-1)
     else:  # Qwen3.5
         mixed, beta_in, a = layer.in_proj_qkv(hs), layer.in_proj_b(hs), layer.in_proj_a(hs)
-    w = layer.conv1d.weight
-    mixed = F.conv1d(mixed.transpose(1, 2), w, layer.conv1d.bias, padding=w.shape[-1] - 1, groups=w.shape[0])
-    mixed = F.silu(mixed[..., :L]).transpose(1, 2)
+    mixed = _causal_conv(layer, mixed.transpose(1, 2), F.silu).transpose(1, 2)  # the layers' conv activation: SiLU
     q, k, v = torch.split(mixed, [layer.key_dim, layer.key_dim, layer.value_dim], dim=-1)
     q, k = (_l2norm(x.reshape(b, L, -1, layer.head_k_dim).float()) for x in (q, k))
     per_key = layer.num_v_heads // layer.num_k_heads

@@ -51,12 +51,13 @@ def _mask_padding(x: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> to
     return (x * attention_mask[:, :, None]).to(x.dtype)
 
 
-def _causal_conv(mixer, x: torch.Tensor) -> torch.Tensor:
-    """Depthwise causal conv + activation of ``x`` ``(batch, channels, L)``, as ``causal_conv1d_fn``."""
+def _causal_conv(mixer, x: torch.Tensor, act=None) -> torch.Tensor:
+    """Depthwise causal conv + activation (``act``, default ``mixer.act``) of ``x`` ``(batch, channels, L)``,
+    as ``causal_conv1d_fn``."""
     w = mixer.conv1d.weight  # (channels, 1, K)
     L = x.shape[-1]
     out = F.conv1d(x.to(w.dtype), w, mixer.conv1d.bias, padding=w.shape[-1] - 1, groups=x.shape[1])[..., :L]
-    return mixer.act(out).to(x.dtype)
+    return (mixer.act if act is None else act)(out).to(x.dtype)
 
 
 def mamba_scan_inputs(mixer, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
