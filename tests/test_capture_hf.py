@@ -995,7 +995,9 @@ def test_watch_measures_a_hybrid_mixer_against_numpy():
 def test_hybrid_training_with_the_watch_is_bit_identical(kind):
     """Three AdamW steps of each hybrid with ``ESSWatch(every_n_steps=1)``, blocking and in the background:
     the parameters and the global RNG stream afterwards equal those of training without the watch, every
-    mixer and attention layer is measured, and nothing fails."""
+    mixer and attention layer is measured, and nothing fails. In the background each step first waits for
+    the worker, so that no sample is skipped as busy (timing would otherwise decide whether step 2 is
+    measured)."""
 
     def train(background):
         model = _hybrid(kind).train()
@@ -1011,6 +1013,8 @@ def test_hybrid_training_with_the_watch_is_bit_identical(kind):
             opt.step()
             opt.zero_grad()
             if watch is not None:
+                if watch._offload is not None:  # the previous sample is done: none is skipped as busy
+                    assert watch._offload.worker.wait_idle(timeout=60)
                 watch.step()
         got = None
         if watch is not None:
