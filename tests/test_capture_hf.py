@@ -991,6 +991,42 @@ def test_watch_measures_a_hybrid_mixer_against_numpy():
     np.testing.assert_allclose(layer["entropy"]["per_index"], want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", DELTANETS)
+def test_watch_measures_a_gated_deltanet_from_its_gramians_against_numpy(kind, monkeypatch):
+    """``ESSWatch`` on a training step of a Gated DeltaNet model at L = 64 (>= 6 head_k_dim: ``auto`` takes the
+    Gramians; ``T`` is never built, ``delta_rule_dense`` is not called): the layer's logged per-index
+    entropy-ESS equals NumPy SVDs of ``T`` rebuilt in float64 by running the recurrence literally
+    (``reference.delta_rule_loop``) on the layer's own delta-rule inputs."""
+    from esswatch.integrations.transformers.delta import gated_delta_inputs
+    from reference import delta_rule_loop, entropy_ess_ref
+
+    import esswatch.operators.delta as delta
+
+    monkeypatch.setattr(delta, "delta_rule_dense", lambda *a, **kw: pytest.fail("T was materialized"))
+    model = _gated_deltanet(kind).train()
+    layer = model.model.layers[0].linear_attn
+    ids = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(3))
+    seen = {}
+
+    def keep_input(m, a, kw):
+        seen.setdefault("in", (a[0] if a else kw["hidden_states"]).detach())
+
+    hook = layer.register_forward_pre_hook(keep_input, with_kwargs=True)
+    try:
+        with esswatch.ESSWatch(model, every_n_steps=1, histograms=False, images=False) as watch:
+            model(ids, labels=ids).loss.backward()
+            watch.step()
+            got = watch.latest()
+    finally:
+        hook.remove()
+    assert got["failures"] == 0 and "model.layers.0.linear_attn" in got["layers"]
+    with torch.no_grad():
+        q, k, _v, beta, g = gated_delta_inputs(layer, seen["in"])
+    measured = got["layers"]["model.layers.0.linear_attn"]
+    want = entropy_ess_ref(delta_rule_loop(q, k, beta, g), measured["indices"]).mean(axis=(0, 1))
+    np.testing.assert_allclose(measured["entropy"]["per_index"], want, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind", HYBRIDS + DELTANETS)
 def test_hybrid_training_with_the_watch_is_bit_identical(kind):
     """Three AdamW steps of each hybrid with ``ESSWatch(every_n_steps=1)``, blocking and in the background:

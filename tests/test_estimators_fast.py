@@ -55,6 +55,38 @@ def test_gram_singular_values_match_numpy(decay, method):
         np.testing.assert_allclose(fro2[..., j].numpy(), (T[..., i:, :i] ** 2).sum((-1, -2)), rtol=1e-10)
 
 
+def test_gram_where_neither_gramian_factors_takes_their_square_roots():
+    """Decays that erase the state at positions 57 and 63 leave ``H_60`` of rank 3 < N from both sides, so
+    neither Gramian factors (in exact arithmetic; round-off lets a Cholesky pass in one batch row). Without
+    gradients the truncated square roots resolve it (``ok``), with NumPy's singular values and entropy-ESS;
+    with gradients it is left unresolved and ``entropy_ess`` computes it densely, with the same value and a
+    finite gradient."""
+    from reference import gated_recurrence_loop
+
+    B, L, N = 2, 120, 6
+    q, k = _rand(B, L, N, seed=11), _rand(B, L, N, seed=12)
+    ld = -0.3 * torch.rand(B, L, N, generator=torch.Generator().manual_seed(13), dtype=F64)
+    ld[:, [57, 63], :] = -1000.0
+    T = np.stack([gated_recurrence_loop(q[b].numpy(), k[b].numpy(), ld[b].numpy()) for b in range(B)])
+    idx = torch.tensor([30, 60, 90])
+    sv, ok, _ = gram_singular_values(q, k, ld, idx)
+    assert ok.all()
+    for j, i in enumerate(idx.tolist()):
+        ref = hankel_sv(T, i)[..., :N]
+        np.testing.assert_allclose(sv[..., j, :].numpy(), ref, rtol=1e-6, atol=1e-7 * ref.max())
+    assert (hankel_sv(T, 60)[..., 3:N] < 1e-12).all()  # rank 3: the case this test is about
+    want = entropy_ess_ref(T, idx.tolist())
+    np.testing.assert_allclose(
+        ew.entropy_ess(GatedRecurrence(q, k, ld), idx, estimator="gram").numpy(), want, rtol=1e-6
+    )
+    qg = q.clone().requires_grad_()
+    assert not gram_singular_values(qg, k, ld, idx)[1][..., 1].all()  # a Cholesky may still pass on round-off
+    e = ew.entropy_ess(GatedRecurrence(qg, k, ld), idx, estimator="gram")
+    np.testing.assert_allclose(e.detach().numpy(), want, rtol=1e-6)
+    e.sum().backward()
+    assert torch.isfinite(qg.grad).all()
+
+
 def test_gram_direct_and_chunked_agree_with_strong_and_vanishing_decays():
     B, L, N = 2, 200, 4
     q, k = _rand(B, L, N, seed=4), _rand(B, L, N, seed=5)

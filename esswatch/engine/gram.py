@@ -24,8 +24,10 @@ Two ways to form the Gramians, neither with a Python step per position:
 
 The eigenproblem runs in float64 and is made symmetric with a Cholesky factor
 ``P_i = C C^T`` (``eig(P Q) = eig(C^T Q C)``); where ``P_i`` is singular the Cholesky of
-``Q_i`` is tried instead, and where both fail the index is returned as unresolved so the
-caller computes it densely. Squaring loses half the digits of the small singular values:
+``Q_i`` is tried instead. Where both fail (fast decays erase the state on both sides of the
+index) the singular values come from the truncated square roots of both Gramians when no
+gradient is needed; with gradients the index is returned as unresolved so the caller computes
+it densely. Squaring loses half the digits of the small singular values:
 float64 resolves them down to about ``1e-8 * s_1`` (entropy contribution below ``1e-6``).
 Everything is differentiable with finite gradients (masked exponents are ``-inf`` before
 ``exp``; the square root uses :func:`safe_sqrt`).
@@ -35,9 +37,10 @@ from __future__ import annotations
 
 import torch
 
+from .gram_spectrum import gramian_squared_singular_values
 from .spectral import safe_sqrt
 
-__all__ = ["gram_singular_values", "gram_squared_singular_values", "gramians"]
+__all__ = ["gram_singular_values", "gram_squared_singular_values", "gramian_squared_singular_values", "gramians"]
 
 #: log decays below this are clamped: exp(-1000) is exactly 0 in float64, and -inf would
 #: turn the differences of cumulative sums into NaN
@@ -227,24 +230,7 @@ def gram_squared_singular_values(
     inv = inverse.to(P.device)
     if uniq.numel() != indices.numel() or not torch.equal(uniq, indices):
         P, Q = P[..., inv, :, :], Q[..., inv, :, :]
-    fro2 = (P * Q).sum(dim=(-1, -2))  # trace(P Q) for symmetric P, Q
-    with torch.no_grad():  # which factorizations exist (no graph: a failed one has no usable backward)
-        use_p = torch.linalg.cholesky_ex(P)[1] == 0
-        use_q = (~use_p) & (torch.linalg.cholesky_ex(Q)[1] == 0)
-    ok = use_p | use_q
-    eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
-    # Factor only matrices known to factor (identity elsewhere): the backward of a failed
-    # Cholesky holds inf/NaN, which torch.where's zero gradient would turn into NaN (0 * inf).
-    cp = torch.linalg.cholesky_ex(torch.where(use_p[..., None, None], P, eye))[0]
-    cq = torch.linalg.cholesky_ex(torch.where(use_q[..., None, None], Q, eye))[0]
-    # M = C^T X C with (C, X) = (chol P, Q) or (chol Q, P); identity where neither factor exists.
-    c = torch.where(use_p[..., None, None], cp, torch.where(use_q[..., None, None], cq, eye))
-    x = torch.where(use_p[..., None, None], Q, torch.where(use_q[..., None, None], P, eye))
-    m = c.transpose(-1, -2) @ x @ c
-    m = 0.5 * (m + m.transpose(-1, -2))
-    lam = torch.linalg.eigvalsh(m).flip(-1)
-    lam = torch.clamp(lam, min=0)
-    return lam, ok, fro2
+    return gramian_squared_singular_values(P, Q)
 
 
 def gram_singular_values(q, k, log_decay, indices, method: str = "auto"):

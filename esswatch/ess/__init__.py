@@ -13,17 +13,23 @@ disabled inside; results are on the operator's device):
                  columns (windows, masks, padding, short kernels: exact) and in the tall
                  orientation; blocks of equal shape share one call. O(L^3) per index.
                  Differentiable. The reference.
-``"gram"``       exact, for :class:`~esswatch.operators.GatedRecurrence` only: factored
-                 Gramians in float64 (direct for a few indices, chunked for many: no Python
-                 step per position), O(L N^2) for *all* indices plus an ``N x N``
-                 eigenproblem per index. Differentiable. Indices with ``min(i, L-i) < N``
-                 (rank-deficient Gramians) are computed densely, which is cheap there.
+``"gram"``       exact, for operators with a finite state (``has_gramians``:
+                 :class:`~esswatch.operators.GatedRecurrence`,
+                 :class:`~esswatch.operators.DeltaRule`): factored Gramians in float64
+                 (gated recurrences: direct for a few indices, chunked for many; the delta
+                 rule: segments of 64 positions in closed form), no Python step per
+                 position and no ``L x L`` buffer, plus an ``N x N`` eigenproblem per index.
+                 Differentiable. Indices with ``min(i, L-i) < N`` (rank-deficient Gramians):
+                 densely for gated recurrences (cheap there), from the explicit factor for the
+                 delta rule. Where neither Gramian factors (fast decays on both sides of the
+                 index): their truncated square roots without gradients, densely with them.
 ``"randomized"`` subspace-iteration sketches of the block with deterministic bounds from
                  its exact ``||H_i||_F``, then, for large blocks whose bounds cannot close (a long flat tail), the
                  deflated stochastic Lanczos quadrature (accepted with about 95% confidence
                  when within ``rtol``, else exact); see :mod:`esswatch.engine.adaptive`.
                  Not differentiable (computed under ``no_grad``).
-``"auto"``       gram for gated recurrences; otherwise exact where ``min(i, L-i)`` (or the
+``"auto"``       gram where the operator has Gramians (``DeltaRule``: from ``L >= 6 N`` on, where
+                 they are faster than materializing ``T``); otherwise exact where ``min(i, L-i)`` (or the
                  smaller side of the block's structural non-zero range) is at most 128 or
                  gradients are needed, randomized elsewhere.
 ===============  ==========================================================================

@@ -76,7 +76,7 @@ class BlockCache:
     def frobenius2(self, indices) -> dict:
         """``{i: ||H_i||_F^2}`` (float64) from one pass over the dense ``T`` where every ``H_i`` is
         a slice of it (:meth:`hankel`; trimming zero lines keeps the norm), else ``{}``."""
-        if not indices or (self._dense is None and isinstance(self.op, GatedRecurrence)):
+        if not indices or (self._dense is None and self.op.has_gramians):
             return {}
         if any(self._support(i)[2] for i in indices):
             return {}  # a window or a short kernel: blocks from op.block, T never materialized

@@ -7,7 +7,7 @@ import torch
 
 from ..engine.memory import check_memory, estimate_bytes
 from ..engine.spectral import compute_dtype
-from ..operators import GatedRecurrence, Operator, SoftmaxAttention
+from ..operators import Operator, SoftmaxAttention
 
 __all__ = ["check_call_memory", "empty_result"]
 
@@ -16,7 +16,7 @@ def check_call_memory(op: Operator, idx: torch.Tensor, estimator: str, what: str
     """Estimate the call's big buffers before any is allocated (:mod:`esswatch.engine.memory`)."""
     itemsize = torch.finfo(compute_dtype(op.dtype)).bits // 8
     L, ind = op.seq_len, idx.tolist()
-    gram = isinstance(op, GatedRecurrence) and estimator in ("auto", "gram")
+    gram = op.has_gramians and (estimator == "gram" or (estimator == "auto" and op.prefers_gram))
     nbytes = estimate_bytes(
         op.numel_batch(),
         L,

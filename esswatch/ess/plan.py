@@ -8,10 +8,9 @@ from __future__ import annotations
 import torch
 
 from ..engine.exact import batched_svdvals
-from ..engine.gram import gram_singular_values
-from ..engine.spectral import compute_dtype, entropy_from_singular_values
+from ..engine.spectral import compute_dtype, entropy_from_singular_values, safe_sqrt
 from ..engine.validation import check_indices, check_not_meta
-from ..operators import GatedRecurrence, Operator
+from ..operators import Operator
 from .blocks import BlockCache
 from .guard import check_call_memory
 
@@ -31,8 +30,10 @@ def prepare(op: Operator, indices, estimator, what="entropy_ess", normalize=True
     compute dtype ``cdt``) and the indices as a 1-D int64 tensor. Raises ``ValueError``."""
     if not isinstance(estimator, str) or estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if estimator == "gram" and not isinstance(op, GatedRecurrence):
-        raise ValueError(f"estimator='gram' needs a GatedRecurrence operator, got {type(op).__name__}")
+    if estimator == "gram" and not op.has_gramians:
+        raise ValueError(
+            f"estimator='gram' needs an operator with Gramians (GatedRecurrence, DeltaRule), got {type(op).__name__}"
+        )
     for t in op._tensors():
         check_not_meta(t, f"{type(op).__name__} operand")
     if op.seq_len < 2:
@@ -63,7 +64,7 @@ def plan(op: Operator, idx: torch.Tensor, estimator: str, need_grad: bool) -> di
     for i in dict.fromkeys(idx.tolist()):
         if estimator != "auto":
             out[i] = estimator
-        elif isinstance(op, GatedRecurrence):
+        elif op.has_gramians and op.prefers_gram:
             out[i] = "gram"
         elif need_grad or support_size(op, i) <= EXACT_BELOW:
             out[i] = "exact"
@@ -75,8 +76,9 @@ def plan(op: Operator, idx: torch.Tensor, estimator: str, need_grad: bool) -> di
 def singular_values_by_plan(op: Operator, by_index: dict, cache: BlockCache) -> dict:
     """Exact singular values (dict i -> sv) for the ``"exact"`` and ``"gram"`` entries of the plan.
 
-    Gram indices with ``min(i, L - i) < N`` (rank-deficient Gramians) and those whose Gramians
-    are numerically singular go to the batched dense SVD with the ``"exact"`` ones.
+    Gram indices with ``min(i, L - i) < N`` (rank-deficient Gramians; unless the operator resolves
+    them, ``gram_at_ends``) and those whose Gramians are numerically singular go to the batched dense
+    SVD with the ``"exact"`` ones.
     """
     out = {}
     L = op.seq_len
@@ -84,12 +86,11 @@ def singular_values_by_plan(op: Operator, by_index: dict, cache: BlockCache) -> 
     gram_idx = [i for i, e in by_index.items() if e == "gram"]
     if gram_idx:
         N = op.state_width
-        via_gram = [i for i in gram_idx if min(i, L - i) >= N]
-        dense_idx += [i for i in gram_idx if min(i, L - i) < N]
+        via_gram = sorted(i for i in gram_idx if op.gram_at_ends or min(i, L - i) >= N)
+        dense_idx += [i for i in gram_idx if not op.gram_at_ends and min(i, L - i) < N]
         if via_gram:
-            q, k, ld = op.expanded()
-            sv, ok, _ = gram_singular_values(q, k, ld, torch.tensor(via_gram))
-            sv = sv.to(compute_dtype(op.dtype))
+            lam, ok, _ = op.gram_spectrum(torch.tensor(via_gram))
+            sv = safe_sqrt(lam).to(compute_dtype(op.dtype))
             ok_all = (ok.all(dim=tuple(range(ok.dim() - 1))) if ok.dim() > 1 else ok).tolist()
             for j, i in enumerate(via_gram):
                 if ok_all[j]:

@@ -11,8 +11,9 @@ block ``H_i`` (:mod:`esswatch.engine.adaptive`): there are no operator-specific 
 not the estimators.
 
 A new operator type implements ``dense()``, ``_tensors()`` and ``to()``; where its structure
-allows, it overrides ``block()`` (a slice without materializing ``T``) and
-``hankel_support()`` (a window or a short kernel leaves most of ``H_i`` zero).
+allows, it overrides ``block()`` (a slice without materializing ``T``),
+``hankel_support()`` (a window or a short kernel leaves most of ``H_i`` zero) and, for a finite
+state, ``gramians()`` with ``has_gramians = True`` and ``state_width``.
 
 ``H_i = T[..., i:, :i]`` is the past-to-future submatrix at 0-based index ``i``
 (``1 <= i <= L-1``), see ``docs/ess.md`` section 2.
@@ -25,6 +26,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..engine import gram as _gram
 from ..engine import hankel as _hankel
 from ..engine.validation import check_finite
 
@@ -68,6 +70,17 @@ class Operator:
     batch_shape: torch.Size
     state_size: Optional[int] = None
     value_dim: int = 1
+    #: the operator factors through a state of width ``state_width`` and implements :meth:`gramians`
+    #: (the exact ``"gram"`` estimator of :mod:`esswatch.ess`)
+    has_gramians: bool = False
+    #: :meth:`gram_spectrum` also resolves the indices with ``min(i, L - i) < state_width`` (elsewhere those
+    #: take the dense SVD, cheap where a block near an end can be sliced without materializing ``T``)
+    gram_at_ends: bool = False
+
+    @property
+    def prefers_gram(self) -> bool:
+        """Whether ``estimator="auto"`` takes the Gramian route (where ``has_gramians``)."""
+        return self.has_gramians
 
     # -- required -----------------------------------------------------------
     def dense(self) -> torch.Tensor:
@@ -133,6 +146,16 @@ class Operator:
         of the block they hold."""
         t = self.dense() if dense is None else dense
         return _hankel.hankel_fro2_dense(t, indices)
+
+    def gramians(self, indices: torch.Tensor):
+        """``(P, Q)``: the Gramians of ``H_i = O_i R_i`` (``P_i = R_i R_i^T``, ``Q_i = O_i^T O_i``) at the
+        sorted unique ``indices``, float64, ``batch_shape + (n, N, N)`` (only where ``has_gramians``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no Gramians")
+
+    def gram_spectrum(self, indices: torch.Tensor):
+        """``(sigma2, ok, fro2)`` at the sorted unique ``indices`` from :meth:`gramians`
+        (:func:`esswatch.engine.gram.gramian_squared_singular_values`)."""
+        return _gram.gramian_squared_singular_values(*self.gramians(indices))
 
     # -- state sizes -----------------------------------------------------------
     def tss(self, indices: torch.Tensor) -> torch.Tensor:

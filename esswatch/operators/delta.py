@@ -5,9 +5,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dense import Dense
+from ..engine.delta_gram import delta_gram_squared_singular_values, delta_gramians
+from ..engine.validation import check_positive_int
+from .base import Operator, matrix_scale
 
-__all__ = ["DeltaRule", "delta_rule_dense"]
+__all__ = ["DeltaRule", "delta_rule_dense", "GRAM_FROM"]
+
+#: ``estimator="auto"`` uses the Gramians where ``L >= GRAM_FROM * N``. Measured at N = 128, 8 heads x 2 rows,
+#: one CPU thread, against the dense ``exact`` route: at L = 512 the Gramians took 0.9x (long memory) and 2.0x
+#: (gates at initialisation: most heads forget within a few steps and ``T`` is nearly banded) of its time, at
+#: L = 768 0.5x and 1.6x, at L = 1024 0.3x and 1.2x (examples/benchmarks/README.md)
+GRAM_FROM = 6
 
 
 def _transition(x: torch.Tensor, k: torch.Tensor, bk: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
@@ -54,13 +62,17 @@ def delta_rule_dense(
     return torch.cat(rows, dim=-2)
 
 
-class DeltaRule(Dense):
+class DeltaRule(Operator):
     """``T[t, c] = beta_c q_t^T B_t B_{t-1} ... B_{c+1} k_c`` for ``c <= t``, ``B_s = exp(g_s) (I - beta_s k_s k_s^T)``.
 
     The map from values to outputs of the gated delta rule ``S_t = B_t S_{t-1} + beta_t k_t v_t^T``,
     ``o_t = S_t^T q_t`` (a state ``S`` of ``N x value_dim`` per head), once ``q, k, beta`` and the decay
-    ``g = log_decay`` are fixed. Unlike :class:`~esswatch.operators.GatedRecurrence` its transitions are not
-    diagonal, so it is materialized (:func:`delta_rule_dense`) and handled as a :class:`Dense` operator.
+    ``g = log_decay`` are fixed. Its transitions are not diagonal (unlike
+    :class:`~esswatch.operators.GatedRecurrence`), but it factors through the ``N``-dimensional state: the
+    ``"gram"`` estimator (the default) takes its Gramians from the recurrence, segment by segment
+    (:func:`esswatch.engine.delta_gram.delta_gramians`), at every index and without materializing ``T``.
+    ``dense()`` materializes it (:func:`delta_rule_dense`) for the other estimators, and for the rare index
+    where neither Gramian factors (a state all but erased on both sides of it).
 
     Args:
         q, k: ``(..., L, N)`` (the layer's scaled, normalized queries and keys).
@@ -69,6 +81,9 @@ class DeltaRule(Dense):
 
     Natural state size: ``N``.
     """
+
+    has_gramians = True
+    gram_at_ends = True
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, beta: torch.Tensor, log_decay: torch.Tensor, *, value_dim=1):
         for name, x, rank in (("q", q, 2), ("k", k, 2), ("beta", beta, 1), ("log_decay", log_decay, 1)):
@@ -85,5 +100,38 @@ class DeltaRule(Dense):
                 f"{tuple(q.shape[:-1])} (q's without N)"
             )
         dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), torch.float32)
-        q, k, beta, log_decay = (x.to(dtype) for x in (q, k, beta, log_decay))
-        super().__init__(delta_rule_dense(q, k, beta, log_decay), state_size=int(q.shape[-1]), value_dim=value_dim)
+        self.q, self.k, self.beta, self.log_decay = (x.to(dtype) for x in (q, k, beta, log_decay))
+        self.seq_len, self.state_width = q.shape[-2], q.shape[-1]
+        self.batch_shape = q.shape[:-2]
+        self.state_size = int(q.shape[-1])
+        self.value_dim = check_positive_int("DeltaRule: value_dim", value_dim)
+
+    def _tensors(self):
+        return (self.q, self.k, self.beta, self.log_decay)
+
+    @property
+    def prefers_gram(self) -> bool:
+        """``auto`` takes the Gramians from ``L >= GRAM_FROM * N`` on; on shorter sequences the dense route
+        (``T`` is small there) was as fast or faster (``examples/benchmarks/delta_rule.py``)."""
+        return self.seq_len >= GRAM_FROM * self.state_width
+
+    def dense(self) -> torch.Tensor:
+        return delta_rule_dense(self.q, self.k, self.beta, self.log_decay)
+
+    def gramians(self, indices: torch.Tensor):
+        """``(P, Q)`` at sorted unique ``indices`` (:func:`esswatch.engine.delta_gram.delta_gramians`)."""
+        return delta_gramians(self.q, self.k, self.beta, self.log_decay, indices)
+
+    def gram_spectrum(self, indices: torch.Tensor):
+        """Every index, the ends included (:func:`esswatch.engine.delta_gram.delta_gram_squared_singular_values`)."""
+        return delta_gram_squared_singular_values(self.q, self.k, self.beta, self.log_decay, indices)
+
+    def normalized(self) -> "DeltaRule":
+        s = matrix_scale(self.q, (-2, -1))  # T is linear in q
+        if s is None:
+            return self
+        return DeltaRule(self.q / s, self.k, self.beta, self.log_decay, value_dim=self.value_dim)
+
+    def to(self, dtype=None, device=None) -> "DeltaRule":
+        q, k, beta, ld = (x.to(dtype=dtype, device=device) for x in self._tensors())
+        return DeltaRule(q, k, beta, ld, value_dim=self.value_dim)

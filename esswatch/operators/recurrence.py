@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from ..engine.gram import gramians as _gramians
 from ..engine.spectral import compute_dtype
 from ..engine.validation import broadcast_batch, check_positive_int
 from .base import Operator, matrix_scale
@@ -31,6 +32,8 @@ class GatedRecurrence(Operator):
 
     Natural state size: ``N``.
     """
+
+    has_gramians = True
 
     def __init__(
         self, q: torch.Tensor, k: torch.Tensor, log_decay: Optional[torch.Tensor] = None, *, value_dim: int = 1
@@ -91,6 +94,10 @@ class GatedRecurrence(Operator):
         if self.log_decay is not None:
             ld = self.log_decay.expand(*self.batch_shape, L, self.log_decay.shape[-1])
         return q, k, ld
+
+    def gramians(self, indices: torch.Tensor, method: str = "auto"):
+        """``(P, Q)`` at sorted unique ``indices`` (:func:`esswatch.engine.gram.gramians`)."""
+        return _gramians(*self.expanded(), indices, method)
 
     def _block(self, rows: slice, cols: slice, dt) -> torch.Tensor:
         """``T[..., rows, cols]`` computed from the formula (masked to ``c <= r``)."""

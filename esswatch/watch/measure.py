@@ -31,7 +31,7 @@ import torch
 
 from ..engine.validation import check_finite_number
 from ..ess import DEFAULT_RELATIVE, DEFAULT_TOL, ESTIMATORS, entropy_ess, tolerance_ess
-from ..operators import GatedRecurrence, Operator
+from ..operators import Operator
 
 __all__ = ["MeasureConfig", "METRICS", "STATS", "select_indices", "measure_operator", "aggregate_model"]
 
@@ -132,7 +132,7 @@ def _as_bhi(e: torch.Tensor) -> torch.Tensor:
 
 def _metric_tensor(op: Operator, metric: str, idx: List[int], cfg: MeasureConfig) -> torch.Tensor:
     estimator = cfg.estimator
-    if estimator == "gram" and not isinstance(op, GatedRecurrence):
+    if estimator == "gram" and not op.has_gramians:
         estimator = "auto"
     if metric == "entropy":
         return entropy_ess(op, idx, estimator=estimator)

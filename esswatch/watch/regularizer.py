@@ -19,8 +19,8 @@ transitions toward the identity, ``mean_t ||A_t - I||_F`` with ``A_t = diag(exp(
 :class:`~esswatch.operators.GatedRecurrence` with decays contribute.
 
 The penalty is ``weight * mean over layers of the layer terms``. Gradients flow through
-``entropy_ess`` with the ``gram`` estimator for recurrences and ``exact`` otherwise (both
-differentiable, finite at zero and repeated singular values).
+``entropy_ess`` with the ``gram`` estimator for operators with Gramians (gated recurrences, the gated
+delta rule) and ``exact`` otherwise (both differentiable, finite at zero and repeated singular values).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def spread_indices(seq_len: int, n: int) -> torch.Tensor:
 
 def _ess_term(op: Operator, cfg: Regularizer) -> torch.Tensor:
     idx = spread_indices(op.seq_len, cfg.indices)
-    est = "gram" if isinstance(op, GatedRecurrence) else "exact"
+    est = "gram" if op.has_gramians and op.prefers_gram else "exact"
     ess = entropy_ess(op, idx, estimator=est)
     u = ess / op.tss(idx).to(device=ess.device, dtype=ess.dtype).clamp(min=1)
     if cfg.mode == "target":

@@ -1,23 +1,42 @@
-"""Materializing the gated delta rule's ``T`` (``esswatch.operators.DeltaRule``): chunked against step by step.
+"""The gated delta rule (``esswatch.operators.DeltaRule``): entropy-ESS from its Gramians against the dense
+routes, and materializing its ``T``.
 
-    python examples/benchmarks/delta_rule.py --threads 1 --repeats 3
+    python examples/benchmarks/delta_rule.py --threads 1 --repeats 3 --sections ess
+    python examples/benchmarks/delta_rule.py --threads 1 --repeats 3 --sections materialize
 
-``DeltaRule`` builds ``T`` with ``delta_rule_dense``: steps one by one inside chunks of 64 positions, and
-the columns of earlier chunks carried across each chunk by one ``N x N`` transition (matrix products).
-The contender is the plain form, one batched step per position on all columns so far (in place, the
-fastest single-step variant found). Both build the same ``T`` (the largest difference is printed). Sizes
-are those of a Qwen3-Next-like layer, ``head_k_dim`` N = 128, 2 batch rows; the two alternate inside one
-run, and the script prints the median [min-max] of ``--repeats`` timings after a warm-up.
+``--sections ess``: ``entropy_ess`` at the watch's 8 indices (``round(j L / 9)``) by ``"gram"`` (the default
+for ``DeltaRule``: the Gramians segment by segment, ``esswatch.engine.delta_gram``, never an ``L x L``
+buffer) against the two dense routes, which materialize ``T`` first: ``"randomized"`` (what ``"auto"``
+ran on this operator before it had Gramians) and ``"exact"`` (the reference). The contenders alternate
+inside one run; it prints the median [min-max] of ``--repeats`` timings after a warm-up, the ratios per
+repeat, the largest relative difference from ``exact`` (and, ``--reference64``, of ``gram`` and ``exact``
+from an untimed ``exact`` on the same inputs in float64), and each contender's peak memory above the
+inputs (``--memory``: the growth of the peak resident set of a fresh process running one call after a
+small warm-up call, with glibc returning freed blocks of 64 KiB and more to the system).
+
+``--sections materialize``: ``DeltaRule.dense()`` builds ``T`` with ``delta_rule_dense``: steps one by one
+inside chunks of 64 positions, and the columns of earlier chunks carried across each chunk by one ``N x N``
+transition (matrix products). The contender is the plain form, one batched step per position on all
+columns so far (in place, the fastest single-step variant found). Both build the same ``T`` (the largest
+difference is printed).
+
+Sizes are those of a Qwen3-Next-like layer, ``head_k_dim`` N = 128, 2 batch rows (the watch's default).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 
+import esswatch
+from esswatch.operators import DeltaRule
 from esswatch.operators.delta import delta_rule_dense
 
 
@@ -36,22 +55,22 @@ def step_by_step(q, k, beta, log_decay):
     return t_out
 
 
-def inputs(L, heads, N=128, rows=2, seed=0):
+def inputs(L, heads, N=128, rows=2, seed=0, gates="slow"):
+    """``gates="slow"``: ``g ~ -0.05 U(0, 1)`` (long memory: every Gramian factors); ``"init"``: Qwen3-Next's
+    gate at initialisation, ``g = -A softplus(a + 1)`` with ``A ~ U(0, 16)`` per head and ``a ~ N(0, 0.5^2)``
+    (most heads forget within a few steps: both Gramians singular, the square-root route)."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(rows, heads, L, N, generator=g) / N**0.5
     k = torch.nn.functional.normalize(torch.randn(rows, heads, L, N, generator=g), dim=-1)
     beta = torch.rand(rows, heads, L, generator=g)
     log_decay = -0.05 * torch.rand(rows, heads, L, generator=g)
+    if gates == "init":
+        A = 16 * torch.rand(heads, 1, generator=g)
+        log_decay = -A * torch.nn.functional.softplus(0.5 * torch.randn(rows, heads, L, generator=g) + 1)
     return q, k, beta, log_decay
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--sizes", default="512x16,1024x16,2048x8", help="L x heads, comma-separated")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+def materialize_section(args) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32, N = 128, 2 rows")
     print("| L | heads | chunked (64), s | step by step, s | step by step / chunked | largest difference |")
     print("|---|---|---|---|---|---|")
@@ -73,6 +92,102 @@ def main() -> None:
             f"| {s:.2f} [{min(times['step']):.2f}-{max(times['step']):.2f}] "
             f"| {statistics.median(ratios):.1f}x [{ratios[0]:.1f}-{ratios[-1]:.1f}] | {diff:.1e} |"
         )
+
+
+def watch_indices(L):
+    return [round(j * L / 9) for j in range(1, 9)]
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (``VmHWM``; ``ru_maxrss`` would start at the parent's peak at the fork)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def one_call(L, heads, rows, estimator, gates) -> None:
+    """Run in a fresh process (``--memory``): print the peak resident set growth of one call, in MB."""
+    x = inputs(L, heads, rows=rows, gates=gates)
+    op = DeltaRule(*x)
+    with torch.no_grad():  # the libraries' one-time set-up (LAPACK workspaces, thread pools) is not counted
+        esswatch.entropy_ess(DeltaRule(*inputs(512, 1, rows=1)), watch_indices(512), estimator=estimator)
+        before = peak_rss_mb()
+        esswatch.entropy_ess(op, watch_indices(L), estimator=estimator)
+    print(peak_rss_mb() - before)
+
+
+def ess_section(args) -> None:
+    contenders = args.contenders.split(",")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32 input, N = 128, {args.rows} rows")
+    head = " | ".join(f"{c}, s" for c in contenders)
+    ratios_head = " | ".join(f"{c} / gram" for c in contenders if c != "gram")
+    mem_head = " | peak memory above the inputs, MB (" + ", ".join(contenders) + ")" if args.memory else ""
+    ref_head = " | largest rel. difference from float64 exact (gram, exact)" if args.reference64 else ""
+    print(f"| L | heads | gates | {head} | {ratios_head} | largest rel. difference from exact{ref_head}{mem_head} |")
+    print("|---" * (3 + len(contenders) + len(contenders) - 1 + 1 + bool(args.reference64) + bool(args.memory)) + "|")
+    for size, gates in [(s, g) for s in args.ess_sizes.split(",") for g in args.gates.split(",")]:
+        L, heads = (int(x) for x in size.split("x"))
+        op = DeltaRule(*inputs(L, heads, rows=args.rows, gates=gates))
+        idx = watch_indices(L)
+        times = {c: [] for c in contenders}
+        with torch.no_grad():
+            vals = {c: esswatch.entropy_ess(op, idx, estimator=c) for c in contenders}  # also the warm-up
+            for _ in range(args.repeats):
+                for c in contenders:
+                    t0 = time.perf_counter()
+                    esswatch.entropy_ess(op, idx, estimator=c)
+                    times[c].append(time.perf_counter() - t0)
+        cells = [f"{statistics.median(times[c]):.2f} [{min(times[c]):.2f}-{max(times[c]):.2f}]" for c in contenders]
+        for c in contenders:
+            if c == "gram":
+                continue
+            r = sorted(b / a for a, b in zip(times["gram"], times[c]))
+            cells.append(f"{statistics.median(r):.1f}x [{r[0]:.1f}-{r[-1]:.1f}]")
+        ref = vals.get("exact")
+        diff = "-" if ref is None else f"{float(((vals['gram'] - ref).abs() / ref).max()):.1e}"
+        cells.append(diff)
+        if args.reference64:  # untimed: the reference, from float64 inputs
+            with torch.no_grad():
+                ref64 = esswatch.entropy_ess(op.to(dtype=torch.float64), idx, estimator="exact")
+            worst = [float(((vals[c].double() - ref64).abs() / ref64).max()) for c in ("gram", "exact") if c in vals]
+            cells.append(", ".join(f"{w:.1e}" for w in worst))
+        if args.memory:
+            mb = []
+            for c in contenders:
+                cmd = [sys.executable, __file__, "--one-call", f"{L},{heads},{args.rows},{c},{gates}", "--threads", "1"]
+                # glibc: blocks from 64 KiB are mapped and returned when freed, so the peak resident set
+                # follows the live buffers rather than the heap's high-water mark
+                env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+                mb.append(f"{float(out):.0f}")
+            cells.append(", ".join(mb))
+        print(f"| {L} | {heads} | {gates} | " + " | ".join(cells) + " |", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sections", default="ess", help="ess, materialize or both (comma-separated)")
+    ap.add_argument("--sizes", default="512x16,1024x16,2048x8", help="materialize: L x heads, comma-separated")
+    ap.add_argument("--ess-sizes", default="1024x16,2048x8,4096x2", help="ess: L x heads, comma-separated")
+    ap.add_argument("--gates", default="slow,init", help="ess: slow, init or both (see inputs())")
+    ap.add_argument("--rows", type=int, default=2, help="ess: batch rows (the watch's default is 2)")
+    ap.add_argument("--contenders", default="gram,randomized,exact", help="ess: estimators, gram first")
+    ap.add_argument("--memory", action="store_true", help="ess: also the peak memory of each contender")
+    ap.add_argument("--reference64", action="store_true", help="ess: also the errors against float64 exact")
+    ap.add_argument("--one-call", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.one_call:
+        L, heads, rows, est, gates = args.one_call.split(",")
+        return one_call(int(L), int(heads), int(rows), est, gates)
+    if "ess" in args.sections.split(","):
+        ess_section(args)
+    if "materialize" in args.sections.split(","):
+        materialize_section(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,146 @@
+"""Gramians of the gated delta rule, without materializing ``T``.
+
+The gated delta rule (``docs/ess.md`` section 1) has the state recurrence
+``S_t = B_t S_{t-1} + beta_t k_t v_t^T`` with ``B_t = exp(g_t) (I - beta_t k_t k_t^T)`` (symmetric) and the
+readout ``o_t = S_t^T q_t``, so ``T[r, c] = beta_c q_r^T B_r ... B_{c+1} k_c`` and the Hankel block factors
+through the ``N``-dimensional state as ``H_i = O_i R_i`` with::
+
+    R_i[:, c] = B_{i-1} ... B_{c+1} beta_c k_c          (c < i)
+    O_i[r, :] = q_r^T B_r ... B_i                       (r >= i)
+
+The squared singular values of ``H_i`` are the eigenvalues of ``P_i Q_i`` (:mod:`.gram`), where
+``P_i = R_i R_i^T`` obeys ``P_{t+1} = B_t P_t B_t + beta_t^2 k_t k_t^T`` and
+``Q_i = O_i^T O_i = B_i (q_i q_i^T + Q_{i+1}) B_i``: the same forward recurrence in reversed time, with the
+input ``B_r q_r`` in place of ``beta_r k_r``.
+
+The positions are cut into segments (chunks of ``C`` positions, also cut at every requested index). Over a
+segment ``[a, b)`` the recurrence ``X_t = B_t X_{t-1} + u_t e_t^T`` has a closed form (the WY / UT form of
+chunked delta-rule kernels): with ``G`` the cumulative sum of ``g`` inside the segment,
+``E[t, s] = exp(G_t - G_s)`` for ``s < t`` (else 0) and the unit lower-triangular
+``A = I + diag(beta) (K K^T * E)``,
+
+* the segment's transition ``M = B_{b-1} ... B_a = exp(G_last) I - K^T diag(w) A^-1 diag(beta exp(G)) K``,
+* its own columns ``W[:, s] = B_{b-1} ... B_{s+1} u_s = U^T diag(w) - K^T diag(w) A^-1 diag(beta) (K U^T * E)``,
+
+with ``w = exp(G_last - G)``. Every exponent is ``<= 0``. Then ``P_b = M P_a M^T + W W^T``: per segment one
+``C x C`` triangular solve and a few products of at most ``N x max(N, C)`` matrices, ``L / C + n`` segments
+in float64, ``O(L (N^2 + C N))`` per matrix, never an ``L x L`` buffer. Differentiable. Segment by segment
+(not all segments batched): batched, the large temporaries cost more than the loop (page faults; about
+2.5x slower at 16 heads, ``L = 2048``, ``N = 128``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .gram import gramian_squared_singular_values
+
+__all__ = ["delta_gramians", "delta_gram_squared_singular_values", "SEGMENT"]
+
+#: positions per segment (at most): the triangular systems are ``SEGMENT x SEGMENT``; between 64 and 128
+#: the work per matrix is flat for ``N = 128`` (examples/benchmarks/delta_rule.py)
+SEGMENT = 64
+#: log decays below this are clamped (exp(-1000) is 0 in float64; -inf would make differences NaN)
+_LOG_FLOOR = -1000.0
+
+
+def _segment(k, u, beta, g):
+    """``(M, W)`` of one segment (module doc); ``k, u (..., C, N)``, ``beta, g (..., C)``."""
+    C, N = k.shape[-2:]
+    G = torch.cumsum(g, dim=-1)
+    g_last = G[..., -1:]
+    lower = torch.tril(torch.ones(C, C, dtype=torch.bool, device=k.device), -1)
+    diff = G[..., :, None] - G[..., None, :]
+    E = torch.exp(torch.where(lower, diff, torch.full_like(diff, float("-inf"))))
+    A = torch.eye(C, dtype=k.dtype, device=k.device) + beta[..., :, None] * (k @ k.transpose(-1, -2)) * E
+    rhs = torch.cat([beta[..., :, None] * (k @ u.transpose(-1, -2)) * E, (beta * torch.exp(G))[..., :, None] * k], -1)
+    sol = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
+    w = torch.exp(g_last - G)[..., :, None]
+    kw = (k * w).transpose(-1, -2)  # (..., N, C)
+    W = (u * w).transpose(-1, -2) - kw @ sol[..., :C]
+    M = torch.exp(g_last)[..., None] * torch.eye(N, dtype=k.dtype, device=k.device) - kw @ sol[..., C:]
+    return M, W
+
+
+def _segment_inputs(q, k, beta, log_decay, a, b, reverse):
+    """``(k, u, beta, g)`` in float64 of the segment ``[a, b)`` of the forward recurrence (``u = beta k``) or of
+    the reversed one (positions ``L - b .. L - a - 1`` backwards, ``u_r = B_r q_r``): converted segment by
+    segment, so no full-length copy of the inputs is made."""
+    L = k.shape[-2]
+    lo, hi = (L - b, L - a) if reverse else (a, b)
+    ks, bs = k[..., lo:hi, :].to(torch.float64), beta[..., lo:hi].to(torch.float64)
+    gs = torch.clamp(log_decay[..., lo:hi].to(torch.float64), min=_LOG_FLOOR)
+    if not reverse:
+        return ks, bs[..., None] * ks, bs, gs
+    qs = q[..., lo:hi, :].to(torch.float64)
+    us = torch.exp(gs)[..., None] * (qs - bs[..., None] * ks * (ks * qs).sum(-1, keepdim=True))
+    return ks.flip(-2), us.flip(-2), bs.flip(-1), gs.flip(-1)
+
+
+def _forward(q, k, beta, log_decay, idx, C, reverse):
+    """The Gramian ``P_b = X_b X_b^T`` of ``X_t = B_t X_{t-1} + u_t e_t^T`` (in reversed time if ``reverse``)
+    at the sorted unique boundaries ``idx`` (``batch + (n, N, N)``), and ``{b: X_b}`` (``batch + (N, b)``)
+    for those with ``b < N``."""
+    N = k.shape[-1]
+    bounds = sorted(set(range(0, idx[-1], C)) | set(idx))
+    wanted = set(idx)
+    P = torch.zeros(*k.shape[:-2], N, N, dtype=torch.float64, device=k.device)
+    X = P[..., :0]  # the columns themselves, while there are fewer than N
+    out, factors = [], {}
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        M, W = _segment(*_segment_inputs(q, k, beta, log_decay, a, b, reverse))
+        P = M @ P @ M.transpose(-1, -2) + W @ W.transpose(-1, -2)
+        if b < N:
+            X = torch.cat([M @ X, W], dim=-1)
+        if b in wanted:
+            out.append(P)
+            if b < N:
+                factors[b] = X
+    return torch.stack(out, dim=-3), factors
+
+
+def _both(q, k, beta, log_decay, idx, segment):
+    """``P, Q`` at ``idx``, and the explicit factors ``R_i`` (``i < N``) and ``O_i^T`` (``L - i < N``)."""
+    L = q.shape[-2]
+    P, R = _forward(q, k, beta, log_decay, idx, segment, reverse=False)
+    # Q_i: the forward recurrence in reversed time with the input B_r q_r; index i -> L - i
+    Q, Ot = _forward(q, k, beta, log_decay, [L - i for i in reversed(idx)], segment, reverse=True)
+    return P, Q.flip(-3), R, {L - b: x for b, x in Ot.items()}
+
+
+def delta_gramians(q, k, beta, log_decay, indices: torch.Tensor, segment: int = SEGMENT):
+    """``P_i`` and ``Q_i`` (float64) of the gated delta rule at sorted unique ``indices``, ``batch + (n, N, N)``.
+
+    Args:
+        q, k: ``(..., L, N)``; beta, log_decay: ``(..., L)`` (:class:`~esswatch.operators.DeltaRule`).
+        indices: 1-D, sorted, unique, in ``1..L-1``.
+        segment: positions per segment (module doc).
+    """
+    P, Q, _, _ = _both(q, k, beta, log_decay, [int(i) for i in indices.tolist()], segment)
+    return P, Q
+
+
+def delta_gram_squared_singular_values(q, k, beta, log_decay, indices: torch.Tensor, segment: int = SEGMENT):
+    """``(sigma2, ok, fro2)`` at sorted unique ``indices``, like
+    :func:`~esswatch.engine.gram.gram_squared_singular_values`, for every index: where ``min(i, L - i) < N``
+    a Gramian has rank below ``N``, and the squared singular values are the eigenvalues of the smaller
+    ``R_i^T Q_i R_i`` (``i x i``) or ``O_i P_i O_i^T`` (``(L - i) x (L - i)``) from the explicit factor
+    (zero-padded to ``N``), with no spurious values where ``P_i Q_i`` has exact zeros."""
+    idx = [int(i) for i in indices.tolist()]
+    P, Q, R, Ot = _both(q, k, beta, log_decay, idx, segment)
+    N = P.shape[-1]
+    ends = [j for j, i in enumerate(idx) if i in R or i in Ot]
+    inner = [j for j in range(len(idx)) if j not in set(ends)]
+    parts = {}
+    if inner:
+        pos = torch.tensor(inner, device=P.device)
+        lam, ok, fro2 = gramian_squared_singular_values(P.index_select(-3, pos), Q.index_select(-3, pos))
+        parts.update({j: (lam[..., m, :], ok[..., m], fro2[..., m]) for m, j in enumerate(inner)})
+    for j in ends:
+        i = idx[j]
+        p, qm = P[..., j, :, :], Q[..., j, :, :]
+        m = (R[i].transpose(-1, -2) @ qm @ R[i]) if i in R else (Ot[i].transpose(-1, -2) @ p @ Ot[i])
+        ev = torch.linalg.eigvalsh(0.5 * (m + m.transpose(-1, -2))).flip(-1).clamp(min=0)
+        fro2 = (p * qm).sum(dim=(-1, -2))
+        parts[j] = (torch.nn.functional.pad(ev, (0, N - ev.shape[-1])), torch.ones_like(fro2, dtype=torch.bool), fro2)
+    return tuple(torch.stack([parts[j][m] for j in range(len(idx))], dim=-2 if m == 0 else -1) for m in range(3))
