@@ -177,3 +177,18 @@ def test_gram_on_cuda_matches_numpy():
         got = esswatch.entropy_ess(DeltaRule(q, k, beta, ld).to(device="cuda"), idx, estimator="gram")
         assert got.device.type == "cuda"
         np.testing.assert_allclose(got.cpu().numpy(), entropy_ess_ref(delta_rule_loop(q, k, beta, ld), idx), rtol=1e-6)
+
+
+def test_the_memory_guard_counts_the_gramians_not_t(monkeypatch):
+    """With a limit (``ESSWATCH_MAX_BYTES``) below ``T``'s size but above the Gramians' buffers, the Gramian
+    route runs (the same values as without a limit) and the dense route is refused before allocating."""
+    from esswatch.engine.memory import ESSMemoryError
+
+    q, k, beta, ld = (x.float() for x in _inputs("random", seed=6, shape=(2, 8), L=1024, N=16))
+    op, idx = DeltaRule(q, k, beta, ld), [100, 500, 900]
+    free = esswatch.entropy_ess(op, idx)
+    assert 16 * 1024 * 1024 * 4 > 40e6 > op.gram_bytes(len(idx))  # T alone is 67 MB
+    monkeypatch.setenv("ESSWATCH_MAX_BYTES", "40e6")
+    assert torch.equal(esswatch.entropy_ess(op, idx), free)
+    with pytest.raises(ESSMemoryError, match="DeltaRule"):
+        esswatch.entropy_ess(op, idx, estimator="exact")

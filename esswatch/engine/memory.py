@@ -2,7 +2,8 @@
 
 :func:`estimate_bytes` is a deliberately simple upper-range model of the big buffers of one
 call (the dense ``L x L`` operator per batch matrix, softmax scores, the largest Hankel block
-and its SVD workspace, the float64 sketch copy, the Gramian recursions). :func:`check_memory`
+and its SVD workspace, the float64 sketch copy; the Gramian route's buffers come from the operator,
+``Operator.gram_bytes``). :func:`check_memory`
 compares it with the limit and raises :class:`ESSMemoryError` (a ``ValueError``) naming the
 estimate, the limit and the knobs that shrink a call.
 
@@ -80,7 +81,6 @@ def estimate_bytes(
     dense: bool,
     scores: bool = False,
     sketch: bool = False,
-    state_width: int = 0,
 ) -> int:
     """Bytes of the big buffers of one call (see the module doc).
 
@@ -92,7 +92,6 @@ def estimate_bytes(
         dense: the dense ``L x L`` operator is materialized.
         scores: attention (a second ``L x L`` buffer for the scores).
         sketch: the randomized estimator may run (a float64 copy of the block).
-        state_width: ``N`` of a recurrence measured through Gramians (0 = none).
     """
     idx = list(indices)
     L = seq_len
@@ -104,8 +103,6 @@ def estimate_bytes(
         total += 2 * batch * block * itemsize  # the block's copy + SVD workspace
         if sketch:
             total += batch * block * 8
-    if state_width:
-        total += 4 * batch * L * state_width * 8 + 4 * batch * len(idx) * state_width**2 * 8
     return int(total)
 
 

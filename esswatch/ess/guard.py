@@ -25,8 +25,9 @@ def check_call_memory(op: Operator, idx: torch.Tensor, estimator: str, what: str
         dense=not gram,
         scores=isinstance(op, SoftmaxAttention),
         sketch=estimator in ("auto", "randomized") and not gram,
-        state_width=op.state_width if gram else 0,
     )
+    if gram:
+        nbytes += op.gram_bytes(len(ind))
     check_memory(
         nbytes, op.device, f"{what} on a {type(op).__name__} (batch {tuple(op.batch_shape)}, L={L}, {len(ind)} indices)"
     )

@@ -152,6 +152,12 @@ class Operator:
         sorted unique ``indices``, float64, ``batch_shape + (n, N, N)`` (only where ``has_gramians``)."""
         raise NotImplementedError(f"{type(self).__name__} has no Gramians")
 
+    def gram_bytes(self, n: int) -> int:
+        """An upper-range estimate of the Gramian route's big buffers for ``n`` indices (the memory guard of
+        :mod:`esswatch.ess`): float64 factors of length ``L`` and ``N x N`` Gramians, per matrix."""
+        b, L, N = self.numel_batch(), self.seq_len, self.state_width
+        return 4 * b * L * N * 8 + 4 * b * n * N * N * 8
+
     def gram_spectrum(self, indices: torch.Tensor):
         """``(sigma2, ok, fro2)`` at the sorted unique ``indices`` from :meth:`gramians`
         (:func:`esswatch.engine.gram.gramian_squared_singular_values`)."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..engine.delta_gram import delta_gram_squared_singular_values, delta_gramians
+from ..engine.delta_gram import SEGMENT, delta_gram_squared_singular_values, delta_gramians
+from ..engine.gram_spectrum import GROUP_BYTES
 from ..engine.validation import check_positive_int
 from .base import Operator, matrix_scale
 
@@ -121,6 +122,13 @@ class DeltaRule(Operator):
     def gramians(self, indices: torch.Tensor):
         """``(P, Q)`` at sorted unique ``indices`` (:func:`esswatch.engine.delta_gram.delta_gramians`)."""
         return delta_gramians(self.q, self.k, self.beta, self.log_decay, indices)
+
+    def gram_bytes(self, n: int) -> int:
+        """No buffer grows with ``L``: the ``P``, ``Q`` stacks and the ends' factors (``3 n N^2`` per matrix),
+        the eigenproblems' groups (:data:`~esswatch.engine.gram_spectrum.GROUP_BYTES`, about twelve copies)
+        and one segment's temporaries, in float64."""
+        per, N, C = 8 * self.numel_batch(), self.state_width, SEGMENT
+        return 3 * per * n * N * N + 12 * min(GROUP_BYTES, per * n * N * N) + per * (8 * N * N + 4 * C * (C + N))
 
     def gram_spectrum(self, indices: torch.Tensor):
         """Every index, the ends included (:func:`esswatch.engine.delta_gram.delta_gram_squared_singular_values`)."""
