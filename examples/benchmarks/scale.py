@@ -1,13 +1,17 @@
 """ESSWatch at real model sizes: training step, measurement, and the training thread's share.
 
-Three models, each trained on fixed random batches (L tokens, batch 2):
+Three models (and one more on request), each trained on fixed random batches (L tokens, batch 2):
 
 - ``gpt2``: GPT-2-small-shaped softmax transformer, ``nn.TransformerEncoder`` (d_model 768,
   12 heads, feed-forward 3072, causal mask, ``norm_first``), ``--layers`` deep (GPT-2 small: 12);
 - ``llama``: Hugging Face ``LlamaForCausalLM`` from a ``LlamaConfig`` (hidden 768, 12 heads,
   intermediate 2048, vocabulary ``--vocab``), random init, ``--layers`` deep;
 - ``mamba``: Hugging Face ``MambaForCausalLM`` from a ``MambaConfig`` (hidden ``--mamba-hidden``,
-  state 16, expand 2), random init, ``--layers`` deep.
+  state 16, expand 2), random init, ``--layers`` deep;
+- ``qwen3_5`` (not in the default ``--models``): Hugging Face ``Qwen3_5ForCausalLM`` with Gated DeltaNet
+  layers only (hidden 768, 16 value heads and 8 key heads of dimension 128, as Qwen3-Next's layers per
+  head), random init (the gates' default initialisation: most heads forget within a few steps),
+  ``--layers`` deep; measured from the Gramians of its delta rule.
 
 Per model, side by side in one run (``--repeats`` samples each, median and min-max):
 
@@ -98,6 +102,27 @@ def build(name, args, device):
             use_mambapy=False,
         )
         model = MambaForCausalLM(cfg)
+    elif name == "qwen3_5":
+        import esswatch.integrations.transformers  # noqa: F401
+        from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+        cfg = Qwen3_5TextConfig(
+            vocab_size=args.vocab,
+            hidden_size=768,
+            intermediate_size=2048,
+            num_hidden_layers=args.layers,
+            layer_types=["linear_attention"] * args.layers,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+            head_dim=64,
+            linear_num_value_heads=16,
+            linear_num_key_heads=8,
+            linear_key_head_dim=128,
+            linear_value_head_dim=128,
+            max_position_embeddings=max(args.lengths),
+            use_cache=False,  # a cache of linear-attention layers only cannot build the causal mask
+        )
+        model = Qwen3_5ForCausalLM(cfg)
     else:
         raise ValueError(name)
     return model.to(device)
@@ -146,7 +171,7 @@ def bench(name, args, device, L):
     step()  # warm-up
     train = [timed(step, device)[0] for _ in range(args.repeats)]
 
-    kw = dict(every_n_steps=1, histograms=False, images=False)
+    kw = dict(every_n_steps=1, histograms=False, images=False, estimator=args.estimator)
     block = []
     with esswatch.ESSWatch(model, background=False, **kw) as w:
         for _ in range(args.repeats + 1):
@@ -242,6 +267,7 @@ def main():
     )
     p.add_argument("--long", action="store_true", help="also L = 4096")
     p.add_argument("--budget", type=float, default=None, help="also run gpt2 with budget_seconds=B")
+    p.add_argument("--estimator", default="auto", help="the watch's estimator (randomized: qwen3_5's dense route)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
