@@ -33,15 +33,13 @@ from __future__ import annotations
 
 import torch
 
-from .gram import gramian_squared_singular_values
+from .gram import _LOG_FLOOR, gramian_squared_singular_values
 
 __all__ = ["delta_gramians", "delta_gram_squared_singular_values", "SEGMENT"]
 
 #: positions per segment (at most): the triangular systems are ``SEGMENT x SEGMENT``; between 64 and 128
 #: the work per matrix is flat for ``N = 128`` (examples/benchmarks/delta_rule.py)
 SEGMENT = 64
-#: log decays below this are clamped (exp(-1000) is 0 in float64; -inf would make differences NaN)
-_LOG_FLOOR = -1000.0
 
 
 def _segment(k, u, beta, g):
