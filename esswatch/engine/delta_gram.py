@@ -35,7 +35,7 @@ import torch
 
 from .gram import _LOG_FLOOR, gramian_squared_singular_values
 
-__all__ = ["delta_gramians", "delta_gram_squared_singular_values", "SEGMENT"]
+__all__ = ["delta_gramians", "delta_gram_squared_singular_values", "delta_window", "SEGMENT"]
 
 #: positions per segment (at most): the triangular systems are ``SEGMENT x SEGMENT``; between 64 and 128
 #: the work per matrix is flat for ``N = 128`` (examples/benchmarks/delta_rule.py)
@@ -142,3 +142,14 @@ def delta_gram_squared_singular_values(q, k, beta, log_decay, indices: torch.Ten
         fro2 = (p * qm).sum(dim=(-1, -2))
         parts[j] = (torch.nn.functional.pad(ev, (0, N - ev.shape[-1])), torch.ones_like(fro2, dtype=torch.bool), fro2)
     return tuple(torch.stack([parts[j][m] for j in range(len(idx))], dim=-2 if m == 0 else -1) for m in range(3))
+
+
+def delta_window(q, k, beta, log_decay, i: int, a: int, b: int) -> torch.Tensor:
+    """``T[..., i:i+a, i-b:i]`` (float64, differentiable) as ``O^T R``: the columns ``R[:, c] = B_{i-1} ...
+    B_{c+1} beta_c k_c`` of ``[i - b, i)`` and the rows ``O[:, r] = B_i ... B_r q_r`` of ``[i, i + a)`` are
+    each one segment's own columns in closed form (:func:`_segment`: one ``b x b`` and one ``a x a``
+    triangular solve), so the cost is independent of ``L``."""
+    L = q.shape[-2]
+    _, R = _segment(*_segment_inputs(q, k, beta, log_decay, i - b, i, reverse=False))
+    _, rows = _segment(*_segment_inputs(q, k, beta, log_decay, L - i - a, L - i, reverse=True))
+    return rows.flip(-1).transpose(-1, -2) @ R

@@ -34,7 +34,11 @@ from ..engine.validation import check_finite
 #: rescaled before its spectrum is taken: denormals would flush to zero, squares would overflow
 SCALE_LO = 1e-15
 
-__all__ = ["Operator", "matrix_scale", "SCALE_LO"]
+#: an :meth:`Operator.envelope` taken in float32 widens each log bound by this (the relative round-off of a
+#: norm of a few hundred terms is far below ``1e-5``)
+ENVELOPE_SLACK = 1e-5
+
+__all__ = ["Operator", "matrix_scale", "SCALE_LO", "ENVELOPE_SLACK"]
 
 
 def matrix_scale(x: torch.Tensor, dims) -> Optional[torch.Tensor]:
@@ -151,6 +155,20 @@ class Operator:
         """``(P, Q)``: the Gramians of ``H_i = O_i R_i`` (``P_i = R_i R_i^T``, ``Q_i = O_i^T O_i``) at the
         sorted unique ``indices``, float64, ``batch_shape + (n, N, N)`` (only where ``has_gramians``)."""
         raise NotImplementedError(f"{type(self).__name__} has no Gramians")
+
+    def hankel_window(self, i: int, a: int, b: int) -> torch.Tensor:
+        """``H_i`` restricted to the rows ``[i, i + a)`` and the columns ``[i - b, i)``:
+        ``T[..., i:i+a, i-b:i]`` (:meth:`block`; operators with a cheaper form override it)."""
+        return self.block(slice(i, i + a), slice(i - b, i))
+
+    def envelope(self):
+        """``(out, inp, step)``, ``batch_shape + (L,)`` float64 (detached), with
+        ``|T[r, c]| <= exp(out_r + inp_c + step_{c+1} + ... + step_r)`` for every ``c <= r``, or ``None``
+        (the default: no such bound). Where the gates forget within a few steps, :mod:`esswatch.ess.near`
+        takes the singular values from the window of ``H_i`` this bound leaves
+        (:class:`esswatch.engine.envelope.Envelope`, through :meth:`hankel_window`) instead of the Gramians
+        or ``T``."""
+        return None
 
     def gram_bytes(self, n: int) -> int:
         """An upper-range estimate of the Gramian route's big buffers for ``n`` indices (the memory guard of

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..engine.delta_gram import SEGMENT, delta_gram_squared_singular_values, delta_gramians
+from ..engine.delta_gram import SEGMENT, delta_gram_squared_singular_values, delta_gramians, delta_window
 from ..engine.gram_spectrum import GROUP_BYTES
 from ..engine.validation import check_positive_int
-from .base import Operator, matrix_scale
+from .base import ENVELOPE_SLACK, Operator, matrix_scale
 
 __all__ = ["DeltaRule", "delta_rule_dense", "GRAM_FROM"]
 
@@ -122,6 +122,25 @@ class DeltaRule(Operator):
     def gramians(self, indices: torch.Tensor):
         """``(P, Q)`` at sorted unique ``indices`` (:func:`esswatch.engine.delta_gram.delta_gramians`)."""
         return delta_gramians(self.q, self.k, self.beta, self.log_decay, indices)
+
+    def hankel_window(self, i: int, a: int, b: int) -> torch.Tensor:
+        """``T[..., i:i+a, i-b:i]`` in float64 from two segments' closed forms
+        (:func:`esswatch.engine.delta_gram.delta_window`): no ``T``, a cost independent of ``L``."""
+        return delta_window(self.q, self.k, self.beta, self.log_decay, i, a, b)
+
+    def envelope(self):
+        """``out = log ||q_r||``, ``inp = log |beta_c| ||k_c||``, ``step = g_s + log ||I - beta_s k_s k_s^T||``
+        (the norm is ``max(1, |1 - beta_s ||k_s||^2|)``), float64, detached. Taken in the inputs' dtype (no
+        float64 copy of ``q, k``), each widened by ``ENVELOPE_SLACK`` for its round-off."""
+        with torch.no_grad():
+            q, k, beta, g = (x.detach() for x in self._tensors())
+            kk = (k * k).sum(-1)
+            f64 = lambda x: x.to(torch.float64)  # noqa: E731
+            slack = 0.0 if q.dtype == torch.float64 else ENVELOPE_SLACK
+            out = torch.log(f64(torch.linalg.vector_norm(q, dim=-1))) + slack
+            inp = torch.log(f64(beta.abs()) * torch.sqrt(f64(kk))) + slack
+            step = f64(g) + torch.log(torch.clamp(f64((1 - beta * kk).abs()), min=1.0)) + slack
+        return out, inp, step
 
     def gram_bytes(self, n: int) -> int:
         """No buffer grows with ``L``: the ``P``, ``Q`` stacks and the ends' factors (``3 n N^2`` per matrix),

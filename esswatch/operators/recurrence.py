@@ -9,7 +9,7 @@ import torch
 from ..engine.gram import gramians as _gramians
 from ..engine.spectral import compute_dtype
 from ..engine.validation import broadcast_batch, check_positive_int
-from .base import Operator, matrix_scale
+from .base import ENVELOPE_SLACK, Operator, matrix_scale
 
 __all__ = ["GatedRecurrence"]
 
@@ -135,6 +135,20 @@ class GatedRecurrence(Operator):
 
     def hankel(self, i: int) -> torch.Tensor:
         return self._block(slice(i, None), slice(0, i), compute_dtype(self.q.dtype))
+
+    def envelope(self):
+        """``out = log ||q_r||``, ``inp = log ||k_c||``, ``step = max_n log_decay[s, n]`` (Cauchy-Schwarz over
+        the state), float64, detached; ``None`` without a decay (nothing is negligible)."""
+        if self.log_decay is None:
+            return None
+        shape = (*self.batch_shape, self.seq_len)
+        slack = 0.0 if self.q.dtype == torch.float64 else ENVELOPE_SLACK
+        with torch.no_grad():  # in the inputs' dtype as given, then broadcast (no float64 or broadcast copies)
+            norm = lambda x: torch.linalg.vector_norm(x.detach(), dim=-1).to(torch.float64)  # noqa: E731
+            out = (torch.log(norm(self.q)) + slack).expand(shape)
+            inp = (torch.log(norm(self.k)) + slack).expand(shape)
+            step = self.log_decay.detach().amax(dim=-1).to(torch.float64).expand(shape)
+        return out, inp, step
 
     def normalized(self) -> "GatedRecurrence":
         sq = matrix_scale(self.q, (-2, -1))
