@@ -153,14 +153,21 @@ def test_gram_gradients_equal_the_exact_routes():
 def test_the_regularizer_takes_the_gram_route_on_a_delta_rule():
     """The ESS penalty of a ``DeltaRule`` layer: its value follows from NumPy's ESS, and its gradient is
     finite (it runs through the Gramians: no ``T`` in the graph)."""
+    q, k, beta, ld = _inputs("random", seed=4, shape=(2,), L=96, N=4)
+    check_penalty(q, k, beta, ld)
+
+
+def check_penalty(q, k, beta, ld):
+    """The collapse penalty (floor 0.99) of one ``DeltaRule`` layer equals NumPy's from the literal recurrence,
+    and its gradient with respect to ``q`` is finite and not zero."""
     from esswatch.watch.regularizer import Regularizer, penalty_terms, spread_indices
 
-    q, k, beta, ld = _inputs("random", seed=4, shape=(2,), L=96, N=4)
+    L, N = q.shape[-2:]
     q.requires_grad_()
     cfg = Regularizer(weight=1.0, floor=0.99)
     total, terms = penalty_terms({"layer": DeltaRule(q, k, beta, ld)}, cfg)
-    idx = spread_indices(96, cfg.indices).tolist()
-    u = entropy_ess_ref(delta_rule_loop(q, k, beta, ld), idx) / np.minimum(np.minimum(idx, 96 - np.array(idx)), 4)
+    idx = spread_indices(L, cfg.indices).tolist()
+    u = entropy_ess_ref(delta_rule_loop(q, k, beta, ld), idx) / np.minimum(np.minimum(idx, L - np.array(idx)), N)
     np.testing.assert_allclose(terms["layer"].item(), (np.maximum(0.99 - u, 0) ** 2).mean() / 0.99**2, rtol=1e-9)
     total.backward()
     assert torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0

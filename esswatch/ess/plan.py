@@ -13,6 +13,7 @@ from ..engine.validation import check_indices, check_not_meta
 from ..operators import Operator
 from .blocks import BlockCache
 from .guard import check_call_memory
+from .near import near_block, near_values
 
 __all__ = ["ESTIMATORS", "EXACT_BELOW", "prepare", "plan", "singular_values_by_plan", "entropy_of_padded"]
 
@@ -78,7 +79,12 @@ def singular_values_by_plan(op: Operator, by_index: dict, cache: BlockCache) -> 
 
     Gram indices with ``min(i, L - i) < N`` (rank-deficient Gramians; unless the operator resolves
     them, ``gram_at_ends``) and those whose Gramians are numerically singular go to the batched dense
-    SVD with the ``"exact"`` ones.
+    SVD with the ``"exact"`` ones, unless the operator's envelope confines what matters of ``H_i`` to a
+    window near ``i`` (:func:`~esswatch.ess.near.near_block`): then the entries that do not factor take
+    that window's singular values, and ``T`` is not materialized. (Without gradients the Gramian route
+    itself resolves such entries from square roots, :mod:`esswatch.engine.gram_spectrum`.) Before any of
+    this, where the windows of all gram indices cost less than the Gramians (gates that forget within a
+    few steps), every index is taken from its window (:func:`~esswatch.ess.near.near_values`).
     """
     out = {}
     L = op.seq_len
@@ -88,13 +94,19 @@ def singular_values_by_plan(op: Operator, by_index: dict, cache: BlockCache) -> 
         N = op.state_width
         via_gram = sorted(i for i in gram_idx if op.gram_at_ends or min(i, L - i) >= N)
         dense_idx += [i for i in gram_idx if not op.gram_at_ends and min(i, L - i) < N]
+        near = near_values(op, via_gram)  # fast gates: a window around i holds all of H_i that matters
+        out.update(near)
+        via_gram = [i for i in via_gram if i not in near]
         if via_gram:
-            lam, ok, _ = op.gram_spectrum(torch.tensor(via_gram))
+            lam, ok, fro2 = op.gram_spectrum(torch.tensor(via_gram))
             sv = safe_sqrt(lam).to(compute_dtype(op.dtype))
             ok_all = (ok.all(dim=tuple(range(ok.dim() - 1))) if ok.dim() > 1 else ok).tolist()
             for j, i in enumerate(via_gram):
+                window = None if ok_all[j] else near_block(op, i, fro2[..., j], ~ok[..., j])
                 if ok_all[j]:
                     out[i] = sv[..., j, :]
+                elif window is not None:  # the entries that do not factor from a window near i (not T)
+                    out[i] = torch.where(ok[..., j, None], sv[..., j, :], window.to(sv.dtype))
                 else:
                     dense_idx.append(i)
     if dense_idx:

@@ -6,8 +6,10 @@ routes, and materializing its ``T``.
 
 ``--sections ess``: ``entropy_ess`` at the watch's 8 indices (``round(j L / 9)``) by ``"gram"`` (the default
 for ``DeltaRule``: the Gramians segment by segment, ``esswatch.engine.delta_gram``, never an ``L x L``
-buffer) against the two dense routes, which materialize ``T`` first: ``"randomized"`` (what ``"auto"``
-ran on this operator before it had Gramians) and ``"exact"`` (the reference). The contenders alternate
+buffer; where the gates forget within a few steps, windows near each index instead, ``esswatch.ess.near``,
+which ``near_window.py`` compares with the Gramians) against the two dense routes, which materialize ``T``
+first: ``"randomized"`` (what ``"auto"`` ran on this operator before it had Gramians) and ``"exact"`` (the
+reference). The contenders alternate
 inside one run; it prints the median [min-max] of ``--repeats`` timings after a warm-up, the ratios per
 repeat, the largest relative difference from ``exact`` (and, ``--reference64``, of ``gram`` and ``exact``
 from an untimed ``exact`` on the same inputs in float64), and each contender's peak memory above the
