@@ -219,11 +219,12 @@ def test_gated_recurrence_fast_decays_take_windows(monkeypatch):
 def test_the_window_is_within_near_rtol_of_the_whole_block():
     """Every singular value of the window is within ``NEAR_RTOL ||H_i||_F`` of NumPy's for the whole
     ``T[i:, :i]`` (Weyl's bound on what the window leaves out), on fast gates in float64."""
-    from esswatch.ess.near import near_values
+    from esswatch.ess.near import envelope_of, near_values
 
     q, k, beta, ld = _fast(seed=7, shape=(2,), L=240, N=8)
     T = delta_rule_loop(q, k, beta, ld)
-    got = near_values(DeltaRule(q, k, beta, ld), [50, 120, 200])
+    op = DeltaRule(q, k, beta, ld)
+    got = near_values(op, envelope_of(op), [50, 120, 200])
     assert sorted(got) == [50, 120, 200]
     for i, sv in got.items():
         ref = np.linalg.svd(T[..., i:, :i], compute_uv=False)[..., :8]

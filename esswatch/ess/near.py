@@ -23,7 +23,7 @@ from ..engine.envelope import Envelope
 from ..engine.exact import batched_svdvals, trim_zero_lines
 from ..operators import Operator
 
-__all__ = ["NEAR_RTOL", "NEAR_COST", "FIRST_GUESS", "near_values", "near_block"]
+__all__ = ["NEAR_RTOL", "NEAR_COST", "FIRST_GUESS", "envelope_of", "near_values", "near_block"]
 
 #: a window leaves out at most this fraction of ``||H_i||_F`` (Frobenius norm)
 NEAR_RTOL = 1e-12
@@ -44,14 +44,19 @@ def _values(block: torch.Tensor, N: int) -> torch.Tensor:
     return torch.nn.functional.pad(sv, (0, N - sv.shape[-1]))
 
 
-def near_values(op: Operator, indices: Sequence[int]) -> Dict[int, torch.Tensor]:
-    """``{i: singular values}`` (``batch + (N,)``) of the indices resolved from their windows (module doc):
-    every index, or ``{}`` where the windows would cost more than the Gramians (:data:`NEAR_COST`) or the
-    operator has no envelope, or all but an index whose second window would (it takes the Gramians)."""
+def envelope_of(op: Operator) -> Optional[Envelope]:
+    """The operator's :class:`~esswatch.engine.envelope.Envelope` (its sums precomputed), or ``None`` where it
+    has none. Built once per call and shared by :func:`near_values` and :func:`near_block`."""
     env = op.envelope()
-    if env is None or not indices:
+    return None if env is None else Envelope(*env)
+
+
+def near_values(op: Operator, env: Envelope, indices: Sequence[int]) -> Dict[int, torch.Tensor]:
+    """``{i: singular values}`` (``batch + (N,)``) of the indices resolved from their windows (module doc):
+    every index, or ``{}`` where the windows would cost more than the Gramians (:data:`NEAR_COST`), or all but
+    an index whose second window would (it takes the Gramians). ``env``: :func:`envelope_of` ``op``."""
+    if not indices:
         return {}
-    env = Envelope(*env)
     L, N = op.seq_len, op.state_width
     limit, cost, wins = NEAR_COST * L * N * N, 0, {}
     middle_first = sorted(indices, key=lambda i: abs(2 * i - L))  # long memory shows at the first one
@@ -78,15 +83,12 @@ def near_values(op: Operator, indices: Sequence[int]) -> Dict[int, torch.Tensor]
     return out
 
 
-def near_block(op: Operator, i: int, fro2: torch.Tensor, where: torch.Tensor) -> Optional[torch.Tensor]:
+def near_block(op: Operator, env: Envelope, i: int, fro2: torch.Tensor, where: torch.Tensor) -> Optional[torch.Tensor]:
     """The singular values (``batch + (N,)``) of ``H_i``'s window leaving out at most ``NEAR_RTOL *
     ||H_i||_F`` in the batch entries ``where`` (``fro2 = ||H_i||_F^2``, float64, from the Gramians); ``None``
-    without an envelope or where the window would span the whole block."""
-    env = op.envelope()
-    if env is None:
-        return None
+    where the window would span the whole block. ``env``: :func:`envelope_of` ``op``."""
     log_eps = torch.where(where, 0.5 * torch.log(fro2.detach().to(torch.float64)) + math.log(NEAR_RTOL), torch.inf)
-    a, b = Envelope(*env).window(i, log_eps)
+    a, b = env.window(i, log_eps)
     if (a, b) == (op.seq_len - i, i):
         return None
     return _values(op.hankel_window(i, a, b), op.state_width)

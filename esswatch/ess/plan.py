@@ -13,7 +13,7 @@ from ..engine.validation import check_indices, check_not_meta
 from ..operators import Operator
 from .blocks import BlockCache
 from .guard import check_call_memory
-from .near import near_block, near_values
+from .near import envelope_of, near_block, near_values
 
 __all__ = ["ESTIMATORS", "EXACT_BELOW", "prepare", "plan", "singular_values_by_plan", "entropy_of_padded"]
 
@@ -94,7 +94,8 @@ def singular_values_by_plan(op: Operator, by_index: dict, cache: BlockCache) -> 
         N = op.state_width
         via_gram = sorted(i for i in gram_idx if op.gram_at_ends or min(i, L - i) >= N)
         dense_idx += [i for i in gram_idx if not op.gram_at_ends and min(i, L - i) < N]
-        near = near_values(op, via_gram)  # fast gates: a window around i holds all of H_i that matters
+        env = envelope_of(op) if via_gram else None  # None: no bound per step (no windows)
+        near = {} if env is None else near_values(op, env, via_gram)  # fast gates: all of H_i near i
         out.update(near)
         via_gram = [i for i in via_gram if i not in near]
         if via_gram:
@@ -102,7 +103,7 @@ def singular_values_by_plan(op: Operator, by_index: dict, cache: BlockCache) -> 
             sv = safe_sqrt(lam).to(compute_dtype(op.dtype))
             ok_all = (ok.all(dim=tuple(range(ok.dim() - 1))) if ok.dim() > 1 else ok).tolist()
             for j, i in enumerate(via_gram):
-                window = None if ok_all[j] else near_block(op, i, fro2[..., j], ~ok[..., j])
+                window = None if ok_all[j] or env is None else near_block(op, env, i, fro2[..., j], ~ok[..., j])
                 if ok_all[j]:
                     out[i] = sv[..., j, :]
                 elif window is not None:  # the entries that do not factor from a window near i (not T)
