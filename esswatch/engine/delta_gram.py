@@ -35,29 +35,37 @@ import torch
 
 from .gram import _LOG_FLOOR, gramian_squared_singular_values
 
-__all__ = ["delta_gramians", "delta_gram_squared_singular_values", "delta_window", "SEGMENT"]
+__all__ = ["delta_gramians", "delta_gram_squared_singular_values", "delta_window", "delta_rule_dense", "SEGMENT"]
 
 #: positions per segment (at most): the triangular systems are ``SEGMENT x SEGMENT``; between 64 and 128
 #: the work per matrix is flat for ``N = 128`` (examples/benchmarks/delta_rule.py)
 SEGMENT = 64
 
 
-def _segment(k, u, beta, g):
-    """``(M, W)`` of one segment (module doc); ``k, u (..., C, N)``, ``beta, g (..., C)``."""
+def _segment(k, u, beta, g, q=None):
+    """``(M, W, D)`` of one segment (module doc); ``k, u (..., C, N)``, ``beta, g (..., C)``. With ``q (..., C, N)``,
+    ``D`` is the segment's own block of ``T`` (rows and columns in the segment, :func:`delta_rule_dense`), else
+    ``None``."""
     C, N = k.shape[-2:]
-    G = torch.cumsum(g, dim=-1)
+    G = torch.cumsum(g.to(torch.float64), dim=-1)  # float64 sums: the differences of long ones keep their digits
     g_last = G[..., -1:]
     lower = torch.tril(torch.ones(C, C, dtype=torch.bool, device=k.device), -1)
     diff = G[..., :, None] - G[..., None, :]
-    E = torch.exp(torch.where(lower, diff, torch.full_like(diff, float("-inf"))))
-    A = torch.eye(C, dtype=k.dtype, device=k.device) + beta[..., :, None] * (k @ k.transpose(-1, -2)) * E
-    rhs = torch.cat([beta[..., :, None] * (k @ u.transpose(-1, -2)) * E, (beta * torch.exp(G))[..., :, None] * k], -1)
+    E = torch.exp(torch.where(lower, diff, torch.full_like(diff, float("-inf")))).to(k.dtype)
+    w = torch.exp(g_last - G).to(k.dtype)[..., :, None]
+    decay_in, decay_all = torch.exp(G).to(k.dtype), torch.exp(g_last).to(k.dtype)
+    eye = torch.eye(C, dtype=k.dtype, device=k.device)
+    A = eye + beta[..., :, None] * (k @ k.transpose(-1, -2)) * E
+    rhs = torch.cat([beta[..., :, None] * (k @ u.transpose(-1, -2)) * E, (beta * decay_in)[..., :, None] * k], -1)
     sol = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
-    w = torch.exp(g_last - G)[..., :, None]
     kw = (k * w).transpose(-1, -2)  # (..., N, C)
     W = (u * w).transpose(-1, -2) - kw @ sol[..., :C]
-    M = torch.exp(g_last)[..., None] * torch.eye(N, dtype=k.dtype, device=k.device) - kw @ sol[..., C:]
-    return M, W
+    M = decay_all[..., None] * torch.eye(N, dtype=k.dtype, device=k.device) - kw @ sol[..., C:]
+    if q is None:
+        return M, W, None
+    D = (q @ k.transpose(-1, -2)) * (E + eye)  # (Q K^T * E) A^-1 diag(beta), E with its unit diagonal
+    D = torch.linalg.solve_triangular(A, D, upper=False, left=False, unitriangular=True) * beta[..., None, :]
+    return M, W, D
 
 
 def _segment_inputs(q, k, beta, log_decay, a, b, reverse):
@@ -86,7 +94,7 @@ def _forward(q, k, beta, log_decay, idx, C, reverse):
     X = P[..., :0]  # the columns themselves, while there are fewer than N
     out, factors = [], {}
     for a, b in zip(bounds[:-1], bounds[1:]):
-        M, W = _segment(*_segment_inputs(q, k, beta, log_decay, a, b, reverse))
+        M, W, _ = _segment(*_segment_inputs(q, k, beta, log_decay, a, b, reverse))
         P = M @ P @ M.transpose(-1, -2) + W @ W.transpose(-1, -2)
         if b < N:
             X = torch.cat([M @ X, W], dim=-1)
@@ -150,6 +158,35 @@ def delta_window(q, k, beta, log_decay, i: int, a: int, b: int) -> torch.Tensor:
     each one segment's own columns in closed form (:func:`_segment`: one ``b x b`` and one ``a x a``
     triangular solve), so the cost is independent of ``L``."""
     L = q.shape[-2]
-    _, R = _segment(*_segment_inputs(q, k, beta, log_decay, i - b, i, reverse=False))
-    _, rows = _segment(*_segment_inputs(q, k, beta, log_decay, L - i - a, L - i, reverse=True))
+    _, R, _ = _segment(*_segment_inputs(q, k, beta, log_decay, i - b, i, reverse=False))
+    _, rows, _ = _segment(*_segment_inputs(q, k, beta, log_decay, L - i - a, L - i, reverse=True))
     return rows.flip(-1).transpose(-1, -2) @ R
+
+
+def delta_rule_dense(q, k, beta, log_decay, chunk: int = SEGMENT) -> torch.Tensor:
+    """The causal matrices ``T (..., L, L)`` of the gated delta rule, in the inputs' dtype, chunk by chunk in the
+    closed form (module doc; differentiable, no in-place writes).
+
+    Over a chunk ``[s0, s1)``: its own block is ``(Q K^T * E) A^-1 diag(beta)`` (``E`` with its unit diagonal:
+    the chunked delta-rule kernels' intra-chunk form); its rows against the columns of earlier chunks are
+    ``R X``, with ``X`` those columns' states entering the chunk and row ``t`` of ``R`` equal to
+    ``B_s0 ... B_t q_t``, the own columns of the chunk in reversed time with the input ``B_t q_t`` (as for
+    ``Q_i``); then ``X <- [M X, W]``. Per chunk a few products and two ``C x C`` triangular solves, and
+    ``M X`` (``N^2`` per earlier column): no step-by-step loop, and with gradients a graph of about ``L^2`` values
+    per matrix beside ``T`` itself (the stepped form kept ``N^2`` per position for the transitions).
+    """
+    L, N = q.shape[-2:]
+    g = torch.clamp(log_decay, min=_LOG_FLOOR)
+    bk = beta[..., None] * k
+    carried = q.new_zeros(*q.shape[:-2], N, 0)  # the states of the columns of earlier chunks
+    rows = []
+    for s0 in range(0, L, chunk):
+        s1 = min(s0 + chunk, L)
+        kc, qc, bc, gc = k[..., s0:s1, :], q[..., s0:s1, :], beta[..., s0:s1], g[..., s0:s1]
+        M, W, D = _segment(kc, bk[..., s0:s1, :], bc, gc, q=qc)
+        u = torch.exp(gc)[..., None] * (qc - bc[..., None] * kc * (kc * qc).sum(-1, keepdim=True))  # B_t q_t
+        _, R, _ = _segment(kc.flip(-2), u.flip(-2), bc.flip(-1), gc.flip(-1))
+        past = R.flip(-1).transpose(-1, -2) @ carried  # (..., C, s0)
+        rows.append(torch.nn.functional.pad(torch.cat([past, D], dim=-1), (0, L - s1)))
+        carried = torch.cat([M @ carried, W], dim=-1)
+    return torch.cat(rows, dim=-2)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..engine.delta_gram import SEGMENT, delta_gram_squared_singular_values, delta_gramians, delta_window
+from ..engine.delta_gram import (
+    SEGMENT,
+    delta_gram_squared_singular_values,
+    delta_gramians,
+    delta_rule_dense,
+    delta_window,
+)
 from ..engine.gram_spectrum import GROUP_BYTES
 from ..engine.validation import check_positive_int
 from .base import ENVELOPE_SLACK, Operator, matrix_scale
@@ -17,50 +22,6 @@ __all__ = ["DeltaRule", "delta_rule_dense", "GRAM_FROM"]
 #: (gates at initialisation: most heads forget within a few steps and ``T`` is nearly banded) of its time, at
 #: L = 768 0.5x and 1.6x, at L = 1024 0.3x and 1.2x (examples/benchmarks/README.md)
 GRAM_FROM = 6
-
-
-def _transition(x: torch.Tensor, k: torch.Tensor, bk: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
-    """``B x = decay (x - bk (k . x))`` for the columns of ``x (..., N, m)`` (one step's transition)."""
-    return decay[..., None, None] * (x - bk[..., :, None] * (k[..., None, :] @ x))
-
-
-def delta_rule_dense(
-    q: torch.Tensor, k: torch.Tensor, beta: torch.Tensor, log_decay: torch.Tensor, chunk: int = 64
-) -> torch.Tensor:
-    """The causal matrices ``(..., L, L)`` of the gated delta rule (see :class:`DeltaRule`), chunk by chunk.
-
-    Column ``c`` starts as ``beta_c k_c`` at step ``c`` and is carried through the later steps' transitions
-    ``B_s``; ``T[t, c] = q_t . x_c(t)``. Within a chunk of ``chunk`` positions the steps run one by one on
-    at most ``chunk`` vectors. The columns of earlier chunks are carried across a chunk at once by its
-    transition ``M = B_{s1-1} ... B_{s0}`` (an ``N x N`` matrix product), and their rows in the chunk are
-    one product ``R X``, where row ``t`` of ``R`` is ``B_{s0} ... B_t q_t`` (each ``B_s`` is symmetric).
-    So the ``O(L^2 N)`` work is matrix products; the Python steps are ``3 L``. No in-place writes
-    (differentiable).
-    """
-    L, N = q.shape[-2:]
-    batch = q.shape[:-2]
-    bk = beta[..., None] * k
-    decay = torch.exp(log_decay)
-    carried = q.new_zeros(*batch, N, 0)  # the states of the columns of earlier chunks
-    eye = torch.eye(N, dtype=q.dtype, device=q.device).expand(*batch, N, N)
-    rows = []
-    for s0 in range(0, L, chunk):
-        s1 = min(s0 + chunk, L)
-        kc, bkc, dc = k[..., s0:s1, :], bk[..., s0:s1, :], decay[..., s0:s1]
-        # rows of R, built backwards: B_{s0+j} acts on the rows t >= s0 + j
-        r = q[..., s0:s1, :].transpose(-1, -2)  # (..., N, C): one column per row t
-        for j in range(s1 - s0 - 1, -1, -1):
-            r = torch.cat([r[..., :j], _transition(r[..., j:], kc[..., j, :], bkc[..., j, :], dc[..., j])], dim=-1)
-        past = r.transpose(-1, -2) @ carried  # (..., C, s0)
-        # the chunk's own columns, step by step, and its transition M
-        own, m, inner = q.new_zeros(*batch, N, 0), eye, []
-        for j in range(s1 - s0):
-            own = torch.cat([_transition(own, kc[..., j, :], bkc[..., j, :], dc[..., j]), bkc[..., j, :, None]], -1)
-            m = _transition(m, kc[..., j, :], bkc[..., j, :], dc[..., j])
-            inner.append(F.pad(q[..., s0 + j, None, :] @ own, (0, s1 - s0 - j - 1)))
-        rows.append(F.pad(torch.cat([past, torch.cat(inner, dim=-2)], dim=-1), (0, L - s1)))
-        carried = torch.cat([m @ carried, own], dim=-1)
-    return torch.cat(rows, dim=-2)
 
 
 class DeltaRule(Operator):

@@ -16,11 +16,14 @@ from an untimed ``exact`` on the same inputs in float64), and each contender's p
 inputs (``--memory``: the growth of the peak resident set of a fresh process running one call after a
 small warm-up call, with glibc returning freed blocks of 64 KiB and more to the system).
 
-``--sections materialize``: ``DeltaRule.dense()`` builds ``T`` with ``delta_rule_dense``: steps one by one
-inside chunks of 64 positions, and the columns of earlier chunks carried across each chunk by one ``N x N``
-transition (matrix products). The contender is the plain form, one batched step per position on all
-columns so far (in place, the fastest single-step variant found). Both build the same ``T`` (the largest
-difference is printed).
+``--sections materialize``: ``DeltaRule.dense()`` builds ``T`` with ``delta_rule_dense``: chunks of 64 positions
+in closed form (``esswatch.engine.delta_gram``: per chunk a few matrix products and two triangular solves, the
+columns of earlier chunks carried across it by its ``N x N`` transition). The contenders: ``stepped``, the
+previous release's form (the same chunks, but stepped one position at a time inside each, the transition
+included), and ``step``, one batched step per position on all columns so far (in place; without gradients
+only). ``--grad`` times the forward and backward pass of ``(T * T).sum()`` (what the regularizer pays where it
+builds ``T``); ``--memory`` adds each contender's peak memory above the inputs (a fresh process, as above).
+The largest difference from ``stepped`` is printed.
 
 Sizes are those of a Qwen3-Next-like layer, ``head_k_dim`` N = 128, 2 batch rows (the watch's default).
 """
@@ -72,28 +75,89 @@ def inputs(L, heads, N=128, rows=2, seed=0, gates="slow"):
     return q, k, beta, log_decay
 
 
+def stepped_chunks(q, k, beta, log_decay, chunk=64):
+    """The previous release's ``delta_rule_dense``: inside each chunk the columns, the rows and the chunk's
+    transition are stepped one position at a time (``N^2`` per position for the transition, and as much kept for
+    the backward pass); the columns of earlier chunks are carried by the transition."""
+
+    def step(x, k, bk, decay):  # B x for the columns of x
+        return decay[..., None, None] * (x - bk[..., :, None] * (k[..., None, :] @ x))
+
+    L, N = q.shape[-2:]
+    batch, bk, decay = q.shape[:-2], beta[..., None] * k, torch.exp(log_decay)
+    carried, rows = q.new_zeros(*batch, N, 0), []
+    eye = torch.eye(N, dtype=q.dtype).expand(*batch, N, N)
+    for s0 in range(0, L, chunk):
+        s1 = min(s0 + chunk, L)
+        kc, bkc, dc = k[..., s0:s1, :], bk[..., s0:s1, :], decay[..., s0:s1]
+        r = q[..., s0:s1, :].transpose(-1, -2)
+        for j in range(s1 - s0 - 1, -1, -1):
+            r = torch.cat([r[..., :j], step(r[..., j:], kc[..., j, :], bkc[..., j, :], dc[..., j])], dim=-1)
+        past = r.transpose(-1, -2) @ carried
+        own, m, inner = q.new_zeros(*batch, N, 0), eye, []
+        for j in range(s1 - s0):
+            own = torch.cat([step(own, kc[..., j, :], bkc[..., j, :], dc[..., j]), bkc[..., j, :, None]], -1)
+            m = step(m, kc[..., j, :], bkc[..., j, :], dc[..., j])
+            inner.append(torch.nn.functional.pad(q[..., s0 + j, None, :] @ own, (0, s1 - s0 - j - 1)))
+        rows.append(torch.nn.functional.pad(torch.cat([past, torch.cat(inner, dim=-2)], dim=-1), (0, L - s1)))
+        carried = torch.cat([m @ carried, own], dim=-1)
+    return torch.cat(rows, dim=-2)
+
+
+BUILDERS = {"closed": delta_rule_dense, "stepped": stepped_chunks, "step": step_by_step}
+
+
+def build(name, x, grad):
+    """Seconds to build ``T`` (and, ``grad``, to run the backward pass of ``(T * T).sum()``), and ``T``."""
+    x = [t.detach().requires_grad_(grad) for t in x]
+    t0 = time.perf_counter()
+    with torch.set_grad_enabled(grad):
+        T = BUILDERS[name](*x)
+        if grad:
+            (T * T).sum().backward()
+    return time.perf_counter() - t0, T.detach()
+
+
+def one_build(L, heads, name, grad) -> None:
+    """Run in a fresh process (``--memory``): the peak resident set growth of one build, in MB."""
+    build(name, inputs(64, 1), grad)
+    x = inputs(L, heads)
+    before = peak_rss_mb()
+    build(name, x, grad)
+    print(peak_rss_mb() - before)
+
+
 def materialize_section(args) -> None:
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32, N = 128, 2 rows")
-    print("| L | heads | chunked (64), s | step by step, s | step by step / chunked | largest difference |")
-    print("|---|---|---|---|---|---|")
+    names = ["closed", "stepped"] + ([] if args.grad else ["step"])
+    what = "build and backward pass" if args.grad else "build"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32, N = 128, 2 rows, {what}")
+    mem_head = " | peak memory above the inputs, MB (" + ", ".join(names) + ")" if args.memory else ""
+    cols = " | ".join(f"{n}, s" for n in names) + " | " + " | ".join(f"{n} / closed" for n in names[1:])
+    print(f"| L | heads | {cols} | largest difference from stepped{mem_head} |")
+    print("|---" * (3 + 2 * len(names) - 1 + bool(args.memory)) + "|")
     for size in args.sizes.split(","):
         L, heads = (int(x) for x in size.split("x"))
         x = inputs(L, heads)
-        with torch.no_grad():
-            diff = float((delta_rule_dense(*x) - step_by_step(*x)).abs().max())  # also the warm-up
-            times = {"chunked": [], "step": []}
-            for _ in range(args.repeats):
-                for name, fn in (("chunked", delta_rule_dense), ("step", step_by_step)):
-                    t0 = time.perf_counter()
-                    fn(*x)
-                    times[name].append(time.perf_counter() - t0)
-        c, s = (statistics.median(times[n]) for n in ("chunked", "step"))
-        ratios = sorted(b / a for a, b in zip(times["chunked"], times["step"]))
-        print(
-            f"| {L} | {heads} | {c:.2f} [{min(times['chunked']):.2f}-{max(times['chunked']):.2f}] "
-            f"| {s:.2f} [{min(times['step']):.2f}-{max(times['step']):.2f}] "
-            f"| {statistics.median(ratios):.1f}x [{ratios[0]:.1f}-{ratios[-1]:.1f}] | {diff:.1e} |"
-        )
+        ref = build("stepped", x, False)[1]
+        diff = max(float((build(n, x, False)[1] - ref).abs().max()) for n in names)  # also the warm-up
+        times = {n: [] for n in names}
+        for _ in range(args.repeats):
+            for n in names:
+                times[n].append(build(n, x, args.grad)[0])
+        cells = [f"{statistics.median(times[n]):.2f} [{min(times[n]):.2f}-{max(times[n]):.2f}]" for n in names]
+        for n in names[1:]:
+            r = sorted(b / a for a, b in zip(times["closed"], times[n]))
+            cells.append(f"{statistics.median(r):.1f}x [{r[0]:.1f}-{r[-1]:.1f}]")
+        cells.append(f"{diff:.1e}")
+        if args.memory:
+            mb = []
+            for n in names:
+                cmd = [sys.executable, __file__, "--one-build", f"{L},{heads},{n},{int(args.grad)}", "--threads", "1"]
+                env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+                mb.append(f"{float(out):.0f}")
+            cells.append(", ".join(mb))
+        print(f"| {L} | {heads} | " + " | ".join(cells) + " |", flush=True)
 
 
 def watch_indices(L):
@@ -178,14 +242,19 @@ def main() -> None:
     ap.add_argument("--gates", default="slow,init", help="ess: slow, init or both (see inputs())")
     ap.add_argument("--rows", type=int, default=2, help="ess: batch rows (the watch's default is 2)")
     ap.add_argument("--contenders", default="gram,randomized,exact", help="ess: estimators, gram first")
-    ap.add_argument("--memory", action="store_true", help="ess: also the peak memory of each contender")
+    ap.add_argument("--memory", action="store_true", help="also the peak memory of each contender")
+    ap.add_argument("--grad", action="store_true", help="materialize: with the backward pass")
     ap.add_argument("--reference64", action="store_true", help="ess: also the errors against float64 exact")
     ap.add_argument("--one-call", help=argparse.SUPPRESS)
+    ap.add_argument("--one-build", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.one_call:
         L, heads, rows, est, gates = args.one_call.split(",")
         return one_call(int(L), int(heads), int(rows), est, gates)
+    if args.one_build:
+        L, heads, name, grad = args.one_build.split(",")
+        return one_build(int(L), int(heads), name, grad == "1")
     if "ess" in args.sections.split(","):
         ess_section(args)
     if "materialize" in args.sections.split(","):
