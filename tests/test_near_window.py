@@ -240,3 +240,35 @@ def test_the_regularizer_on_fast_gates_builds_neither_t_nor_the_gramians(monkeyp
     monkeypatch.setattr(DeltaRule, "gram_spectrum", _fail)
     monkeypatch.setattr(delta_mod, "delta_rule_dense", _fail)
     check_penalty(q, k, beta, ld)
+
+
+def test_short_sequences_take_windows_under_auto(monkeypatch):
+    """Below ``GRAM_FROM N`` positions ``auto`` materializes ``T`` (there it beats the Gramians), except where
+    the gates forget within a few steps: then every index comes from its window, ``T`` is never built, the
+    values equal NumPy's and the gradients the dense route's. One long-memory head sends the call back to
+    ``T`` (built once). The regularizer's penalty takes the same route."""
+    from esswatch.operators.delta import GRAM_FROM
+
+    base = _fast(L=80, N=16)
+    assert base[0].shape[-2] < GRAM_FROM * 16
+    idx = [round(j * 80 / 9) for j in range(1, 9)]
+    want = entropy_ess_ref(delta_rule_loop(*base), idx)
+    monkeypatch.setattr(DeltaRule, "gram_spectrum", _fail)
+    monkeypatch.setattr(delta_mod, "delta_rule_dense", _fail)
+    xs = [x.clone().requires_grad_() for x in base]
+    e = esswatch.entropy_ess(DeltaRule(*xs), idx)
+    np.testing.assert_allclose(e.detach().numpy(), want, rtol=1e-9)
+    e.sum().backward()
+    check_penalty(*_fast(seed=9, shape=(2,), L=80, N=16))
+    monkeypatch.undo()
+    ys = [x.clone().requires_grad_() for x in base]
+    esswatch.entropy_ess(DeltaRule(*ys), idx, estimator="exact").sum().backward()
+    for a, b in zip(xs, ys):
+        np.testing.assert_allclose(a.grad.numpy(), b.grad.numpy(), rtol=1e-6, atol=1e-9 * b.grad.abs().max().item())
+    slow = _fast(L=80, N=16, slow_head=True)
+    calls = []
+    real = delta_mod.delta_rule_dense
+    monkeypatch.setattr(delta_mod, "delta_rule_dense", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    got = esswatch.entropy_ess(DeltaRule(*slow), idx)
+    assert calls == [1]
+    np.testing.assert_allclose(got.numpy(), entropy_ess_ref(delta_rule_loop(*slow), idx), rtol=1e-9)

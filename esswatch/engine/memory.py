@@ -1,9 +1,10 @@
 """How much memory an ESS call needs, checked before anything large is allocated.
 
 :func:`estimate_bytes` is a deliberately simple upper-range model of the big buffers of one
-call (the dense ``L x L`` operator per batch matrix, softmax scores, the largest Hankel block
-and its SVD workspace, the float64 sketch copy; the Gramian route's buffers come from the operator,
-``Operator.gram_bytes``). :func:`check_memory`
+call (the largest Hankel block and its SVD workspace, the float64 sketch copy, with gradients every
+block's singular vectors; what materializing the blocks holds, the dense ``L x L`` operator, softmax scores
+and, with gradients, their autograd graph, comes from the operator, ``Operator.materialize_bytes``, and so
+do the Gramian route's buffers, ``Operator.gram_bytes``). :func:`check_memory`
 compares it with the limit and raises :class:`ESSMemoryError` (a ``ValueError``) naming the
 estimate, the limit and the knobs that shrink a call.
 
@@ -78,31 +79,33 @@ def estimate_bytes(
     indices: Iterable[int],
     itemsize: int,
     *,
-    dense: bool,
-    scores: bool = False,
+    materialize: int = 0,
     sketch: bool = False,
+    grad: bool = False,
 ) -> int:
     """Bytes of the big buffers of one call (see the module doc).
 
     Args:
         batch: matrices in the batch (product of the batch shape).
         seq_len: ``L``.
-        indices: the indices measured.
+        indices: the indices whose blocks are cut and decomposed (none on the Gramian route).
         itemsize: bytes per element of the compute dtype.
-        dense: the dense ``L x L`` operator is materialized.
-        scores: attention (a second ``L x L`` buffer for the scores).
+        materialize: what producing the blocks holds (``T``, the scores, their autograd graph: the operator's
+            estimate, ``Operator.materialize_bytes``).
         sketch: the randomized estimator may run (a float64 copy of the block).
+        grad: gradients flow: every block, its singular vectors and its gradient are kept until the backward
+            pass (not only the largest block at a time).
     """
     idx = list(indices)
     L = seq_len
-    total = 0
-    if dense:
-        total += batch * L * L * itemsize * (2 if scores else 1)
+    total = int(materialize)
     if idx:
-        block = max((L - i) * i for i in idx)
-        total += 2 * batch * block * itemsize  # the block's copy + SVD workspace
+        blocks = [(L - i) * i for i in idx]
+        total += 2 * batch * max(blocks) * itemsize  # the block's copy + SVD workspace
         if sketch:
-            total += batch * block * 8
+            total += batch * max(blocks) * 8
+        if grad:
+            total += 2 * batch * sum(blocks) * itemsize  # U and V of every block, kept for the backward pass
     return int(total)
 
 

@@ -70,6 +70,7 @@ from .plan import entropy_of_padded as _entropy_of_padded
 from .plan import plan as _plan
 from .plan import prepare as _prepare_operator
 from .plan import singular_values_by_plan as _singular_values_by_plan
+from .plan import windows_first as _windows_first
 
 __all__ = [
     "entropy_ess",
@@ -177,8 +178,9 @@ def entropy_ess(
     need_grad = torch.is_grad_enabled() and op.requires_grad
     plan = _plan(op, idx, estimator, need_grad)
     with _numerics(op.device):
-        cache = _Cache(op, blocks=sum(e != "gram" for e in plan.values()))
-        svs = _singular_values_by_plan(op, plan, cache)
+        near = _windows_first(op, plan, estimator)
+        cache = _Cache(op, blocks=sum(e not in ("gram", "near") for e in plan.values()))
+        svs = {**near, **_singular_values_by_plan(op, plan, cache)}
         exact = _entropy_of_padded(svs, cdt)  # one batched entropy for all exact entries
         keys = list(exact)
         table = torch.stack([exact[i] for i in keys], dim=-1) if keys else None
@@ -238,8 +240,9 @@ def tolerance_ess(
         return _empty(op, idx, cdt)
     plan = _plan(op, idx, estimator, need_grad=False)
     with torch.no_grad(), _numerics(op.device):
-        cache = _Cache(op, blocks=sum(e != "gram" for e in plan.values()))
-        svs = _singular_values_by_plan(op, plan, cache)
+        near = _windows_first(op, plan, estimator)
+        cache = _Cache(op, blocks=sum(e not in ("gram", "near") for e in plan.values()))
+        svs = {**near, **_singular_values_by_plan(op, plan, cache)}
         gen = None
         for i, e in plan.items():
             if e == "randomized":

@@ -7,30 +7,49 @@ import torch
 
 from ..engine.memory import check_memory, estimate_bytes
 from ..engine.spectral import compute_dtype
-from ..operators import Operator, SoftmaxAttention
+from ..operators import Operator
 
-__all__ = ["check_call_memory", "empty_result"]
+__all__ = ["call_bytes", "check_call_memory", "check_fallback_memory", "empty_result"]
+
+
+def call_bytes(op: Operator, idx, estimator: str) -> int:
+    """The guard's estimate of one call's big buffers (module doc), with the autograd graph where gradients
+    flow (``torch.is_grad_enabled()`` and an operand that requires them)."""
+    grad = torch.is_grad_enabled() and op.requires_grad
+    ind = torch.as_tensor(idx).tolist()
+    if op.has_gramians and (estimator == "gram" or (estimator == "auto" and op.prefers_gram)):
+        return op.gram_bytes(len(ind), grad=grad)
+    return _blocks_bytes(op, ind, grad, sketch=estimator in ("auto", "randomized"))
 
 
 def check_call_memory(op: Operator, idx: torch.Tensor, estimator: str, what: str) -> None:
-    """Estimate the call's big buffers before any is allocated (:mod:`esswatch.engine.memory`)."""
-    itemsize = torch.finfo(compute_dtype(op.dtype)).bits // 8
-    L, ind = op.seq_len, idx.tolist()
-    gram = op.has_gramians and (estimator == "gram" or (estimator == "auto" and op.prefers_gram))
-    nbytes = estimate_bytes(
-        op.numel_batch(),
-        L,
-        [] if gram else ind,
-        itemsize,
-        dense=not gram,
-        scores=isinstance(op, SoftmaxAttention),
-        sketch=estimator in ("auto", "randomized") and not gram,
-    )
-    if gram:
-        nbytes += op.gram_bytes(len(ind))
+    """Raise :class:`~esswatch.engine.memory.ESSMemoryError` before anything is allocated when
+    :func:`call_bytes` exceeds the limit (:mod:`esswatch.engine.memory`)."""
+    grad = torch.is_grad_enabled() and op.requires_grad
     check_memory(
-        nbytes, op.device, f"{what} on a {type(op).__name__} (batch {tuple(op.batch_shape)}, L={L}, {len(ind)} indices)"
+        call_bytes(op, idx, estimator),
+        op.device,
+        f"{what} on a {type(op).__name__} (batch {tuple(op.batch_shape)}, L={op.seq_len}, {idx.numel()} indices"
+        + (", with gradients)" if grad else ")"),
     )
+
+
+def check_fallback_memory(op: Operator, indices: list, what: str) -> None:
+    """Before the Gramian route's indices that do not factor take the dense route (their blocks, and for most
+    operators ``T``): the same check for what that builds."""
+    grad = torch.is_grad_enabled() and op.requires_grad
+    check_memory(
+        _blocks_bytes(op, indices, grad, sketch=False),
+        op.device,
+        f"{what} on a {type(op).__name__} (batch {tuple(op.batch_shape)}, L={op.seq_len}): {len(indices)} indices "
+        "whose Gramians do not factor take the dense route" + (" with gradients" if grad else ""),
+    )
+
+
+def _blocks_bytes(op: Operator, ind: list, grad: bool, sketch: bool) -> int:
+    itemsize = torch.finfo(compute_dtype(op.dtype)).bits // 8
+    held = op.materialize_bytes(ind, grad)
+    return estimate_bytes(op.numel_batch(), op.seq_len, ind, itemsize, materialize=held, sketch=sketch, grad=grad)
 
 
 def empty_result(op: Operator, idx: torch.Tensor, cdt) -> torch.Tensor:

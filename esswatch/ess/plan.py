@@ -12,10 +12,18 @@ from ..engine.spectral import compute_dtype, entropy_from_singular_values, safe_
 from ..engine.validation import check_indices, check_not_meta
 from ..operators import Operator
 from .blocks import BlockCache
-from .guard import check_call_memory
+from .guard import check_call_memory, check_fallback_memory
 from .near import envelope_of, near_block, near_values
 
-__all__ = ["ESTIMATORS", "EXACT_BELOW", "prepare", "plan", "singular_values_by_plan", "entropy_of_padded"]
+__all__ = [
+    "ESTIMATORS",
+    "EXACT_BELOW",
+    "prepare",
+    "plan",
+    "windows_first",
+    "singular_values_by_plan",
+    "entropy_of_padded",
+]
 
 ESTIMATORS = ("auto", "exact", "gram", "randomized")
 
@@ -74,6 +82,20 @@ def plan(op: Operator, idx: torch.Tensor, estimator: str, need_grad: bool) -> di
     return out
 
 
+def windows_first(op: Operator, by_index: dict, estimator: str) -> dict:
+    """Under ``"auto"``, an operator with Gramians that does not prefer them (``DeltaRule`` on short sequences,
+    where materializing ``T`` beats the Gramians) still takes windows near each index where its gates forget
+    within a few steps (:func:`~esswatch.ess.near.near_values`: every index or none, a check of milliseconds).
+    Returns ``{i: singular values}`` of those indices and marks them ``"near"`` in ``by_index``."""
+    if estimator != "auto" or not op.has_gramians or op.prefers_gram:
+        return {}
+    env = envelope_of(op)
+    got = {} if env is None else near_values(op, env, list(by_index))
+    for i in got:
+        by_index[i] = "near"
+    return got
+
+
 def singular_values_by_plan(op: Operator, by_index: dict, cache: BlockCache) -> dict:
     """Exact singular values (dict i -> sv) for the ``"exact"`` and ``"gram"`` entries of the plan.
 
@@ -90,6 +112,7 @@ def singular_values_by_plan(op: Operator, by_index: dict, cache: BlockCache) -> 
     L = op.seq_len
     dense_idx = [i for i, e in by_index.items() if e == "exact"]
     gram_idx = [i for i, e in by_index.items() if e == "gram"]
+    planned_dense = len(dense_idx)
     if gram_idx:
         N = op.state_width
         via_gram = sorted(i for i in gram_idx if op.gram_at_ends or min(i, L - i) >= N)
@@ -110,6 +133,8 @@ def singular_values_by_plan(op: Operator, by_index: dict, cache: BlockCache) -> 
                     out[i] = torch.where(ok[..., j, None], sv[..., j, :], window.to(sv.dtype))
                 else:
                     dense_idx.append(i)
+    if len(dense_idx) > planned_dense:  # the call's memory check counted the Gramians, not these blocks
+        check_fallback_memory(op, dense_idx[planned_dense:], "ESS")
     if dense_idx:
         for i, sv in zip(dense_idx, batched_svdvals([cache.hankel(i) for i in dense_idx])):
             out[i] = sv

@@ -50,6 +50,10 @@ class SoftmaxAttention(Operator):
     A row that can attend to nothing (fully masked) is all zero.
     """
 
+    #: the scores and ``T``; with gradients the softmax's saved output and the backward pass's buffers
+    #: (:meth:`Operator.materialize_bytes`)
+    dense_copies = (2, 4)
+
     def __init__(
         self,
         q: torch.Tensor,

@@ -28,6 +28,7 @@ import torch
 
 from ..engine import gram as _gram
 from ..engine import hankel as _hankel
+from ..engine.spectral import compute_dtype
 from ..engine.validation import check_finite
 
 #: a block whose largest magnitude lies outside [SCALE_LO, 1 / SCALE_LO] (in float32 terms) is
@@ -170,11 +171,23 @@ class Operator:
         or ``T``."""
         return None
 
-    def gram_bytes(self, n: int) -> int:
+    def gram_bytes(self, n: int, grad: bool = False) -> int:
         """An upper-range estimate of the Gramian route's big buffers for ``n`` indices (the memory guard of
-        :mod:`esswatch.ess`): float64 factors of length ``L`` and ``N x N`` Gramians, per matrix."""
+        :mod:`esswatch.ess`): float64 factors of length ``L`` and ``N x N`` Gramians, per matrix (with
+        ``grad``, the same: they are what the graph keeps)."""
         b, L, N = self.numel_batch(), self.seq_len, self.state_width
         return 4 * b * L * N * 8 + 4 * b * n * N * N * 8
+
+    #: copies of ``T`` that :meth:`dense` holds at its peak, without and with gradients (with: its autograd graph
+    #: and the backward pass's buffers); the memory guard's model (:meth:`materialize_bytes`), measured by
+    #: examples/benchmarks/memory_guard.py
+    dense_copies = (1, 4)
+
+    def materialize_bytes(self, indices: Sequence[int], grad: bool) -> int:
+        """An upper-range estimate of what the dense routes hold to cut the blocks at ``indices`` (the memory guard
+        of :mod:`esswatch.ess`; the blocks' own copies are counted there): :attr:`dense_copies` of ``T``."""
+        itemsize = torch.finfo(compute_dtype(self.dtype)).bits // 8
+        return self.numel_batch() * self.seq_len**2 * itemsize * self.dense_copies[bool(grad)]
 
     def gram_spectrum(self, indices: torch.Tensor):
         """``(sigma2, ok, fro2)`` at the sorted unique ``indices`` from :meth:`gramians`

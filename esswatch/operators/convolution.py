@@ -21,6 +21,10 @@ class Convolution(Operator):
     The natural state size is unbounded (``TSS_i = min(i, L - i)``).
     """
 
+    #: ``T`` and a trimmed copy of its blocks; with gradients its gradient and the scatter back to the kernel
+    #: (:meth:`Operator.materialize_bytes`)
+    dense_copies = (2, 3)
+
     def __init__(self, h: torch.Tensor, *, value_dim: int = 1):
         if not isinstance(h, torch.Tensor) or h.dim() < 1 or not h.is_floating_point():
             raise ValueError(

@@ -17,10 +17,10 @@ from .base import ENVELOPE_SLACK, Operator, matrix_scale
 
 __all__ = ["DeltaRule", "delta_rule_dense", "GRAM_FROM"]
 
-#: ``estimator="auto"`` uses the Gramians where ``L >= GRAM_FROM * N``. Measured at N = 128, 8 heads x 2 rows,
-#: one CPU thread, against the dense ``exact`` route: at L = 512 the Gramians took 0.9x (long memory) and 2.0x
-#: (gates at initialisation: most heads forget within a few steps and ``T`` is nearly banded) of its time, at
-#: L = 768 0.5x and 1.6x, at L = 1024 0.3x and 1.2x (examples/benchmarks/README.md)
+#: ``estimator="auto"`` uses the Gramians where ``L >= GRAM_FROM * N`` (below, windows where the gates forget within
+#: a few steps, else the dense route). Measured at N = 128, 8 heads x 2 rows, one CPU thread, against ``exact``
+#: with ``T`` in closed form and long-memory gates: the Gramians took 1.4x its time at L = 512, 0.7x at 768 and
+#: 0.5x at 1024 (examples/benchmarks/README.md, "Materializing the gated delta rule")
 GRAM_FROM = 6
 
 
@@ -43,6 +43,10 @@ class DeltaRule(Operator):
 
     Natural state size: ``N``.
     """
+
+    #: ``T``, the carried columns and the rows' pieces; with gradients each chunk's saved products
+    #: (:meth:`Operator.materialize_bytes`)
+    dense_copies = (3, 8)
 
     has_gramians = True
     gram_at_ends = True
@@ -103,12 +107,16 @@ class DeltaRule(Operator):
             step = f64(g) + torch.log(torch.clamp(f64((1 - beta * kk).abs()), min=1.0)) + slack
         return out, inp, step
 
-    def gram_bytes(self, n: int) -> int:
+    def gram_bytes(self, n: int, grad: bool = False) -> int:
         """No buffer grows with ``L``: the ``P``, ``Q`` stacks and the ends' factors (``3 n N^2`` per matrix),
         the eigenproblems' groups (:data:`~esswatch.engine.gram_spectrum.GROUP_BYTES`, about twelve copies)
-        and one segment's temporaries, in float64."""
+        and one segment's temporaries, in float64. With ``grad``, the graph keeps every segment's (about
+        ``6 N^2 + 4 C N + 3 C^2`` values each, forward and reversed: ``2 (L / C + n)`` segments)."""
         per, N, C = 8 * self.numel_batch(), self.state_width, SEGMENT
-        return 3 * per * n * N * N + 12 * min(GROUP_BYTES, per * n * N * N) + per * (8 * N * N + 4 * C * (C + N))
+        out = 3 * per * n * N * N + 12 * min(GROUP_BYTES, per * n * N * N) + per * (8 * N * N + 4 * C * (C + N))
+        if grad:
+            out += 2 * (self.seq_len // C + 1 + n) * per * (6 * N * N + 4 * C * N + 3 * C * C)
+        return out
 
     def gram_spectrum(self, indices: torch.Tensor):
         """Every index, the ends included (:func:`esswatch.engine.delta_gram.delta_gram_squared_singular_values`)."""

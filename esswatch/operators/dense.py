@@ -19,6 +19,9 @@ class Dense(Operator):
         value_dim: value channels sharing this operator (metadata for total ESS).
     """
 
+    #: the rescaled copy; with gradients its gradient (:meth:`Operator.materialize_bytes`)
+    dense_copies = (1, 3)
+
     def __init__(self, t: torch.Tensor, *, state_size=None, value_dim: int = 1):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"Dense expects a torch.Tensor, got {type(t).__name__}")

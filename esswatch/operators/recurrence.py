@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from ..engine.gram import DIRECT_MAX_ELEMS, DIRECT_MAX_INDICES
 from ..engine.gram import gramians as _gramians
 from ..engine.spectral import compute_dtype
 from ..engine.validation import broadcast_batch, check_positive_int
@@ -135,6 +136,37 @@ class GatedRecurrence(Operator):
 
     def hankel(self, i: int) -> torch.Tensor:
         return self._block(slice(i, None), slice(0, i), compute_dtype(self.q.dtype))
+
+    def gram_bytes(self, n: int, grad: bool = False) -> int:
+        """The Gramian route's buffers (float64), by the form :func:`esswatch.engine.gram.gramians` picks: the
+        direct form's weighted factors (``n x L x N`` per matrix, about eight such buffers), the chunked form's
+        for a few indices (about four ``L x N`` and two ``N x N`` per chunk) or its per-position outer products
+        and their running sums (about three ``L x N x N``); then the
+        ``P``, ``Q`` stacks and their eigenproblems. With ``grad``, half as much again (the graph)."""
+        b, L, N = self.numel_batch(), self.seq_len, self.state_width
+        per, C = 8 * b, max(4, round(L**0.5))
+        if n <= DIRECT_MAX_INDICES and n * L * N * b <= DIRECT_MAX_ELEMS:
+            out = 8 * per * n * L * N
+        elif n * C <= L:  # a few indices: weighted factors and one N x N sum per chunk
+            out = 4 * per * L * N + 2 * per * (L // C + 1) * N * N + 3 * per * n * C * N
+        else:
+            out = 3 * per * L * N * N
+        out += 4 * per * n * N * N
+        return out * 3 // 2 if grad else out
+
+    def materialize_bytes(self, indices, grad: bool) -> int:
+        """The dense routes cut each block from the formula (:meth:`hankel`), never ``T``: without gradients
+        about six ``(rows, C, N)`` temporaries of at most ``_CHUNK_ELEMS`` elements at a time, with gradients
+        about three per element of every block times the decay's width (its graph)."""
+        itemsize = torch.finfo(compute_dtype(self.q.dtype)).bits // 8
+        width = 1 if self.log_decay is None or self.log_decay.shape[-1] == 1 else self.state_width
+        L, b = self.seq_len, self.numel_batch()
+        blocks = [(L - i) * i for i in indices] or [0]
+        if grad:
+            return 3 * b * sum(blocks) * width * itemsize
+        if width == 1:
+            return 2 * b * max(blocks) * itemsize
+        return 6 * min(_CHUNK_ELEMS, b * max(blocks) * width) * itemsize
 
     def envelope(self):
         """``out = log ||q_r||``, ``inp = log ||k_c||``, ``step = max_n log_decay[s, n]`` (Cauchy-Schwarz over

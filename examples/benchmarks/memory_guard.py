@@ -1,0 +1,145 @@
+"""The memory guard's estimate against what a call really holds, per operator, route and gradients.
+
+Every ``entropy_ess`` / ``tolerance_ess`` call estimates its big buffers before it allocates anything
+(``esswatch.ess.guard.call_bytes``; README, "Memory limit") and refuses a call over the limit. An estimate
+below the real peak lets a call through that can exhaust memory, so this script measures, for each case,
+the growth of the peak resident set of a fresh process running one call (after a small warm-up call; glibc
+returns freed blocks of 64 KiB and more to the system, so the peak follows the live buffers) and prints
+it beside the estimate. With gradients the call includes its backward pass (what the regularizer runs).
+The previous release's model (``T``, the scores, the largest block, the sketch; no autograd graph, no
+Gramian segments) is printed too, re-implemented here.
+
+    python examples/benchmarks/memory_guard.py --threads 1
+
+The estimate is meant as an upper range: ``estimate / measured`` at or above 1 is what the guard needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+import torch
+
+CASES = [  # (operator, estimator, grad)
+    ("attention", "exact", False),
+    ("attention", "auto", False),
+    ("attention", "exact", True),
+    ("delta", "exact", False),
+    ("delta", "exact", True),
+    ("delta", "auto", False),
+    ("delta", "auto", True),
+    ("gla", "exact", False),
+    ("gla", "exact", True),
+    ("gla", "auto", True),
+    ("convolution", "exact", False),
+    ("convolution", "exact", True),
+    ("dense", "exact", False),
+    ("dense", "exact", True),
+]
+
+
+def make(kind, L, batch, grad):
+    """One operator of ``batch`` matrices (float32) whose operands require gradients if ``grad``."""
+    from esswatch.operators import Convolution, DeltaRule, Dense, GatedRecurrence, SoftmaxAttention
+
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    if kind == "attention":
+        parts, build = [rnd(batch, L, 64), rnd(batch, L, 64)], SoftmaxAttention
+    elif kind == "delta":  # N = 128, long memory (every Gramian factors)
+        k = torch.nn.functional.normalize(rnd(batch, L, 128), dim=-1)
+        beta, log_decay = torch.rand(batch, L, generator=g), -0.05 * torch.rand(batch, L, generator=g)
+        parts, build = [rnd(batch, L, 128) / 11, k, beta, log_decay], DeltaRule
+    elif kind == "gla":  # N = 16, a decay per channel
+        log_decay = -0.05 * torch.rand(batch, L, 16, generator=g)
+        parts, build = [rnd(batch, L, 16), rnd(batch, L, 16), log_decay], GatedRecurrence
+    elif kind == "convolution":
+        parts, build = [rnd(batch, L) / L**0.5], Convolution
+    else:
+        parts, build = [torch.tril(rnd(batch, L, L))], Dense
+    parts = [p.requires_grad_(grad) for p in parts]
+    return build(*parts)
+
+
+def indices(L):
+    return [round(j * L / 9) for j in range(1, 9)]
+
+
+def peak_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+def one(kind, estimator, grad, L, batch) -> None:
+    """In a fresh process: print the peak resident growth of one call (and its backward pass), in MB."""
+    import esswatch
+
+    def call(op, idx):
+        with torch.set_grad_enabled(grad):
+            e = esswatch.entropy_ess(op, idx, estimator=estimator)
+            if grad:
+                e.sum().backward()
+
+    call(make(kind, 64, 1, grad), [20, 40])
+    op = make(kind, L, batch, grad)  # the inputs are not counted
+    before = peak_mb()
+    call(op, indices(L))
+    print(peak_mb() - before)
+
+
+def previous_model(op, idx, estimator) -> int:
+    """The previous release's estimate: ``T`` per matrix (twice for attention), the largest block twice, the
+    sketch's float64 copy; on the Gramian route, the operator's buffers without gradients."""
+    from esswatch.operators import SoftmaxAttention
+
+    b, L, n = op.numel_batch(), op.seq_len, len(idx)
+    if op.has_gramians and estimator == "auto" and op.prefers_gram:
+        return op.gram_bytes(n)
+    block = max((L - i) * i for i in idx)
+    sketch = b * block * 8 if estimator in ("auto", "randomized") else 0
+    return b * L * L * 4 * (2 if isinstance(op, SoftmaxAttention) else 1) + 2 * b * block * 4 + sketch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--length", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=8, help="matrices per operator (heads x rows)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.one:
+        kind, est, grad = args.one.split(",")
+        return one(kind, est, grad == "1", args.length, args.batch)
+    from esswatch.ess.guard import call_bytes
+
+    L, b = args.length, args.batch
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32, L = {L}, {b} matrices, 8 indices")
+    print(f"(T alone: {b * L * L * 4 / 1e6:.0f} MB)")
+    print(
+        "| operator | estimator | gradients | measured, MB | estimate, MB | estimate / measured | previous model, MB |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    for kind, est, grad in CASES:
+        cmd = [sys.executable, __file__, "--one", f"{kind},{est},{int(grad)}", "--length", str(L), "--batch", str(b)]
+        measured = float(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout)
+        op = make(kind, L, b, grad)
+        with torch.set_grad_enabled(grad):
+            estimate = call_bytes(op, torch.tensor(indices(L)), est) / 1e6
+        prev = previous_model(op, indices(L), est) / 1e6
+        print(
+            f"| {kind} | {est} | {'yes' if grad else 'no'} | {measured:.0f} | {estimate:.0f} "
+            f"| {estimate / measured:.1f} | {prev:.0f} ({prev / measured:.1f}) |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The memory guard with gradients: the estimate counts the autograd graph of the dense routes (what the
+regularizer's penalty holds until its backward pass), and the Gramian route's indices that fall back to ``T``
+are checked before ``T`` is built. Limits are set through ``ESSWATCH_MAX_BYTES`` between the estimates, so
+each test checks which side of the limit a call lands on; the estimates themselves are measured against real
+peaks by ``examples/benchmarks/memory_guard.py``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import esswatch
+import esswatch.operators.delta as delta_mod
+from esswatch.engine.memory import ESSMemoryError
+from esswatch.ess.guard import call_bytes
+from esswatch.operators import Convolution, DeltaRule, GatedRecurrence, SoftmaxAttention
+from esswatch.watch.regularizer import Regularizer, penalty_terms
+
+IDX = [40, 100, 160]
+
+
+def _operands(kind, L=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    if kind == "attention":
+        return SoftmaxAttention, [rnd(2, 3, L, 8), rnd(2, 3, L, 8)]
+    if kind == "delta":
+        k = torch.nn.functional.normalize(rnd(2, 3, L, 8), dim=-1)
+        beta, log_decay = torch.rand(2, 3, L, generator=g), -0.1 * torch.rand(2, 3, L, generator=g)
+        return DeltaRule, [rnd(2, 3, L, 8), k, beta, log_decay]
+    if kind == "gla":
+        return GatedRecurrence, [rnd(2, 3, L, 8), rnd(2, 3, L, 8), -0.1 * torch.rand(2, 3, L, 8, generator=g)]
+    return Convolution, [rnd(2, 3, L) / L**0.5]
+
+
+@pytest.mark.parametrize("kind", ["attention", "delta", "gla", "convolution"])
+def test_the_estimate_counts_the_autograd_graph(kind, monkeypatch):
+    """With gradients the dense routes keep ``T``'s graph and every block's singular vectors until the backward
+    pass: the estimate grows, and a limit between the two estimates lets the call through without gradients
+    (the same values as without a limit) and refuses it, before allocating, with them."""
+    build, parts = _operands(kind)
+    plain = build(*parts)
+    leaves = [p.clone().requires_grad_() for p in parts]
+    with torch.no_grad():
+        free = call_bytes(plain, torch.tensor(IDX), "exact")
+        want = esswatch.entropy_ess(plain, IDX, estimator="exact")
+    with_grad = call_bytes(build(*leaves), torch.tensor(IDX), "exact")
+    assert with_grad > 1.1 * free
+    monkeypatch.setenv("ESSWATCH_MAX_BYTES", str((free + with_grad) // 2))
+    with torch.no_grad():
+        assert torch.equal(esswatch.entropy_ess(build(*leaves), IDX, estimator="exact"), want)
+    with pytest.raises(ESSMemoryError, match="with gradients"):
+        esswatch.entropy_ess(build(*leaves), IDX, estimator="exact")
+    # the operands were left untouched (nothing ran backward)
+    assert all(x.grad is None for x in leaves)
+
+
+def test_the_penalty_is_refused_for_that_layer_only(monkeypatch):
+    """The regularizer's terms (``penalty_terms``, what ``ESSWatch.penalty()`` runs): a layer whose term would
+    exceed the limit with its graph is reported through ``on_error`` and left out; the other layer's term is
+    the one computed without a limit."""
+    cfg = Regularizer(weight=1.0)
+    small = SoftmaxAttention(*[x.requires_grad_() for x in _operands("attention", L=40)[1]])
+    large_build, large_parts = _operands("attention", L=400)
+    large = large_build(*[x.requires_grad_() for x in large_parts])
+    _, free_terms = penalty_terms({"small": small}, cfg)
+    small_bytes = call_bytes(small, torch.arange(1, 9) * 4, "exact")
+    large_bytes = call_bytes(large, torch.tensor([44, 89, 133, 178, 222, 267, 311, 356]), "exact")
+    assert large_bytes > 4 * small_bytes
+    monkeypatch.setenv("ESSWATCH_MAX_BYTES", str(2 * small_bytes))
+    errors = []
+    total, terms = penalty_terms({"small": small, "large": large}, cfg, on_error=lambda n, e: errors.append((n, e)))
+    assert [n for n, _ in errors] == ["large"] and isinstance(errors[0][1], ESSMemoryError)
+    assert "with gradients" in str(errors[0][1])
+    assert set(terms) == {"small"} and torch.equal(terms["small"], free_terms["small"])
+    total.backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in (small.q, small.k))
+
+
+def _rank_one_delta_rule(L=512):
+    """Keys and queries along one direction with no decay: both Gramians are singular at every index (they do
+    not factor), the envelope does not decay (no window), so with gradients the Gramian route's indices take
+    the dense route and build ``T``."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.zeros(2, L, 4, dtype=torch.float64)
+    q[..., 0] = torch.randn(2, L, generator=g, dtype=torch.float64)
+    k = torch.zeros(2, L, 4, dtype=torch.float64)
+    k[..., 0] = 1.0
+    beta = 0.5 * torch.ones(2, L, dtype=torch.float64) + 0.1 * torch.rand(2, L, generator=g, dtype=torch.float64)
+    return q, k, beta, torch.zeros(2, L, dtype=torch.float64)
+
+
+def test_the_dense_fallback_of_the_gramian_route_is_checked_before_t(monkeypatch):
+    """The call's check counts the Gramians; the indices that then fall back to ``T`` are checked before it is
+    built: with a limit above the Gramians' estimate and below ``T``'s graph, the call is refused and
+    ``delta_rule_dense`` never runs. Without the limit the same call builds ``T`` once, and its values are
+    rank one's (entropy-ESS 1)."""
+    idx = [128, 256, 384]
+    x = [t.requires_grad_() for t in _rank_one_delta_rule()]
+    op = DeltaRule(*x)
+    gram = op.gram_bytes(len(idx), grad=True)
+    dense = op.materialize_bytes(idx, grad=True)
+    assert dense > 2 * gram
+    calls = []
+    real = delta_mod.delta_rule_dense
+    monkeypatch.setattr(delta_mod, "delta_rule_dense", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    e = esswatch.entropy_ess(op, idx, estimator="gram")
+    assert calls == [1]
+    np.testing.assert_allclose(e.detach().numpy(), 1.0, rtol=1e-9)
+    monkeypatch.setenv("ESSWATCH_MAX_BYTES", str(2 * gram))
+    with pytest.raises(ESSMemoryError, match="do not factor"):
+        esswatch.entropy_ess(DeltaRule(*x), idx, estimator="gram")
+    assert calls == [1]
+    with torch.no_grad():  # without gradients the square-root route resolves them: no T, no refusal
+        np.testing.assert_allclose(esswatch.entropy_ess(DeltaRule(*x), idx).numpy(), 1.0, rtol=1e-9)
+    assert calls == [1]
