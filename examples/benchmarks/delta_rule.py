@@ -150,13 +150,8 @@ def materialize_section(args) -> None:
             cells.append(f"{statistics.median(r):.1f}x [{r[0]:.1f}-{r[-1]:.1f}]")
         cells.append(f"{diff:.1e}")
         if args.memory:
-            mb = []
-            for n in names:
-                cmd = [sys.executable, __file__, "--one-build", f"{L},{heads},{n},{int(args.grad)}", "--threads", "1"]
-                env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
-                mb.append(f"{float(out):.0f}")
-            cells.append(", ".join(mb))
+            mb = [fresh_mb("--one-build", f"{L},{heads},{n},{int(args.grad)}") for n in names]
+            cells.append(", ".join(f"{m:.0f}" for m in mb))
         print(f"| {L} | {heads} | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -171,6 +166,15 @@ def peak_rss_mb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def fresh_mb(flag: str, spec: str) -> float:
+    """Run this script with ``flag spec`` in a fresh process (one thread) and return the MB it prints. glibc:
+    blocks from 64 KiB are mapped and returned when freed, so the peak resident set follows the live buffers
+    rather than the heap's high-water mark."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    cmd = [sys.executable, __file__, flag, spec, "--threads", "1"]
+    return float(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout)
 
 
 def one_call(L, heads, rows, estimator, gates) -> None:
@@ -220,15 +224,8 @@ def ess_section(args) -> None:
             worst = [float(((vals[c].double() - ref64).abs() / ref64).max()) for c in ("gram", "exact") if c in vals]
             cells.append(", ".join(f"{w:.1e}" for w in worst))
         if args.memory:
-            mb = []
-            for c in contenders:
-                cmd = [sys.executable, __file__, "--one-call", f"{L},{heads},{args.rows},{c},{gates}", "--threads", "1"]
-                # glibc: blocks from 64 KiB are mapped and returned when freed, so the peak resident set
-                # follows the live buffers rather than the heap's high-water mark
-                env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
-                mb.append(f"{float(out):.0f}")
-            cells.append(", ".join(mb))
+            mb = [fresh_mb("--one-call", f"{L},{heads},{args.rows},{c},{gates}") for c in contenders]
+            cells.append(", ".join(f"{m:.0f}" for m in mb))
         print(f"| {L} | {heads} | {gates} | " + " | ".join(cells) + " |", flush=True)
 
 
