@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from reference import delta_rule_loop, entropy_ess_ref, gated_recurrence_loop
+from reference import delta_rule_loop, entropy_ess_ref, gated_recurrence_loop, tolerance_ess_ref
 from test_delta_gram import CASES, _inputs, check_penalty
 
 import esswatch
@@ -260,6 +260,8 @@ def test_short_sequences_take_windows_under_auto(monkeypatch):
     np.testing.assert_allclose(e.detach().numpy(), want, rtol=1e-9)
     e.sum().backward()
     check_penalty(*_fast(seed=9, shape=(2,), L=80, N=16))
+    counts = esswatch.tolerance_ess(DeltaRule(*base), idx, tol=1e-3)
+    np.testing.assert_array_equal(counts.numpy(), tolerance_ess_ref(delta_rule_loop(*base), idx, 1e-3, True))
     monkeypatch.undo()
     ys = [x.clone().requires_grad_() for x in base]
     esswatch.entropy_ess(DeltaRule(*ys), idx, estimator="exact").sum().backward()
