@@ -108,7 +108,8 @@ def spread_indices(seq_len: int, n: int) -> torch.Tensor:
 
 def _ess_term(op: Operator, cfg: Regularizer) -> torch.Tensor:
     idx = spread_indices(op.seq_len, cfg.indices)
-    ess = entropy_ess(op, idx)  # auto with gradients: the Gramians or windows where they apply, else exact
+    # with Gramians: auto (the Gramians, or windows near each index where the gates forget fast, else T); else exact
+    ess = entropy_ess(op, idx, estimator="auto" if op.has_gramians else "exact")
     u = ess / op.tss(idx).to(device=ess.device, dtype=ess.dtype).clamp(min=1)
     if cfg.mode == "target":
         return ((u - cfg.target) ** 2).mean()
