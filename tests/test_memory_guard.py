@@ -115,3 +115,26 @@ def test_the_dense_fallback_of_the_gramian_route_is_checked_before_t(monkeypatch
     with torch.no_grad():  # without gradients the square-root route resolves them: no T, no refusal
         np.testing.assert_allclose(esswatch.entropy_ess(DeltaRule(*x), idx).numpy(), 1.0, rtol=1e-9)
     assert calls == [1]
+
+
+def test_a_sliding_window_is_counted_by_its_blocks_not_t(monkeypatch):
+    """With a window ``T`` is never built (each block comes from its rows' scores), so the estimate follows the
+    window, not ``L``: a limit of a quarter of ``T``'s size lets the call through, with and without gradients,
+    and with the values of the call without a limit; without the window the same limit refuses the call."""
+    g = torch.Generator().manual_seed(1)
+    L, idx = 2048, [500, 1000, 1500]
+    q, k = torch.randn(2, 2, L, 8, generator=g), torch.randn(2, 2, L, 8, generator=g)
+    op = SoftmaxAttention(q, k, window=64)
+    free = esswatch.entropy_ess(op, idx)
+    t_bytes = 4 * L * L * 4  # T of the 4 matrices in float32: 67 MB
+    assert call_bytes(op, torch.tensor(idx), "auto") < t_bytes / 20
+    leaves = [q.clone().requires_grad_(), k.clone().requires_grad_()]
+    assert call_bytes(SoftmaxAttention(*leaves, window=64), torch.tensor(idx), "exact") < t_bytes / 4
+    monkeypatch.setenv("ESSWATCH_MAX_BYTES", str(t_bytes // 4))
+    assert torch.equal(esswatch.entropy_ess(op, idx), free)
+    e = esswatch.entropy_ess(SoftmaxAttention(*leaves, window=64), idx, estimator="exact")
+    np.testing.assert_allclose(e.detach().numpy(), free.numpy(), rtol=1e-5)
+    e.sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in leaves)
+    with pytest.raises(ESSMemoryError):
+        esswatch.entropy_ess(SoftmaxAttention(q, k), idx)

@@ -75,8 +75,7 @@ def _mb(n: float) -> str:
 
 def estimate_bytes(
     batch: int,
-    seq_len: int,
-    indices: Iterable[int],
+    blocks: Iterable[int],
     itemsize: int,
     *,
     materialize: int = 0,
@@ -87,8 +86,8 @@ def estimate_bytes(
 
     Args:
         batch: matrices in the batch (product of the batch shape).
-        seq_len: ``L``.
-        indices: the indices whose blocks are cut and decomposed (none on the Gramian route).
+        blocks: the entries of each block that is cut and decomposed (its structural non-zero range: a window
+            or a short kernel leaves most of ``H_i`` out; none on the Gramian route).
         itemsize: bytes per element of the compute dtype.
         materialize: what producing the blocks holds (``T``, the scores, their autograd graph: the operator's
             estimate, ``Operator.materialize_bytes``).
@@ -96,11 +95,9 @@ def estimate_bytes(
         grad: gradients flow: every block, its singular vectors and its gradient are kept until the backward
             pass (not only the largest block at a time).
     """
-    idx = list(indices)
-    L = seq_len
+    blocks = list(blocks)
     total = int(materialize)
-    if idx:
-        blocks = [(L - i) * i for i in idx]
+    if blocks:
         total += 2 * batch * max(blocks) * itemsize  # the block's copy + SVD workspace
         if sketch:
             total += batch * max(blocks) * 8

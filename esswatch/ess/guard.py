@@ -48,8 +48,10 @@ def check_fallback_memory(op: Operator, indices: list, what: str) -> None:
 
 def _blocks_bytes(op: Operator, ind: list, grad: bool, sketch: bool) -> int:
     itemsize = torch.finfo(compute_dtype(op.dtype)).bits // 8
+    L = op.seq_len
+    sizes = [len(range(*r.indices(L))) * len(range(*c.indices(L))) for r, c in map(op.hankel_support, ind)]
     held = op.materialize_bytes(ind, grad)
-    return estimate_bytes(op.numel_batch(), op.seq_len, ind, itemsize, materialize=held, sketch=sketch, grad=grad)
+    return estimate_bytes(op.numel_batch(), sizes, itemsize, materialize=held, sketch=sketch, grad=grad)
 
 
 def empty_result(op: Operator, idx: torch.Tensor, cdt) -> torch.Tensor:

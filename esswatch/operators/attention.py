@@ -134,6 +134,18 @@ class SoftmaxAttention(Operator):
         w = self.window
         return slice(i, min(self.seq_len, i + w - 1)), slice(max(0, i - w + 1), i)
 
+    def materialize_bytes(self, indices, grad: bool) -> int:
+        """With a window ``w`` shorter than the sequence the blocks come from :meth:`block` (``T`` is never built):
+        each block's scores span about ``w`` rows and ``2 w`` columns and stay alive until the blocks, stacked
+        into one batched SVD, are decomposed (twice that with gradients), beside the rescaled ``q`` and ``k``.
+        Without a window, :attr:`dense_copies` of ``T``."""
+        if self.window is None or self.window >= self.seq_len:
+            return super().materialize_bytes(indices, grad)
+        itemsize = torch.finfo(compute_dtype(self.dtype)).bits // 8
+        b, w, n = self.numel_batch(), self.window, max(1, len(indices))
+        inputs = 2 * b * self.seq_len * self.q.shape[-1] * itemsize
+        return inputs + n * b * w * w * itemsize * (2 * (4 if grad else 2) + 1)
+
     def block(self, rows: slice, cols: slice) -> torch.Tensor:
         """``T[..., rows, cols]`` from the rows' scores only (the same arithmetic as :meth:`dense`)."""
         L = self.seq_len

@@ -27,6 +27,8 @@ CASES = [  # (operator, estimator, grad)
     ("attention", "exact", False),
     ("attention", "auto", False),
     ("attention", "exact", True),
+    ("window", "auto", False),
+    ("window", "exact", True),
     ("delta", "exact", False),
     ("delta", "exact", True),
     ("delta", "auto", False),
@@ -49,6 +51,8 @@ def make(kind, L, batch, grad):
     rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     if kind == "attention":
         parts, build = [rnd(batch, L, 64), rnd(batch, L, 64)], SoftmaxAttention
+    elif kind == "window":  # sliding window of 128: the blocks come from the rows' scores, T is never built
+        parts, build = [rnd(batch, L, 64), rnd(batch, L, 64)], lambda q, k: SoftmaxAttention(q, k, window=128)
     elif kind == "delta":  # N = 128, long memory (every Gramian factors)
         k = torch.nn.functional.normalize(rnd(batch, L, 128), dim=-1)
         beta, log_decay = torch.rand(batch, L, generator=g), -0.05 * torch.rand(batch, L, generator=g)
@@ -101,7 +105,7 @@ def previous_model(op, idx, estimator) -> int:
     b, L, n = op.numel_batch(), op.seq_len, len(idx)
     if op.has_gramians and estimator == "auto" and op.prefers_gram:
         return op.gram_bytes(n)
-    block = max((L - i) * i for i in idx)
+    block = max((L - i) * i for i in idx)  # the whole H_i, also with a window
     sketch = b * block * 8 if estimator in ("auto", "randomized") else 0
     return b * L * L * 4 * (2 if isinstance(op, SoftmaxAttention) else 1) + 2 * b * block * 4 + sketch
 
