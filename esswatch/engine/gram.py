@@ -40,7 +40,13 @@ import torch
 from .gram_spectrum import gramian_squared_singular_values
 from .spectral import safe_sqrt
 
-__all__ = ["gram_singular_values", "gram_squared_singular_values", "gramian_squared_singular_values", "gramians"]
+__all__ = [
+    "gram_singular_values",
+    "gram_squared_singular_values",
+    "gramian_squared_singular_values",
+    "gramian_form",
+    "gramians",
+]
 
 #: log decays below this are clamped: exp(-1000) is exactly 0 in float64, and -inf would
 #: turn the differences of cumulative sums into NaN
@@ -165,6 +171,17 @@ def _chunked_few(kc, lc, lamp, idx, C):
     return kp.transpose(-1, -2) @ kp + base
 
 
+def gramian_form(n: int, L: int, N: int, nb: int) -> tuple:
+    """``(form, C)``: the form :func:`gramians` takes under ``"auto"`` for ``n`` indices of ``nb`` matrices,
+    ``"direct"`` while the factors are small, else ``"few"`` (the chunked form for a few indices, ``n C <= L``)
+    or ``"chunked"``; ``C`` the chunk length (about ``sqrt(L)``). Also the memory guard's model
+    (``GatedRecurrence.gram_bytes``)."""
+    C = max(4, round(L**0.5))
+    if n <= DIRECT_MAX_INDICES and n * L * N * nb <= DIRECT_MAX_ELEMS:
+        return "direct", C
+    return ("few" if n * C <= L else "chunked"), C
+
+
 def gramians(
     q: torch.Tensor, k: torch.Tensor, log_decay: torch.Tensor | None, indices: torch.Tensor, method: str = "auto"
 ):
@@ -177,11 +194,10 @@ def gramians(
     idx = indices.to(q.device)
     n, (L, N) = idx.numel(), q.shape[-2:]
     if method == "auto":
-        nb = max(1, q[..., 0, 0].numel())
-        method = "direct" if n <= DIRECT_MAX_INDICES and n * L * N * nb <= DIRECT_MAX_ELEMS else "chunked"
+        method = gramian_form(n, L, N, max(1, q[..., 0, 0].numel()))[0]
     if method == "direct":
         return _direct(q64, k64, lam, idx)
-    C = max(4, round(L**0.5))
+    C = gramian_form(n, L, N, 1)[1]
     P = _chunked_forward(k64, lam, idx, C)
     # Q_i is P of the time-reversed system: r -> L-1-r, with reversed decays shifted by one
     # (O_i[r] weight exp(Lam[r] - Lam[i-1]) = prod_{s=i..r} a_s), index i -> L - i

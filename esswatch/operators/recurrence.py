@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ..engine.gram import DIRECT_MAX_ELEMS, DIRECT_MAX_INDICES
+from ..engine.gram import gramian_form
 from ..engine.gram import gramians as _gramians
 from ..engine.spectral import compute_dtype
 from ..engine.validation import broadcast_batch, check_positive_int
@@ -144,10 +144,11 @@ class GatedRecurrence(Operator):
         and their running sums (about three ``L x N x N``); then the
         ``P``, ``Q`` stacks and their eigenproblems. With ``grad``, half as much again (the graph)."""
         b, L, N = self.numel_batch(), self.seq_len, self.state_width
-        per, C = 8 * b, max(4, round(L**0.5))
-        if n <= DIRECT_MAX_INDICES and n * L * N * b <= DIRECT_MAX_ELEMS:
+        per = 8 * b
+        form, C = gramian_form(n, L, N, b)
+        if form == "direct":
             out = 8 * per * n * L * N
-        elif n * C <= L:  # a few indices: weighted factors and one N x N sum per chunk
+        elif form == "few":  # weighted factors and one N x N sum per chunk
             out = 4 * per * L * N + 2 * per * (L // C + 1) * N * N + 3 * per * n * C * N
         else:
             out = 3 * per * L * N * N

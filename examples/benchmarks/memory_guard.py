@@ -22,6 +22,8 @@ import subprocess
 import sys
 
 import torch
+from delta_rule import peak_rss_mb as peak_mb
+from delta_rule import watch_indices as indices
 
 CASES = [  # (operator, estimator, grad)
     ("attention", "exact", False),
@@ -66,18 +68,6 @@ def make(kind, L, batch, grad):
         parts, build = [torch.tril(rnd(batch, L, L))], Dense
     parts = [p.requires_grad_(grad) for p in parts]
     return build(*parts)
-
-
-def indices(L):
-    return [round(j * L / 9) for j in range(1, 9)]
-
-
-def peak_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM")
 
 
 def one(kind, estimator, grad, L, batch) -> None:
