@@ -143,6 +143,70 @@ def test_delta_rule_matches_its_recurrence_and_numpy_svds():
     assert not DeltaRule(q, k, torch.zeros_like(beta), log_decay).dense().any()
 
 
+def _recurrence_inputs(case, B=2, L=150, N=4):
+    g = torch.Generator().manual_seed(17)
+    q, k = (torch.randn(B, L, N, generator=g, dtype=F64) for _ in range(2))
+    u = torch.rand(B, L, N, generator=g, dtype=F64)
+    ld = {
+        "gates near 1": torch.nn.functional.logsigmoid(4 * u + 2),
+        "one gate per head": -0.3 * u[..., :1],
+        "fast gates": -30 * u,  # most entries underflow
+        "a reset": torch.where(torch.arange(L)[:, None] == 70, -1e6, -0.05 * u),
+        "growth": 0.02 * u - 0.01,  # some log_decay > 0: the direct sum everywhere
+        "no decay": None,
+    }[case]
+    return q, k, ld
+
+
+RECURRENCE_CASES = ("gates near 1", "one gate per head", "fast gates", "a reset", "growth", "no decay")
+
+
+@pytest.mark.parametrize("case", RECURRENCE_CASES)
+def test_gated_recurrence_blocks_as_factor_products(case, monkeypatch):
+    """``GatedRecurrence`` cuts its blocks as products of two width-``N`` factors where every ``log_decay <= 0``
+    (``H_i`` and its windows in one product, blocks that cross the diagonal by tiles of 64 rows), and by the direct
+    sum over the state where a ``log_decay`` is positive. Against the literal recurrence in float64: ``dense()``,
+    ``hankel(i)``, a window and a block across the diagonal, within ``1e-12`` in float64 and float32 round-off of
+    the largest entry in float32. ``hankel(i)`` never takes the direct sum when the gates decay."""
+    q, k, ld = _recurrence_inputs(case)
+    ref = gated_recurrence_loop(q.numpy(), k.numpy(), None if ld is None else ld.numpy())
+    scale = np.abs(ref).max()
+    calls, direct = [], GatedRecurrence._direct
+    monkeypatch.setattr(GatedRecurrence, "_direct", lambda self, *a, **kw: calls.append(1) or direct(self, *a, **kw))
+    for dt, tol in ((F64, 1e-12), (torch.float32, 2e-6)):
+        op = GatedRecurrence(q.to(dt), k.to(dt), None if ld is None else ld.to(dt))
+        calls.clear()
+        got = {
+            "hankel 37": (op.hankel(37), ref[..., 37:, :37]),
+            "hankel 120": (op.hankel(120), ref[..., 120:, :120]),
+            "window": (op.hankel_window(90, 11, 23), ref[..., 90:101, 67:90]),
+        }
+        assert bool(calls) == (case == "growth"), "H_i by the direct sum"
+        got["dense"] = (op.dense(), ref)
+        got["across"] = (op.block(slice(30, 140), slice(10, 100)), ref[..., 30:140, 10:100])
+        for name, (x, want) in got.items():
+            assert x.dtype == dt, name
+            np.testing.assert_allclose(
+                x.double().numpy(), want, rtol=0, atol=tol * scale, err_msg=f"{case}, {name}, {dt}"
+            )
+
+
+def test_gated_recurrence_factor_products_gradients_match_finite_differences(monkeypatch):
+    """The factored blocks' backward pass (``gradcheck``, float64), with tiles of 4 rows so that ``dense()`` crosses
+    several tiles at L = 11, per channel and per head."""
+    import esswatch.operators.recurrence as rec
+
+    monkeypatch.setattr(rec, "_TILE", 4)
+    g = torch.Generator().manual_seed(5)
+    L, N = 11, 3
+    for width in (N, 1):
+        x = [torch.randn(2, L, N, generator=g, dtype=F64) for _ in range(2)]
+        x.append(-torch.rand(2, L, width, generator=g, dtype=F64) - 0.05)
+        x = [t.requires_grad_() for t in x]
+        assert torch.autograd.gradcheck(lambda *a: GatedRecurrence(*a).dense(), x)
+        assert torch.autograd.gradcheck(lambda *a: GatedRecurrence(*a).hankel(6), x)
+
+
 @pytest.mark.parametrize("chunk", [64, 7])
 def test_delta_rule_dense_in_float32_across_input_families(chunk):
     """The closed form in float32 (``delta_rule_dense``, the default chunk and short ones) against the literal

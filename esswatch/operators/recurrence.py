@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ..engine.gram import gramian_form
+from ..engine.gram import _LOG_FLOOR, gramian_form
 from ..engine.gram import gramians as _gramians
 from ..engine.spectral import compute_dtype
 from ..engine.validation import broadcast_batch, check_positive_int
@@ -14,7 +14,8 @@ from .base import ENVELOPE_SLACK, Operator, matrix_scale
 
 __all__ = ["GatedRecurrence"]
 
-_CHUNK_ELEMS = 1 << 24  # elements per block when materializing (..., rows, L, N)
+_CHUNK_ELEMS = 1 << 24  # elements per chunk of the direct sum (..., rows, cols, N)
+_TILE = 64  # rows per tile where a block crosses the diagonal
 
 
 class GatedRecurrence(Operator):
@@ -78,6 +79,7 @@ class GatedRecurrence(Operator):
         self.batch_shape = torch.Size(batch)
         self.state_size = N
         self.value_dim = check_positive_int("GatedRecurrence: value_dim", value_dim)
+        self._all_decay = None  # _decays(), computed once
 
     def _tensors(self):
         return tuple(x for x in (self.q, self.k, self.log_decay) if x is not None)
@@ -100,31 +102,79 @@ class GatedRecurrence(Operator):
         """``(P, Q)`` at sorted unique ``indices`` (:func:`esswatch.engine.gram.gramians`)."""
         return _gramians(*self.expanded(), indices, method)
 
+    def _decays(self) -> bool:
+        """Whether every ``log_decay`` is ``<= 0`` (every real gate), so that the factored blocks' exponents are."""
+        if self._all_decay is None:
+            self._all_decay = self.log_decay is None or bool((self.log_decay.detach() <= 0).all())
+        return self._all_decay
+
+    def _factors(self, q, k, cum, rows: slice, cols: slice, t: int, dt):
+        """``(O, R)`` with ``T[rows, cols] = O R^T`` for ``cols <= t <= rows``: ``O[r] = q[r] exp(cum[r] - cum[t])``,
+        ``R[c] = k[c] exp(cum[t] - cum[c])``; the exponents in float64, each ``<= 0`` for decays."""
+        ref = cum[..., t : t + 1, :]
+        o = q[..., rows, :].to(torch.float64) * torch.exp(cum[..., rows, :] - ref)
+        r = k[..., cols, :].to(torch.float64) * torch.exp(ref - cum[..., cols, :])
+        return o.to(dt), r.to(dt)
+
     def _block(self, rows: slice, cols: slice, dt) -> torch.Tensor:
-        """``T[..., rows, cols]`` computed from the formula (masked to ``c <= r``)."""
+        """``T[..., rows, cols]`` computed from the formula (masked to ``c <= r``).
+
+        With decays, columns before the rows' first index come from one product of factors (:meth:`_factors`, a
+        matmul of width ``N``: every ``H_i`` and its windows), and the part that crosses the diagonal from
+        tiles of ``_TILE`` rows, each a product for the columns before it and the direct sum over the state
+        for its own ``_TILE x _TILE`` square. A positive ``log_decay`` takes the direct sum everywhere
+        (:meth:`_direct`), whose exponents never split."""
         q, k, ld = self.expanded()
-        q, k = q.to(dt), k.to(dt)
+        L = self.seq_len
+        r0, r1, _ = rows.indices(L)
+        c0, c1, _ = cols.indices(L)
+        if ld is None:
+            causal = torch.arange(c0, c1, device=q.device)[None, :] <= torch.arange(r0, r1, device=q.device)[:, None]
+            return (q[..., r0:r1, :].to(dt) @ k[..., c0:c1, :].to(dt).transpose(-1, -2)) * causal
+        if not self._decays():
+            return self._direct(q, k, ld, slice(r0, r1), slice(c0, c1), dt)
+        # cum[t] = sum_{s <= t} log a_s; a decay below the floor is 0 either way, and keeps cum's round-off small
+        cum = torch.cumsum(torch.clamp(ld.to(torch.float64), min=_LOG_FLOOR), dim=-2)
+        if c1 <= c0 or r1 <= r0 or c1 - 1 <= r0:  # every column <= every row: one product
+            if c1 <= c0 or r1 <= r0:
+                return q.new_zeros(*self.batch_shape, max(0, r1 - r0), max(0, c1 - c0), dtype=dt)
+            o, r = self._factors(q, k, cum, slice(r0, r1), slice(c0, c1), c1 - 1, dt)
+            return o @ r.transpose(-1, -2)
+        tiles = []
+        for s in range(r0, r1, _TILE):
+            e = min(r1, s + _TILE)
+            parts = []
+            before = min(c1, s)  # columns c < s: a product with t = before - 1
+            if before > c0:
+                o, r = self._factors(q, k, cum, slice(s, e), slice(c0, before), before - 1, dt)
+                parts.append(o @ r.transpose(-1, -2))
+            lo, hi = max(c0, s), min(c1, e)
+            if hi > lo:
+                parts.append(self._direct(q, k, ld, slice(s, e), slice(lo, hi), dt, cum=cum))
+            if c1 > max(c0, e):
+                parts.append(q.new_zeros(*self.batch_shape, e - s, c1 - max(c0, e), dtype=dt))
+            tiles.append(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0])
+        return torch.cat(tiles, dim=-2)
+
+    def _direct(self, q, k, ld, rows: slice, cols: slice, dt, cum=None) -> torch.Tensor:
+        """``T[..., rows, cols]`` as the sum over the state of ``q k exp(cum[r] - cum[c])``, masked to ``c <= r``, by
+        chunks of at most ``_CHUNK_ELEMS`` ``(rows, cols, N)`` elements (``cum`` in float64 when given)."""
         L = self.seq_len
         r_idx = torch.arange(L, device=q.device)[rows]
         c_idx = torch.arange(L, device=q.device)[cols]
         causal = c_idx[None, :] <= r_idx[:, None]
-        if ld is None:
-            out = q[..., rows, :] @ k[..., cols, :].transpose(-1, -2)
-            return out * causal
-        cum = torch.cumsum(ld.to(dt), dim=-2)  # cum[t] = sum_{s <= t} log a_s
-        if ld.shape[-1] == 1:
-            diff = cum[..., rows, :] - cum[..., cols, :].transpose(-1, -2)  # (..., R, C)
-            diff = diff.masked_fill(~causal, float("-inf"))
-            return (q[..., rows, :] @ k[..., cols, :].transpose(-1, -2)) * torch.exp(diff)
-        qr, kc, cr, cc = q[..., rows, :], k[..., cols, :], cum[..., rows, :], cum[..., cols, :]
+        if cum is None:
+            cum = torch.cumsum(ld.to(dt), dim=-2)
+        qr, kc = q[..., rows, :].to(dt), k[..., cols, :].to(dt)
+        cr, cc = cum[..., rows, :], cum[..., cols, :]
         R, C, N = qr.shape[-2], kc.shape[-2], qr.shape[-1]
         per_row = max(1, _CHUNK_ELEMS // max(1, self.numel_batch() * C * N))
         outs = []
         for s in range(0, R, per_row):
             e = min(R, s + per_row)
-            diff = cr[..., s:e, None, :] - cc[..., None, :, :]  # (..., r, C, N)
+            diff = cr[..., s:e, None, :] - cc[..., None, :, :]  # (..., r, C, N|1)
             diff = diff.masked_fill(~causal[s:e, :, None], float("-inf"))
-            outs.append((qr[..., s:e, None, :] * kc[..., None, :, :] * torch.exp(diff)).sum(-1))
+            outs.append((qr[..., s:e, None, :] * kc[..., None, :, :] * torch.exp(diff).to(dt)).sum(-1))
         return torch.cat(outs, dim=-2)
 
     def block(self, rows: slice, cols: slice) -> torch.Tensor:
@@ -156,17 +206,21 @@ class GatedRecurrence(Operator):
         return out * 3 // 2 if grad else out
 
     def materialize_bytes(self, indices, grad: bool) -> int:
-        """The dense routes cut each block from the formula (:meth:`hankel`), never ``T``: without gradients
-        about six ``(rows, C, N)`` temporaries of at most ``_CHUNK_ELEMS`` elements at a time, with gradients
-        about three per element of every block times the decay's width (its graph)."""
+        """The dense routes cut each block from the formula (:meth:`hankel`), never ``T``. With decays (or none),
+        each block is one product of two width-``N`` factors, and every block is alive, with a stacked copy, until
+        the batched SVD: twice their sum, plus per block the factors' float64 and compute-dtype buffers of ``L x N``
+        (with gradients, all of them are in the graph). A positive ``log_decay`` takes the direct sum: about six
+        ``(rows, C, N)`` temporaries of at most ``_CHUNK_ELEMS`` elements at a time, with gradients about three per
+        element of every block times the decay's width."""
         itemsize = torch.finfo(compute_dtype(self.q.dtype)).bits // 8
-        width = 1 if self.log_decay is None or self.log_decay.shape[-1] == 1 else self.state_width
-        L, b = self.seq_len, self.numel_batch()
+        L, N, b = self.seq_len, self.state_width, self.numel_batch()
         blocks = [(L - i) * i for i in indices] or [0]
+        if self._decays():
+            factors = b * L * N * (4 * 8 + 2 * itemsize)
+            return 2 * b * sum(blocks) * itemsize + factors * (len(blocks) if grad else 1)
+        width = self.state_width if self.log_decay.shape[-1] > 1 else 1
         if grad:
             return 3 * b * sum(blocks) * width * itemsize
-        if width == 1:
-            return 2 * b * max(blocks) * itemsize
         return 6 * min(_CHUNK_ELEMS, b * max(blocks) * width) * itemsize
 
     def envelope(self):

@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--length", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=8, help="matrices per operator (heads x rows)")
+    ap.add_argument("--kinds", default="", help="only these operators, comma-separated (default: all)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -121,7 +122,10 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|")
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    kinds = [k for k in args.kinds.split(",") if k]
     for kind, est, grad in CASES:
+        if kinds and kind not in kinds:
+            continue
         cmd = [sys.executable, __file__, "--one", f"{kind},{est},{int(grad)}", "--length", str(L), "--batch", str(b)]
         measured = float(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout)
         op = make(kind, L, b, grad)
