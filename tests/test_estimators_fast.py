@@ -104,6 +104,30 @@ def test_gram_direct_and_chunked_agree_with_strong_and_vanishing_decays():
     np.testing.assert_allclose(e.numpy(), entropy_ess_ref(T, range(1, L, 7)), rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.parametrize("decay", ["full", "head"])
+def test_gram_chunked_cumulative_sums_with_strong_decays_in_range(decay):
+    """Decays up to 30 per step span about 250 inside a chunk (C = 14), just below ``CUMSUM_SPAN``: the chunked
+    form takes its one cumulative sum, weighted to each chunk's end and back (factors down to ``exp(-250)`` and up
+    to ``exp(250)``), and must agree with the direct form, whose factors are all ``<= 1``."""
+    from esswatch.engine.gram import CUMSUM_SPAN
+
+    B, L, N = 2, 203, 4
+    q, k = _rand(B, L, N, seed=31), _rand(B, L, N, seed=32)
+    ld = _decays(decay, B, L, N, seed=33, strength=30.0)
+    C = round(L**0.5)
+    lam = torch.cumsum(ld, dim=-2)
+    span = max(
+        float((lam[..., s : s + C, :].amax(-2) - lam[..., s : s + C, :].amin(-2)).amax()) for s in range(0, L, C)
+    )
+    assert 200 < span <= CUMSUM_SPAN  # the case this test is about
+    idx = torch.arange(1, L)
+    P1, Q1 = gramians(q, k, ld, idx, "direct")
+    P2, Q2 = gramians(q, k, ld, idx, "chunked")
+    for a, b in ((P1, P2), (Q1, Q2)):
+        assert torch.isfinite(b).all()
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("decay", ["none", "full", "head"])
 def test_gram_chunked_few_indices_match_the_all_offsets_path(decay):
     """A few indices (n C <= L) take the chunked form without partial sums at every offset;

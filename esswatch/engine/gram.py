@@ -55,6 +55,10 @@ _LOG_FLOOR = -1000.0
 #: below DIRECT_MAX_ELEMS elements (its cost grows with n; the chunked form's does not)
 DIRECT_MAX_INDICES = 16
 DIRECT_MAX_ELEMS = 1 << 22
+#: the chunked form sums a chunk's outer products with one cumulative sum, weighted to the chunk's end and back,
+#: where ``Lam`` spans at most this much inside every chunk: the weights and their products then stay within
+#: ``exp(+-2 * 300)``, inside float64's range; stronger decays take one step per offset
+CUMSUM_SPAN = 300.0
 
 
 def _log_cumsum(log_decay, shape):
@@ -88,48 +92,60 @@ def _direct(q, k, lam, idx):
     return P, Q
 
 
-def _chunked_forward(k, lam, idx, C):
-    """``P_i`` for the sorted unique indices ``idx`` by chunks (see module doc).
+def _chunked_forward(k, lam, idx, C, scale=None):
+    """``P_i`` for the sorted unique indices ``idx`` by chunks (see module doc), times ``scale`` (``(n, N|1)``, or
+    ``None``) on both sides.
 
-    Two levels of the recurrence ``P_{t+1} = D_t P_t D_t + k_t k_t^T``: inside every chunk
-    (one step per offset, all chunks at once: ``C`` steps), then between chunks (one step
-    per chunk: ``L / C`` steps). Every factor ``D`` is ``<= 1``.
+    Two levels of the recurrence ``P_{t+1} = D_t P_t D_t + k_t k_t^T``: inside every chunk (all chunks at once),
+    then between chunks (one step per chunk: ``L / C`` steps). Inside a chunk the outer products are weighted to
+    its end (factors ``<= 1``) and summed with one cumulative sum, where ``Lam`` spans at most
+    :data:`CUMSUM_SPAN` in every chunk; then ``P_i = b (e A e + S) b`` with ``b = exp(Lam[i-1] - Lam[end]) >= 1``
+    and ``e = exp(Lam[end] - Lam[start - 1]) <= 1``. Stronger decays take one step per offset (every factor
+    ``<= 1``).
     """
     *batch, L, N = k.shape
     nc = -(-L // C)
     pad = nc * C - L
     dev, dt = k.device, k.dtype
     kc = torch.nn.functional.pad(k, (0, 0, 0, pad)).reshape(*batch, nc, C, N)
+    lamp = lc = None
     if lam is not None:
         # padded positions repeat the last Lam (no decay); they carry k = 0
         lamp = torch.cat([lam, lam[..., -1:, :].expand(*lam.shape[:-2], pad, lam.shape[-1])], dim=-2)
         lc = lamp.reshape(*batch, nc, C, lamp.shape[-1])
-        step = torch.exp(lc[..., 1:, :] - lc[..., :-1, :])  # a at offsets 1..C-1 (<= 1)
     if idx.numel() * C <= L:
-        return _chunked_few(kc, lc if lam is not None else None, lamp if lam is not None else None, idx, C)
-    # inside the chunks: S[j] = sum_{c in [mC, mC+j]} of k_c k_c^T weighted to position mC + j
+        return _scaled(_chunked_few(kc, lc, lamp, idx, C), scale)
+    m, jj = (idx - 1) // C, (idx - 1) % C
+    if lam is None or float((lc.amax(dim=-2) - lc.amin(dim=-2)).amax().detach()) <= CUMSUM_SPAN:
+        kw = kc if lam is None else kc * torch.exp(lc[..., C - 1 :, :] - lc)
+        S = torch.cumsum(kw[..., :, :, None] * kw[..., :, None, :], dim=-3)  # batch + (nc, C, N, N), to chunk ends
+        A = _anchors(S[..., :, C - 1, :, :], lamp, C, batch, N, dt, dev)  # P at each chunk's start
+        if lam is None:
+            return _scaled(S[..., m, jj, :, :] + A[..., m, :, :], scale)
+        starts = torch.clamp(torch.arange(nc, device=dev) * C - 1, min=0)
+        e = torch.exp(lc[..., :, C - 1, :] - lamp[..., starts, :])  # A[0] = 0 needs no weight
+        A = A * (e[..., :, None] * e[..., None, :])
+        b = torch.exp(lamp[..., idx - 1, :] - lc[..., m, C - 1, :])  # batch + (n, N|1)
+        return _scaled(S[..., m, jj, :, :] + A[..., m, :, :], b if scale is None else b * scale)
+    # a decay too strong inside one chunk for those weights to stay in range: one step per offset
+    step = torch.exp(lc[..., 1:, :] - lc[..., :-1, :])  # a at offsets 1..C-1 (<= 1)
     kk = kc[..., :, :, None] * kc[..., :, None, :]  # batch + (nc, C, N, N)
     parts = [kk[..., 0, :, :]]
     for j in range(1, C):
-        prev = parts[-1]
-        if lam is not None:
-            a = step[..., j - 1, :]
-            prev = prev * (a[..., :, None] * a[..., None, :])
-        parts.append(prev + kk[..., j, :, :])
-    S = torch.stack(parts, dim=-3)  # batch + (nc, C, N, N)
-    # between chunks: A[m] = P at position mC (sum over c < mC)
-    A = _anchors(S[..., :, C - 1, :, :], lamp if lam is not None else None, C, batch, N, dt, dev)
+        a = step[..., j - 1, :]
+        parts.append(parts[-1] * (a[..., :, None] * a[..., None, :]) + kk[..., j, :, :])
+    S = torch.stack(parts, dim=-3)  # batch + (nc, C, N, N), to each offset
+    A = _anchors(S[..., :, C - 1, :, :], lamp, C, batch, N, dt, dev)
     # P_i = D A[m] D + S[m][i-1-mC], m = (i-1) // C, D = exp(Lam[i-1] - Lam[mC-1])
-    m = (idx - 1) // C
-    jj = (idx - 1) % C
-    out = S[..., m, jj, :, :]
-    base = A[..., m, :, :]
-    if lam is not None:
-        has = (m > 0).to(dt)
-        prev_pos = torch.clamp(m * C - 1, min=0)
-        g = torch.exp(lamp[..., idx - 1, :] - lamp[..., prev_pos, :])  # batch + (n, N|1)
-        base = base * (g[..., :, None] * g[..., None, :]) * has[:, None, None]
-    return out + base
+    has = (m > 0).to(dt)
+    g = torch.exp(lamp[..., idx - 1, :] - lamp[..., torch.clamp(m * C - 1, min=0), :])  # batch + (n, N|1)
+    base = A[..., m, :, :] * (g[..., :, None] * g[..., None, :]) * has[:, None, None]
+    return _scaled(S[..., m, jj, :, :] + base, scale)
+
+
+def _scaled(P, scale):
+    """``diag(scale) P diag(scale)`` (``scale``: ``(..., n, N|1)`` or ``None``)."""
+    return P if scale is None else P * (scale[..., :, None] * scale[..., None, :])
 
 
 def _anchors(ends, lamp, C, batch, N, dt, dev):
@@ -209,12 +225,9 @@ def gramians(
         # s in [i, r]: in reversed time the decay applied "after" position t' is a_{L-1-t'}
         shifted = ld.flip(-2)
         lam_rev = torch.cumsum(torch.nn.functional.pad(shifted[..., :-1, :], (0, 0, 1, 0)), dim=-2)
-    Q = _chunked_forward(q_rev, lam_rev, L - idx, C)
-    if lam is not None:
-        # the reversed P sums exp(Lam'[L-i-1] - Lam'[r']) for r' < L-i; the true Q_i weights
-        # carry one more factor a_i (s = i included): multiply by exp(ld[i]) on both sides
-        g = torch.exp(ld[..., idx, :])
-        Q = Q * (g[..., :, None] * g[..., None, :])
+    # the reversed P sums exp(Lam'[L-i-1] - Lam'[r']) for r' < L-i; the true Q_i weights carry one more
+    # factor a_i (s = i included): exp(ld[i]) on both sides
+    Q = _chunked_forward(q_rev, lam_rev, L - idx, C, None if lam is None else torch.exp(ld[..., idx, :]))
     return P, Q
 
 

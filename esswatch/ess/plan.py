@@ -150,8 +150,7 @@ def entropy_of_padded(svs: dict, dtype) -> dict:
         return {}
     keys = list(svs)
     width = max(svs[i].shape[-1] for i in keys)
-    padded = torch.stack(
-        [torch.nn.functional.pad(svs[i].to(dtype), (0, width - svs[i].shape[-1])) for i in keys], dim=-2
-    )
+    fit = lambda x: x if x.shape[-1] == width else torch.nn.functional.pad(x, (0, width - x.shape[-1]))  # noqa: E731
+    padded = torch.stack([fit(svs[i].to(dtype)) for i in keys], dim=-2)
     ess = entropy_from_singular_values(padded)
     return {i: ess[..., j] for j, i in enumerate(keys)}
