@@ -66,6 +66,23 @@ class Convolution(Operator):
         K = self._support()
         return slice(i, min(self.seq_len, i + K - 1)), slice(max(0, i - K + 1), i)
 
+    def materialize_bytes(self, indices, grad: bool) -> int:
+        """A kernel of length ``K`` shorter than the sequence leaves ``H_i`` non-zero in at most ``(K - 1) x
+        (K - 1)`` entries, which :meth:`block` cuts without ``T``: per block its lag indices (int64), the gathered
+        taps and their masked copy, all alive until the stacked SVD (with gradients the graph keeps the indices
+        and the mask). Indices whose support is not narrowed take :attr:`dense_copies` of ``T``."""
+        L, b = self.seq_len, self.numel_batch()
+        itemsize = torch.finfo(compute_dtype(self.dtype)).bits // 8
+        sizes, full = [], False
+        for i in indices:
+            rows, cols = (len(range(*s.indices(L))) for s in self.hankel_support(i))
+            if (rows, cols) == (L - i, i):
+                full = True
+            else:
+                sizes.append(rows * cols)
+        out = super().materialize_bytes(indices, grad) if full else 0
+        return out + sum(sizes) * (8 + 3 * b * itemsize) * (2 if grad else 1)
+
     def block(self, rows: slice, cols: slice) -> torch.Tensor:
         L = self.seq_len
         dt = compute_dtype(self.h.dtype)

@@ -40,6 +40,8 @@ CASES = [  # (operator, estimator, grad)
     ("gla", "auto", True),
     ("convolution", "exact", False),
     ("convolution", "exact", True),
+    ("short_conv", "exact", False),
+    ("short_conv", "exact", True),
     ("dense", "exact", False),
     ("dense", "exact", True),
 ]
@@ -64,6 +66,8 @@ def make(kind, L, batch, grad):
         parts, build = [rnd(batch, L, 16), rnd(batch, L, 16), log_decay], GatedRecurrence
     elif kind == "convolution":
         parts, build = [rnd(batch, L) / L**0.5], Convolution
+    elif kind == "short_conv":  # a kernel of 128 taps: each block is at most 127 x 127, T is never built
+        parts, build = [torch.nn.functional.pad(rnd(batch, 128), (0, L - 128)) / 11], Convolution
     else:
         parts, build = [torch.tril(rnd(batch, L, L))], Dense
     parts = [p.requires_grad_(grad) for p in parts]
