@@ -66,7 +66,7 @@ from .numerics import default_generator as _default_generator
 from .numerics import flush_denormal_enabled as _flush_denormal_enabled  # noqa: F401
 from .numerics import numerics as _numerics
 from .plan import ESTIMATORS, EXACT_BELOW  # noqa: F401
-from .plan import entropy_of_padded as _entropy_of_padded
+from .plan import entropy_table as _entropy_table
 from .plan import plan as _plan
 from .plan import prepare as _prepare_operator
 from .plan import singular_values_by_plan as _singular_values_by_plan
@@ -180,10 +180,10 @@ def entropy_ess(
     with _numerics(op.device):
         near = _windows_first(op, plan, estimator)
         cache = _Cache(op, blocks=sum(e not in ("gram", "near") for e in plan.values()))
-        svs = {**near, **_singular_values_by_plan(op, plan, cache)}
-        exact = _entropy_of_padded(svs, cdt)  # one batched entropy for all exact entries
-        keys = list(exact)
-        table = torch.stack([exact[i] for i in keys], dim=-1) if keys else None
+        svs = _singular_values_by_plan(op, plan, cache)
+        svs.update(near)
+        keys, table = _entropy_table(svs, cdt)  # one batched entropy per group of exact entries
+        pos = {i: j for j, i in enumerate(keys)}
         bounds = {}
         gen = generator
         sketched = [i for i, e in plan.items() if e == "randomized"]
@@ -196,12 +196,11 @@ def entropy_ess(
                 bounds[i] = tuple(x.to(cdt) for x in randomized_entropy(h, float(rtol), gen, fro2=fro2.get(i)))
     if not bounds:
         # every index exact: one gather in the requested order (repeats allowed)
-        pos = {i: j for j, i in enumerate(keys)}
         est = table[..., torch.tensor([pos[i] for i in idx.tolist()], device=table.device)]
         return (est, est, est) if return_bounds else est
     ests, los, his = [], [], []
     for i in idx.tolist():
-        est, lo, hi = bounds[i] if i in bounds else (exact[i],) * 3
+        est, lo, hi = bounds[i] if i in bounds else (table[..., pos[i]],) * 3
         ests.append(est)
         los.append(lo)
         his.append(hi)
@@ -242,11 +241,14 @@ def tolerance_ess(
     with torch.no_grad(), _numerics(op.device):
         near = _windows_first(op, plan, estimator)
         cache = _Cache(op, blocks=sum(e not in ("gram", "near") for e in plan.values()))
-        svs = {**near, **_singular_values_by_plan(op, plan, cache)}
+        svs = _singular_values_by_plan(op, plan, cache)
+        svs.update(near)
         gen = None
         for i, e in plan.items():
             if e == "randomized":
                 gen = gen or _default_generator(op.device)
-                svs[i] = randomized_tolerance_sv(cache.hankel(i), tol, relative, gen)
-        counts = {i: tolerance_from_singular_values(sv, tol, relative).to(cdt) for i, sv in svs.items()}
-    return torch.stack([counts[i] for i in idx.tolist()], dim=-1)
+                svs.add(i, randomized_tolerance_sv(cache.hankel(i), tol, relative, gen))
+        # in float64 (exact for every input dtype, so no value crosses the threshold); zero padding adds no count
+        keys, counts = svs.table(lambda s: tolerance_from_singular_values(s, tol, relative), torch.float64)
+    pos = {i: j for j, i in enumerate(keys)}
+    return counts[..., torch.tensor([pos[i] for i in idx.tolist()], device=counts.device)].to(cdt)

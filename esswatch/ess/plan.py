@@ -14,6 +14,7 @@ from ..operators import Operator
 from .blocks import BlockCache
 from .guard import check_call_memory, check_fallback_memory
 from .near import envelope_of, near_block, near_values
+from .spectra import Spectra
 
 __all__ = [
     "ESTIMATORS",
@@ -22,7 +23,7 @@ __all__ = [
     "plan",
     "windows_first",
     "singular_values_by_plan",
-    "entropy_of_padded",
+    "entropy_table",
 ]
 
 ESTIMATORS = ("auto", "exact", "gram", "randomized")
@@ -96,8 +97,9 @@ def windows_first(op: Operator, by_index: dict, estimator: str) -> dict:
     return got
 
 
-def singular_values_by_plan(op: Operator, by_index: dict, cache: BlockCache) -> dict:
-    """Exact singular values (dict i -> sv) for the ``"exact"`` and ``"gram"`` entries of the plan.
+def singular_values_by_plan(op: Operator, by_index: dict, cache: BlockCache) -> Spectra:
+    """Exact singular values (:class:`~esswatch.ess.spectra.Spectra`) for the ``"exact"`` and ``"gram"`` entries of
+    the plan.
 
     Gram indices with ``min(i, L - i) < N`` (rank-deficient Gramians; unless the operator resolves
     them, ``gram_at_ends``) and those whose Gramians are numerically singular go to the batched dense
@@ -108,7 +110,7 @@ def singular_values_by_plan(op: Operator, by_index: dict, cache: BlockCache) -> 
     this, where the windows of all gram indices cost less than the Gramians (gates that forget within a
     few steps), every index is taken from its window (:func:`~esswatch.ess.near.near_values`).
     """
-    out = {}
+    out = Spectra()
     L = op.seq_len
     dense_idx = [i for i, e in by_index.items() if e == "exact"]
     gram_idx = [i for i, e in by_index.items() if e == "gram"]
@@ -125,32 +127,28 @@ def singular_values_by_plan(op: Operator, by_index: dict, cache: BlockCache) -> 
             lam, ok, fro2 = op.gram_spectrum(torch.tensor(via_gram))
             sv = safe_sqrt(lam).to(compute_dtype(op.dtype))
             ok_all = (ok.all(dim=tuple(range(ok.dim() - 1))) if ok.dim() > 1 else ok).tolist()
+            if all(ok_all):  # every entry resolved: the whole stack as one group
+                out.add_group(via_gram, sv)
+                via_gram = []
             for j, i in enumerate(via_gram):
                 window = None if ok_all[j] or env is None else near_block(op, env, i, fro2[..., j], ~ok[..., j])
                 if ok_all[j]:
-                    out[i] = sv[..., j, :]
+                    out.add(i, sv[..., j, :])
                 elif window is not None:  # the entries that do not factor from a window near i (not T)
-                    out[i] = torch.where(ok[..., j, None], sv[..., j, :], window.to(sv.dtype))
+                    out.add(i, torch.where(ok[..., j, None], sv[..., j, :], window.to(sv.dtype)))
                 else:
                     dense_idx.append(i)
     if len(dense_idx) > planned_dense:  # the call's memory check counted the Gramians, not these blocks
         check_fallback_memory(op, dense_idx[planned_dense:], "ESS")
     if dense_idx:
         for i, sv in zip(dense_idx, batched_svdvals([cache.hankel(i) for i in dense_idx])):
-            out[i] = sv
+            out.add(i, sv)
     return out
 
 
-def entropy_of_padded(svs: dict, dtype) -> dict:
-    """Entropy-ESS of every entry of ``svs`` (index -> singular values) in one batched call.
-
-    Zero padding leaves entropy-ESS unchanged (``0 log 0 = 0``).
-    """
-    if not svs:
-        return {}
-    keys = list(svs)
-    width = max(svs[i].shape[-1] for i in keys)
-    fit = lambda x: x if x.shape[-1] == width else torch.nn.functional.pad(x, (0, width - x.shape[-1]))  # noqa: E731
-    padded = torch.stack([fit(svs[i].to(dtype)) for i in keys], dim=-2)
-    ess = entropy_from_singular_values(padded)
-    return {i: ess[..., j] for j, i in enumerate(keys)}
+def entropy_table(svs: Spectra, dtype):
+    """``(keys, ess)``: entropy-ESS of every entry of ``svs``, ``ess[..., j]`` that of index ``keys[j]``, one batched
+    call per group (zero padding leaves entropy-ESS unchanged: ``0 log 0 = 0``)."""
+    if not len(svs):
+        return [], None
+    return svs.table(entropy_from_singular_values, dtype)
