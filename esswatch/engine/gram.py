@@ -17,10 +17,12 @@ Two ways to form the Gramians, neither with a Python step per position:
 * **direct** (a few indices): ``R_i``/``O_i`` for all requested indices at once and two
   batched contractions, ``O(n L N^2)``;
 * **chunked** (many or all indices): positions are cut into chunks of ``C ~ sqrt(L)``.
-  The partial sums inside every chunk advance one offset at a time for all chunks at
-  once (``C`` batched steps); between chunks ``P_{b+C} = D P_b D + S_b`` (``D`` diagonal,
-  ``<= 1``) takes ``L / C`` steps. ``O(L N^2)`` work for all indices in about
-  ``2 sqrt(L)`` steps, never one Python step per position.
+  Inside every chunk the outer products ``k_c k_c^T``, weighted to the chunk's end, are summed
+  with one cumulative sum (all chunks at once), and weighted back to each position; where a
+  decay is too strong inside one chunk for those weights (``CUMSUM_SPAN``), the partial sums
+  advance one offset at a time instead (``C`` batched steps). Between chunks
+  ``P_{b+C} = D P_b D + S_b`` (``D`` diagonal, ``<= 1``) takes ``L / C`` steps. ``O(L N^2)``
+  work for all indices, never one Python step per position.
 
 The eigenproblem runs in float64 and is made symmetric with a Cholesky factor
 ``P_i = C C^T`` (``eig(P Q) = eig(C^T Q C)``); where ``P_i`` is singular the Cholesky of
