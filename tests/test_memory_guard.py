@@ -138,3 +138,36 @@ def test_a_sliding_window_is_counted_by_its_blocks_not_t(monkeypatch):
     assert all(torch.isfinite(x.grad).all() for x in leaves)
     with pytest.raises(ESSMemoryError):
         esswatch.entropy_ess(SoftmaxAttention(q, k), idx)
+
+
+def test_a_short_kernel_is_counted_by_its_blocks_not_t(monkeypatch):
+    """A convolution whose kernel is shorter than the sequence cuts each block from its taps (``T`` is never
+    built), so its estimate follows the kernel, not ``L``: a limit of a quarter of ``T``'s size lets the call
+    through, with and without gradients, with NumPy's entropy-ESS of the Toeplitz ``T`` and the gradient of the
+    dense route (whole blocks of ``T``, before the limit is set); a kernel as long as the sequence is refused by
+    the same limit."""
+    from reference import entropy_ess_ref
+
+    g = torch.Generator().manual_seed(2)
+    L, K, idx = 2048, 64, [500, 1000, 1500]
+    h = torch.nn.functional.pad(torch.randn(2, 2, K, generator=g), (0, L - K))
+    lag = np.subtract.outer(np.arange(L), np.arange(L))
+    T = np.where(lag >= 0, h.double().numpy()[..., np.clip(lag, 0, None)], 0.0)
+    want = entropy_ess_ref(T, idx)
+    t_bytes = 4 * L * L * 4  # T of the 4 matrices in float32: 67 MB
+    assert call_bytes(Convolution(h), torch.tensor(idx), "exact") < t_bytes / 20
+    # the gradient through the whole blocks of the dense T (no trimming, no limit yet)
+    ref_leaf = h.clone().requires_grad_()
+    lag_t = torch.as_tensor(lag)
+    dense_t = torch.where(lag_t >= 0, ref_leaf[..., lag_t.clamp(min=0)], torch.zeros(()))
+    esswatch.entropy_ess(esswatch.operators.Dense(dense_t), idx, estimator="exact").sum().backward()
+    leaf = h.clone().requires_grad_()
+    assert call_bytes(Convolution(leaf), torch.tensor(idx), "exact") < t_bytes / 10
+    monkeypatch.setenv("ESSWATCH_MAX_BYTES", str(t_bytes // 4))
+    np.testing.assert_allclose(esswatch.entropy_ess(Convolution(h), idx, estimator="exact").numpy(), want, rtol=1e-5)
+    e = esswatch.entropy_ess(Convolution(leaf), idx, estimator="exact")
+    np.testing.assert_allclose(e.detach().numpy(), want, rtol=1e-5)
+    e.sum().backward()
+    np.testing.assert_allclose(leaf.grad.numpy(), ref_leaf.grad.numpy(), atol=1e-4 * float(ref_leaf.grad.abs().max()))
+    with pytest.raises(ESSMemoryError):
+        esswatch.entropy_ess(Convolution(torch.randn(2, 2, L, generator=g)), idx, estimator="exact")
