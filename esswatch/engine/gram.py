@@ -48,6 +48,7 @@ __all__ = [
     "gramian_squared_singular_values",
     "gramian_form",
     "gramians",
+    "log_cumsum",
 ]
 
 #: log decays below this are clamped: exp(-1000) is exactly 0 in float64, and -inf would
@@ -63,8 +64,9 @@ DIRECT_MAX_ELEMS = 1 << 22
 CUMSUM_SPAN = 300.0
 
 
-def _log_cumsum(log_decay, shape):
-    """``Lam`` (float64) broadcast to ``shape`` = batch + (L, N); zeros for ``None``."""
+def log_cumsum(log_decay, shape):
+    """``Lam`` (float64, each step clamped at ``_LOG_FLOOR``) broadcast to ``shape`` = batch + (L, N); ``None`` for
+    ``None``. Also the cumulative sum of ``GatedRecurrence``'s blocks."""
     if log_decay is None:
         return None
     ld = torch.clamp(log_decay.to(torch.float64), min=_LOG_FLOOR)
@@ -232,7 +234,7 @@ def gramians(
     ``method``: ``"direct"``, ``"chunked"`` or ``"auto"`` (direct while the factors are small).
     """
     q64, k64 = q.to(torch.float64), k.to(torch.float64)
-    lam = _log_cumsum(log_decay, q64.shape)
+    lam = log_cumsum(log_decay, q64.shape)
     idx = indices.to(q.device)
     n, (L, N) = idx.numel(), q.shape[-2:]
     if method == "auto":

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ..engine.gram import _LOG_FLOOR, gramian_form
+from ..engine.gram import gramian_form, log_cumsum
 from ..engine.gram import gramians as _gramians
 from ..engine.spectral import compute_dtype
 from ..engine.validation import broadcast_batch, check_positive_int
@@ -134,7 +134,7 @@ class GatedRecurrence(Operator):
         if not self._decays():
             return self._direct(q, k, ld, slice(r0, r1), slice(c0, c1), dt)
         # cum[t] = sum_{s <= t} log a_s; a decay below the floor is 0 either way, and keeps cum's round-off small
-        cum = torch.cumsum(torch.clamp(ld.to(torch.float64), min=_LOG_FLOOR), dim=-2)
+        cum = log_cumsum(ld, ld.shape)
         if c1 <= c0 or r1 <= r0 or c1 - 1 <= r0:  # every column <= every row: one product
             if c1 <= c0 or r1 <= r0:
                 return q.new_zeros(*self.batch_shape, max(0, r1 - r0), max(0, c1 - c0), dtype=dt)
