@@ -109,7 +109,7 @@ def test_gram_chunked_cumulative_sums_with_strong_decays_in_range(decay):
     """Decays up to 30 per step span about 250 inside a chunk (C = 14), just below ``CUMSUM_SPAN``: the chunked
     form takes its one cumulative sum, weighted to each chunk's end and back (factors down to ``exp(-250)`` and up
     to ``exp(250)``), and must agree with the direct form, whose factors are all ``<= 1``."""
-    from esswatch.engine.gram import CUMSUM_SPAN
+    from esswatch.engine.gram_chunked import CUMSUM_SPAN
 
     B, L, N = 2, 203, 4
     q, k = _rand(B, L, N, seed=31), _rand(B, L, N, seed=32)
@@ -145,6 +145,27 @@ def test_gram_chunked_few_indices_match_the_all_offsets_path(decay):
     for a, b in ((P1, P2[..., few - 1, :, :]), (Q1, Q2[..., few - 1, :, :]), (P1, P3), (Q1, Q3)):
         assert torch.isfinite(a).all()
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("decay", ["none", "full", "head"])
+def test_gram_chunked_sums_in_place_match_the_direct_form_and_the_graph(decay):
+    """Without a graph the chunked form sums each chunk in place, and stores ``Q``'s reversed-time sums with
+    positions reversed, so that its descending indices read as a slice. Two batch dimensions, all indices
+    (slices) and scattered ones (gathers, ``n C > L``): the direct form's Gramians, and those of the graph's
+    path (a cumulative sum) to round-off."""
+    L, N = 203, 4  # C = 14, 15 chunks with a padded tail
+    q, k = _rand(2, 3, L, N, seed=41), _rand(2, 3, L, N, seed=42)
+    ld = None if decay == "none" else _decays(decay, 6, L, N, seed=43, strength=2.0).reshape(2, 3, L, -1)
+    for idx in (torch.arange(1, L), torch.tensor([1, 2, 14, 15, 16, 40, 41, 77, 99, 150, 151, 170, 200, 201, 202, 99])):
+        idx = torch.unique(idx)
+        assert idx.numel() * round(L**0.5) > L  # the all-offsets path
+        P1, Q1 = gramians(q, k, ld, idx, "chunked")
+        P2, Q2 = gramians(q, k, ld, idx, "direct")
+        leaves = [x.clone().requires_grad_(True) for x in (q, k)]
+        P3, Q3 = gramians(*leaves, ld, idx, "chunked")
+        assert P3.requires_grad and Q3.requires_grad
+        for a, b in ((P1, P2), (Q1, Q2), (P1, P3.detach()), (Q1, Q3.detach())):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-12)
 
 
 def test_gram_all_indices_long_sequence_matches_exact():

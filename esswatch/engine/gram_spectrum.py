@@ -34,14 +34,15 @@ def gramian_squared_singular_values(
 
 
 def _from_gramians(P: torch.Tensor, Q: torch.Tensor):
-    fro2 = (P * Q).sum(dim=(-1, -2))  # trace(P Q) for symmetric P, Q
     grad = torch.is_grad_enabled() and (P.requires_grad or Q.requires_grad)
     if not grad:  # every P factors (the common case): its Cholesky factor as it comes
         cp, info = torch.linalg.cholesky_ex(P)
         if not bool(info.any()):
             m = cp.transpose(-1, -2) @ Q @ cp
+            fro2 = m.diagonal(dim1=-2, dim2=-1).sum(-1)  # trace(C^T Q C) = trace(P Q)
             lam = torch.clamp(torch.linalg.eigvalsh(m).flip(-1), min=0)  # eigvalsh reads one triangle
             return lam, torch.ones_like(info, dtype=torch.bool), fro2
+    fro2 = (P * Q).sum(dim=(-1, -2))  # trace(P Q) for symmetric P, Q
     with torch.no_grad():  # which factorizations exist (no graph: a failed one has no usable backward)
         use_p = torch.linalg.cholesky_ex(P)[1] == 0
         use_q = (~use_p) & (torch.linalg.cholesky_ex(Q)[1] == 0)
