@@ -134,7 +134,7 @@ def gramians(
         lam_rev = torch.cumsum(torch.nn.functional.pad(shifted[..., :-1, :], (0, 0, 1, 0)), dim=-2)
     # the reversed P sums exp(Lam'[L-i-1] - Lam'[r']) for r' < L-i; the true Q_i weights carry one more
     # factor a_i (s = i included): exp(ld[i]) on both sides
-    Q = chunked_forward(q_rev, lam_rev, L - idx, C, None if lam is None else torch.exp(ld[..., idx, :]))
+    Q = chunked_forward(q_rev, lam_rev, L - idx, C, None if lam is None else torch.exp(ld[..., idx, :]), True)
     return P, Q
 
 

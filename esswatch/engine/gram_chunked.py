@@ -15,16 +15,16 @@ __all__ = ["CUMSUM_SPAN", "chunked_forward"]
 CUMSUM_SPAN = 300.0
 
 
-def chunked_forward(k, lam, idx, C, scale=None):
-    """``P_i`` for the sorted unique indices ``idx`` by chunks (see module doc), times ``scale`` (``(n, N|1)``, or
-    ``None``) on both sides.
+def chunked_forward(k, lam, idx, C, scale=None, descending=False):
+    """``P_i`` for the sorted unique indices ``idx`` (ascending, or ``descending``) by chunks (see module doc),
+    times ``scale`` (``(n, N|1)``, or ``None``) on both sides.
 
     Two levels of the recurrence ``P_{t+1} = D_t P_t D_t + k_t k_t^T``: inside every chunk (all chunks at once),
     then between chunks (one step per chunk: ``L / C`` steps). Inside a chunk the outer products are weighted to
-    its end (factors ``<= 1``) and summed with one cumulative sum, where ``Lam`` spans at most
-    :data:`CUMSUM_SPAN` in every chunk; then ``P_i = b (e A e + S) b`` with ``b = exp(Lam[i-1] - Lam[end]) >= 1``
-    and ``e = exp(Lam[end] - Lam[start - 1]) <= 1``. Stronger decays take one step per offset (every factor
-    ``<= 1``).
+    its end (factors ``<= 1``) and summed (a cumulative sum with a graph, in place without one), where ``Lam``
+    spans at most :data:`CUMSUM_SPAN` in every chunk; then ``P_i = b (e A e + S) b`` with
+    ``b = exp(Lam[i-1] - Lam[end]) >= 1`` and ``e = exp(Lam[end] - Lam[start - 1]) <= 1``. Stronger decays take
+    one step per offset (every factor ``<= 1``).
     """
     *batch, L, N = k.shape
     nc = -(-L // C)
@@ -58,9 +58,8 @@ def chunked_forward(k, lam, idx, C, scale=None):
             return _scaled(S[..., m, jj, :, :] + A[..., m, :, :], b)
         # without a graph: the sums in place, and the indices read as a slice where they are consecutive
         # descending indices (Q's, in reversed time) as a slice too: the sums stored with positions reversed
-        rev = idx.numel() > 1 and bool(idx[0] > idx[-1])
-        S = _offset_sums(kw, A, rev).reshape(*batch, nc * C, N, N)
-        return _scaled(_rows(S, nc * C - idx if rev else idx - 1), b, inplace=True)
+        S = _offset_sums(kw, A, descending).reshape(*batch, nc * C, N, N)
+        return _scaled(_rows(S, nc * C - idx if descending else idx - 1), b, inplace=True)
     # a decay too strong inside one chunk for those weights to stay in range: one step per offset
     step = torch.exp(lc[..., 1:, :] - lc[..., :-1, :])  # a at offsets 1..C-1 (<= 1)
     kk = kc[..., :, :, None] * kc[..., :, None, :]  # batch + (nc, C, N, N)
