@@ -56,10 +56,12 @@ __all__ = [
 #: log decays below this are clamped: exp(-1000) is exactly 0 in float64, and -inf would
 #: turn the differences of cumulative sums into NaN
 _LOG_FLOOR = -1000.0
-#: the direct form is used for at most this many indices while n * L * N * batch stays
-#: below DIRECT_MAX_ELEMS elements (its cost grows with n; the chunked form's does not)
+#: the direct form is used for at most this many indices while n * L * N * batch stays below DIRECT_MAX_ELEMS
+#: elements, twice that with a graph (its cost grows with n, the chunked form's does not; on one CPU thread the
+#: chunked form was faster above about 1.3e5 elements without a graph and 2.6e5 with one:
+#: ``examples/benchmarks/gram_forms.py``)
 DIRECT_MAX_INDICES = 16
-DIRECT_MAX_ELEMS = 1 << 22
+DIRECT_MAX_ELEMS = 1 << 17
 
 
 def log_cumsum(log_decay, shape):
@@ -67,8 +69,8 @@ def log_cumsum(log_decay, shape):
     ``None``. Also the cumulative sum of ``GatedRecurrence``'s blocks."""
     if log_decay is None:
         return None
-    ld = torch.clamp(log_decay.to(torch.float64), min=_LOG_FLOOR)
-    lam = torch.cumsum(ld, dim=-2)
+    # clamped in its own dtype (the floor is exact in float16, bfloat16 and float32), summed in float64
+    lam = torch.cumsum(torch.clamp(log_decay, min=_LOG_FLOOR), dim=-2, dtype=torch.float64)
     return lam.expand(*shape[:-1], lam.shape[-1])
 
 
@@ -94,13 +96,13 @@ def _direct(q, k, lam, idx):
     return P, Q
 
 
-def gramian_form(n: int, L: int, N: int, nb: int) -> tuple:
-    """``(form, C)``: the form :func:`gramians` takes under ``"auto"`` for ``n`` indices of ``nb`` matrices,
-    ``"direct"`` while the factors are small, else ``"few"`` (the chunked form for a few indices, ``n C <= L``)
-    or ``"chunked"``; ``C`` the chunk length (about ``sqrt(L)``). Also the memory guard's model
-    (``GatedRecurrence.gram_bytes``)."""
+def gramian_form(n: int, L: int, N: int, nb: int, grad: bool = False) -> tuple:
+    """``(form, C)``: the form :func:`gramians` takes under ``"auto"`` for ``n`` indices of ``nb`` matrices (with a
+    graph if ``grad``), ``"direct"`` while the factors are small, else ``"few"`` (the chunked form for a few
+    indices, ``n C <= L``) or ``"chunked"``; ``C`` the chunk length (about ``sqrt(L)``). Also the memory guard's
+    model (``GatedRecurrence.gram_bytes``)."""
     C = max(4, round(L**0.5))
-    if n <= DIRECT_MAX_INDICES and n * L * N * nb <= DIRECT_MAX_ELEMS:
+    if n <= DIRECT_MAX_INDICES and n * L * N * nb <= DIRECT_MAX_ELEMS * (2 if grad else 1):
         return "direct", C
     return ("few" if n * C <= L else "chunked"), C
 
@@ -112,29 +114,30 @@ def gramians(
 
     ``method``: ``"direct"``, ``"chunked"`` or ``"auto"`` (direct while the factors are small).
     """
-    q64, k64 = q.to(torch.float64), k.to(torch.float64)
-    lam = log_cumsum(log_decay, q64.shape)
+    lam = log_cumsum(log_decay, q.shape)
     idx = indices.to(q.device)
     n, (L, N) = idx.numel(), q.shape[-2:]
     if method == "auto":
-        method = gramian_form(n, L, N, max(1, q[..., 0, 0].numel()))[0]
+        grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, log_decay))
+        method = gramian_form(n, L, N, max(1, q[..., 0, 0].numel()), grad)[0]
     if method == "direct":
-        return _direct(q64, k64, lam, idx)
+        return _direct(q.to(torch.float64), k.to(torch.float64), lam, idx)
     C = gramian_form(n, L, N, 1)[1]
-    P = chunked_forward(k64, lam, idx, C)
+    P = chunked_forward(k.to(torch.float64), lam, idx, C)
     # Q_i is P of the time-reversed system: r -> L-1-r, with reversed decays shifted by one
     # (O_i[r] weight exp(Lam[r] - Lam[i-1]) = prod_{s=i..r} a_s), index i -> L - i
-    q_rev = q64.flip(-2)
-    lam_rev = None
+    q_rev = q.flip(-2).to(torch.float64)
+    lam_rev = scale = None
     if lam is not None:
-        ld = torch.clamp(log_decay.to(torch.float64), min=_LOG_FLOOR).expand(*q64.shape[:-1], lam.shape[-1])
-        # reversed step t' = L-1-t carries log a_t; the weight between positions needs a_s for
-        # s in [i, r]: in reversed time the decay applied "after" position t' is a_{L-1-t'}
-        shifted = ld.flip(-2)
-        lam_rev = torch.cumsum(torch.nn.functional.pad(shifted[..., :-1, :], (0, 0, 1, 0)), dim=-2)
-    # the reversed P sums exp(Lam'[L-i-1] - Lam'[r']) for r' < L-i; the true Q_i weights carry one more
-    # factor a_i (s = i included): exp(ld[i]) on both sides
-    Q = chunked_forward(q_rev, lam_rev, L - idx, C, None if lam is None else torch.exp(ld[..., idx, :]), True)
+        # reversed step t' = L-1-t carries log a_t; the weight between positions needs a_s for s in [i, r]: in
+        # reversed time the decay applied "after" position t' is a_{L-1-t'}, so Lam'[t'] = sum_{s' < t'} log
+        # a_{L-1-s'} = Lam[L-1] - Lam[L-1-t']
+        lam_rev = torch.neg(lam.flip(-2)).add_(lam[..., L - 1 :, :])
+        # the reversed P sums exp(Lam'[L-i-1] - Lam'[r']) for r' < L-i; the true Q_i weights carry one more
+        # factor a_i (s = i included): exp(ld[i]) on both sides
+        ld = torch.clamp(log_decay[..., idx, :].to(torch.float64), min=_LOG_FLOOR)
+        scale = torch.exp(ld).expand(*q.shape[:-2], n, ld.shape[-1])
+    Q = chunked_forward(q_rev, lam_rev, L - idx, C, scale, True)
     return P, Q
 
 

@@ -30,11 +30,11 @@ def chunked_forward(k, lam, idx, C, scale=None, descending=False):
     nc = -(-L // C)
     pad = nc * C - L
     dev, dt = k.device, k.dtype
-    kc = torch.nn.functional.pad(k, (0, 0, 0, pad)).reshape(*batch, nc, C, N)
+    kc = (torch.nn.functional.pad(k, (0, 0, 0, pad)) if pad else k).reshape(*batch, nc, C, N)
     lamp = lc = None
     if lam is not None:
         # padded positions repeat the last Lam (no decay); they carry k = 0
-        lamp = torch.cat([lam, lam[..., -1:, :].expand(*lam.shape[:-2], pad, lam.shape[-1])], dim=-2)
+        lamp = torch.cat([lam, lam[..., -1:, :].expand(*lam.shape[:-2], pad, lam.shape[-1])], dim=-2) if pad else lam
         lc = lamp.reshape(*batch, nc, C, lamp.shape[-1])
     if idx.numel() * C <= L:
         return _scaled(_chunked_few(kc, lc, lamp, idx, C), scale)
@@ -132,7 +132,12 @@ def _chunked_few(kc, lc, lamp, idx, C):
     batched product per chunk and per index instead of ``C`` steps over every chunk."""
     *batch, nc, _, N = kc.shape
     dev, dt = kc.device, kc.dtype
-    kw = kc if lc is None else kc * torch.exp(lc[..., C - 1 :, :] - lc)
+    if lc is None:
+        kw = kc
+    elif torch.is_grad_enabled() and (kc.requires_grad or lc.requires_grad) or lc.shape != kc.shape:
+        kw = kc * torch.exp(lc[..., C - 1 :, :] - lc)
+    else:  # in place: two fewer buffers of L x N per matrix
+        kw = torch.sub(lc[..., C - 1 :, :], lc).exp_().mul_(kc)
     ends = kw.transpose(-1, -2) @ kw  # batch + (nc, N, N)
     A = _anchors(ends, lamp, C, batch, N, dt, dev)
     m, jj = (idx - 1) // C, (idx - 1) % C

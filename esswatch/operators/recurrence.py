@@ -195,7 +195,7 @@ class GatedRecurrence(Operator):
         ``P``, ``Q`` stacks and their eigenproblems. With ``grad``, half as much again (the graph)."""
         b, L, N = self.numel_batch(), self.seq_len, self.state_width
         per = 8 * b
-        form, C = gramian_form(n, L, N, b)
+        form, C = gramian_form(n, L, N, b, grad)
         if form == "direct":
             out = 8 * per * n * L * N
         elif form == "few":  # weighted factors and one N x N sum per chunk
