@@ -69,8 +69,10 @@ def log_cumsum(log_decay, shape):
     ``None``. Also the cumulative sum of ``GatedRecurrence``'s blocks."""
     if log_decay is None:
         return None
-    # clamped in its own dtype (the floor is exact in float16, bfloat16 and float32), summed in float64
-    lam = torch.cumsum(torch.clamp(log_decay, min=_LOG_FLOOR), dim=-2, dtype=torch.float64)
+    if torch.is_grad_enabled() and log_decay.requires_grad:
+        lam = torch.cumsum(torch.clamp(log_decay, min=_LOG_FLOOR), dim=-2, dtype=torch.float64)
+    else:  # one float64 buffer, clamped and summed in place
+        lam = log_decay.to(torch.float64, copy=True).clamp_(min=_LOG_FLOOR).cumsum_(-2)
     return lam.expand(*shape[:-1], lam.shape[-1])
 
 
@@ -132,7 +134,7 @@ def gramians(
         # reversed step t' = L-1-t carries log a_t; the weight between positions needs a_s for s in [i, r]: in
         # reversed time the decay applied "after" position t' is a_{L-1-t'}, so Lam'[t'] = sum_{s' < t'} log
         # a_{L-1-s'} = Lam[L-1] - Lam[L-1-t']
-        lam_rev = torch.neg(lam.flip(-2)).add_(lam[..., L - 1 :, :])
+        lam_rev = lam.flip(-2).neg_().add_(lam[..., L - 1 :, :])
         # the reversed P sums exp(Lam'[L-i-1] - Lam'[r']) for r' < L-i; the true Q_i weights carry one more
         # factor a_i (s = i included): exp(ld[i]) on both sides
         ld = torch.clamp(log_decay[..., idx, :].to(torch.float64), min=_LOG_FLOOR)

@@ -142,12 +142,12 @@ def _chunked_few(kc, lc, lamp, idx, C):
     A = _anchors(ends, lamp, C, batch, N, dt, dev)
     m, jj = (idx - 1) // C, (idx - 1) % C
     valid = torch.arange(C, device=dev)[None, :] <= jj[:, None]  # (n, C): c <= i - 1 inside the chunk
-    km = kc[..., m, :, :]  # batch + (n, C, N)
+    km = torch.index_select(kc, -3, m)  # batch + (n, C, N)
     if lc is None:
         w = valid[..., None].to(dt)
         base = A[..., m, :, :]
     else:
-        d = lamp[..., idx - 1, :][..., None, :] - lc[..., m, :, :]  # Lam[i-1] - Lam[c] (<= 0 where valid)
+        d = lamp[..., idx - 1, :][..., None, :] - torch.index_select(lc, -3, m)  # Lam[i-1] - Lam[c] (<= 0 if valid)
         w = torch.exp(torch.where(valid[..., None], d, torch.tensor(float("-inf"), dtype=dt, device=dev)))
         has = (m > 0).to(dt)
         g = torch.exp(lamp[..., idx - 1, :] - lamp[..., torch.clamp(m * C - 1, min=0), :])
