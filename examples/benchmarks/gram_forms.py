@@ -4,6 +4,7 @@
     python examples/benchmarks/gram_forms.py --threads 1                      # both sections
     python examples/benchmarks/gram_forms.py --threads 1 --sections forms     # which form is faster where
     python examples/benchmarks/gram_forms.py --threads 1 --sections call      # run it from two commits to compare
+    python examples/benchmarks/gram_forms.py --threads 1 --sections watch     # a Hugging Face Mamba layer (same)
 
 ``forms``: ``esswatch.engine.gram.gramians(..., method="direct")`` (every index's weighted factors, ``n x L x N``
 per matrix) against ``method="chunked"`` (one pass over the sequence in chunks of about ``sqrt(L)``), alternating,
@@ -13,7 +14,10 @@ products underflow within a few hundred steps. The last column is the form ``"au
 
 ``call``: ``entropy_ess(op, 8 indices, estimator="gram")`` on Mamba-like gates per channel (``--channels``
 matrices: a Mamba layer's d_inner times its batch rows) at ``--lengths``: the time of the whole call, with its
-input validation and its windows check. Figures: median [min-max] of ``--repeats`` after one warm-up call.
+input validation and its windows check. ``watch``: ``ESSWatch.step()`` (blocking, the default 8 indices and 2
+batch rows) on one ``MambaForCausalLM`` layer (hidden 64, d_inner 128, state 16, random init, ``scale.py``'s
+Mamba) after a forward pass of 2 x ``--lengths`` tokens: capture and measurement, without the training step.
+Figures: median [min-max] of ``--repeats`` after one warm-up call.
 """
 
 from __future__ import annotations
@@ -98,6 +102,31 @@ def call(args):
         print(f"| mamba | {L} | {nb} | {statistics.median(ts):.3f} [{min(ts):.3f}-{max(ts):.3f}] |", flush=True)
 
 
+def watch(args):
+    import tempfile
+
+    from transformers import MambaConfig, MambaForCausalLM
+
+    print("| model | L | `watch.step()`, blocking, s |")
+    print("|---|---|---|")
+    for L in args.lengths:
+        torch.manual_seed(0)
+        cfg = MambaConfig(vocab_size=8000, hidden_size=64, state_size=16, num_hidden_layers=1, expand=2)
+        model = MambaForCausalLM(cfg)
+        x = torch.randint(0, 8000, (2, L))
+        ts = []
+        with tempfile.TemporaryDirectory() as logdir, torch.no_grad():
+            kw = {"every_n_steps": 1, "histograms": False, "images": False, "background": False}
+            with ew.ESSWatch(model, logdir=logdir, **kw) as w:
+                for _ in range(args.repeats + 1):  # the first: warm-up
+                    model(x)
+                    t = time.perf_counter()
+                    w.step()
+                    ts.append(time.perf_counter() - t)
+        ts = ts[1:]
+        print(f"| mamba (1 layer, d_inner 128) | {L} | {statistics.median(ts):.3f} [{min(ts):.3f}-{max(ts):.3f}] |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -112,6 +141,8 @@ def main() -> None:
         forms(args)
     if "call" in args.sections:
         call(args)
+    if "watch" in args.sections:
+        watch(args)
 
 
 if __name__ == "__main__":
