@@ -16,7 +16,7 @@ from reference import entropy_ess_ref, hankel_sv, tolerance_ess_ref
 import esswatch as ew
 from esswatch.engine import adaptive
 from esswatch.engine.exact import batched_svdvals, trim_zero_lines
-from esswatch.engine.gram import gram_singular_values, gramians
+from esswatch.engine.gram import gram_singular_values, gramian_form, gramians
 from esswatch.engine.slq import slq_entropy
 from esswatch.operators import Convolution, Dense, GatedRecurrence, SoftmaxAttention
 
@@ -40,7 +40,7 @@ def _decays(kind, B, L, N, seed, strength=1.0):
 
 
 @pytest.mark.parametrize("decay", ["none", "full", "head"])
-@pytest.mark.parametrize("method", ["direct", "chunked"])
+@pytest.mark.parametrize("method", ["direct", "few", "chunked"])
 def test_gram_singular_values_match_numpy(decay, method):
     B, L, N = 2, 70, 5
     q, k = _rand(B, L, N, seed=1), _rand(B, L, N, seed=2)
@@ -129,9 +129,9 @@ def test_gram_chunked_cumulative_sums_with_strong_decays_in_range(decay):
 
 
 @pytest.mark.parametrize("decay", ["none", "full", "head"])
-def test_gram_chunked_few_indices_match_the_all_offsets_path(decay):
-    """A few indices (n C <= L) take the chunked form without partial sums at every offset;
-    it must give the same Gramians as the all-offsets path, with strong and zero decays."""
+def test_gram_few_indices_by_segments_match_the_all_offsets_path(decay):
+    """A few indices (n C <= L) take the segments between them (``"few"``); they must give the same Gramians as
+    the chunked form's all-offsets path and the direct form, with strong and zero decays."""
     B, L, N = 3, 203, 5  # C = 14: positions 13, 14, 15 straddle a chunk boundary
     q, k = _rand(B, L, N, seed=21), _rand(B, L, N, seed=22)
     ld = _decays(decay, B, L, N, seed=23, strength=30.0)
@@ -139,7 +139,8 @@ def test_gram_chunked_few_indices_match_the_all_offsets_path(decay):
         ld[:, 60] = -1e6  # a decay of (numerically) zero
     few = torch.tensor([1, 13, 14, 15, 61, 100, 202])
     assert few.numel() * round(L**0.5) <= L
-    P1, Q1 = gramians(q, k, ld, few, "chunked")
+    P1, Q1 = gramians(q, k, ld, few, "few")
+    assert gramian_form(few.numel(), L, N, 10**4)[0] == "few"  # what "auto" takes for a large batch
     P2, Q2 = gramians(q, k, ld, torch.arange(1, L), "chunked")
     P3, Q3 = gramians(q, k, ld, few, "direct")
     for a, b in ((P1, P2[..., few - 1, :, :]), (Q1, Q2[..., few - 1, :, :]), (P1, P3), (Q1, Q3)):
@@ -180,7 +181,7 @@ def test_gram_all_indices_long_sequence_matches_exact():
     )
 
 
-@pytest.mark.parametrize("method", ["direct", "chunked"])
+@pytest.mark.parametrize("method", ["direct", "few", "chunked"])
 def test_gradcheck_gram_factored(method):
     L, N = 11, 2
     q = _rand(1, L, N, seed=1).requires_grad_()

@@ -12,10 +12,13 @@ Every exponent is ``<= 0``, so both factors are computed directly and stably. Th
 squared singular values of ``H_i`` are the eigenvalues of ``P_i Q_i`` with
 ``P_i = R_i R_i^T`` and ``Q_i = O_i^T O_i``.
 
-Two ways to form the Gramians, neither with a Python step per position:
+Three ways to form the Gramians, none with a Python step per position:
 
-* **direct** (a few indices): ``R_i``/``O_i`` for all requested indices at once and two
-  batched contractions, ``O(n L N^2)``;
+* **direct** (a few indices of a small operator): ``R_i``/``O_i`` for all requested indices at
+  once and two batched contractions, ``O(n L N^2)``;
+* **few** (a few indices, ``n sqrt(L) <= L``, :mod:`.gram_segments`): one batched matmul per
+  segment between consecutive indices and ``n`` steps ``P <- D P D + S`` (``D <= 1``), forward in
+  time for both Gramians, ``O(L N^2)``;
 * **chunked** (many or all indices, :mod:`.gram_chunked`): positions are cut into chunks of
   ``C ~ sqrt(L)``. Inside every chunk the outer products ``k_c k_c^T``, weighted to the chunk's
   end, are summed (all chunks at once: a cumulative sum with a graph, ``C - 1`` in-place
@@ -41,6 +44,7 @@ from __future__ import annotations
 import torch
 
 from .gram_chunked import chunked_forward
+from .gram_segments import segment_gramians
 from .gram_spectrum import gramian_squared_singular_values
 from .spectral import safe_sqrt
 
@@ -100,7 +104,7 @@ def _direct(q, k, lam, idx):
 
 def gramian_form(n: int, L: int, N: int, nb: int, grad: bool = False) -> tuple:
     """``(form, C)``: the form :func:`gramians` takes under ``"auto"`` for ``n`` indices of ``nb`` matrices (with a
-    graph if ``grad``), ``"direct"`` while the factors are small, else ``"few"`` (the chunked form for a few
+    graph if ``grad``), ``"direct"`` while the factors are small, else ``"few"`` (by segments, for a few
     indices, ``n C <= L``) or ``"chunked"``; ``C`` the chunk length (about ``sqrt(L)``). Also the memory guard's
     model (``GatedRecurrence.gram_bytes``)."""
     C = max(4, round(L**0.5))
@@ -114,7 +118,7 @@ def gramians(
 ):
     """``P_i`` and ``Q_i`` (float64) at sorted unique ``indices``, shape ``batch + (n, N, N)``.
 
-    ``method``: ``"direct"``, ``"chunked"`` or ``"auto"`` (direct while the factors are small).
+    ``method``: ``"direct"``, ``"few"`` (by segments), ``"chunked"`` or ``"auto"`` (:func:`gramian_form`).
     """
     lam = log_cumsum(log_decay, q.shape)
     idx = indices.to(q.device)
@@ -124,6 +128,8 @@ def gramians(
         method = gramian_form(n, L, N, max(1, q[..., 0, 0].numel()), grad)[0]
     if method == "direct":
         return _direct(q.to(torch.float64), k.to(torch.float64), lam, idx)
+    if method == "few":
+        return segment_gramians(q, k, lam, [int(i) for i in indices.tolist()])
     C = gramian_form(n, L, N, 1)[1]
     P = chunked_forward(k.to(torch.float64), lam, idx, C)
     # Q_i is P of the time-reversed system: r -> L-1-r, with reversed decays shifted by one

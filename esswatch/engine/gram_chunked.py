@@ -36,8 +36,6 @@ def chunked_forward(k, lam, idx, C, scale=None, descending=False):
         # padded positions repeat the last Lam (no decay); they carry k = 0
         lamp = torch.cat([lam, lam[..., -1:, :].expand(*lam.shape[:-2], pad, lam.shape[-1])], dim=-2) if pad else lam
         lc = lamp.reshape(*batch, nc, C, lamp.shape[-1])
-    if idx.numel() * C <= L:
-        return _scaled(_chunked_few(kc, lc, lamp, idx, C), scale)
     m, jj = (idx - 1) // C, (idx - 1) % C
     if lam is None or float((lc.amax(dim=-2) - lc.amin(dim=-2)).amax().detach()) <= CUMSUM_SPAN:
         kw = kc if lam is None else kc * torch.exp(lc[..., C - 1 :, :] - lc)  # weighted to the chunks' ends
@@ -122,35 +120,3 @@ def _anchors(ends, lamp, C, batch, N, dt, dev):
             prev = prev * (g[..., :, None] * g[..., None, :])
         anchors.append(prev + ends[..., m - 1, :, :])
     return torch.stack(anchors, dim=-3)
-
-
-def _chunked_few(kc, lc, lamp, idx, C):
-    """:func:`chunked_forward` for a few indices (``n C <= L``): no partial sum at every offset.
-
-    A chunk's sum weighted to its end factors as ``(W k)^T (W k)`` with ``W[c] = exp(Lam[end] -
-    Lam[c]) <= 1``, and so does the partial sum up to ``i - 1`` inside ``i``'s chunk: one
-    batched product per chunk and per index instead of ``C`` steps over every chunk."""
-    *batch, nc, _, N = kc.shape
-    dev, dt = kc.device, kc.dtype
-    if lc is None:
-        kw = kc
-    elif torch.is_grad_enabled() and (kc.requires_grad or lc.requires_grad) or lc.shape != kc.shape:
-        kw = kc * torch.exp(lc[..., C - 1 :, :] - lc)
-    else:  # in place: two fewer buffers of L x N per matrix
-        kw = torch.sub(lc[..., C - 1 :, :], lc).exp_().mul_(kc)
-    ends = kw.transpose(-1, -2) @ kw  # batch + (nc, N, N)
-    A = _anchors(ends, lamp, C, batch, N, dt, dev)
-    m, jj = (idx - 1) // C, (idx - 1) % C
-    valid = torch.arange(C, device=dev)[None, :] <= jj[:, None]  # (n, C): c <= i - 1 inside the chunk
-    km = torch.index_select(kc, -3, m)  # batch + (n, C, N)
-    if lc is None:
-        w = valid[..., None].to(dt)
-        base = A[..., m, :, :]
-    else:
-        d = lamp[..., idx - 1, :][..., None, :] - torch.index_select(lc, -3, m)  # Lam[i-1] - Lam[c] (<= 0 if valid)
-        w = torch.exp(torch.where(valid[..., None], d, torch.tensor(float("-inf"), dtype=dt, device=dev)))
-        has = (m > 0).to(dt)
-        g = torch.exp(lamp[..., idx - 1, :] - lamp[..., torch.clamp(m * C - 1, min=0), :])
-        base = A[..., m, :, :] * (g[..., :, None] * g[..., None, :]) * has[:, None, None]
-    kp = km * w
-    return kp.transpose(-1, -2) @ kp + base

@@ -1,5 +1,5 @@
-"""The Gramians of a gated recurrence at the watch's 8 indices: the direct form against the chunked form, and the
-``gram`` route's whole call on a Mamba-shaped layer.
+"""The Gramians of a gated recurrence at the watch's 8 indices: the direct form against the segments between the
+indices (``"few"``), and the ``gram`` route's whole call on a Mamba-shaped layer.
 
     python examples/benchmarks/gram_forms.py --threads 1                      # both sections
     python examples/benchmarks/gram_forms.py --threads 1 --sections forms     # which form is faster where
@@ -7,7 +7,7 @@
     python examples/benchmarks/gram_forms.py --threads 1 --sections watch     # a Hugging Face Mamba layer (same)
 
 ``forms``: ``esswatch.engine.gram.gramians(..., method="direct")`` (every index's weighted factors, ``n x L x N``
-per matrix) against ``method="chunked"`` (one pass over the sequence in chunks of about ``sqrt(L)``), alternating,
+per matrix) against ``method="few"`` (one batched matmul per segment between the indices), alternating,
 without and with a backward pass, over ``L``, the number of matrices and two kinds of gates: GLA-like gates near
 1 (``logsigmoid(x + 4)``) and Mamba-like ones (``dt A`` with ``A = -1..-16``, ``dt = softplus(x - 3)``), whose
 products underflow within a few hundred steps. The last column is the form ``"auto"`` takes.
@@ -57,7 +57,7 @@ def timed(fn, repeats):
 
 
 def forms(args):
-    print("| gates | L | matrices | n L N matrices | backward | direct, ms | chunked, ms | direct / chunked | auto |")
+    print("| gates | L | matrices | n L N matrices | backward | direct, ms | few, ms | direct / few | auto |")
     print("|---|---|---|---|---|---|---|---|---|")
     for grad in (False, True):
         for kind in ("gla", "mamba"):
@@ -74,13 +74,13 @@ def forms(args):
                             if grad:
                                 (P.sum() + Q.sum()).backward()
 
-                    ts = {"direct": [], "chunked": []}
+                    ts = {"direct": [], "few": []}
                     ratios = []
                     for _ in range(args.repeats):
                         pair = {m: statistics.median(timed(lambda: run(m), 1)) for m in ts}
                         for m in ts:
                             ts[m].append(pair[m])
-                        ratios.append(pair["direct"] / pair["chunked"])
+                        ratios.append(pair["direct"] / pair["few"])
                     auto = gramian_form(idx.numel(), L, N, nb, grad)[0]
                     d, c = (1e3 * statistics.median(ts[m]) for m in ts)
                     print(
