@@ -189,17 +189,18 @@ class GatedRecurrence(Operator):
 
     def gram_bytes(self, n: int, grad: bool = False) -> int:
         """The Gramian route's buffers (float64), by the form :func:`esswatch.engine.gram.gramians` picks: the
-        direct form's weighted factors (``n x L x N`` per matrix, about eight such buffers), the chunked form's
-        for a few indices (about four ``L x N`` and two ``N x N`` per chunk) or its per-position outer products
+        direct form's weighted factors (``n x L x N`` per matrix, about eight such buffers), the segments for a few
+        indices (``Lam`` and the float64 factors, three ``L x N``, and each segment's weighted factors, all of
+        them alive with a graph: about six ``L x N`` in all) or the chunked form's per-position outer products
         and their running sums (about three ``L x N x N``); then the
         ``P``, ``Q`` stacks and their eigenproblems. With ``grad``, half as much again (the graph)."""
         b, L, N = self.numel_batch(), self.seq_len, self.state_width
         per = 8 * b
-        form, C = gramian_form(n, L, N, b, grad)
+        form = gramian_form(n, L, N, b, grad)[0]
         if form == "direct":
             out = 8 * per * n * L * N
-        elif form == "few":  # weighted factors and one N x N sum per chunk
-            out = 4 * per * L * N + 2 * per * (L // C + 1) * N * N + 3 * per * n * C * N
+        elif form == "few":  # Lam, the float64 factors and the segments' weighted factors
+            out = 6 * per * L * N
         else:
             out = 3 * per * L * N * N
         out += 4 * per * n * N * N
