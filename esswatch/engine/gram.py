@@ -61,11 +61,11 @@ __all__ = [
 #: turn the differences of cumulative sums into NaN
 _LOG_FLOOR = -1000.0
 #: the direct form is used for at most this many indices while n * L * N * batch stays below DIRECT_MAX_ELEMS
-#: elements, twice that with a graph (its cost grows with n, the chunked form's does not; on one CPU thread the
-#: chunked form was faster above about 1.3e5 elements without a graph and 2.6e5 with one:
+#: elements, twice that with a graph (its cost grows with n, the segments' does not; on one CPU thread the
+#: segments were faster from about 1.3e5 elements without a graph, and level there with one:
 #: ``examples/benchmarks/gram_forms.py``)
 DIRECT_MAX_INDICES = 16
-DIRECT_MAX_ELEMS = 1 << 17
+DIRECT_MAX_ELEMS = 1 << 16
 
 
 def log_cumsum(log_decay, shape):
