@@ -46,7 +46,8 @@ def matrix_scale(x: torch.Tensor, dims) -> Optional[torch.Tensor]:
     """The detached max magnitude of ``x`` over ``dims`` (zeros -> 1), or ``None`` when every
     matrix is already in range (one host sync)."""
     with torch.no_grad():
-        s = x.detach().abs().amax(dim=dims, keepdim=True)
+        x = x.detach()  # max |x| as max(max x, -min x): two reductions, no copy of x (NaN propagates through both)
+        s = torch.maximum(x.amax(dim=dims, keepdim=True), -x.amin(dim=dims, keepdim=True))
         s = torch.where(s > 0, s, torch.ones_like(s))
         lo = SCALE_LO if x.dtype != torch.float64 else SCALE_LO**10
         if bool(((s < lo) | (s > 1 / lo)).any()):
