@@ -262,3 +262,22 @@ def test_delta_rule_is_differentiable():
 def test_delta_rule_bad_inputs_raise_value_error(args, match):
     with pytest.raises(ValueError, match=match):
         DeltaRule(*args(*_delta_inputs(L=5)))
+
+
+def test_matrix_scale_is_the_largest_magnitude_per_matrix():
+    """``matrix_scale`` (max of ``max x`` and ``-min x``) against ``|x|.amax`` per matrix: a matrix dominated by a
+    negative entry, one of zeros (scale 1), tiny float32 values, and float64; ``None`` when all are in range."""
+    from esswatch.operators.base import matrix_scale
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 30, 6, generator=g) * 1e-30
+    x[1] = 0
+    x[2, 5, 3] = -7e-28  # the largest magnitude is negative
+    s = matrix_scale(x, (-2, -1))
+    ref = x.abs().amax(dim=(-2, -1), keepdim=True)
+    ref = torch.where(ref > 0, ref, torch.ones_like(ref))
+    assert s is not None and torch.equal(s, ref)
+    assert matrix_scale(torch.randn(3, 8, 8, generator=g), (-2, -1)) is None
+    y = torch.randn(2, 5, 5, generator=g, dtype=torch.float64) * 1e-200
+    y[0, 0, 0] = -1e-190
+    assert torch.equal(matrix_scale(y, (-2, -1)), y.abs().amax(dim=(-2, -1), keepdim=True))

@@ -46,3 +46,24 @@ def test_building_operators_does_not_import_sympy():
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "False"
+
+
+def test_check_finite_by_one_sum_keeps_the_entry_by_entry_verdict():
+    """``check_finite`` proves finiteness by one sum in the tensor's dtype: finite entries whose sum overflows
+    must still pass, and Inf entries that a sum could hide (``inf - inf``) must still be counted."""
+    from esswatch.engine.validation import check_finite
+
+    big = torch.full((4, 1000), 3e38)  # finite in float32; their float32 sum is inf
+    assert not torch.isfinite(big.sum()) and torch.isfinite(big).all()
+    check_finite(big, "q")  # no error
+    check_finite(torch.randn(3, 5, dtype=torch.float64), "k")
+    cases = [(float("inf"), 0, 1), (float("nan"), 1, 0)]
+    for value, n_nan, n_inf in cases:
+        x = big.clone()
+        x[1, 7] = value
+        with pytest.raises(ValueError, match=f"q contains non-finite values \\({n_nan} NaN, {n_inf} Inf\\)"):
+            check_finite(x, "q")
+    x = torch.zeros(6)
+    x[0], x[3] = float("inf"), -float("inf")  # the sum is NaN
+    with pytest.raises(ValueError, match=r"\(0 NaN, 2 Inf\)"):
+        check_finite(x, "k")
