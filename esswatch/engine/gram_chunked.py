@@ -75,14 +75,10 @@ def chunked_forward(k, lam, idx, C, scale=None, descending=False):
 
 
 def _rows(x, pos):
-    """``x[..., pos, :, :]`` for sorted ``pos`` (ascending or descending), a slice where they are consecutive."""
+    """``x[..., pos, :, :]`` for ascending ``pos``, a slice where they are consecutive."""
     n = pos.numel()
     first, last = (int(v) for v in pos[[0, -1]].tolist())
-    if abs(last - first) + 1 == n:
-        lo = min(first, last)
-        out = x[..., lo : lo + n, :, :]
-        return out if first <= last else out.flip(-3)
-    return x[..., pos, :, :]
+    return x[..., first : first + n, :, :] if last - first + 1 == n else x[..., pos, :, :]
 
 
 def _offset_sums(kw, A, rev=False):

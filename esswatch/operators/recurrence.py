@@ -190,8 +190,8 @@ class GatedRecurrence(Operator):
     def gram_bytes(self, n: int, grad: bool = False) -> int:
         """The Gramian route's buffers (float64), by the form :func:`esswatch.engine.gram.gramians` picks: the
         direct form's weighted factors (``n x L x N`` per matrix, about eight such buffers), the segments for a few
-        indices (``Lam`` and the float64 factors, three ``L x N``, and each segment's weighted factors, all of
-        them alive with a graph: about six ``L x N`` in all) or the chunked form's per-position outer products
+        indices (``Lam``, and each segment's float64 factors, weights and products, all of them alive with a
+        graph: at most about six ``L x N`` in all) or the chunked form's per-position outer products
         and their running sums (about three ``L x N x N``); then the
         ``P``, ``Q`` stacks and their eigenproblems. With ``grad``, half as much again (the graph)."""
         b, L, N = self.numel_batch(), self.seq_len, self.state_width
@@ -199,7 +199,7 @@ class GatedRecurrence(Operator):
         form = gramian_form(n, L, N, b, grad)[0]
         if form == "direct":
             out = 8 * per * n * L * N
-        elif form == "few":  # Lam, the float64 factors and the segments' weighted factors
+        elif form == "few":  # Lam and the segments' float64 factors, weights and products
             out = 6 * per * L * N
         else:
             out = 3 * per * L * N * N
