@@ -148,6 +148,35 @@ def test_gram_few_indices_by_segments_match_the_all_offsets_path(decay):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("decay", ["none", "full", "head", "shared"])
+def test_gram_segments_in_place_match_the_graph_and_leave_the_inputs_alone(decay):
+    """Without a graph the segments form their weights and weighted factors in place, in buffers of the longest
+    segment, from each segment's own sums of ``log_decay``; with one, out of place from ``Lam``. Both must give
+    the direct form's Gramians, in float32 and in float64 (where a conversion would alias the input), with a
+    decay per channel, per head, or shared across the batch (broadcast), and must not change ``q``, ``k`` or
+    ``log_decay``."""
+    L, N = 203, 4
+    few = torch.tensor([1, 2, 30, 31, 120, 202])  # segments of 1 to 89 positions
+    for dtype in (torch.float32, torch.float64):
+        q, k = _rand(2, 3, L, N, seed=51).to(dtype), _rand(2, 3, L, N, seed=52).to(dtype)
+        if decay == "none":
+            ld = None
+        elif decay == "shared":  # one decay for both rows of the batch: (3, L, N) against (2, 3, L, N)
+            ld = _decays("full", 3, L, N, seed=53, strength=2.0).to(dtype)
+        else:
+            ld = _decays(decay, 6, L, N, seed=53, strength=2.0).reshape(2, 3, L, -1).to(dtype)
+        before = [None if x is None else x.clone() for x in (q, k, ld)]
+        P1, Q1 = gramians(q, k, ld, few, "few")
+        for x, b in zip((q, k, ld), before):
+            assert x is None or torch.equal(x, b)
+        P2, Q2 = gramians(q.double(), k.double(), None if ld is None else ld.double(), few, "direct")
+        leaves = [x.clone().requires_grad_(True) for x in (q, k)]
+        P3, Q3 = gramians(*leaves, ld, few, "few")
+        assert P3.requires_grad and Q3.requires_grad
+        for a, b in ((P1, P2), (Q1, Q2), (P1, P3.detach()), (Q1, Q3.detach())):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("decay", ["none", "full", "head"])
 def test_gram_chunked_sums_in_place_match_the_direct_form_and_the_graph(decay):
     """Without a graph the chunked form sums each chunk in place, and stores ``Q``'s reversed-time sums with

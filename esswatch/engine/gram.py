@@ -44,6 +44,7 @@ from __future__ import annotations
 import torch
 
 from .gram_chunked import chunked_forward
+from .gram_segments import LOG_FLOOR as _LOG_FLOOR
 from .gram_segments import segment_gramians
 from .gram_spectrum import gramian_squared_singular_values
 from .spectral import safe_sqrt
@@ -57,9 +58,6 @@ __all__ = [
     "log_cumsum",
 ]
 
-#: log decays below this are clamped: exp(-1000) is exactly 0 in float64, and -inf would
-#: turn the differences of cumulative sums into NaN
-_LOG_FLOOR = -1000.0
 #: the direct form is used for at most this many indices while n * L * N * batch stays below DIRECT_MAX_ELEMS
 #: elements, twice that with a graph (its cost grows with n, the segments' does not; on one CPU thread the
 #: segments were faster from about 1.3e5 elements without a graph, and level there with one:
@@ -120,16 +118,16 @@ def gramians(
 
     ``method``: ``"direct"``, ``"few"`` (by segments), ``"chunked"`` or ``"auto"`` (:func:`gramian_form`).
     """
-    lam = log_cumsum(log_decay, q.shape)
     idx = indices.to(q.device)
     n, (L, N) = idx.numel(), q.shape[-2:]
     if method == "auto":
         grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, log_decay))
         method = gramian_form(n, L, N, max(1, q[..., 0, 0].numel()), grad)[0]
+    if method == "few":  # takes its sums of log_decay segment by segment
+        return segment_gramians(q, k, log_decay, [int(i) for i in indices.tolist()])
+    lam = log_cumsum(log_decay, q.shape)
     if method == "direct":
         return _direct(q.to(torch.float64), k.to(torch.float64), lam, idx)
-    if method == "few":
-        return segment_gramians(q, k, lam, [int(i) for i in indices.tolist()])
     C = gramian_form(n, L, N, 1)[1]
     P = chunked_forward(k.to(torch.float64), lam, idx, C)
     # Q_i is P of the time-reversed system: r -> L-1-r, with reversed decays shifted by one

@@ -9,51 +9,109 @@ With ``i_0 < i_1 < ... < i_{n-1}`` and ``D_j = exp(Lam[i_j - 1] - Lam[i_{j-1} - 
 
 (``i_{-1} = 0``, ``i_n = L``). Every weight is ``<= 1``, each segment's sum is one batched matmul over its
 positions, and the steps between segments are ``n`` per Gramian: ``O(L N^2)`` work for both, in forward time
-(no reversed copies), with no buffer of ``L x N`` per matrix beyond ``Lam``.
+(no reversed copies). Every weight and every ``D`` is a sum of ``log_decay`` over part of one segment (``D_j``
+over all of it), so ``Lam`` is never formed over the whole sequence: without a graph each segment's clamped
+cumulative sum, its weights and its weighted factor are formed in place in two float64 buffers of the longest
+segment, allocated once (on CPU a fresh buffer of a segment's size cost more than the arithmetic on it:
+``examples/benchmarks/gram_forms.py``). With a graph the same sums come from ``Lam`` out of place.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
-__all__ = ["segment_gramians"]
+__all__ = ["LOG_FLOOR", "segment_gramians"]
+
+#: log decays below this are clamped: exp(-1000) is exactly 0 in float64, and -inf would
+#: turn the differences of cumulative sums into NaN
+LOG_FLOOR = -1000.0
+
+_Seg = Tuple[torch.Tensor, Optional[torch.Tensor]]
 
 
-def _weighted_gram(x: torch.Tensor, logw: Optional[torch.Tensor]) -> torch.Tensor:
-    """``sum_t (x_t exp(logw_t)) (x_t exp(logw_t))^T`` over the positions of ``x`` (``batch + (len, N)``), in
-    float64 (only the segment is converted)."""
-    x = x.to(torch.float64)
-    if logw is not None:
-        x = x * torch.exp(logw)
-    return x.transpose(-1, -2) @ x
+class _WithGraph:
+    """A segment's weighted Gramian and its ``D`` from ``Lam`` over the whole sequence, out of place (autograd)."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, log_decay: Optional[torch.Tensor]) -> None:
+        self.q, self.k = q, k
+        self.lam = None if log_decay is None else torch.cumsum(log_decay.clamp(min=LOG_FLOOR), -2, dtype=torch.float64)
+
+    def _gram(self, x: torch.Tensor, a: slice, b: slice) -> torch.Tensor:
+        x = x.to(torch.float64)
+        if self.lam is not None:
+            x = x * torch.exp(self.lam[..., a, :] - self.lam[..., b, :])
+        return x.transpose(-1, -2) @ x
+
+    def _d(self, a: int, b: int) -> Optional[torch.Tensor]:
+        return None if self.lam is None else torch.exp(self.lam[..., a, :] - self.lam[..., b, :])
+
+    def past(self, s: int, i: int) -> _Seg:  # k over [s, i) weighted to i - 1; D = exp(Lam[i-1] - Lam[s-1])
+        return self._gram(self.k[..., s:i, :], slice(i - 1, i), slice(s, i)), self._d(i - 1, s - 1) if s else None
+
+    def future(self, i: int, e: int) -> _Seg:  # q over [i, e) weighted from i - 1; D = exp(Lam[e-1] - Lam[i-1])
+        return self._gram(self.q[..., i:e, :], slice(i, e), slice(i - 1, i)), self._d(e - 1, i - 1)
 
 
-def segment_gramians(q: torch.Tensor, k: torch.Tensor, lam: Optional[torch.Tensor], pos: List[int]):
+class _InPlace:
+    """The same without a graph, in two flat float64 buffers of ``longest`` positions per matrix, reused by every
+    segment (each segment a contiguous view of their first entries): the factor's segment, and the segment's
+    clamped cumulative sum of ``log_decay`` turned into its weights."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, log_decay: Optional[torch.Tensor], longest: int) -> None:
+        self.q, self.k, self.ld = q, k, log_decay
+        rows, opts = q[..., 0, 0].numel() * longest, dict(dtype=torch.float64, device=q.device)
+        self.xbuf = torch.empty(rows * q.shape[-1], **opts)
+        self.wbuf = None if log_decay is None else torch.empty(rows * log_decay.shape[-1], **opts)
+
+    def _factor(self, x: torch.Tensor) -> torch.Tensor:
+        return self.xbuf[: x.numel()].view(x.shape).copy_(x)
+
+    def _local(self, a: int, b: int) -> torch.Tensor:  # sum_{t = a..c} log_decay[t] for c in [a, b)
+        ld = self.ld[..., a:b, :]
+        return self.wbuf[: ld.numel()].view(ld.shape).copy_(ld).clamp_(min=LOG_FLOOR).cumsum_(-2)
+
+    def past(self, s: int, i: int) -> _Seg:
+        x, d = self._factor(self.k[..., s:i, :]), None
+        if self.ld is not None:
+            w = self._local(s, i)
+            total = w[..., -1:, :].clone()  # sum over [s, i): log D
+            x.mul_(w.neg_().add_(total).exp_())  # exp(sum over (c, i)) = exp(Lam[i-1] - Lam[c])
+            d = total.squeeze(-2).exp_()
+        return x.transpose(-1, -2) @ x, d
+
+    def future(self, i: int, e: int) -> _Seg:
+        x, d = self._factor(self.q[..., i:e, :]), None
+        if self.ld is not None:
+            w = self._local(i, e)
+            d = w[..., -1, :].exp()  # sum over [i, e): log D
+            x.mul_(w.exp_())  # exp(sum over [i, r]) = exp(Lam[r] - Lam[i-1])
+        return x.transpose(-1, -2) @ x, d
+
+
+def _step(prev: torch.Tensor, seg: torch.Tensor, d: Optional[torch.Tensor]) -> torch.Tensor:  # D prev D + seg
+    return prev + seg if d is None else prev * (d[..., :, None] * d[..., None, :]) + seg
+
+
+def segment_gramians(q: torch.Tensor, k: torch.Tensor, log_decay: Optional[torch.Tensor], pos: List[int]):
     """``P_i`` and ``Q_i`` (float64, ``batch + (n, N, N)``) at the sorted unique indices ``pos`` (host ints in
-    ``1..L-1``). ``q``, ``k``: ``batch + (L, N)``; ``lam``: ``Lam`` (float64, clamped per step:
-    :func:`~esswatch.engine.gram.log_cumsum`) broadcast to ``batch + (L, N|1)``, or ``None`` without decay."""
+    ``1..L-1``). ``q``, ``k``: ``batch + (L, N)``; ``log_decay``: broadcastable to ``batch + (L, N|1)`` (each step
+    clamped at :data:`LOG_FLOOR`), or ``None`` without decay."""
     L = q.shape[-2]
-
-    def log_gap(a: slice, b: slice):  # Lam[a] - Lam[b], or None without decay
-        return None if lam is None else lam[..., a, :] - lam[..., b, :]
-
-    def step(prev: torch.Tensor, a: int, b: int) -> torch.Tensor:  # D prev D, D = exp(Lam[a] - Lam[b]) <= 1
-        if lam is None:
-            return prev
-        d = torch.exp(lam[..., a, :] - lam[..., b, :])
-        return prev * (d[..., :, None] * d[..., None, :])
-
+    bounds = [0] + pos + [L]
+    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, log_decay))
+    if grad or k.shape != q.shape:
+        segs = _WithGraph(q, k, log_decay)
+    else:
+        ld = None if log_decay is None else log_decay.expand(*q.shape[:-1], log_decay.shape[-1])
+        segs = _InPlace(q, k, ld, max(b - a for a, b in zip(bounds, bounds[1:])))
     P: List[torch.Tensor] = []
-    for j, i in enumerate(pos):  # segments [i_{j-1}, i_j), forward
-        s = pos[j - 1] if j else 0
-        seg = _weighted_gram(k[..., s:i, :], log_gap(slice(i - 1, i), slice(s, i)))
-        P.append(step(P[-1], i - 1, s - 1) + seg if P else seg)
-    ends = pos[1:] + [L]
+    for s, i in zip(bounds, pos):  # segments [i_{j-1}, i_j), forward
+        seg, d = segs.past(s, i)
+        P.append(_step(P[-1], seg, d) if P else seg)
     Q: List[torch.Tensor] = []
-    for j in reversed(range(len(pos))):  # segments [i_j, i_{j+1}), backward
-        i, e = pos[j], ends[j]
-        seg = _weighted_gram(q[..., i:e, :], log_gap(slice(i, e), slice(i - 1, i)))
-        Q.append(step(Q[-1], e - 1, i - 1) + seg if Q else seg)
+    for i, e in reversed(list(zip(pos, bounds[2:]))):  # segments [i_j, i_{j+1}), backward
+        seg, d = segs.future(i, e)
+        Q.append(_step(Q[-1], seg, d) if Q else seg)
     return torch.stack(P, dim=-3), torch.stack(Q[::-1], dim=-3)

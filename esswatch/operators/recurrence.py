@@ -190,8 +190,9 @@ class GatedRecurrence(Operator):
     def gram_bytes(self, n: int, grad: bool = False) -> int:
         """The Gramian route's buffers (float64), by the form :func:`esswatch.engine.gram.gramians` picks: the
         direct form's weighted factors (``n x L x N`` per matrix, about eight such buffers), the segments for a few
-        indices (``Lam``, and each segment's float64 factors, weights and products, all of them alive with a
-        graph: at most about six ``L x N`` in all) or the chunked form's per-position outer products
+        indices (without a graph two buffers of the longest segment, at most ``2 x L x N``; with one ``Lam`` and
+        each segment's float64 factors, weights and products, all of them alive: about six ``L x N``) or the
+        chunked form's per-position outer products
         and their running sums (about three ``L x N x N``); then the
         ``P``, ``Q`` stacks and their eigenproblems. With ``grad``, half as much again (the graph)."""
         b, L, N = self.numel_batch(), self.seq_len, self.state_width
@@ -199,8 +200,8 @@ class GatedRecurrence(Operator):
         form = gramian_form(n, L, N, b, grad)[0]
         if form == "direct":
             out = 8 * per * n * L * N
-        elif form == "few":  # Lam and the segments' float64 factors, weights and products
-            out = 6 * per * L * N
+        elif form == "few":  # the segments' buffers; with a graph Lam and every segment's factors, weights, products
+            out = (6 if grad else 2) * per * L * N
         else:
             out = 3 * per * L * N * N
         out += 4 * per * n * N * N

@@ -37,6 +37,7 @@ CASES = [  # (operator, estimator, grad)
     ("delta", "auto", True),
     ("gla", "exact", False),
     ("gla", "exact", True),
+    ("gla", "auto", False),
     ("gla", "auto", True),
     ("convolution", "exact", False),
     ("convolution", "exact", True),
