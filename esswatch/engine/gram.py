@@ -59,9 +59,9 @@ __all__ = [
 ]
 
 #: the direct form is used for at most this many indices while n * L * N * batch stays below DIRECT_MAX_ELEMS
-#: elements, twice that with a graph (its cost grows with n, the segments' does not; on one CPU thread the
-#: segments were faster from about 1.3e5 elements without a graph, and level there with one:
-#: ``examples/benchmarks/gram_forms.py``)
+#: elements, with or without a graph (its cost grows with n, the segments' does not; on one CPU thread the
+#: segments were faster from about 1.3e5 elements, with and without a graph, and slower at 3.3e4:
+#: ``examples/benchmarks/gram_forms.py --sections forms``)
 DIRECT_MAX_INDICES = 16
 DIRECT_MAX_ELEMS = 1 << 16
 
@@ -100,13 +100,13 @@ def _direct(q, k, lam, idx):
     return P, Q
 
 
-def gramian_form(n: int, L: int, N: int, nb: int, grad: bool = False) -> tuple:
-    """``(form, C)``: the form :func:`gramians` takes under ``"auto"`` for ``n`` indices of ``nb`` matrices (with a
-    graph if ``grad``), ``"direct"`` while the factors are small, else ``"few"`` (by segments, for a few
+def gramian_form(n: int, L: int, N: int, nb: int) -> tuple:
+    """``(form, C)``: the form :func:`gramians` takes under ``"auto"`` for ``n`` indices of ``nb`` matrices,
+    ``"direct"`` while the factors are small, else ``"few"`` (by segments, for a few
     indices, ``n C <= L``) or ``"chunked"``; ``C`` the chunk length (about ``sqrt(L)``). Also the memory guard's
     model (``GatedRecurrence.gram_bytes``)."""
     C = max(4, round(L**0.5))
-    if n <= DIRECT_MAX_INDICES and n * L * N * nb <= DIRECT_MAX_ELEMS * (2 if grad else 1):
+    if n <= DIRECT_MAX_INDICES and n * L * N * nb <= DIRECT_MAX_ELEMS:
         return "direct", C
     return ("few" if n * C <= L else "chunked"), C
 
@@ -121,8 +121,7 @@ def gramians(
     idx = indices.to(q.device)
     n, (L, N) = idx.numel(), q.shape[-2:]
     if method == "auto":
-        grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, log_decay))
-        method = gramian_form(n, L, N, max(1, q[..., 0, 0].numel()), grad)[0]
+        method = gramian_form(n, L, N, max(1, q[..., 0, 0].numel()))[0]
     if method == "few":  # takes its sums of log_decay segment by segment
         return segment_gramians(q, k, log_decay, [int(i) for i in indices.tolist()])
     lam = log_cumsum(log_decay, q.shape)

@@ -197,7 +197,7 @@ class GatedRecurrence(Operator):
         ``P``, ``Q`` stacks and their eigenproblems. With ``grad``, half as much again (the graph)."""
         b, L, N = self.numel_batch(), self.seq_len, self.state_width
         per = 8 * b
-        form = gramian_form(n, L, N, b, grad)[0]
+        form = gramian_form(n, L, N, b)[0]
         if form == "direct":
             out = 8 * per * n * L * N
         elif form == "few":  # the segments' buffers; with a graph Lam and every segment's factors, weights, products

@@ -81,7 +81,7 @@ def forms(args):
                         for m in ts:
                             ts[m].append(pair[m])
                         ratios.append(pair["direct"] / pair["few"])
-                    auto = gramian_form(idx.numel(), L, N, nb, grad)[0]
+                    auto = gramian_form(idx.numel(), L, N, nb)[0]
                     d, c = (1e3 * statistics.median(ts[m]) for m in ts)
                     print(
                         f"| {kind} | {L} | {nb} | {idx.numel() * L * N * nb} | {'yes' if grad else 'no'} | {d:.1f} | "
