@@ -88,6 +88,33 @@ def test_near_window_leaves_out_at_most_eps_and_is_the_smallest_such_window(fami
         assert torch.allclose(e.bound_norm(i), total, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("family", ["fast", "resets", "zeros"])
+def test_wider_than_agrees_with_the_window_before_and_after_the_cumulative_sums(family):
+    """``wider_than`` decides from a few sums, before the envelope's cumulative ones exist, whether a window
+    would be more than ``width`` rows or columns wide. Against ``window`` on a fresh envelope: it never says
+    "wider" where the window is not, and it says so wherever the window is wider by more than one row or
+    column. ``bound_norm`` from the few sums equals the brute-force total; the cumulative sums are not formed
+    by either."""
+    env = _envelope(family, seed=2)
+    L = env[0].shape[-1]
+    decided = 0
+    for i in (1, 9, 40, 55, 79):
+        total = 0.5 * _log_sum_sq(_brute(*env, i))
+        for drop in (0.0, 5.0, 20.0, 60.0, math.inf):
+            for width in (1, 3, 10, 30, 70):
+                e = Envelope(*env)
+                assert torch.allclose(e.bound_norm(i), total, rtol=1e-12, atol=0)
+                wider = e.wider_than(i, total - drop, width)
+                assert e._rows is None and e._cols is None
+                a, b = e.window(i, total - drop)
+                if wider:
+                    assert a > width or b > width
+                elif (i + width + 1 < L and a > width + 1) or (width + 1 < i and b > width + 1):
+                    raise AssertionError((i, drop, width, a, b))
+                decided += wider
+    assert decided > 10  # the check does decide in these families
+
+
 def _bound_holds(T, env):
     out, inp, step = (x.numpy() for x in env)
     G = np.cumsum(step, -1)

@@ -18,6 +18,7 @@ log domain (``G`` reaches ``-1e5`` on long sequences with fast gates).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -26,8 +27,10 @@ __all__ = ["Envelope"]
 
 class Envelope:
     """The envelope ``|T[r, c]| <= exp(out_r + inp_c + G_r - G_c)`` of a batch of operators, with the sums of
-    the module doc precomputed once for all indices: ``log sum_{r' >= r} x_r'`` and ``log sum_{c' <= c} y_c'``
-    (so each index costs a comparison over the sequence, not new cumulative sums).
+    the module doc, ``log sum_{r' >= r} x_r'`` and ``log sum_{c' <= c} y_c'``, precomputed for all indices the
+    first time a window is asked for (so each index then costs a comparison over the sequence, not new
+    cumulative sums). :meth:`bound_norm` and :meth:`wider_than` before that take the few sums they need on
+    their own, so a call whose windows would be too wide anyway never pays for the cumulative ones.
 
     Args:
         out, inp, step: ``batch + (L,)`` float64, the log bounds (``-inf`` allowed: a zero row or column);
@@ -36,16 +39,53 @@ class Envelope:
 
     def __init__(self, out: torch.Tensor, inp: torch.Tensor, step: torch.Tensor) -> None:
         G = torch.cumsum(step, dim=-1)
-        self.rows = torch.logcumsumexp((2 * (out + G)).flip(-1), dim=-1).flip(-1)  # log sum_{r' >= r} x_r'
-        self.cols = torch.logcumsumexp(2 * (inp - G), dim=-1)  # log sum_{c' <= c} y_c'
+        self._lx = 2 * (out + G)  # log x_r
+        self._ly = 2 * (inp - G)  # log y_c
+        self._rows: Optional[torch.Tensor] = None
+        self._cols: Optional[torch.Tensor] = None
         self.seq_len = out.shape[-1]
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """``log sum_{r' >= r} x_r'`` for every ``r`` (``batch + (L,)``)."""
+        if self._rows is None:
+            self._rows = torch.logcumsumexp(self._lx.flip(-1), dim=-1).flip(-1)
+        return self._rows
+
+    @property
+    def cols(self) -> torch.Tensor:
+        """``log sum_{c' <= c} y_c'`` for every ``c`` (``batch + (L,)``)."""
+        if self._cols is None:
+            self._cols = torch.logcumsumexp(self._ly, dim=-1)
+        return self._cols
+
+    def _row(self, r: int) -> torch.Tensor:  # rows[..., r], from the cumulative sums where they exist
+        return self._rows[..., r] if self._rows is not None else torch.logsumexp(self._lx[..., r:], dim=-1)
+
+    def _col(self, c: int) -> torch.Tensor:  # cols[..., c]
+        return self._cols[..., c] if self._cols is not None else torch.logsumexp(self._ly[..., : c + 1], dim=-1)
 
     def _none(self) -> torch.Tensor:
         return torch.full(self.rows.shape[:-1], -torch.inf, dtype=self.rows.dtype, device=self.rows.device)
 
     def bound_norm(self, i: int) -> torch.Tensor:
         """The bound on ``log ||H_i||_F`` (``batch``): half the log of ``sum_{r >= i} x_r * sum_{c < i} y_c``."""
-        return 0.5 * (self.rows[..., i] + self.cols[..., i - 1])
+        return 0.5 * (self._row(i) + self._col(i - 1))
+
+    def wider_than(self, i: int, log_eps: torch.Tensor, width: int) -> bool:
+        """Whether :meth:`window` ``(i, log_eps)`` would take more than ``width`` rows or more than ``width``
+        columns, decided from two sums on each side (not the cumulative ones). ``True`` only with a margin over
+        the budget of ``1e-6 (1 + |budget|)`` in the log, far above the round-off between these sums and the
+        cumulative ones, so it never contradicts :meth:`window`; ``False`` where it cannot tell."""
+        L = self.seq_len
+        budget = 2 * torch.as_tensor(log_eps, dtype=self._lx.dtype, device=self._lx.device) - math.log(2.0)
+        budget = budget + torch.where(budget.isfinite(), 1e-6 * (1 + budget.abs()), 0.0)
+        over = []
+        if i + width < L:  # a > width: the rows from i + width on still exceed the half budget
+            over.append(self._row(i + width) + self._col(i - 1) > budget)
+        if width < i:  # b > width
+            over.append(self._col(i - width - 1) + self._row(i) > budget)
+        return any(bool(o.any()) for o in over)
 
     def left_out(self, i: int, a: int, b: int) -> torch.Tensor:
         """The bound on the log of the Frobenius norm of ``H_i`` outside rows ``[i, i + a)`` and columns

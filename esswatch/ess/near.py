@@ -60,6 +60,9 @@ def near_values(op: Operator, env: Envelope, indices: Sequence[int]) -> Dict[int
     L, N = op.seq_len, op.state_width
     limit, cost, wins = NEAR_COST * L * N * N, 0, {}
     middle_first = sorted(indices, key=lambda i: abs(2 * i - L))  # long memory shows at the first one
+    i = middle_first[0]  # a window of more than limit^(1/3) rows or columns is over the limit alone
+    if env.wider_than(i, env.bound_norm(i) + math.log(NEAR_RTOL * FIRST_GUESS), math.ceil(limit ** (1 / 3))):
+        return {}  # decided without the envelope's cumulative sums
     for i in middle_first:
         a, b = env.window(i, env.bound_norm(i) + math.log(NEAR_RTOL * FIRST_GUESS))
         cost += (a + b) ** 3
