@@ -45,7 +45,7 @@ import torch
 
 from .gram_chunked import chunked_forward
 from .gram_segments import LOG_FLOOR as _LOG_FLOOR
-from .gram_segments import segment_gramians
+from .gram_segments import log_cumsum, segment_gramians
 from .gram_spectrum import gramian_squared_singular_values
 from .spectral import safe_sqrt
 
@@ -64,18 +64,6 @@ __all__ = [
 #: ``examples/benchmarks/gram_forms.py --sections forms``)
 DIRECT_MAX_INDICES = 16
 DIRECT_MAX_ELEMS = 1 << 16
-
-
-def log_cumsum(log_decay, shape):
-    """``Lam`` (float64, each step clamped at ``_LOG_FLOOR``) broadcast to ``shape`` = batch + (L, N); ``None`` for
-    ``None``. Also the cumulative sum of ``GatedRecurrence``'s blocks."""
-    if log_decay is None:
-        return None
-    if torch.is_grad_enabled() and log_decay.requires_grad:
-        lam = torch.cumsum(torch.clamp(log_decay, min=_LOG_FLOOR), dim=-2, dtype=torch.float64)
-    else:  # one float64 buffer, clamped and summed in place
-        lam = log_decay.to(torch.float64, copy=True).clamp_(min=_LOG_FLOOR).cumsum_(-2)
-    return lam.expand(*shape[:-1], lam.shape[-1])
 
 
 def _direct(q, k, lam, idx):

@@ -22,7 +22,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-__all__ = ["LOG_FLOOR", "segment_gramians"]
+__all__ = ["LOG_FLOOR", "log_cumsum", "segment_gramians"]
 
 #: log decays below this are clamped: exp(-1000) is exactly 0 in float64, and -inf would
 #: turn the differences of cumulative sums into NaN
@@ -31,12 +31,24 @@ LOG_FLOOR = -1000.0
 _Seg = Tuple[torch.Tensor, Optional[torch.Tensor]]
 
 
+def log_cumsum(log_decay, shape):
+    """``Lam`` (float64, each step clamped at ``LOG_FLOOR``) broadcast to ``shape`` = batch + (L, N); ``None`` for
+    ``None``. Also the cumulative sum of ``GatedRecurrence``'s blocks."""
+    if log_decay is None:
+        return None
+    if torch.is_grad_enabled() and log_decay.requires_grad:
+        lam = torch.cumsum(torch.clamp(log_decay, min=LOG_FLOOR), dim=-2, dtype=torch.float64)
+    else:  # one float64 buffer, clamped and summed in place
+        lam = log_decay.to(torch.float64, copy=True).clamp_(min=LOG_FLOOR).cumsum_(-2)
+    return lam.expand(*shape[:-1], lam.shape[-1])
+
+
 class _WithGraph:
     """A segment's weighted Gramian and its ``D`` from ``Lam`` over the whole sequence, out of place (autograd)."""
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, log_decay: Optional[torch.Tensor]) -> None:
         self.q, self.k = q, k
-        self.lam = None if log_decay is None else torch.cumsum(log_decay.clamp(min=LOG_FLOOR), -2, dtype=torch.float64)
+        self.lam = log_cumsum(log_decay, q.shape)
 
     def _gram(self, x: torch.Tensor, a: slice, b: slice) -> torch.Tensor:
         x = x.to(torch.float64)
