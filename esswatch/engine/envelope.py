@@ -68,6 +68,9 @@ class Envelope:
     def _none(self) -> torch.Tensor:
         return torch.full(self.rows.shape[:-1], -torch.inf, dtype=self.rows.dtype, device=self.rows.device)
 
+    def _half_budget(self, log_eps) -> torch.Tensor:  # log of half of exp(2 log_eps): each side's share
+        return 2 * torch.as_tensor(log_eps, dtype=self._lx.dtype, device=self._lx.device) - math.log(2.0)
+
     def bound_norm(self, i: int) -> torch.Tensor:
         """The bound on ``log ||H_i||_F`` (``batch``): half the log of ``sum_{r >= i} x_r * sum_{c < i} y_c``."""
         return 0.5 * (self._row(i) + self._col(i - 1))
@@ -78,7 +81,7 @@ class Envelope:
         the budget of ``1e-6 (1 + |budget|)`` in the log, far above the round-off between these sums and the
         cumulative ones, so it never contradicts :meth:`window`; ``False`` where it cannot tell."""
         L = self.seq_len
-        budget = 2 * torch.as_tensor(log_eps, dtype=self._lx.dtype, device=self._lx.device) - math.log(2.0)
+        budget = self._half_budget(log_eps)
         budget = budget + torch.where(budget.isfinite(), 1e-6 * (1 + budget.abs()), 0.0)
         over = []
         if i + width < L:  # a > width: the rows from i + width on still exceed the half budget
@@ -104,7 +107,7 @@ class Envelope:
         Returns ``a`` in ``1..L-i`` and ``b`` in ``1..i`` (the whole block where nothing can be left out).
         """
         L = self.seq_len
-        budget = 2 * torch.as_tensor(log_eps, dtype=self.rows.dtype, device=self.rows.device) - math.log(2.0)
+        budget = self._half_budget(log_eps)
         # rows: sum_{r >= i + a} x_r decreases with a; a = how many of a = 0..L-i-1 exceed the budget
         a = int((self.rows[..., i:] + self.cols[..., i - 1, None] > budget[..., None]).sum(-1).max().item())
         # columns: sum_{c < i - b} y_c decreases with b; b = how many of b = 0..i-1 exceed it
