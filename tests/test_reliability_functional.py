@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reference import entropy_ess_ref, gated_recurrence_dense, tolerance_ess_ref
 
 import esswatch
 from esswatch import entropy_ess, tolerance_ess
@@ -41,12 +42,31 @@ def np_entropy_ess(t, indices):
         ([1.5], "indices"),
         ([True], "indices"),
         (torch.tensor([1], device="meta"), "indices"),
+        (torch.tensor([[3, 4]]), "0-d or 1-D"),  # was flattened: a result of 2 entries for len(indices) == 1
+        (np.array([[3], [4]]), "0-d or 1-D"),
     ],
 )
 @pytest.mark.parametrize("fn", [entropy_ess, tolerance_ess])
 def test_bad_indices_raise_value_error(fn, indices, match):
     with pytest.raises(ValueError, match=match):
         fn(causal(), indices)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_additive_mask_with_nan_or_plus_inf_is_a_value_error(bad):
+    """+inf used to pass (only NaN was checked) and was then treated as a blocked position; softmax has no
+    value there (torch's is NaN). -inf and finfo.min still block."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 8, 4, generator=g) for _ in range(2))
+    mask = torch.zeros(8, 8)
+    mask[5, 2] = bad
+    with pytest.raises(ValueError, match=r"mask contains NaN or \+inf"):
+        entropy_ess(SoftmaxAttention(q, k, mask=mask), [3, 6])
+    mask[5, 2] = float("-inf")
+    ok = mask.clone()
+    ok[5, 2] = torch.finfo(torch.float32).min
+    torch.testing.assert_close(entropy_ess(SoftmaxAttention(q, k, mask=mask), [3, 6]),
+                               entropy_ess(SoftmaxAttention(q, k, mask=ok), [3, 6]))  # fmt: skip
 
 
 def test_valid_index_forms_still_work():
@@ -164,6 +184,37 @@ def test_denormal_scale_recurrence_and_convolution():
     ref = entropy_ess(Convolution(h), [3, 5, 7])
     got = entropy_ess(Convolution(h * 1e-40), [3, 5, 7])
     np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=2e-3)
+
+
+@pytest.mark.parametrize("scale", [1e-100, 1e-80, 1e80, 1e100])
+def test_float64_recurrence_far_from_unit_scale_on_the_gramian_route(scale):
+    """Regression: float64 q and k of scale 1e-80 were left as they were (the rescaling started at 1e-150),
+    and the Gramians' eigenvalues, of order |q|^2 |k|^2 = 1e-320, underflowed: ESS 0 where it is about 3.9;
+    at 1e80 they overflowed and eigh raised. Every estimator now agrees with a NumPy SVD of the unscaled T."""
+    g = torch.Generator().manual_seed(2)
+    q, k = (torch.randn(1, 64, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    ld = -0.05 * torch.rand(1, 64, 4, generator=g, dtype=torch.float64)
+    idx = [16, 32, 48]
+    t = gated_recurrence_dense(q.numpy(), k.numpy(), ld.numpy())
+    ref, ref_rank = entropy_ess_ref(t, idx), tolerance_ess_ref(t, idx, 1e-3, True)
+    op = GatedRecurrence(q * scale, k * scale, ld)
+    for est in ("auto", "gram", "exact"):
+        np.testing.assert_allclose(entropy_ess(op, idx, estimator=est).numpy(), ref, rtol=1e-9)
+        np.testing.assert_array_equal(tolerance_ess(op, idx, estimator=est).numpy(), ref_rank)
+
+
+def test_relative_tolerance_of_a_block_trimmed_to_nothing():
+    """Regression: relative tolerance-ESS took the largest singular value of an empty list where the
+    structural trim leaves nothing of H_i (a window of 1, a pure delay kernel) and raised IndexError."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 16, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    h = torch.zeros(16, dtype=torch.float64)
+    h[0] = 1.0
+    for op in (SoftmaxAttention(q, k, window=1), Convolution(h)):
+        ref = tolerance_ess_ref(op.dense().numpy(), [4, 8], 1e-3, True)
+        assert (ref == 0).all()
+        for est in ("auto", "exact", "randomized"):
+            np.testing.assert_array_equal(tolerance_ess(op, [4, 8], estimator=est).numpy(), ref)
 
 
 def test_scale_normalization_keeps_gradients_finite_and_exact():

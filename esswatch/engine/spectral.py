@@ -78,6 +78,8 @@ def entropy_from_singular_values(s: torch.Tensor, dim: int = -1) -> torch.Tensor
 def tolerance_from_singular_values(s: torch.Tensor, tol: float, relative: bool, dim: int = -1) -> torch.Tensor:
     """Number of singular values ``> tol`` (absolute) or ``> tol * max(s)`` (relative), as float."""
     if relative:
+        if s.shape[dim] == 0:  # a block trimmed to nothing (a window of 1, a delay kernel): rank 0
+            return s.sum(dim=dim)
         thresh = tol * s.amax(dim=dim, keepdim=True)
         # an all-zero block has rank 0 under either convention
         return ((s > thresh) & (s > 0)).sum(dim=dim).to(s.dtype)

@@ -86,6 +86,8 @@ def check_indices(indices, seq_len: int) -> torch.Tensor:
             raise ValueError(f"indices is empty: pass {_INDEX_HELP}")
         if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
             raise ValueError(f"indices must be integers, got dtype {idx.dtype}")
+        if idx.dim() > 1:  # the result's last dim has one entry per index: a nested shape has no place there
+            raise ValueError(f"indices must be 0-d or 1-D, got shape {tuple(idx.shape)}")
         items = idx.to(device="cpu", dtype=torch.int64).reshape(-1).tolist()
     elif isinstance(indices, numbers.Integral) and not isinstance(indices, bool):
         items = [indices]

@@ -114,8 +114,9 @@ class SoftmaxAttention(Operator):
     def validate(self) -> None:
         for name, x in (("q", self.q), ("k", self.k)):
             check_finite(x, f"SoftmaxAttention.{name}")
-        if self.mask is not None and self.mask.is_floating_point() and bool(torch.isnan(self.mask).any()):
-            raise ValueError("SoftmaxAttention.mask contains NaN")
+        # one pass: NaN and +inf both fail `< inf` (softmax has no value for a score of +inf: torch gives NaN)
+        if self.mask is not None and self.mask.is_floating_point() and not bool((self.mask < float("inf")).all()):
+            raise ValueError("SoftmaxAttention.mask contains NaN or +inf (an additive mask blocks with -inf)")
 
     def allowed(self) -> torch.Tensor:
         """Boolean ``(L, L)`` structural mask: causal and within the window."""

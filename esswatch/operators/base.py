@@ -42,14 +42,16 @@ ENVELOPE_SLACK = 1e-5
 __all__ = ["Operator", "matrix_scale", "SCALE_LO", "ENVELOPE_SLACK"]
 
 
-def matrix_scale(x: torch.Tensor, dims) -> Optional[torch.Tensor]:
+def matrix_scale(x: torch.Tensor, dims, squared: bool = False) -> Optional[torch.Tensor]:
     """The detached max magnitude of ``x`` over ``dims`` (zeros -> 1), or ``None`` when every
-    matrix is already in range (one host sync)."""
+    matrix is already in range (one host sync). ``squared``: a factor of an operator whose spectrum may
+    be taken from Gramians (squares of products of two factors): a float64 factor must then lie within
+    ``[SCALE_LO**3, SCALE_LO**-3]``, so that ``|q|^2 |k|^2`` stays far inside float64's normal range."""
     with torch.no_grad():
         x = x.detach()  # max |x| as max(max x, -min x): two reductions, no copy of x (NaN propagates through both)
         s = torch.maximum(x.amax(dim=dims, keepdim=True), -x.amin(dim=dims, keepdim=True))
         s = torch.where(s > 0, s, torch.ones_like(s))
-        lo = SCALE_LO if x.dtype != torch.float64 else SCALE_LO**10
+        lo = SCALE_LO if x.dtype != torch.float64 else SCALE_LO ** (3 if squared else 10)
         if bool(((s < lo) | (s > 1 / lo)).any()):
             return s
     return None

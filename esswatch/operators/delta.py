@@ -123,7 +123,7 @@ class DeltaRule(Operator):
         return delta_gram_squared_singular_values(self.q, self.k, self.beta, self.log_decay, indices)
 
     def normalized(self) -> "DeltaRule":
-        s = matrix_scale(self.q, (-2, -1))  # T is linear in q
+        s = matrix_scale(self.q, (-2, -1), squared=True)  # T is linear in q
         if s is None:
             return self
         return DeltaRule(self.q / s, self.k, self.beta, self.log_decay, value_dim=self.value_dim)

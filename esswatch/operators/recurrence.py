@@ -240,8 +240,8 @@ class GatedRecurrence(Operator):
         return out, inp, step
 
     def normalized(self) -> "GatedRecurrence":
-        sq = matrix_scale(self.q, (-2, -1))
-        sk = matrix_scale(self.k, (-2, -1))
+        sq = matrix_scale(self.q, (-2, -1), squared=True)
+        sk = matrix_scale(self.k, (-2, -1), squared=True)
         if sq is None and sk is None:
             return self
         q = self.q if sq is None else self.q / sq
