@@ -20,7 +20,7 @@ from .ess import entropy_ess, tolerance_ess
 
 if TYPE_CHECKING:  # the lazily exported names, visible to type checkers
     from .probes import capture
-    from .watch import ESSWatch
+    from .watch import ESSMeasurementError, ESSWarning, ESSWatch
     from .watch.regularizer import Regularizer
 
 __all__ = [
@@ -30,6 +30,8 @@ __all__ = [
     "operators",
     "capture",
     "ESSWatch",
+    "ESSWarning",
+    "ESSMeasurementError",
     "Regularizer",
     "__version__",
 ]
@@ -40,10 +42,10 @@ def __getattr__(name):  # lazy: keep `import esswatch` light
         from .probes import capture
 
         return capture
-    if name == "ESSWatch":
-        from .watch import ESSWatch
+    if name in ("ESSWatch", "ESSWarning", "ESSMeasurementError"):
+        from . import watch
 
-        return ESSWatch
+        return getattr(watch, name)
     if name == "Regularizer":
         from .watch.regularizer import Regularizer
 

@@ -129,6 +129,34 @@ def test_mha_operator_reproduces_weights_and_output(bf, case):
         assert float(T.permute(0, 2, 1, 3)[~valid].abs().max()) == 0.0
 
 
+@pytest.mark.parametrize("case", ["kpm_bool", "kpm_float"])
+def test_mha_padded_batch_warns_once_as_the_hf_probes_do(case):
+    """The README's promise for padded batches (per-index ESS mixes token positions: warned) held for the
+    Hugging Face probes only; an nn.MultiheadAttention key_padding_mask now warns too, once per layer, and a
+    padding mask that pads nothing does not."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(E, H, batch_first=True, dtype=DT)
+    x = torch.randn(B, L, E, dtype=DT)
+    kw, _ = _masks(case)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            with capture(mha) as cap:
+                run_mha(mha, x, **kw)
+            cap.operators
+    padded = [w for w in caught if issubclass(w.category, CaptureWarning) and "padded batch" in str(w.message)]
+    assert len(padded) == 2  # once per capture session's probe, naming the layer
+    assert "MultiheadAttention" in str(padded[0].message)
+    unpadded = dict(kw, key_padding_mask=torch.zeros(B, L, dtype=torch.bool))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with capture(mha) as cap:
+            run_mha(mha, x, **unpadded)
+        cap.operators
+        cap.operators
+    assert not [w for w in caught if "padded batch" in str(w.message)]
+
+
 def test_mha_float32_and_unbatched_input():
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(E, H, batch_first=True)
@@ -473,6 +501,8 @@ def test_explicit_unsupported_module_raises_naming_it():
         capture(model, layers="layers.0.linear1")
     with pytest.raises(ValueError, match="no submodule named 'nope'"):
         capture(model, layers=["nope"])
+    with pytest.raises(ValueError, match="an empty list selects nothing"):  # was a watch of nothing
+        capture(model, layers=[])
 
 
 def test_model_without_supported_layer_lists_supported_types():

@@ -52,3 +52,14 @@ def test_capture_is_the_function_whatever_is_imported():
         "print(isinstance(esswatch.capture, types.FunctionType), esswatch.capture is esswatch.probes.capture)"
     )
     assert out.split() == ["True", "True"]
+
+
+def test_the_documented_watch_exceptions_are_exported():
+    """The README names ``ESSMeasurementError`` and ``ESSWarning``: both are importable from ``esswatch``
+    (lazily, as ``ESSWatch``) and are the classes the watch raises and warns with."""
+    out = _run(
+        "import esswatch, esswatch.watch.failures as f;"
+        "print(esswatch.ESSMeasurementError is f.ESSMeasurementError, esswatch.ESSWarning is f.ESSWarning,"
+        " {'ESSMeasurementError', 'ESSWarning'} <= set(esswatch.__all__))"
+    )
+    assert out.split() == ["True", "True", "True"]

@@ -113,6 +113,31 @@ def test_aborted_forward_is_replaced_by_the_next_one():
     np.testing.assert_allclose(res["layers"]["attn"]["entropy"]["per_index"], ref.mean(axis=(0, 1)), rtol=1e-4)
 
 
+def test_aborted_forward_with_no_forward_after_it_is_not_measured():
+    """Regression: a forward that raised and was skipped (an out-of-memory recovery loop), with step() called
+    before any other forward, was measured from the layers that ran before the error, on a batch never trained
+    on. Now that step logs nothing (warned), and the next step measures its own forward (NumPy SVD)."""
+    model = Flaky()
+    logged = []
+    watch = esswatch.ESSWatch(model, every_n_steps=1, batch_rows=1, sinks=[logged.append])
+    aborted, good = torch.randn(1, L, D) * 5, torch.randn(1, L, D)
+    model.boom = True
+    with pytest.raises(RuntimeError, match="user error"):
+        model(aborted)
+    with pytest.warns(ESSWarning, match="step 0 was sampled but no watched layer ran"):
+        assert watch.step() is None
+    model.boom = False
+    model(good)
+    res = watch.step()
+    watch.close()
+    assert [r["step"] for r in logged] == [1]
+    with esswatch.capture(model) as cap:
+        model(good)
+    t = cap.operators["attn"].dense().double().numpy()
+    ref = np.array([np_entropy_ess(t, i) for i in res["layers"]["attn"]["indices"]]).T
+    np.testing.assert_allclose(res["layers"]["attn"]["entropy"]["per_index"], ref.mean(axis=(0, 1)), rtol=1e-4)
+
+
 def test_aborted_forward_with_regularizer_uses_latest_graph():
     model = Flaky()
     reg = esswatch.Regularizer(1.0, mode="target", target=0.0)  # penalty = mean(u^2) > 0

@@ -413,6 +413,39 @@ def test_strict_raises_naming_the_layer():
     watch.close()
 
 
+@pytest.mark.parametrize("background", [False, True])
+def test_strict_error_still_counts_its_step(background):
+    """Regression: after ``strict=True`` raised and the caller went on training, the watch's step stayed
+    behind, so every later sample was logged one step early (and with ``background`` the step whose
+    ``step()`` raised lost its own sample). Steps 0..4, step 1's batch all NaN: the other four are logged
+    at their own steps, with the values of their own batches (NumPy SVD of the module's attention)."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(D, 2, batch_first=True)
+    causal = torch.ones(L, L, dtype=torch.bool).triu(1)
+    xs = [torch.randn(B, L, D) for _ in range(5)]
+    xs[1][:] = float("nan")
+    logged, raised = {}, []
+    watch = esswatch.ESSWatch(
+        mha, every_n_steps=1, strict=True, background=background, batch_rows=1, indices=[3, 6],
+        sinks=[lambda r: logged.__setitem__(r["step"], r["layers"][""]["entropy"]["per_index"])],
+    )  # fmt: skip
+    for step, x in enumerate(xs):
+        mha(x, x, x, attn_mask=causal)
+        try:
+            watch.step()
+        except ESSMeasurementError:
+            raised.append(step)
+        if background:
+            assert watch._offload.worker.wait_idle(timeout=60)
+    watch.close()
+    assert raised == ([1] if not background else [2]) and watch.global_step == 5
+    assert sorted(logged) == [0, 2, 3, 4]
+    for step in (0, 2, 3, 4):
+        _, w = mha(xs[step][:1], xs[step][:1], xs[step][:1], attn_mask=causal, average_attn_weights=False)
+        ref = np_entropy_ess(w[0].detach().double().numpy(), [3, 6]).mean(axis=0)
+        assert np.allclose(np.asarray(logged[step], dtype=float), ref, rtol=1e-4), step
+
+
 # -- mixed precision ----------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_training_computes_ess_in_float32(dtype):

@@ -301,8 +301,10 @@ def test_strict_raises_at_collection():
     settle(watch)
     model(batches(1)[0])
     with pytest.raises(ESSMeasurementError, match="'mixer'.*step 0"):
-        watch.step()
-    watch.close()
+        watch.step()  # and step 1 is still handed over: its sample fails too, raised when close() collects it
+    with pytest.raises(ESSMeasurementError, match="'mixer'.*step 1"):
+        watch.close()
+    assert watch.global_step == 2
 
 
 # -- training is untouched ------------------------------------------------------------------

@@ -149,6 +149,8 @@ class Capture:
                 raise UnsupportedModelError(_unsupported_message(model, self.unsupported, prefix))
         else:
             names = [layers] if isinstance(layers, str) else list(layers)
+            if not names:
+                raise ValueError("layers: an empty list selects nothing to watch (None selects every supported layer)")
             for name in names:
                 if name not in named:
                     raise ValueError(f"layers: {type(model).__name__} has no submodule named {name!r}")

@@ -256,6 +256,7 @@ class MultiheadAttentionProbe(Probe):
         L = q.shape[-2]
         dt = compute_dtype(q.dtype)
         mask = self._merged_mask(record["attn_mask"], record["key_padding_mask"], dt)
+        self._warn_padding(record["key_padding_mask"])
         if mask is not None:
             future = torch.ones(L, L, dtype=torch.bool, device=mask.device).triu(1)
             open_future = ~_blocked(mask) & future
@@ -268,6 +269,21 @@ class MultiheadAttentionProbe(Probe):
                     "`layers`."
                 )
         return SoftmaxAttention(q, k, mask=mask, value_dim=self.module.head_dim)
+
+    def _warn_padding(self, key_padding_mask) -> None:
+        """Once per layer, where a row is padded (outside the hooks: reading the mask syncs)."""
+        if key_padding_mask is None or "padding" in self._warned:
+            return
+        pad = key_padding_mask if key_padding_mask.dtype == torch.bool else _blocked(key_padding_mask)
+        if bool(pad.any()):
+            self._warned.add("padding")
+            warnings.warn(
+                f"esswatch: {self._describe()}: padded batch: padded positions are zero rows and columns of the "
+                "operator, so ESS at index i mixes different token positions across differently padded rows (and "
+                "the geometric bound min(i, L-i) is that of the full length).",
+                CaptureWarning,
+                stacklevel=3,
+            )
 
     def tss(self) -> Optional[int]:
         return None  # softmax attention: the cache grows with the index

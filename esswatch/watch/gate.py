@@ -44,6 +44,13 @@ class Gate:
         self._paused = 0
         self._saved = (False, False)  # (want, armed) to restore when the last pause ends
 
+    def drop_aborted(self) -> None:
+        """At ``step()``: the model's last forward raised and none completed since, so what it recorded
+        is no step's (the gate's pre-hook drops it the same way when the next forward starts)."""
+        if self.in_forward:
+            self.in_forward = False
+            self.capture.clear()
+
     @property
     def paused(self) -> bool:
         return self._paused > 0

@@ -72,11 +72,13 @@ class Offload:
             out = self.worker.collect()
         elif due and self.worker.pending() and self._all_done():
             out = self.worker.collect(wait=True)
-        if out is not None:
-            result = watch._finish(out)
-            self._release(watch)  # the penalty-only results held behind it
-        if due:
-            self._sample(watch, step)
+        try:
+            if out is not None:
+                result = watch._finish(out)
+                self._release(watch)  # the penalty-only results held behind it
+        finally:  # an earlier sample's error (strict=True) does not cost this step its own sample
+            if due:
+                self._sample(watch, step)
         return result
 
     def _sample(self, watch, step: int) -> None:

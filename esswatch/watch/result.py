@@ -88,7 +88,7 @@ def warn_empty(step: int, train_only: bool) -> None:
     """A sampled step recorded nothing (warned once per watch by the caller)."""
     warnings.warn(
         f"esswatch: step {step} was sampled but no watched layer ran a "
-        f"{'training-mode ' if train_only else ''}forward since the previous step() "
+        f"{'training-mode ' if train_only else ''}forward to its end since the previous step() "
         "(call watch.step() once per optimizer step, after the forward and backward)",
         ESSWarning,
         stacklevel=5,

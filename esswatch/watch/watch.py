@@ -217,12 +217,15 @@ class ESSWatch:
             raise RuntimeError("ESSWatch.step() after close()")
         s = self.schedule.step
         result = None
-        if self._offload is not None:
-            result = self._offload.step(self, s)
-        elif self.schedule.due(s) and (self.probe_batch is None or self._run_probe(s)):
-            result = self.measure(step=s, source="probe" if self.probe_batch is not None else "train")
-        self.schedule.advance()
-        self._arm()
+        self._gate.drop_aborted()
+        try:
+            if self._offload is not None:
+                result = self._offload.step(self, s)
+            elif self.schedule.due(s) and (self.probe_batch is None or self._run_probe(s)):
+                result = self.measure(step=s, source="probe" if self.probe_batch is not None else "train")
+        finally:  # strict=True raises from here: the step still counts, so later samples keep their steps
+            self.schedule.advance()
+            self._arm()
         return result
 
     # -- the regularizer ---------------------------------------------------------------
