@@ -13,8 +13,8 @@ A thin adapter over :class:`esswatch.ESSWatch` (all measuring happens there):
 - the watch is built at ``setup("fit")`` on the LightningModule and closed at teardown;
 - steps: the step of a batch is ``trainer.global_step`` at batch start (fed with
   :meth:`ESSWatch.set_step`, so accumulated micro-batches share one step and a resumed run
-  keeps the schedule). Lightning logs a batch's loss at that step when
-  ``(step + 1) % log_every_n_steps == 0``; the callback samples the same way, the steps
+  keeps the schedule; manual optimization: the loggers' batch count). Lightning logs a
+  batch's loss at that step when ``(step + 1) % log_every_n_steps == 0``; the callback samples the same way, the steps
   ``n - 1, 2n - 1, ...`` for ``every_n_steps=n`` (the n-th, 2n-th, ... batch), and logs
   at that step, so ESS and the loss share the x axis whenever ``n`` is a multiple of
   ``log_every_n_steps`` (setup warns otherwise);
@@ -104,6 +104,15 @@ class LightningLoggerSink(Sink):
         for logger in self.loggers:
             if not isinstance(logger, TensorBoardLogger):
                 logger.save()
+
+
+def _logging_step(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> int:
+    """The step Lightning logs this batch's metrics at: ``global_step``, except under manual optimization, where
+    it counts ``optimizer.step()`` calls and the loggers count batches (``_batches_that_stepped``)."""
+    if pl_module.automatic_optimization:
+        return trainer.global_step
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    return int(getattr(loop, "_batches_that_stepped", trainer.global_step))
 
 
 class ESSCallback(pl.Callback):
@@ -216,14 +225,17 @@ class ESSCallback(pl.Callback):
     ) -> None:
         watch = self.watch
         if watch is not None:
-            watch.set_step(trainer.global_step)
+            watch.set_step(_logging_step(trainer, pl_module))
 
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         watch = self.watch
-        # an optimizer step completed (not a micro-batch of an accumulated step): end the watch's step
-        if watch is not None and trainer.global_step != watch.global_step:
+        if watch is None:
+            return
+        # automatic optimization: an optimizer step completed (not a micro-batch of an accumulated step);
+        # manual: every batch is a step of the loggers' axis
+        if not pl_module.automatic_optimization or trainer.global_step != watch.global_step:
             watch.step()
 
     # -- validation (and the sanity check) is never recorded --------------------------

@@ -15,6 +15,7 @@ import glob
 import math
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -317,6 +318,10 @@ class HoldWorker(TrainerCallback):
             worker._fn = lambda job: run_job(job) if self.gate.wait(timeout=60) else None
             worker._fn.held = True
 
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_training_stop:  # ess drains its worker at the end of the last step
+            self.gate.set()
+
     def on_train_end(self, args, state, control, **kwargs):
         self.gate.set()
 
@@ -466,6 +471,21 @@ def test_a_period_that_is_not_a_multiple_of_logging_steps_warns(tmp_path):
         train(tmp_path, llama(), [ESSCallback(every_n_steps=3, images=False)], max_steps=1, logging_steps=2)
 
 
+def test_per_epoch_logging_warns_unless_the_period_is_whole_epochs(tmp_path):
+    """logging_strategy="epoch" puts the loss at the epochs' last steps only; a period that is not a whole
+    number of epochs warned under the "steps" strategy only. With whole epochs, ESS lands on the loss steps."""
+    per_epoch = len(dataset()) // BATCH
+    opts = dict(max_steps=-1, num_train_epochs=2, logging_strategy="epoch")
+    with pytest.warns(UserWarning, match=f"not a multiple of the steps per epoch.*={per_epoch}"):
+        train(tmp_path / "a", llama(), [ESSCallback(every_n_steps=per_epoch - 1, images=False)], **opts)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not a multiple of")
+        train(tmp_path / "b", llama(), [ESSCallback(every_n_steps=per_epoch, images=False)], **opts)
+    ea = read_events(tmp_path / "b")
+    loss = [e.step for e in ea.Scalars("train/loss")]
+    assert loss == [per_epoch, 2 * per_epoch] and [e.step for e in ea.Scalars("ess/entropy/avg/model")] == loss
+
+
 def test_background_results_reach_log_history_with_their_sampled_steps(tmp_path):
     """ESSCallback(background=True): every result lands in log_history and the event file with
     the step it was sampled at (values = NumPy reference), the last one at train end; samples
@@ -484,3 +504,7 @@ def test_background_results_reach_log_history_with_their_sampled_steps(tmp_path)
             assert hist[step][f"ess/entropy/avg/{layer}"] == pytest.approx(ref[layer], rel=1e-4), (step, layer)
     ea = read_events(tmp_path)
     assert [e.step for e in ea.Scalars("ess/entropy/avg/model")] == sorted(hist)
+    # the last result too went through the Trainer's writer before TensorBoardCallback closed it (a write
+    # after that would reopen the writer: a second event file, left open)
+    (logdir,) = glob.glob(os.path.join(str(tmp_path), "runs", "*"))
+    assert len(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))) == 1

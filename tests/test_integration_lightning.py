@@ -439,6 +439,56 @@ def test_ess_steps_are_steps_of_the_logged_loss(tmp_path):
     assert sorted(ess_rows(rows)) == [4, 9, 14] and set(ess_rows(rows)) <= csv_loss
 
 
+class TwoOptimizers(TinyLM):
+    """Manual optimization, GAN-style: two optimizers, each stepped once per batch (global_step += 2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.snaps = {}
+
+    def training_step(self, x, batch_idx):
+        self.snaps[batch_idx] = (copy.deepcopy(self.model.state_dict()), x.clone())
+        o1, o2 = self.optimizers()
+        o1.zero_grad()
+        o2.zero_grad()
+        logits = self.model(x)
+        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+        self.manual_backward(loss)
+        o1.step()
+        o2.step()
+        self.log("train_loss", loss, on_step=True, on_epoch=False)
+
+    def configure_optimizers(self):
+        p = list(self.parameters())
+        return torch.optim.SGD(p[: len(p) // 2], lr=0.1), torch.optim.SGD(p[len(p) // 2 :], lr=0.1)
+
+
+def test_manual_optimization_with_two_optimizers_logs_at_the_loss_steps(tmp_path):
+    """Regression: under manual optimization trainer.global_step counts optimizer.step() calls (0, 2, 4, ...
+    with two optimizers), so the sampled steps 3, 7, ... never came and nothing was logged. ESS is now on the
+    loggers' batch axis, the steps of train_loss, with the values of the sampled batches (NumPy SVD)."""
+    train, _ = loaders(64)
+    tb = TensorBoardLogger(str(tmp_path), name="tb")
+    t = trainer(
+        tmp_path,
+        [ESSCallback(every_n_steps=4, indices=INDICES, images=False)],
+        tb,
+        max_steps=-1,
+        max_epochs=1,
+        log_every_n_steps=4,
+    )
+    t.fit(module := TwoOptimizers(), train)
+    assert t.global_step == 32
+    ea = read_events(tb.log_dir)
+    assert [e.step for e in ea.Scalars("train_loss")] == [3, 7, 11, 15]
+    for layer in LAYERS:
+        logged = {e.step: e.value for e in ea.Scalars(f"ess/entropy/avg/{layer}")}
+        assert sorted(logged) == [3, 7, 11, 15]
+        for step, value in logged.items():
+            assert value == pytest.approx(reference_avg(*module.snaps[step])[layer], rel=1e-4), (layer, step)
+
+
 def test_a_period_that_is_not_a_multiple_of_the_logging_interval_warns(tmp_path):
     train, _ = loaders(16)
     t = trainer(

@@ -70,11 +70,15 @@ from .logstream import log_quietly, trainer_tensorboard_writer  # noqa: E402
 from .loss import NO_LOSS_HOOK, loss_function  # noqa: E402
 
 
-def _check_alignment(every_n_steps: int, args: Any) -> None:
-    """Warn when the ESS steps cannot all be steps of the logged loss."""
+def _check_alignment(every_n_steps: int, args: Any, state: Any) -> None:
+    """Warn when the ESS steps cannot all be steps of the logged loss (per epoch: where the state says how
+    many steps an epoch has, ``max_steps`` a whole number of epochs)."""
     strategy = getattr(args.logging_strategy, "value", args.logging_strategy)
     if strategy == "steps" and args.logging_steps >= 1:
         warn_unaligned(every_n_steps, "logging_steps", int(args.logging_steps), stacklevel=4)
+    epochs, steps = int(getattr(state, "num_train_epochs", 0) or 0), int(getattr(state, "max_steps", 0) or 0)
+    if strategy == "epoch" and epochs >= 1 and steps >= epochs and steps % epochs == 0:
+        warn_unaligned(every_n_steps, "the steps per epoch (logging_strategy='epoch')", steps // epochs, stacklevel=4)
 
 
 def _calling_trainer(callback: "ESSCallback") -> Optional["transformers.Trainer"]:
@@ -192,7 +196,7 @@ class ESSCallback(TrainerCallback):
                 "no writer=/logdir= was given, log_to_trainer=False and no sinks=."
             )
         sinks = ([self._pending] if to_trainer else []) + self.sinks
-        _check_alignment(self.every_n_steps, args)
+        _check_alignment(self.every_n_steps, args, state)
         self.watch = ESSWatch(model, self.logdir, writer=writer, every_n_steps=self.every_n_steps, sinks=sinks, **wk)
         hooked = getattr(getattr(self._trainer, "compute_loss_func", None), "_esswatch_callback", None) is self
         if self.watch.regularizer is not None and self._trainer is not None and not hooked:
@@ -224,6 +228,10 @@ class ESSCallback(TrainerCallback):
             raise ValueError(NO_LOSS_HOOK)
         if self.watch.global_step == state.global_step:
             self.watch.step()
+        if control.should_training_stop and self.watch.background:
+            # the last sample now, while the Trainer's TensorBoard writer is open (TensorBoardCallback's
+            # on_train_end, which closes it, runs before this callback's)
+            self._close_watch()
         self._log_pending(state, control)
 
     def _log_pending(self, state, control) -> None:
