@@ -114,6 +114,30 @@ def test_report_prints_the_event_files_latest_values(demo_run, capsys):
     assert "mqar/accuracy" in text
 
 
+def test_report_on_one_event_file_reads_that_file(demo_run, capsys):
+    """TensorBoard takes an event file's path as well as a folder's; so does the report (it said "no such
+    directory" before). The values are the file's last ones."""
+    _, run_dir, _ = demo_run
+    sc = _scalars(run_dir)
+    (event,) = [p for p in run_dir.iterdir() if p.name.startswith("events.out.tfevents")]
+    assert main(["report", str(event), "--json"]) == 0
+    (run,) = json.loads(capsys.readouterr().out)
+    for layer, row in run["metrics"]["entropy"].items():
+        assert row["avg"] == sc[f"ess/entropy/avg/{layer}"][-1].value and row["step"] == DEMO_STEPS - 1
+
+
+def test_version_and_a_bad_window_are_one_line(capsys):
+    from esswatch import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"esswatch {__version__}"
+    with pytest.raises(SystemExit) as e:
+        main(["report", ".", "--last", "x"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--last" in err[0] and "allowed: an integer >= 2" in err[0]
+
+
 def test_report_on_a_directory_without_runs(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 1
     assert "no TensorBoard event files" in capsys.readouterr().err
@@ -256,9 +280,10 @@ def test_profile_mamba_token_ids(tiny_mamba, tmp_path):
             assert float(rows[i - 1][f"ess[{layer}]"]) == pytest.approx(v, rel=1e-4)
 
 
-def test_profile_text_needs_a_tokenizer(tiny_mamba, tmp_path):
-    with pytest.raises(SystemExit, match="no tokenizer"):
-        main(["profile", "--model", str(tiny_mamba), "--text", "the cat", "--out", str(tmp_path / "x")])
+def test_profile_text_needs_a_tokenizer(tiny_mamba, tmp_path, capsys):
+    assert main(["profile", "--model", str(tiny_mamba), "--text", "the cat", "--out", str(tmp_path / "x")]) == 2
+    ours = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("esswatch")]  # (and the weights' bar)
+    assert len(ours) == 1 and "no tokenizer" in ours[0]
 
 
 def test_progress_line_without_a_terminal():

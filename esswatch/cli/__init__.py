@@ -7,7 +7,8 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .args import check_demo, check_profile, device_arg, non_negative_int, one_line, positive_int
+from .._version import __version__
+from .args import check_demo, check_profile, device_arg, non_negative_int, one_line, positive_int, window_int
 
 __all__ = ["main", "build_parser"]
 
@@ -55,7 +56,10 @@ def _profile(args) -> int:
 
     try:
         return _run_profile(args, run_profile)
-    except SystemExit:
+    except SystemExit as e:
+        if isinstance(e.code, str):  # a bad input found once the model was loaded: one line, status 2 as for the rest
+            print(e.code, file=sys.stderr)
+            return 2
         raise
     except Exception as e:  # noqa: BLE001 - a checkpoint that passed the checks but does not load or run
         print(f"esswatch profile: error: cannot profile {args.model}: {one_line(e)}", file=sys.stderr)
@@ -90,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ..layers import MIXERS
 
     p = _Parser(prog="esswatch", description="Effective state-size (ESS) of sequence models.")
+    p.add_argument("--version", action="version", version=f"esswatch {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="{demo,report,profile}")
 
     d = sub.add_parser(
@@ -120,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("logdir")
     r.add_argument(
-        "--last", type=int, default=5, help="trend window in logged points, an integer >= 2 (default %(default)s)"
+        "--last",
+        type=window_int,
+        default=5,
+        help="trend window in logged points, an integer >= 2 (default %(default)s)",
     )
     r.add_argument(
         "--json",

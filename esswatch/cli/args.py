@@ -55,6 +55,11 @@ def non_negative_int(s: str) -> int:
     return _int_at_least(s, 0)
 
 
+def window_int(s: str) -> int:
+    """``report --last``: the trend window, at least 2 logged points."""
+    return _int_at_least(s, 2)
+
+
 def device_arg(s: str) -> str:
     """A device this machine has: ``cpu``, ``cuda`` / ``cuda:N`` (when CUDA is available), ``mps``."""
     import torch

@@ -57,7 +57,9 @@ def loader_stops() -> Iterator[Dict[str, str]]:
 
 
 def event_files(run: str | os.PathLike) -> List[Path]:
-    """The event files directly in ``run``, in TensorBoard's reading order (by name)."""
+    """The event files directly in ``run``, in TensorBoard's reading order (by name); ``run`` itself when it is one."""
+    if Path(run).is_file():
+        return [Path(run)]
     return sorted(p for p in Path(run).iterdir() if p.name.startswith("events.out.tfevents") and p.is_file())
 
 

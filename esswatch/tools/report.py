@@ -45,8 +45,10 @@ def validate_window(k: Any) -> int:
 def find_runs(logdir: str | os.PathLike) -> List[Path]:
     """Directories under ``logdir`` (itself included) that contain TensorBoard event files."""
     root = Path(logdir)
+    if root.is_file() and root.name.startswith("events.out.tfevents"):  # one event file, as TensorBoard takes it
+        return [root]
     if not root.is_dir():
-        raise FileNotFoundError(f"no such directory: {root}")
+        raise FileNotFoundError(f"no such directory or event file: {root}")
     runs = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
