@@ -13,7 +13,7 @@ from operator_cases import ops as _ops
 from operator_cases import rand as _rand
 from reference import convolution_loop, gated_recurrence_loop, softmax_attention_loop
 
-from esswatch.operators import Convolution, DeltaRule, GatedRecurrence, SoftmaxAttention
+from esswatch.operators import Convolution, DeltaRule, Dense, GatedRecurrence, SoftmaxAttention
 
 # -- operators' dense() against naive loops -----------------------------------------------
 
@@ -281,3 +281,29 @@ def test_matrix_scale_is_the_largest_magnitude_per_matrix():
     y = torch.randn(2, 5, 5, generator=g, dtype=torch.float64) * 1e-200
     y[0, 0, 0] = -1e-190
     assert torch.equal(matrix_scale(y, (-2, -1)), y.abs().amax(dim=(-2, -1), keepdim=True))
+
+
+def test_narrowed_keeps_the_first_rows_and_heads_of_every_operator():
+    """``Operator.narrowed(rows, heads)`` (used to measure a budget's or heads= cut of the regularizer's
+    operators) equals slicing the dense T, also where an operand broadcasts along a batch dim."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    mask = torch.zeros(1, 3, 6, 6, dtype=torch.float64).masked_fill(torch.ones(6, 6).triu(1).bool(), float("-inf"))
+    ops = [
+        SoftmaxAttention(r(4, 3, 6, 2), r(4, 3, 6, 2), mask=mask),
+        SoftmaxAttention(r(4, 3, 6, 2), r(4, 3, 6, 2), window=3),
+        GatedRecurrence(r(4, 3, 6, 2), r(4, 3, 6, 2), -r(1, 3, 6, 1).abs()),
+        GatedRecurrence(r(4, 3, 6, 2), r(1, 1, 6, 2)),
+        DeltaRule(
+            r(4, 3, 6, 2), r(4, 3, 6, 2) / 2, torch.rand(4, 3, 6, generator=g, dtype=torch.float64), -r(4, 3, 6).abs()
+        ),  # fmt: skip
+        Convolution(r(4, 3, 6)),
+        Dense(r(4, 3, 6, 6).tril()),
+    ]
+    for op in ops:
+        full = op.dense()
+        for rows, heads in ((2, None), (None, 1), (1, 2), (9, 9)):
+            cut = op.narrowed(rows, heads)
+            assert tuple(cut.batch_shape) == (min(rows or 4, 4), min(heads or 3, 3)), type(op).__name__
+            assert torch.equal(cut.dense(), full[: rows or 4, : heads or 3]), (type(op).__name__, rows, heads)
+        assert op.narrowed(None, None) is op and op.narrowed(4, 3) is op

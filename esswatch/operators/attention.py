@@ -265,12 +265,14 @@ class SoftmaxAttention(Operator):
         return probs.to(out_dt)
 
     def to(self, dtype=None, device=None) -> "SoftmaxAttention":
-        cast = lambda x: None if x is None else x.to(dtype=dtype if x.is_floating_point() else None, device=device)
+        return self._rebuild(lambda x, core: x.to(dtype=dtype if x.is_floating_point() else None, device=device))
+
+    def _rebuild(self, fn) -> "SoftmaxAttention":
         return SoftmaxAttention(
-            cast(self.q),
-            cast(self.k),
+            fn(self.q, 2),
+            fn(self.k, 2),
             scale=self.scale,
             window=self.window,
-            mask=cast(self.mask),
+            mask=None if self.mask is None else fn(self.mask, 2),
             value_dim=self.value_dim,
         )

@@ -210,6 +210,27 @@ class Operator:
     def numel_batch(self) -> int:
         return int(math.prod(self.batch_shape))
 
+    def narrowed(self, rows: Optional[int], heads: Optional[int]) -> "Operator":
+        """The first ``rows`` entries of the first batch dim and the first ``heads`` of the second (``None``:
+        all; operands broadcast along a dim are left as they are). ``self`` where nothing is cut, or where the
+        class does not define ``_rebuild(fn)`` itself (a copy with ``fn(x, core)`` applied to each operand,
+        ``core`` its trailing non-batch dims): a subclass of a built-in operator would lose its overrides."""
+        b = self.batch_shape
+        cut = [(d, n) for d, n in enumerate((rows, heads)) if n is not None and d < len(b) and n < b[d]]
+        if not cut:
+            return self
+
+        def narrow(x, core):
+            lead = x.dim() - core
+            for d, n in cut:
+                pos = d - (len(b) - lead)  # leading dims align with batch_shape from the right
+                if pos >= 0 and x.shape[pos] > n:
+                    x = x.narrow(pos, 0, n)
+            return x
+
+        rebuild = type(self).__dict__.get("_rebuild")
+        return self if rebuild is None else rebuild(self, narrow)
+
     def __repr__(self) -> str:  # pragma: no cover - cosmetic
         return (
             f"{type(self).__name__}(batch_shape={tuple(self.batch_shape)}, L={self.seq_len}, "

@@ -100,4 +100,7 @@ class Convolution(Operator):
         return (self.h.detach().to(torch.float64) ** 2)[..., None, :].mul(count).sum(-1)
 
     def to(self, dtype=None, device=None) -> "Convolution":
-        return Convolution(self.h.to(dtype=dtype, device=device), value_dim=self.value_dim)
+        return self._rebuild(lambda x, core: x.to(dtype=dtype, device=device))
+
+    def _rebuild(self, fn) -> "Convolution":
+        return Convolution(fn(self.h, 1), value_dim=self.value_dim)

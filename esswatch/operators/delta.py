@@ -129,5 +129,8 @@ class DeltaRule(Operator):
         return DeltaRule(self.q / s, self.k, self.beta, self.log_decay, value_dim=self.value_dim)
 
     def to(self, dtype=None, device=None) -> "DeltaRule":
-        q, k, beta, ld = (x.to(dtype=dtype, device=device) for x in self._tensors())
+        return self._rebuild(lambda x, core: x.to(dtype=dtype, device=device))
+
+    def _rebuild(self, fn) -> "DeltaRule":
+        q, k, beta, ld = (fn(x, c) for x, c in zip(self._tensors(), (2, 2, 1, 1)))
         return DeltaRule(q, k, beta, ld, value_dim=self.value_dim)

@@ -59,4 +59,7 @@ class Dense(Operator):
         return Dense(self.t / s, state_size=self.state_size, value_dim=self.value_dim)
 
     def to(self, dtype=None, device=None) -> "Dense":
-        return Dense(self.t.to(dtype=dtype, device=device), state_size=self.state_size, value_dim=self.value_dim)
+        return self._rebuild(lambda x, core: x.to(dtype=dtype, device=device))
+
+    def _rebuild(self, fn) -> "Dense":
+        return Dense(fn(self.t, 2), state_size=self.state_size, value_dim=self.value_dim)

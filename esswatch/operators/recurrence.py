@@ -249,5 +249,8 @@ class GatedRecurrence(Operator):
         return GatedRecurrence(q, k, self.log_decay, value_dim=self.value_dim)
 
     def to(self, dtype=None, device=None) -> "GatedRecurrence":
-        cast = lambda x: None if x is None else x.to(dtype=dtype, device=device)
-        return GatedRecurrence(cast(self.q), cast(self.k), cast(self.log_decay), value_dim=self.value_dim)
+        return self._rebuild(lambda x, core: x.to(dtype=dtype, device=device))
+
+    def _rebuild(self, fn) -> "GatedRecurrence":
+        ld = None if self.log_decay is None else fn(self.log_decay, 2)
+        return GatedRecurrence(fn(self.q, 2), fn(self.k, 2), ld, value_dim=self.value_dim)
