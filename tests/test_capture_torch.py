@@ -627,6 +627,21 @@ def test_custom_layer_esswatch_operator_method():
     _check_decay_operator(cap.operators["1"], model[1], model[0](x).detach(), y.detach())
 
 
+def test_custom_layer_esswatch_operator_method_keeps_batch_rows_and_heads():
+    """Regression: an operator from the method route kept every batch row and channel, where registered
+    probes keep ``batch_rows`` and ``heads``; it is now cut the same way (the kept entries unchanged)."""
+    model = nn.Sequential(nn.Linear(3, 3), DecayMixerWithMethod(3))
+    x = torch.randn(4, 7, 3)
+    with capture(model) as cap:
+        model(x)
+    full = cap.operators["1"].dense()
+    with capture(model, batch_rows=2, heads=2) as cap:
+        model(x)
+    op = cap.operators["1"]
+    assert tuple(op.batch_shape) == (2, 2)
+    assert torch.equal(op.dense(), full[:2, :2])
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA: the hooks never synchronize with the host
 # ---------------------------------------------------------------------------------------------

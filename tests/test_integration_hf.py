@@ -413,6 +413,16 @@ def test_trainer_tensorboard_gets_histograms_images_layout_and_config(tmp_path):
     assert not [t for t in tags["scalars"] if t.startswith("train/ess")]
 
 
+def test_default_images_include_the_first_sample(tmp_path):
+    """Regression: images=10 (the default) drew at (step // n) % 10 == 0; the Trainer's steps are 1-based, so
+    its samples n, 2n, ... got their first image at the 10th. As in a plain loop, the first sample has one."""
+    pytest.importorskip("matplotlib")
+    train(tmp_path, llama(), [ESSCallback(every_n_steps=2)], max_steps=6)
+    ea = read_events(tmp_path)
+    assert [e.step for e in ea.Scalars("ess/entropy/avg/model")] == [2, 4, 6]
+    assert [e.step for e in ea.Images("ess_profile/entropy")] == [2]
+
+
 @pytest.mark.parametrize("tqdm", [False, True])
 def test_console_stays_quiet_by_default(tmp_path, capfd, tqdm):
     """Regression: every ESS sample printed a dict of every tag on the console / progress bar.

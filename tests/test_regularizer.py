@@ -79,6 +79,39 @@ def test_penalty_value_equals_independent_computation(mixer):
     assert float(pen.detach()) > 0
 
 
+@pytest.mark.parametrize("cut", [dict(heads=1), dict(budget_seconds=1e-6)])
+def test_the_penalty_ignores_what_the_measurement_cuts(cut):
+    """Regression: heads= and a budget's cut (1 row, 1 head) also cut the regularizer's records, so the
+    penalty changed and every head but the first got no gradient. The penalty is now that of the kept rows
+    and every head (independent computation), while the measurement on the same step keeps its cut."""
+    model = _model("attention")
+    x, x2 = _batches(2)
+    watch = ew.ESSWatch(model, every_n_steps=1, regularizer=0.5, batch_rows=2, **cut)
+    model(x)
+    watch.penalty()
+    watch.step()  # a budget decides here
+    model(x2)
+    pen = watch.penalty()
+    res = watch.step()
+    watch.close()
+    with ew.capture(model, batch_rows=2, keep_graph=True) as cap:
+        model(x2)
+    ref, _ = penalty_terms(cap.operators, Regularizer(0.5))
+    assert float(pen.detach()) == pytest.approx(float(ref.detach()), rel=1e-6)
+    grads = torch.autograd.grad(pen, [model.blocks[0].mixer.qkv.weight])[0]
+    d = 16 // 2  # rows of the q projection per head
+    assert all(float(grads[h * d : (h + 1) * d].abs().sum()) > 0 for h in range(2))  # both heads
+    with ew.ESSWatch(model, every_n_steps=1, batch_rows=2, **cut) as plain:  # the same cut, no regularizer
+        model(x)
+        plain.step()
+        model(x2)
+        want = plain.step()
+    for name, lay in res["layers"].items():
+        assert lay["heads"] == want["layers"][name]["heads"] == 1 and lay["rows"] == want["layers"][name]["rows"]
+        np.testing.assert_allclose(lay["entropy"]["per_index"], want["layers"][name]["entropy"]["per_index"], rtol=1e-6)
+    assert watch.config()["regularizer"]["weight"] == 0.5  # the config text names it
+
+
 def test_penalty_changes_gradients_and_is_logged(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -106,6 +139,25 @@ def test_penalty_changes_gradients_and_is_logged(tmp_path):
     _train(regone, batches[:1], w1)
     w1.close()
     assert any(not torch.equal(a, b) for a, b in zip(plain.parameters(), regone.parameters()))
+
+
+def test_penalty_on_the_last_micro_batch_only_penalizes_that_forward():
+    """Regression: with gradient accumulation and penalty() called on the last micro-batch only, the penalty
+    was built from the first micro-batch's record, whose graph its own backward had freed: a RuntimeError in
+    training. It is now the term of the forward that just ran (independent computation)."""
+    model = _model("gla")
+    x0, x1 = _batches(2)
+    watch = ew.ESSWatch(model, every_n_steps=10, regularizer=0.5, batch_rows=2)
+    F.cross_entropy(model(x0).flatten(0, 1), x0.flatten()).backward()  # micro-batch 0: no penalty
+    loss = F.cross_entropy(model(x1).flatten(0, 1), x1.flatten())
+    pen = watch.penalty()
+    (loss + pen).backward()  # raised before
+    watch.step()
+    watch.close()
+    with ew.capture(model, batch_rows=2, keep_graph=True) as cap:
+        model(x1)
+    ref, _ = penalty_terms(cap.operators, Regularizer(0.5))
+    assert float(pen.detach()) == pytest.approx(float(ref.detach()), rel=1e-6)
 
 
 def test_every_k_steps_and_identity_kind():

@@ -504,6 +504,43 @@ def test_budget_fixes_a_smaller_measurement_after_the_first_sample(background):
         assert r["seconds"] < max(3 * budget, first["seconds"] / 3)
 
 
+def test_budget_level_survives_a_resume():
+    """Regression: state_dict() did not hold the budget's level, so a resumed watch measured its first sample
+    at full size again (a spike in the curves) and decided anew. Now the level comes back with the state
+    (same budget_seconds): the first sample after the resume is at the level, with no new timing; another
+    budget decides its own."""
+    torch.manual_seed(0)
+    model = SequenceModel(VOCAB, d_model=32, n_layers=1, mixer="attention", n_heads=4)
+    opts = dict(every_n_steps=1, batch_rows=4, indices=24, estimator="exact", histograms=False)
+    data = batches(3, length=128)
+    seen = []
+    watch = esswatch.ESSWatch(model, budget_seconds=1e-6, sinks=[seen.append], **opts)
+    for x in data[:2]:
+        model(x)
+        watch.step()
+    state = watch.state_dict()
+    watch.close()
+    lvl = seen[0]["budget"]
+    assert lvl["cut"] == ["batch_rows", "indices", "heads"] and state["budget"] == lvl
+    resumed = []
+    watch = esswatch.ESSWatch(model, budget_seconds=1e-6, sinks=[resumed.append], **opts)
+    watch.load_state_dict(state)
+    assert watch.config()["budget"] == lvl
+    model(data[2])
+    watch.step()
+    watch.close()
+    (r,) = resumed
+    lay = r["layers"]["blocks.0.mixer"]
+    assert r["step"] == 2 and r["budget"] == lvl
+    assert (lay["rows"], lay["heads"], len(lay["indices"])) == (1, 1, 1)
+    other = esswatch.ESSWatch(model, budget_seconds=2.0, **opts)  # another budget: nothing restored
+    other.load_state_dict(state)
+    assert other.config()["budget"] is None and other.capture.batch_rows == 4
+    other.close()
+    with pytest.raises(ValueError, match="budget.heads"):
+        esswatch.ESSWatch(model, **opts).load_state_dict(dict(state, budget=dict(lvl, heads=0)))
+
+
 # -- CUDA -------------------------------------------------------------------------------------------
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

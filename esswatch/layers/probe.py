@@ -36,7 +36,7 @@ class MixerProbe(Probe):
             if not self.wants_record():
                 return None
             x = args[0]
-            rows = self.session.batch_rows
+            rows = self.view()[0]
             if rows is not None:
                 x = x[:rows]
             with torch.set_grad_enabled(self.session.keep_graph and torch.is_grad_enabled()):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import weakref
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -85,14 +85,18 @@ class Probe:
         """True when armed and no record was taken yet in this armed window (first call wins)."""
         return self.session.armed and self._record is None
 
+    def view(self) -> Tuple[Optional[int], Optional[int]]:
+        """The ``(batch rows, heads)`` a record keeps (``None``: all); the regularizer's forward keeps its own."""
+        view = self.session.penalty_view
+        return view if view is not None else (self.session.batch_rows, self.session.heads)
+
     def keep(self, x: Optional[torch.Tensor], head_dim: Optional[int] = None) -> Optional[torch.Tensor]:
         """Slice batch rows (dim 0) and heads/channels (``head_dim``), detach unless the graph is kept."""
         if x is None:
             return None
-        rows = self.session.batch_rows
+        rows, heads = self.view()
         if rows is not None and x.dim() > 0:
             x = x[:rows]
-        heads = self.session.heads
         if heads is not None and head_dim is not None:
             x = x.narrow(head_dim, 0, min(heads, x.shape[head_dim]))
         if not self.session.keep_graph:

@@ -34,7 +34,7 @@ class ProtocolProbe(Probe):
             except Exception as e:  # noqa: BLE001 - never reaches the user's forward
                 self.record(op=None, error=e)  # raised when the operator is built (a layer failure)
                 return None
-            self.record(op=op)
+            self.record(op=op.narrowed(*self.view()) if isinstance(op, Operator) else op)
             return None
 
         return [self.module.register_forward_hook(hook, with_kwargs=True)]

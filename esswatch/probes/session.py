@@ -116,6 +116,9 @@ class Capture:
         self._model = weakref.ref(model)
         self.batch_rows = batch_rows
         self.heads = heads
+        #: (rows, heads) kept instead while set: the watch's regularizer penalizes the rows the user kept
+        #: and every head, whatever a budget or ``heads=`` cut from the measurement
+        self.penalty_view: Optional[Tuple[Optional[int], Optional[int]]] = None
         self.keep_graph = keep_graph
         self.armed = False
         self._warned_cached = False

@@ -203,8 +203,9 @@ class MultiheadAttentionProbe(Probe):
         session = self.session
         unbatched = query.dim() == 2
         x = query.unsqueeze(0) if unbatched else (query if mha.batch_first else query.transpose(0, 1))
-        if session.batch_rows is not None:
-            x = x[: session.batch_rows]
+        rows = self.view()[0]
+        if rows is not None:
+            x = x[:rows]
         B, L, _ = x.shape
         H, hd, E = mha.num_heads, mha.head_dim, mha.embed_dim
         if mha._qkv_same_embed_dim:

@@ -43,6 +43,8 @@ HOW_TO_ADD = (
 
 #: class names that look like sequence mixers (only used to name candidates in an error message)
 _MIXER_NAME = re.compile(r"(Attention|Attn|Mixer|SSM|Mamba|Retention|Recurren|RNN|LSTM|GRU|Hyena|RWKV)")
+#: ... unless the name says it is a block's norm or feed-forward part (xLSTM's ``xLSTMRMSNorm``, ...)
+_NOT_MIXER_NAME = re.compile(r"(Norm|FeedForward|MLP|FFN)$")
 
 
 class UnsupportedModelError(ValueError):
@@ -96,7 +98,11 @@ def unprobed_mixers(
     hits = {
         n: m
         for n, m in model.named_modules()
-        if (isinstance(m, torch.nn.RNNBase) or _MIXER_NAME.search(type(m).__name__)) and not has_probe(m)
+        if (
+            isinstance(m, torch.nn.RNNBase)
+            or (_MIXER_NAME.search(type(m).__name__) and not _NOT_MIXER_NAME.search(type(m).__name__))
+        )
+        and not has_probe(m)
     }
     out = {}
     for name, mod in hits.items():

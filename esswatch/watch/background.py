@@ -151,7 +151,9 @@ def make_job(watch, step: int, source: str, copier: Optional[_Copier] = None) ->
     try:
         probes = watch.capture.probes
         records = {n: p.recorded for n, p in probes.items() if p.has_record}
-        ops = {n: op for n, op in (watch._penalties.stash or {}).items() if n not in records}
+        cap = watch.capture  # the regularizer's operators hold every head: measure what the records would
+        ops = {n: op.narrowed(cap.batch_rows, cap.heads) for n, op in (watch._penalties.stash or {}).items()}
+        ops = {n: op for n, op in ops.items() if n not in records}
         ready = stream = None
         if copier is not None:
             (records, ops), ready, stream = snapshot((records, ops), copier)

@@ -187,6 +187,42 @@ def apply(budget: "Budget", outcome, watch, agree=None) -> bool:
     level = budget.decide(outcome.timings, watch.measure_config, outcome.seconds, agree=agree)
     if level is None:
         return False
+    return _cut(budget, level, watch)
+
+
+def validated_level(level: Any) -> Optional[Dict[str, Any]]:
+    """A checkpointed level (:meth:`Budget.as_dict`), checked field by field (``ValueError``)."""
+    if level is None:
+        return None
+    what = "ESSWatch.load_state_dict: budget"
+    if not isinstance(level, dict):
+        raise ValueError(f"{what} must be None or a dict (Budget.as_dict), got {type(level).__name__}")
+    for key in ("batch_rows", "heads"):
+        v = level.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{what}.{key} must be None or an int >= 1, got {v!r}")
+    cut, ind, sec = level.get("cut"), level.get("indices"), level.get("seconds")
+    if not isinstance(cut, (list, tuple)) or not set(cut) <= {"batch_rows", "indices", "heads"}:
+        raise ValueError(f"{what}.cut must be a list of 'batch_rows', 'indices', 'heads', got {cut!r}")
+    ok_ind = ind == "all" or (isinstance(ind, int) and not isinstance(ind, bool) and ind >= 1)
+    if not ok_ind and not (isinstance(ind, (list, tuple)) and ind and all(isinstance(i, int) for i in ind)):
+        raise ValueError(f"{what}.indices must be 'all', an int >= 1 or a list of ints, got {ind!r}")
+    if isinstance(sec, bool) or not isinstance(sec, (int, float)) or not math.isfinite(sec) or sec <= 0:
+        raise ValueError(f"{what}.seconds must be a finite number > 0, got {sec!r}")
+    return dict(level, cut=list(cut), indices=list(ind) if isinstance(ind, (list, tuple)) else ind)
+
+
+def restore(budget: "Budget", level: Dict[str, Any], watch) -> bool:
+    """Apply a checkpointed level (:func:`validated_level`) instead of timing a first sample again, when it
+    was decided for this budget (same seconds). True when it was applied."""
+    if budget.decided or level["seconds"] != budget.seconds:
+        return False
+    budget.level = dict(level)
+    _cut(budget, budget.level, watch)
+    return True
+
+
+def _cut(budget: "Budget", level: Dict[str, Any], watch) -> bool:
     cut = level["cut"]
     if "batch_rows" in cut:
         watch.capture.batch_rows = level["batch_rows"]

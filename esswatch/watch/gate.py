@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -55,10 +55,11 @@ class Gate:
     def paused(self) -> bool:
         return self._paused > 0
 
-    def arm(self, want: bool, keep_graph: bool) -> None:
-        """Record (or not) the current step's forwards; ``keep_graph`` for the regularizer.
-        While paused, this takes effect when the pause ends."""
+    def arm(self, want: bool, keep_graph: bool, penalty_rows: Optional[int] = None) -> None:
+        """Record (or not) the current step's forwards; ``keep_graph`` for the regularizer, whose records
+        keep ``penalty_rows`` rows and every head. While paused, this takes effect when the pause ends."""
         self.capture.keep_graph = keep_graph
+        self.capture.penalty_view = (penalty_rows, None) if keep_graph else None
         if self._paused:
             self._saved = (want, want)
             return

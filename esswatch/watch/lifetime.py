@@ -22,7 +22,8 @@ __all__ = ["GateHook", "DoneHook", "install", "release", "close_watch"]
 class GateHook:
     """Forward pre-hook on the model: a forward that raised left records behind (the gate's
     ``in_forward`` is still set), so they are dropped first; then, when the current step is
-    sampled and only training forwards count, ``gate.capture.armed = module.training``."""
+    sampled and only training forwards count, ``gate.capture.armed = module.training``; a recording
+    forward of a penalized step also drops what an earlier forward recorded and ``penalty()`` did not take."""
 
     __slots__ = ("gate", "train_only")
 
@@ -37,6 +38,10 @@ class GateHook:
         gate.in_forward = True
         if self.train_only and gate.want:
             gate.capture.armed = module.training
+        if gate.capture.keep_graph and gate.capture.armed:
+            # the regularizer penalizes the forward that just ran: an earlier forward's record that penalty()
+            # did not take (its graph may be freed by its own backward) gives way to this one
+            gate.capture.clear()
         return None
 
 

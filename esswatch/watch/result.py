@@ -22,6 +22,7 @@ values, no ``failures`` and no ``seconds`` (nothing was measured) and is not ``l
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -107,6 +108,9 @@ def watch_config(watch: Any) -> Dict[str, Any]:
         "strict": watch.strict,
         "reduce": watch.reduce,
         "background": watch.background,
+        "train_forwards_only": watch._train_only,
+        **({"step_base": watch.step_base} if watch.step_base else {}),
+        "regularizer": None if watch.regularizer is None else dataclasses.asdict(watch.regularizer),
         **({} if budget is None else {"budget_seconds": budget.seconds, "budget": budget.as_dict()}),
         "layers": {n: f"{type(p.module).__name__}: {p.layer_type}" for n, p in capture.probes.items()},
         "esswatch": __version__,

@@ -88,8 +88,9 @@ class TensorBoardSink(Sink):
         histograms, layout: switch those parts off.
         images: the profile image on every ``images``-th sampled step (``True`` = every one,
             ``False`` or 0 = none; default 10: rendering costs about as much as measuring).
-            Sampled step ``s`` gets one when ``(s // every_n_steps) % images == 0``, so the steps
-            with images do not depend on restarts.
+            Sampled step ``s`` gets one when ``((s - step_base) // every_n_steps) % images == 0`` (``step_base``
+            of the config: 1 for the Trainer's steps), so the first sample has one, and the steps with images do
+            not depend on restarts.
     """
 
     def __init__(
@@ -114,7 +115,7 @@ class TensorBoardSink(Sink):
             raise ValueError(f"images must be a bool or a non-negative int, got {images!r}")
         self.histograms = histograms
         self.images = images
-        self._every = 1
+        self._every, self._base = 1, 0
         self.layout = layout
         self._plots: Dict[str, ProfilePlot] = {}
 
@@ -128,6 +129,7 @@ class TensorBoardSink(Sink):
 
     def start(self, config: Dict[str, Any]) -> None:
         self._every = int(config.get("every_n_steps", 1))
+        self._base = int(config.get("step_base", 0))
         w = self.writer
         w.add_text(tags.CONFIG_TAG, _config_markdown(config), global_step=config.get("start_step", 0))
         if self.layout:
@@ -147,7 +149,7 @@ class TensorBoardSink(Sink):
                             np.asarray(lay[metric]["per_head"], dtype=np.float64),
                             global_step=step,
                         )
-            if self.images and (step // self._every) % self.images == 0 and matplotlib_available():
+            if self.images and ((step - self._base) // self._every) % self.images == 0 and matplotlib_available():
                 img = self._plots.setdefault(metric, ProfilePlot(metric)).render(result)
                 if img is not None:
                     w.add_image(tags.profile_tag(metric), img, global_step=step, dataformats="HWC")

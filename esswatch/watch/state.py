@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Dict, FrozenSet
 
 from ..engine.validation import check_positive_int
+from .budget import restore, validated_level
 
 __all__ = ["state_of", "load_state", "validated_state"]
 
@@ -23,8 +24,8 @@ def _count(state: Dict[str, Any], key: str, where: str = "") -> int:
 
 
 def validated_state(state: Any) -> Dict[str, Any]:
-    """``{"step", "failures", "failed_layers", "samples", "skipped_samples"}`` from an ESSWatch
-    state (version 1; ``skipped_samples`` may be missing in states written before it existed)."""
+    """``{"step", "failures", "failed_layers", "samples", "skipped_samples", "budget"}`` from an ESSWatch
+    state (version 1; ``skipped_samples`` and ``budget`` may be missing in states written before them)."""
     if not isinstance(state, dict) or state.get("version") != 1:
         raise ValueError(f"{_WHAT}: not an ESSWatch state (a dict with version 1), got {type(state).__name__}")
     sched = state.get("schedule")
@@ -48,6 +49,7 @@ def validated_state(state: Any) -> Dict[str, Any]:
         "failed_layers": set(failed),
         "samples": samples,
         "skipped_samples": skipped,
+        "budget": validated_level(state.get("budget")),
     }
 
 
@@ -60,6 +62,7 @@ def state_of(watch: Any) -> Dict[str, Any]:
         "failed_layers": sorted(watch._policy.names),
         "samples": watch._samples,
         "skipped_samples": watch._skipped_samples,
+        "budget": None if watch._budget is None else watch._budget.as_dict(),
     }
 
 
@@ -70,3 +73,5 @@ def load_state(watch: Any, state: Any) -> None:
     watch.schedule.step = st["step"]
     watch._policy.count, watch._policy.names = st["failures"], st["failed_layers"]
     watch._samples, watch._skipped_samples = st["samples"], st["skipped_samples"]
+    if watch._budget is not None and st["budget"] is not None and restore(watch._budget, st["budget"], watch):
+        watch._budget_gen += 1  # what is captured changed (as after a decision)

@@ -144,11 +144,11 @@ class ESSWatch:
         self.measure_config = MeasureConfig(
             indices=indices, estimator=estimator, metrics=metrics, tol=tol, relative=relative
         )
-        self.strict = strict
-        self.reduce = reduce
+        self.strict, self.reduce = strict, reduce
         self.probe_batch = probe_batch
         self._module = unwrap(model)
         self.capture = Capture(self._module, layers, batch_rows=batch_rows, heads=heads)
+        self._penalty_rows = batch_rows  # the regularizer's rows, whatever a budget cuts
         self._tss = self.capture.tss
         self._sinks = build_sinks(sinks, logdir=logdir, writer=writer, histograms=histograms, images=images)
         self._emitter = Emitter(self._sinks, strict)
@@ -161,8 +161,8 @@ class ESSWatch:
         self.capture.attach()
         self._train_only = train_forwards_only
         self._handles = install(model, self._gate, train_forwards_only)
-        # close() and the garbage collector release the model the same way (no reference to self)
         self._finalizer = weakref.finalize(self, release, self._gate, self._handles, self._sinks)
+        self.step_base = 0  # the first step's number in the steps it is given (the Trainer's are 1-based)
         self._offload: Optional[Offload] = Offload.started(self) if self.background else None
         self._arm()
 
@@ -187,7 +187,7 @@ class ESSWatch:
         self._penalties.reset()
         penalize = self._penalties.due(self.schedule.step)
         self._armed_gen = self._budget_gen
-        self._gate.arm((self.probe_batch is None and self.schedule.due_now) or penalize, keep_graph=penalize)
+        self._gate.arm((self.probe_batch is None and self.schedule.due_now) or penalize, penalize, self._penalty_rows)
 
     def paused(self) -> ContextManager[None]:
         """A context during which nothing is recorded (nests); what the current step recorded
@@ -271,13 +271,13 @@ class ESSWatch:
         return self._policy.count
 
     def state_dict(self) -> Dict[str, Any]:
-        """Plain data to checkpoint: the step counter, failure counts, samples taken."""
+        """Plain data to checkpoint: the step counter, failure counts, samples taken, the budget's level."""
         return state_of(self)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Resume: the step counter continues where ``state`` left it (the period is this
-        watch's own ``every_n_steps``). Every field is validated first (``ValueError`` naming
-        it); nothing is applied unless all are valid."""
+        """Resume: the step counter continues where ``state`` left it (the period is this watch's own
+        ``every_n_steps``), and a budget's level stays (if ``budget_seconds`` is the same). Every field is
+        validated first (``ValueError`` naming it); nothing is applied unless all are valid."""
         load_state(self, state)  # everything is checked before anything is applied
         self._arm()
 

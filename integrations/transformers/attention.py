@@ -143,7 +143,7 @@ class HFAttentionProbe(Probe):
         groups = max(1, hq // hk) if hk else 1
         q = self.keep(query, head_dim=1)
         k = self.keep(key)
-        if self.session.heads is not None:
+        if self.view()[1] is not None:
             k = k.narrow(1, 0, min(hk, -(-q.shape[1] // groups)))
         mask = attention_mask
         if isinstance(mask, torch.Tensor):
@@ -247,8 +247,9 @@ class BypassingAttentionProbe(UnsupportedProbe):
 
     layer_type = "Hugging Face attention that bypasses the attention-function registry (not capturable)"
     reason = (
-        "its forward computes attention without transformers' attention-function registry "
-        "(ALL_ATTENTION_FUNCTIONS / AttentionInterface), so esswatch never sees its query and key"
+        "its forward mixes the sequence without transformers' attention-function registry "
+        "(ALL_ATTENTION_FUNCTIONS / AttentionInterface): its own attention code, or a recurrence or linear "
+        "attention (RWKV, lightning attention), so esswatch never sees its query and key"
     )
 
 

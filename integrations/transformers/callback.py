@@ -198,6 +198,7 @@ class ESSCallback(TrainerCallback):
         sinks = ([self._pending] if to_trainer else []) + self.sinks
         _check_alignment(self.every_n_steps, args, state)
         self.watch = ESSWatch(model, self.logdir, writer=writer, every_n_steps=self.every_n_steps, sinks=sinks, **wk)
+        self.watch.step_base = 1  # the Trainer's steps: the first sample (step n) gets the first profile image
         hooked = getattr(getattr(self._trainer, "compute_loss_func", None), "_esswatch_callback", None) is self
         if self.watch.regularizer is not None and self._trainer is not None and not hooked:
             self._close_watch()

@@ -148,7 +148,7 @@ class _MixerProbe(Probe):
                 stacklevel=2,
             )
             return
-        rows = self.session.batch_rows  # recompute only the rows that are kept
+        rows = self.view()[0]  # recompute only the rows that are kept
         if rows is not None:
             hidden = hidden[:rows]
             mask = None if mask is None else mask[:rows]
@@ -183,7 +183,7 @@ class MambaProbe(_MixerProbe):
         _u, dt, B, C = mamba_scan_inputs(mixer, hidden, mask)
         A = -torch.exp(mixer.A_log.float())  # (channels, N)
         dt = self.keep(dt, head_dim=1)
-        if self.session.heads is not None:
+        if self.view()[1] is not None:
             A = A[: dt.shape[1]]
         if not self.session.keep_graph:
             A = A.detach()

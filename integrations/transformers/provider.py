@@ -75,6 +75,16 @@ _MIXERS = {
 _RECURRENT_WITHOUT_A_LOG = {
     ("transformers.models.recurrent_gemma.modeling_recurrent_gemma", "RecurrentGemmaRecurrentBlock"),  # RG-LRU
 }
+#: gated short-convolution mixers (LFM2's ``Lfm2ShortConv``, ...; not a vision tower's), no probe
+_SHORT_CONV = re.compile(r"^(?!.*Vision).*ShortConv(olution)?$")
+
+
+class UnsupportedShortConvProbe(UnsupportedMixerProbe):
+    """A gated short-convolution sequence mixer (LFM2 and similar) esswatch has no probe for."""
+
+    layer_type = "Hugging Face gated short-convolution mixer without an esswatch probe (not capturable)"
+    reason = "a gated short-convolution sequence mixer (LFM2 and similar) esswatch has no probe for"
+
 
 #: why the installed transformers is outside the supported range (``None`` when it is inside): then the
 #: layers below would be captured wrongly or not at all, so they are reported as not capturable
@@ -129,6 +139,8 @@ def _probe_for_type(t: type) -> Optional[Type[Probe]]:
         return HFAttentionProbe
     if _looks_like_attention(t):
         return BypassingAttentionProbe
+    if t.__module__.startswith("transformers.models.") and _SHORT_CONV.search(t.__name__):
+        return UnsupportedShortConvProbe
     if t.__module__.startswith("transformers.models."):
         return UnsupportedMixerProbe  # kept only if it owns an `A_log` (a recurrent mixer), see provider()
     return None
