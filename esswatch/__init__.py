@@ -1,7 +1,8 @@
 """esswatch: live effective state-size (ESS) of sequence-mixing layers.
 
-Layers, each depending only on the ones before it (checked in CI by import-linter,
-see ``[tool.importlinter]`` in ``pyproject.toml`` and CONTRIBUTING.md):
+Layers, each depending only on the ones before it (``tests/test_layering.py``; CONTRIBUTING.md); beside
+them :mod:`esswatch.layers` (reference mixers, at the level of ``watch``), then :mod:`esswatch.tools` and
+:mod:`esswatch.demo`, then :mod:`esswatch.cli`:
 
 - :mod:`esswatch.engine` - pure math on tensors (spectra, Gramians, sketches);
 - :mod:`esswatch.operators` - structured causal operators and their products;

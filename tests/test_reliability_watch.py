@@ -411,6 +411,20 @@ def test_bad_watch_arguments_raise_value_error_and_leave_nothing_attached(kwargs
     esswatch.ESSWatch(model).close()
 
 
+def test_unknown_options_are_type_errors_with_nothing_attached():
+    """The README's guarantee names TypeError for an unknown option: ESSWatch, capture and Regularizer."""
+    model = make_model()
+    before = hook_count(model)
+    for make in (
+        lambda: esswatch.ESSWatch(model, no_such=1),
+        lambda: esswatch.capture(model, no_such=1),
+        lambda: esswatch.Regularizer(1.0, no_such=1),
+    ):
+        with pytest.raises(TypeError, match="no_such"):
+            make()
+        assert hook_count(model) == before
+
+
 @pytest.mark.parametrize(
     "kwargs, what",
     [
