@@ -504,6 +504,28 @@ def test_budget_fixes_a_smaller_measurement_after_the_first_sample(background):
         assert r["seconds"] < max(3 * budget, first["seconds"] / 3)
 
 
+def test_budget_cut_of_an_explicit_list_fits_shorter_sequences():
+    """Regression: a budget that cut indices=[4, 8, 40, 50] to one kept [40], so a later batch of 16 tokens
+    had no index left and every layer failed (without a budget it measures [4, 8]). The cut is now one of the
+    listed indices that fit each sequence; the values are those of entropy_ess at that index."""
+    torch.manual_seed(0)
+    model = SequenceModel(VOCAB, d_model=16, n_layers=1, mixer="attention", n_heads=2)
+    watch = esswatch.ESSWatch(model, every_n_steps=1, indices=[4, 8, 40, 50], budget_seconds=1e-6, batch_rows=1)
+    got = []
+    for length in (64, 64, 16, 12):
+        x = torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(length))
+        model(x)
+        got.append(watch.step())
+    watch.close()
+    assert [r["failures"] for r in got] == [0, 0, 0, 0]
+    assert [r["layers"]["blocks.0.mixer"]["indices"] for r in got] == [[4, 8, 40, 50], [40], [8], [8]]
+    with esswatch.capture(model) as cap:
+        model(torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(12)))
+    (op,) = cap.operators.values()
+    ref = float(esswatch.entropy_ess(op.narrowed(1, 1), [8]).mean())
+    assert got[-1]["layers"]["blocks.0.mixer"]["entropy"]["avg"] == pytest.approx(ref, rel=1e-6)
+
+
 def test_budget_level_survives_a_resume():
     """Regression: state_dict() did not hold the budget's level, so a resumed watch measured its first sample
     at full size again (a spike in the curves) and decided anew. Now the level comes back with the state

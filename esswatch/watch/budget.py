@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .measure import IndexSpec, MeasureConfig, select_indices
+from .measure import IndexSpec, MeasureConfig, Spread, select_indices, spread_of
 
 __all__ = ["Budget", "FINE_BELOW", "TARGET", "validate_budget", "agree_min"]
 
@@ -73,11 +73,10 @@ def _counts(n: int) -> List[int]:
 
 
 def _spread(spec: IndexSpec, n: int) -> IndexSpec:
-    """``n`` indices of the configured ones (an int count for an int / ``"all"`` spec)."""
+    """``n`` indices of the configured ones (an int count for an int / ``"all"`` spec; for a list, ``n`` of
+    those that fit each sequence: :class:`~esswatch.watch.measure.Spread`)."""
     if isinstance(spec, tuple):
-        if n >= len(spec):
-            return spec
-        return tuple(sorted({spec[(2 * j + 1) * len(spec) // (2 * n)] for j in range(n)}))
+        return spec if n >= len(spec) else Spread(spec, n)
     return n
 
 
@@ -160,7 +159,7 @@ class Budget:
             "seconds": self.seconds,
             "batch_rows": rows,
             "heads": heads,
-            "indices": (list(_spread(cfg.indices, n_idx)) if isinstance(cfg.indices, tuple) else n_idx)
+            "indices": (list(spread_of(cfg.indices, n_idx)) if isinstance(cfg.indices, tuple) else n_idx)
             if cut_idx
             else (list(cfg.indices) if isinstance(cfg.indices, tuple) else cfg.indices),
             "cut": [
@@ -175,6 +174,8 @@ class Budget:
 
     def measure_config(self, cfg: MeasureConfig) -> MeasureConfig:
         ind = self.level["indices"]
+        if isinstance(ind, list) and isinstance(cfg.indices, tuple):  # n of the configured list, per sequence
+            ind = _spread(cfg.indices, len(ind))
         return dataclasses.replace(cfg, indices=tuple(ind) if isinstance(ind, list) else ind)
 
     def as_dict(self) -> Optional[Dict[str, Any]]:

@@ -42,6 +42,29 @@ STATS = ("avg", "max", "total", "utilization")
 IndexSpec = Union[int, str, Sequence[int]]
 
 
+class Spread(tuple):
+    """A budget's cut of an explicit index list: ``n`` of these indices, spread evenly over those that fit
+    each sequence (:func:`select_indices`), so a shorter sequence still gets ``n`` of the ones it has."""
+
+    def __new__(cls, pool: Sequence[int], n: int) -> "Spread":
+        obj = super().__new__(cls, pool)
+        obj.n = n
+        return obj
+
+    def __reduce__(self):  # copies and pickles keep n
+        return (Spread, (tuple(self), self.n))
+
+    def __repr__(self) -> str:
+        return f"Spread({list(self)}, n={self.n})"
+
+
+def spread_of(pool: Sequence[int], n: int) -> Tuple[int, ...]:
+    """``n`` of ``pool`` (sorted), spread evenly (all of them when ``n >= len(pool)``)."""
+    if n >= len(pool):
+        return tuple(pool)
+    return tuple(sorted({pool[(2 * j + 1) * len(pool) // (2 * n)] for j in range(n)}))
+
+
 @dataclass(frozen=True)
 class MeasureConfig:
     """What to measure on each captured operator (validated on construction).
@@ -73,7 +96,7 @@ class MeasureConfig:
         elif isinstance(ind, int):
             if ind < 1:
                 raise ValueError(f"indices: the count must be at least 1, got {ind}")
-        else:
+        elif not isinstance(ind, Spread):  # a Spread is built from a validated list
             if (
                 isinstance(ind, (set, frozenset, dict, bytes))
                 or not hasattr(ind, "__iter__")
@@ -97,7 +120,8 @@ class MeasureConfig:
             raise ValueError(f"relative must be a bool, got {self.relative!r}")
 
     def as_dict(self) -> Dict[str, Any]:
-        ind = list(self.indices) if isinstance(self.indices, tuple) else self.indices
+        spec = self.indices
+        ind = list(spread_of(spec, spec.n) if isinstance(spec, Spread) else spec) if isinstance(spec, tuple) else spec
         return {
             "indices": ind,
             "estimator": self.estimator,
@@ -118,7 +142,7 @@ def select_indices(spec: IndexSpec, seq_len: int) -> List[int]:
     out = [i for i in spec if 1 <= i <= seq_len - 1]
     if not out:
         raise ValueError(f"none of the configured indices {list(spec)} lies in 1..L-1 = 1..{seq_len - 1}")
-    return out
+    return list(spread_of(out, spec.n)) if isinstance(spec, Spread) else out
 
 
 def _as_bhi(e: torch.Tensor) -> torch.Tensor:
