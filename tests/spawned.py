@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import gc
 import os
 
@@ -20,7 +21,11 @@ def run_rank(rank: int, body, world: int, tmp: str) -> None:
     work freed during finalization (pytorch/pytorch#179291).
     """
     dist.init_process_group(
-        "gloo", init_method=f"file://{os.path.join(tmp, 'rendezvous')}", rank=rank, world_size=world
+        "gloo",
+        init_method=f"file://{os.path.join(tmp, 'rendezvous')}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),  # a collective mismatch fails the test instead of hanging it
     )
     try:
         body(rank, tmp)

@@ -138,6 +138,27 @@ def test_aborted_forward_with_no_forward_after_it_is_not_measured():
     np.testing.assert_allclose(res["layers"]["attn"]["entropy"]["per_index"], ref.mean(axis=(0, 1)), rtol=1e-4)
 
 
+def test_a_forward_that_raises_while_paused_keeps_the_steps_record():
+    """Regression: an evaluation forward inside watch.paused() that raised (and was caught) left the gate's
+    in-forward mark set, so step() dropped the training forward's record as if it had been aborted. The
+    paused forward is not the step's: the sample is the training forward's (NumPy SVD)."""
+    model = Flaky()
+    watch = esswatch.ESSWatch(model, every_n_steps=1, batch_rows=1)
+    good = torch.randn(1, L, D)
+    model(good)
+    model.boom = True
+    with watch.paused(), torch.no_grad(), pytest.raises(RuntimeError, match="user error"):
+        model(torch.randn(1, L, D))
+    model.boom = False
+    res = watch.step()
+    watch.close()
+    with esswatch.capture(model) as cap:
+        model(good)
+    t = cap.operators["attn"].dense().double().numpy()
+    ref = np.array([np_entropy_ess(t, i) for i in res["layers"]["attn"]["indices"]]).T
+    np.testing.assert_allclose(res["layers"]["attn"]["entropy"]["per_index"], ref.mean(axis=(0, 1)), rtol=1e-4)
+
+
 def test_aborted_forward_with_regularizer_uses_latest_graph():
     model = Flaky()
     reg = esswatch.Regularizer(1.0, mode="target", target=0.0)  # penalty = mean(u^2) > 0

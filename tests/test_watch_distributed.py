@@ -146,3 +146,66 @@ def test_ddp_background_reduce_ranks_agree_without_deadlock(tmp_path):
     for r in (r0, r1):
         bud = r["results"][-1]["budget"]
         assert bud["cut"] or bud["predicted_seconds"] <= TARGET * 0.01, bud
+
+
+PROBE_L = 9
+
+
+def _probe_fail_worker(rank: int, tmp: str, background: bool) -> None:
+    import esswatch
+    from esswatch.layers import SequenceModel
+
+    class FlakyProbe(SequenceModel):
+        """Its next probe-batch forward raises (a transient error, e.g. out of memory, on one rank)."""
+
+        fail_next_probe = False
+
+        def forward(self, x):
+            if self.fail_next_probe and x.shape[-1] == PROBE_L:
+                self.fail_next_probe = False
+                raise RuntimeError("probe forward failed on this rank")
+            return super().forward(x)
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    inner = FlakyProbe(VOCAB, d_model=16, n_layers=2, mixer="attention", n_heads=2)
+    inner.fail_next_probe = rank == 1
+    model = nn.parallel.DistributedDataParallel(inner)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    probe = torch.randint(0, VOCAB, (2, PROBE_L), generator=torch.Generator().manual_seed(7))
+    watch = esswatch.ESSWatch(model, every_n_steps=EVERY, reduce=True, background=background, probe_batch=probe)
+    g = torch.Generator().manual_seed(100 + rank)
+    out = []
+    for _ in range(STEPS):
+        r = _train_step(model, opt, watch, torch.randint(0, VOCAB, (B, L), generator=g))
+        if r is not None:
+            out.append({"step": r["step"], "ranks": r["layers"]["blocks.0.mixer"]["ranks"]})
+    watch.close()
+    last = watch.latest()
+    if last is not None and (not out or out[-1]["step"] != last["step"]):
+        out.append({"step": last["step"], "ranks": last["layers"]["blocks.0.mixer"]["ranks"]})
+    with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
+        json.dump({"results": out, "failures": watch.failures}, f)
+
+
+def _probe_fail_blocking(rank, tmp):
+    _probe_fail_worker(rank, tmp, False)
+
+
+def _probe_fail_background(rank, tmp):
+    _probe_fail_worker(rank, tmp, True)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+@pytest.mark.parametrize("body", [_probe_fail_blocking, _probe_fail_background])
+def test_ddp_reduce_survives_a_probe_forward_failing_on_one_rank(tmp_path, body):
+    """Regression: a probe_batch forward that raised on rank 1 only made that rank skip the sample, so rank
+    0 waited in a collective rank 1 never joined (blocking: a hang until gloo's timeout), or the ranks'
+    collectives crossed (background: gloo aborted the process). Now the failing rank joins with nothing:
+    both ranks log the same steps, the first from rank 0 alone, and rank 1 counts the failure."""
+    mp.spawn(run_rank, args=(body, 2, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["results"] == r1["results"] and r0["results"]
+    ranks = {x["step"]: x["ranks"] for x in r0["results"]}
+    assert ranks.get(0, 1) == 1 and all(n == 2 for s, n in ranks.items() if s > 0)
+    assert r1["failures"] >= 1 and r0["failures"] == 0

@@ -27,6 +27,8 @@ from ..operators import Operator
 
 __all__ = ["Probe", "CaptureError", "CaptureWarning"]
 
+_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+
 
 class CaptureError(RuntimeError):
     """Raised when a layer cannot be captured faithfully (names the layer)."""
@@ -101,6 +103,8 @@ class Probe:
             x = x.narrow(head_dim, 0, min(heads, x.shape[head_dim]))
         if not self.session.keep_graph:
             x = x.detach()
+        elif _compiling():  # a view of an intermediate kept as a graph output trips AOTAutograd's alias replay
+            x = x.clone()
         return x
 
     def record(self, **tensors: Any) -> None:

@@ -33,6 +33,8 @@ class GateHook:
 
     def __call__(self, module, args):
         gate = self.gate
+        if gate.paused:  # records nothing: it neither drops the step's record nor counts as its forward
+            return None
         if gate.in_forward:
             gate.capture.clear()
         gate.in_forward = True
@@ -54,7 +56,8 @@ class DoneHook:
         self.gate = gate
 
     def __call__(self, module, args, output):
-        self.gate.in_forward = False
+        if not self.gate.paused:
+            self.gate.in_forward = False
         return None
 
 

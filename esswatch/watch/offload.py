@@ -93,8 +93,10 @@ class Offload:
                 if not self.worker.pending() or len(self.held) > MAX_HELD:
                     self._release(watch)  # nothing earlier outstanding (or too many held): now
             return
-        if watch.probe_batch is not None and not watch._run_probe(step):
-            return  # its forward raised: counted and warned as a failure
+        if watch.probe_batch is not None and not watch._run_probe(step) and not watch.reduce:
+            return  # its forward raised: counted and warned as a failure (under reduce an empty job keeps the ranks
+            # in step: every rank has a sample outstanding, so all reach the same collectives; a blocking
+            # step() measures nothing on that rank but joins the reduction the same way)
         self.worker.submit(make_job(watch, step, source, self.copier))
 
     def _release(self, watch) -> None:

@@ -221,7 +221,7 @@ class ESSWatch:
         try:
             if self._offload is not None:
                 result = self._offload.step(self, s)
-            elif self.schedule.due(s) and (self.probe_batch is None or self._run_probe(s)):
+            elif self.schedule.due(s) and (self.probe_batch is None or self._run_probe(s) or self.reduce):
                 result = self.measure(step=s, source="probe" if self.probe_batch is not None else "train")
         finally:  # strict=True raises from here: the step still counts, so later samples keep their steps
             self.schedule.advance()
