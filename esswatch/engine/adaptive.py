@@ -54,6 +54,7 @@ __all__ = [
     "SKETCH_RANK0",
     "SKETCH_REPROJECT_RATIO",
     "SLQ_MIN_SIZE",
+    "SLQ_MIN_RTOL",
     "SLQ_RANK",
     "SLQ_RETRY_MAX_RATIO",
     "SLQ_RETRY_MIN_SIZE",
@@ -92,6 +93,9 @@ SKETCH_FLAT_TAIL = 0.5
 #: SVD is about as cheap) with a deflation rank of SLQ_RANK
 SLQ_MIN_SIZE = 384
 SLQ_RANK = 32
+#: ... and only for rtol at or above this: its ~95% confidence is calibrated at 0.02, and below it a float32
+#: block's bias (about +0.9% on attention at initialisation) took up the whole rtol (46% misses at 0.01)
+SLQ_MIN_RTOL = 0.02
 #: ... and blocks from SLQ_SMALL_MIN_SIZE where the pilot's bound ratio is at most SLQ_SMALL_MAX_RATIO
 #: (examples/benchmarks/small_blocks.py: ratios of 1.28-2.09 there, every head accepted, 0.17-0.75 of the
 #: exact SVD's time; from 2.56 up most heads were rejected, so the quadrature's time was lost)
@@ -218,11 +222,13 @@ def randomized_entropy(h: torch.Tensor, rtol: float, generator, *, allow_slq: bo
     ``lower <= exact <= upper`` always (deterministic bounds; equal to the estimate where the
     block was computed exactly). The estimate is within ``rtol`` of the exact value for
     bound-closed and exact entries; for entries accepted by the deflated SLQ with about 95%
-    confidence. ``fro2``: ``||h||_F^2`` (float64, ``batch``) where the caller has it
+    confidence (the SLQ runs only for ``rtol >= SLQ_MIN_RTOL``; below it such entries are exact).
+    ``fro2``: ``||h||_F^2`` (float64, ``batch``) where the caller has it
     (:func:`~esswatch.engine.slq.hankel_frobenius2`), else one pass over ``h`` computes it.
     Entries far from unit scale are rescaled, all-zero ones answered with 0 (:mod:`.scaling`).
     """
     fro2 = frobenius2(h) if fro2 is None else fro2
+    allow_slq = allow_slq and rtol >= SLQ_MIN_RTOL - 1e-12
     return on_unit_scale(lambda h, f: _randomized_entropy(h, rtol, generator, allow_slq, f), h, fro2)
 
 

@@ -156,7 +156,8 @@ def entropy_ess(
             resolved by the deterministic bounds are within ``rtol`` always; entries resolved
             by the deflated stochastic Lanczos quadrature (large flat-tailed blocks) are
             within ``rtol`` with about 95% confidence (a two-standard-error test; the
-            calibration test checks a miss rate of at most 5%).
+            calibration test checks a miss rate of at most 5%, at ``rtol = 0.02``). The quadrature
+            runs only for ``rtol >= 0.02``; with a smaller ``rtol`` those entries are exact.
         return_bounds: also return ``(lower, upper)`` with ``lower <= exact <= upper``
             (deterministic, whatever the random draw; equal to the estimate for exact
             entries; the estimate is clamped into them).
