@@ -4,6 +4,7 @@ the work lives in :mod:`esswatch.demo`)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -180,7 +181,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         check_demo(sub, args)  # everything is checked before anything is created
     elif args.command == "profile":
         check_profile(sub, args)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:  # the reader went away (`esswatch report ... | head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

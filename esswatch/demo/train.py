@@ -4,7 +4,9 @@
 :class:`~esswatch.layers.SequenceModel`; :func:`train_mqar` runs AdamW with a linear
 warm-up and cosine decay, calls ``watch.step()`` once per optimizer step, and logs the
 loss and the held-out query accuracy (tags ``mqar/loss``, ``mqar/accuracy``) to an
-optional ``SummaryWriter``. The data come from their own generators, so runs with the
+optional ``SummaryWriter``. The loss at step ``k`` is that of the forward before step ``k``'s update
+(as the ESS, measured on that forward); the accuracy at step ``k`` is evaluated after it (``k + 1``
+updates), so the last point is the trained model's. The data come from their own generators, so runs with the
 same seed see the same batches whatever is measured.
 """
 

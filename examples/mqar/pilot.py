@@ -58,6 +58,9 @@ def run(mixer, d, kv, L, vocab, steps, lr, seed=0, batch=32, **mk):
 
 
 if __name__ == "__main__":
+    if not sys.argv[1:] or any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(__doc__)
+        sys.exit(0)
     torch.set_num_threads(1)
     for spec in sys.argv[1:]:
         run(**json.loads(spec))
