@@ -41,7 +41,7 @@ class FailurePolicy:
         if name not in self.names:
             self.names.add(name)
             warnings.warn(
-                f"esswatch: skipped {what} at step {step}: {type(err).__name__}: {err}. "
+                f"esswatch: skipped {what} at step {step}: {type(err).__name__}: {str(err).rstrip('.')}. "
                 "Training continues; later failures of this layer are only counted (tag ess/failures). "
                 "Pass strict=True to raise instead.",
                 ESSWarning,
