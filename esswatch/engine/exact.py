@@ -25,7 +25,19 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["batched_svdvals", "nonzero_extents", "oriented_svdvals", "trim_by_extents", "trim_zero_lines"]
+__all__ = [
+    "EXACT_CHUNK_BYTES",
+    "batched_svdvals",
+    "nonzero_extents",
+    "oriented_svdvals",
+    "trim_by_extents",
+    "trim_zero_lines",
+]
+
+#: without gradients, the exact route builds and decomposes the blocks of one call in chunks of at most this
+#: many bytes of block values: a window's or a short kernel's thousands of equal blocks (each holding its
+#: scores) are never all alive at once
+EXACT_CHUNK_BYTES = 1 << 26
 
 #: trim only when it removes at least this fraction of rows or columns (a copy is not free)
 TRIM_MIN_GAIN = 0.1

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.exact import batched_svdvals
+from ..engine.exact import EXACT_CHUNK_BYTES, batched_svdvals
 from ..engine.spectral import compute_dtype, entropy_from_singular_values, safe_sqrt
 from ..engine.validation import check_indices, check_not_meta
 from ..operators import Operator
@@ -140,10 +140,28 @@ def singular_values_by_plan(op: Operator, by_index: dict, cache: BlockCache) -> 
                     dense_idx.append(i)
     if len(dense_idx) > planned_dense:  # the call's memory check counted the Gramians, not these blocks
         check_fallback_memory(op, dense_idx[planned_dense:], "ESS")
-    if dense_idx:
-        for i, sv in zip(dense_idx, batched_svdvals([cache.hankel(i) for i in dense_idx])):
+    for chunk in _chunks(op, dense_idx):
+        for i, sv in zip(chunk, batched_svdvals([cache.hankel(i) for i in chunk])):
             out.add(i, sv)
     return out
+
+
+def _chunks(op: Operator, idx: list) -> list:
+    """``idx`` in consecutive groups of at most :data:`EXACT_CHUNK_BYTES` of block values (one group with a
+    graph: the backward keeps every block anyway)."""
+    if not idx or (torch.is_grad_enabled() and op.requires_grad):
+        return [idx] if idx else []
+    L, per = op.seq_len, op.numel_batch() * torch.finfo(compute_dtype(op.dtype)).bits // 8
+    groups, cur, size = [], [], 0
+    for i in idx:
+        rows, cols = op.hankel_support(i)
+        nbytes = per * len(range(*rows.indices(L))) * len(range(*cols.indices(L)))
+        if cur and size + nbytes > EXACT_CHUNK_BYTES:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(i)
+        size += nbytes
+    return groups + [cur]
 
 
 def entropy_table(svs: Spectra, dtype):

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from ..engine import alloc
+from ..engine.exact import EXACT_CHUNK_BYTES
 from ..engine.spectral import compute_dtype
 from ..engine.validation import broadcast_batch, check_finite, check_finite_number, check_positive_int
 from .base import Operator
@@ -138,14 +139,18 @@ class SoftmaxAttention(Operator):
     def materialize_bytes(self, indices, grad: bool) -> int:
         """With a window ``w`` shorter than the sequence the blocks come from :meth:`block` (``T`` is never built):
         each block's scores span about ``w`` rows and ``2 w`` columns and stay alive until the blocks, stacked
-        into one batched SVD, are decomposed (twice that with gradients), beside the rescaled ``q`` and ``k``.
-        Without a window, :attr:`dense_copies` of ``T``."""
+        into one batched SVD, are decomposed (twice that with gradients), beside the rescaled ``q`` and ``k``;
+        without gradients the blocks are built in chunks (``EXACT_CHUNK_BYTES`` of values), so only a
+        chunk's are alive at once. Without a window, :attr:`dense_copies` of ``T``."""
         if self.window is None or self.window >= self.seq_len:
             return super().materialize_bytes(indices, grad)
         itemsize = torch.finfo(compute_dtype(self.dtype)).bits // 8
         b, w, n = self.numel_batch(), self.window, max(1, len(indices))
         inputs = 2 * b * self.seq_len * self.q.shape[-1] * itemsize
-        return inputs + n * b * w * w * itemsize * (2 * (4 if grad else 2) + 1)
+        if grad:
+            return inputs + n * b * w * w * itemsize * (2 * 4 + 1)
+        # one chunk alive: about 7.2 w^2 per block measured (scores, softmax temporaries, the stacked copy)
+        return inputs + min(n, max(1, EXACT_CHUNK_BYTES // (b * w * w * itemsize))) * b * w * w * itemsize * 10
 
     def block(self, rows: slice, cols: slice) -> torch.Tensor:
         """``T[..., rows, cols]`` from the rows' scores only (the same arithmetic as :meth:`dense`)."""
