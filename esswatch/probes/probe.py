@@ -25,7 +25,14 @@ import torch
 
 from ..operators import Operator
 
-__all__ = ["Probe", "CaptureError", "CaptureWarning"]
+__all__ = ["Probe", "CaptureError", "CaptureWarning", "PADDING_WARNING"]
+
+#: what a probe of an attention layer warns, once, when a captured batch is padded (after ``esswatch: <layer>: ``)
+PADDING_WARNING = (
+    "padded batch: padded positions are zero rows and columns of the operator, so ESS at index i mixes "
+    "different token positions across differently padded rows (and the geometric bound min(i, L-i) is that "
+    "of the full length)."
+)
 
 _compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 

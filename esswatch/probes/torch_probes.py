@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 from ..engine.spectral import compute_dtype
 from ..operators import Operator, SoftmaxAttention
-from .probe import CaptureError, CaptureWarning, Probe
+from .probe import PADDING_WARNING, CaptureError, CaptureWarning, Probe
 from .registry import register_probe
 
 __all__ = ["MultiheadAttentionProbe", "BLOCKED_BELOW"]
@@ -278,13 +278,7 @@ class MultiheadAttentionProbe(Probe):
         pad = key_padding_mask if key_padding_mask.dtype == torch.bool else _blocked(key_padding_mask)
         if bool(pad.any()):
             self._warned.add("padding")
-            warnings.warn(
-                f"esswatch: {self._describe()}: padded batch: padded positions are zero rows and columns of the "
-                "operator, so ESS at index i mixes different token positions across differently padded rows (and "
-                "the geometric bound min(i, L-i) is that of the full length).",
-                CaptureWarning,
-                stacklevel=3,
-            )
+            warnings.warn(f"esswatch: {self._describe()}: {PADDING_WARNING}", CaptureWarning, stacklevel=3)
 
     def tss(self) -> Optional[int]:
         return None  # softmax attention: the cache grows with the index

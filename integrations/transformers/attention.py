@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from esswatch.operators import Dense, Operator, SoftmaxAttention
-from esswatch.probes import CaptureWarning, Probe, UnsupportedProbe
+from esswatch.probes import PADDING_WARNING, CaptureWarning, Probe, UnsupportedProbe
 
 from . import attention_registry
 from .attention_mask import as_mask, softcapped_probs
@@ -228,12 +228,7 @@ class HFAttentionProbe(Probe):
             )
         causal_ok = ok & (r[None, :] <= r[:, None])
         if not bool(causal_ok.any(dim=-2).all()):
-            self._warn(
-                "padding",
-                f"esswatch: {self.name}: padded batch: padded positions are zero rows and "
-                "columns of the operator, so ESS at index i mixes different token positions across "
-                "differently padded rows (and the geometric bound min(i, L-i) is that of the full length).",
-            )
+            self._warn("padding", f"esswatch: {self.name}: {PADDING_WARNING}")
 
 
 class BypassingAttentionProbe(UnsupportedProbe):
