@@ -117,6 +117,30 @@ def test_the_dense_fallback_of_the_gramian_route_is_checked_before_t(monkeypatch
     assert calls == [1]
 
 
+def test_the_fallback_check_counts_the_gramian_graph_it_runs_beside(monkeypatch):
+    """With gradients the Gramian route's graph stays alive until the backward pass, so the indices that fall
+    back to ``T`` are checked with it: a limit above the call's own estimate and above the fallback's blocks
+    alone, but below the two together, refuses the call before ``T`` is built."""
+    from esswatch.ess.guard import _blocks_bytes
+
+    idx = [128, 256, 384]
+    op = DeltaRule(*[t.requires_grad_() for t in _rank_one_delta_rule()])
+    gram = op.gram_bytes(len(idx), grad=True)
+    fallback = _blocks_bytes(op, idx, True, sketch=False)
+    limit = fallback + gram // 2
+    assert limit > max(gram, fallback, call_bytes(op, torch.tensor(idx), "gram"))
+    calls = []
+    real = delta_mod.delta_rule_dense
+    monkeypatch.setattr(delta_mod, "delta_rule_dense", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setenv("ESSWATCH_MAX_BYTES", str(limit))
+    with pytest.raises(ESSMemoryError, match="do not factor"):
+        esswatch.entropy_ess(op, idx, estimator="gram")
+    assert calls == []
+    monkeypatch.setenv("ESSWATCH_MAX_BYTES", str(fallback + gram + 1))
+    np.testing.assert_allclose(esswatch.entropy_ess(op, idx, estimator="gram").detach().numpy(), 1.0, rtol=1e-9)
+    assert calls == [1]
+
+
 def test_a_sliding_window_is_counted_by_its_blocks_not_t(monkeypatch):
     """With a window ``T`` is never built (each block comes from its rows' scores), so the estimate follows the
     window, not ``L``: a limit of a quarter of ``T``'s size lets the call through, with and without gradients,

@@ -89,29 +89,37 @@ def _forward(q, k, beta, log_decay, idx, C, reverse):
     for those with ``b < N``."""
     N = k.shape[-1]
     bounds = sorted(set(range(0, idx[-1], C)) | set(idx))
-    wanted = set(idx)
+    wanted = {b: j for j, b in enumerate(idx)}
     P = torch.zeros(*k.shape[:-2], N, N, dtype=torch.float64, device=k.device)
     X = P[..., :0]  # the columns themselves, while there are fewer than N
-    out, factors = [], {}
+    # without a graph the stack is written in place (in reversed order if reverse): no list beside a stacked copy
+    graph = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, beta, log_decay))
+    out, factors = ([] if graph else P.new_empty(*P.shape[:-2], len(idx), N, N)), {}
     for a, b in zip(bounds[:-1], bounds[1:]):
         M, W, _ = _segment(*_segment_inputs(q, k, beta, log_decay, a, b, reverse))
         P = M @ P @ M.transpose(-1, -2) + W @ W.transpose(-1, -2)
         if b < N:
             X = torch.cat([M @ X, W], dim=-1)
         if b in wanted:
-            out.append(P)
+            if graph:
+                out.append(P)
+            else:
+                out[..., len(idx) - 1 - wanted[b] if reverse else wanted[b], :, :] = P
             if b < N:
                 factors[b] = X
-    return torch.stack(out, dim=-3), factors
+    if graph:
+        out = torch.stack(out[::-1] if reverse else out, dim=-3)
+    return out, factors
 
 
 def _both(q, k, beta, log_decay, idx, segment):
     """``P, Q`` at ``idx``, and the explicit factors ``R_i`` (``i < N``) and ``O_i^T`` (``L - i < N``)."""
     L = q.shape[-2]
     P, R = _forward(q, k, beta, log_decay, idx, segment, reverse=False)
-    # Q_i: the forward recurrence in reversed time with the input B_r q_r; index i -> L - i
+    # Q_i: the forward recurrence in reversed time with the input B_r q_r; index i -> L - i (stacked in the order
+    # of idx)
     Q, Ot = _forward(q, k, beta, log_decay, [L - i for i in reversed(idx)], segment, reverse=True)
-    return P, Q.flip(-3), R, {L - b: x for b, x in Ot.items()}
+    return P, Q, R, {L - b: x for b, x in Ot.items()}
 
 
 def delta_gramians(q, k, beta, log_decay, indices: torch.Tensor, segment: int = SEGMENT):
@@ -139,8 +147,12 @@ def delta_gram_squared_singular_values(q, k, beta, log_decay, indices: torch.Ten
     inner = [j for j in range(len(idx)) if j not in set(ends)]
     parts = {}
     if inner:
-        pos = torch.tensor(inner, device=P.device)
-        lam, ok, fro2 = gramian_squared_singular_values(P.index_select(-3, pos), Q.index_select(-3, pos))
+        if inner[-1] - inner[0] + 1 == len(inner):  # consecutive (all indices but the ends): views, not copies
+            p_in, q_in = P[..., inner[0] : inner[-1] + 1, :, :], Q[..., inner[0] : inner[-1] + 1, :, :]
+        else:
+            pos = torch.tensor(inner, device=P.device)
+            p_in, q_in = P.index_select(-3, pos), Q.index_select(-3, pos)
+        lam, ok, fro2 = gramian_squared_singular_values(p_in, q_in)
         parts.update({j: (lam[..., m, :], ok[..., m], fro2[..., m]) for m, j in enumerate(inner)})
     for j in ends:
         i = idx[j]

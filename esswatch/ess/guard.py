@@ -34,12 +34,14 @@ def check_call_memory(op: Operator, idx: torch.Tensor, estimator: str, what: str
     )
 
 
-def check_fallback_memory(op: Operator, indices: list, what: str) -> None:
+def check_fallback_memory(op: Operator, indices: list, what: str, gram_indices: int = 0) -> None:
     """Before the Gramian route's indices that do not factor take the dense route (their blocks, and for most
-    operators ``T``): the same check for what that builds."""
+    operators ``T``): the same check for what that builds; with gradients beside the Gramian route's graph of
+    ``gram_indices`` indices, which stays alive until the backward pass."""
     grad = torch.is_grad_enabled() and op.requires_grad
+    held = op.gram_bytes(gram_indices, grad=True) if grad and gram_indices else 0
     check_memory(
-        _blocks_bytes(op, indices, grad, sketch=False),
+        held + _blocks_bytes(op, indices, grad, sketch=False),
         op.device,
         f"{what} on a {type(op).__name__} (batch {tuple(op.batch_shape)}, L={op.seq_len}): {len(indices)} indices "
         "whose Gramians do not factor take the dense route" + (" with gradients" if grad else ""),

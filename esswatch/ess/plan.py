@@ -114,7 +114,7 @@ def singular_values_by_plan(op: Operator, by_index: dict, cache: BlockCache) -> 
     L = op.seq_len
     dense_idx = [i for i, e in by_index.items() if e == "exact"]
     gram_idx = [i for i, e in by_index.items() if e == "gram"]
-    planned_dense = len(dense_idx)
+    planned_dense, n_gram = len(dense_idx), 0
     if gram_idx:
         N = op.state_width
         via_gram = sorted(i for i in gram_idx if op.gram_at_ends or min(i, L - i) >= N)
@@ -123,6 +123,7 @@ def singular_values_by_plan(op: Operator, by_index: dict, cache: BlockCache) -> 
         near = {} if env is None else near_values(op, env, via_gram)  # fast gates: all of H_i near i
         out.update(near)
         via_gram = [i for i in via_gram if i not in near]
+        n_gram = len(via_gram)
         if via_gram:
             lam, ok, fro2 = op.gram_spectrum(torch.tensor(via_gram))
             sv = safe_sqrt(lam).to(compute_dtype(op.dtype))
@@ -139,7 +140,7 @@ def singular_values_by_plan(op: Operator, by_index: dict, cache: BlockCache) -> 
                 else:
                     dense_idx.append(i)
     if len(dense_idx) > planned_dense:  # the call's memory check counted the Gramians, not these blocks
-        check_fallback_memory(op, dense_idx[planned_dense:], "ESS")
+        check_fallback_memory(op, dense_idx[planned_dense:], "ESS", n_gram)
     for chunk in _chunks(op, dense_idx):
         for i, sv in zip(chunk, batched_svdvals([cache.hankel(i) for i in chunk])):
             out.add(i, sv)

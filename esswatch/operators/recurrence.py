@@ -194,10 +194,15 @@ class GatedRecurrence(Operator):
         each segment's float64 factors, weights and products, all of them alive: about six ``L x N``) or the
         chunked form's per-position outer products
         and their running sums (about three ``L x N x N``); then the
-        ``P``, ``Q`` stacks and their eigenproblems. With ``grad``, half as much again (the graph)."""
+        ``P``, ``Q`` stacks and their eigenproblems. With ``grad``, half as much again (the graph); the chunked form
+        with a graph keeps its outer products, their cumulative sums and a permuted copy (``3 L N^2`` per direction)
+        and every index's gathered and scaled Gramians and eigenproblem (measured: up to ``5 L N^2 + 10 n N^2``
+        at all indices), counted as ``6 L N^2 + 12 n N^2``."""
         b, L, N = self.numel_batch(), self.seq_len, self.state_width
         per = 8 * b
         form = gramian_form(n, L, N, b)[0]
+        if form == "chunked" and grad:
+            return per * N * N * (6 * L + 12 * n)
         if form == "direct":
             out = 8 * per * n * L * N
         elif form == "few":  # the segments' buffers; with a graph Lam and every segment's factors, weights, products
