@@ -18,8 +18,7 @@ A thin adapter over :class:`esswatch.ESSWatch` (all measuring happens there):
   ``n - 1, 2n - 1, ...`` for ``every_n_steps=n`` (the n-th, 2n-th, ... batch), and logs
   at that step, so ESS and the loss share the x axis whenever ``n`` is a multiple of
   ``log_every_n_steps`` (setup warns otherwise);
-- profile images: ``images=`` as in :class:`~esswatch.ESSWatch` (default every 10th sample,
-  ``True`` every one);
+- profile images: ``images=`` as in :class:`~esswatch.ESSWatch` (default every 10th sample, ``True`` every one);
 - results go to every logger of the trainer, from rank zero: a ``TensorBoardLogger``
   receives everything the watch writes (scalars, per-head histograms, profile images,
   the custom-scalars layout, the configuration) through its own ``SummaryWriter``; any
@@ -27,7 +26,7 @@ A thin adapter over :class:`esswatch.ESSWatch` (all measuring happens there):
   ``log_metrics(scalars, step)``. ``logdir=`` also writes TensorBoard files there
   (required when the trainer has no logger);
 - validation and sanity-check forwards are never recorded;
-- the watch's state is saved in checkpoints (``Callback.state_dict``);
+- the watch's state is saved in checkpoints (``Callback.state_dict``, after an outstanding background sample);
 - ``regularizer=``: the penalty of :meth:`ESSWatch.penalty` is added to the loss Lightning
   backpropagates, in the ``on_before_backward`` hook (see :meth:`ESSCallback.on_before_backward`;
   manual optimization adds :meth:`ESSCallback.penalty` itself), and the watch logs it
@@ -280,7 +279,8 @@ class ESSCallback(pl.Callback):
     # -- checkpoints -----------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         watch = self.watch
-        if watch is not None:
+        if watch is not None:  # every rank saves: an outstanding background sample is emitted first (all ranks)
+            watch.flush()
             return {"watch": watch.state_dict()}
         return {"watch": self._pending_state} if self._pending_state is not None else {}
 

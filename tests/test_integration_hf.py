@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import json
 import math
 import os
 import threading
@@ -26,6 +27,7 @@ pytest.importorskip("accelerate")
 
 from esswatch.integrations._versions import SUPPORTED_TRANSFORMERS, UnsupportedVersionError, require  # noqa: E402
 from esswatch.integrations.transformers import ESSCallback  # noqa: E402
+from esswatch.integrations.transformers.checkpoint import STATE_KEY  # noqa: E402
 from reference import entropy_ess_ref  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
@@ -518,3 +520,85 @@ def test_background_results_reach_log_history_with_their_sampled_steps(tmp_path)
     # after that would reopen the writer: a second event file, left open)
     (logdir,) = glob.glob(os.path.join(str(tmp_path), "runs", "*"))
     assert len(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))) == 1
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_resumed_trainer_continues_the_watch_state(tmp_path, monkeypatch, background):
+    """Regression: ESSCallback saved nothing in the Trainer's checkpoints, so train(resume_from_checkpoint=...)
+    restarted its cumulative counters (ess/failures fell from 4 to 2 across the resume), warned again about
+    layers it had reported, and re-decided a budget. The watch's state now goes into trainer_state.json (after
+    an outstanding background sample) and comes back. Every layer fails here (a memory limit of 1 kB), so
+    ess/failures grows by 2 per sample: read from the event files and log_history."""
+    monkeypatch.setenv("ESSWATCH_MAX_BYTES", "1000")
+
+    def run(max_steps, resume=None):
+        args = TrainingArguments(
+            output_dir=str(tmp_path),
+            max_steps=max_steps,
+            per_device_train_batch_size=BATCH,
+            logging_steps=2,
+            report_to=["tensorboard"],
+            use_cpu=True,
+            save_strategy="steps",
+            save_steps=4,
+            learning_rate=1e-2,
+            seed=0,
+            disable_tqdm=True,
+        )
+        callback = ESSCallback(every_n_steps=2, indices=INDICES, background=background)
+        trainer = Trainer(model=llama(), args=args, train_dataset=dataset(), callbacks=[callback])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train(resume_from_checkpoint=resume)
+        return trainer, [w for w in caught if issubclass(w.category, ESSWarning)]
+
+    _, warned = run(6)
+    assert len(warned) == 2  # each layer once
+    saved = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())["stateful_callbacks"]
+    assert saved[STATE_KEY]["failures"] == 4 and saved[STATE_KEY]["failed_layers"] == sorted(LLAMA_LAYERS)
+    trainer, warned = run(10, str(tmp_path / "checkpoint-4"))
+    assert warned == []  # reported before the checkpoint
+    history = {e["step"]: e["ess/failures"] for e in trainer.state.log_history if "ess/failures" in e}
+    assert history == {2: 2.0, 4: 4.0, 6: 6.0, 8: 8.0, 10: 10.0}
+    written = {}
+    for logdir in glob.glob(os.path.join(str(tmp_path), "runs", "*")):
+        ea = EventAccumulator(logdir, size_guidance={"scalars": 0})
+        ea.Reload()
+        written.update({e.step: e.value for e in ea.Scalars("ess/failures")})
+    assert written == {2: 2.0, 4: 4.0, 6: 6.0, 8: 8.0, 10: 10.0}  # the first run's step 6 is overwritten
+    # a state that does not validate never stops training: a warning, and the watch starts afresh
+    path = tmp_path / "checkpoint-8" / "trainer_state.json"
+    state = json.loads(path.read_text())
+    state["stateful_callbacks"][STATE_KEY]["failures"] = -1
+    path.write_text(json.dumps(state))
+    trainer, warned = run(10, str(path.parent))
+    assert any("was not restored" in str(w.message) and "failures" in str(w.message) for w in warned)
+    assert [e["ess/failures"] for e in trainer.state.log_history if "ess/failures" in e and e["step"] == 10] == [2.0]
+
+
+def test_save_strategy_best_and_epoch_checkpoints_hold_the_watch_state(tmp_path):
+    """The Trainer decides a "best" save after evaluating, after its callbacks' step hooks: the state is put into
+    the TrainerState at every evaluation. An "epoch" save is decided at the epoch's end. Both checkpoints hold it,
+    with the samples taken up to their step."""
+    for strategy, extra, step in (
+        ("best", dict(eval_strategy="steps", eval_steps=4, metric_for_best_model="loss", greater_is_better=False), 4),
+        ("epoch", dict(num_train_epochs=1), 6),
+    ):
+        out = tmp_path / strategy
+        args = TrainingArguments(
+            output_dir=str(out),
+            max_steps=6 if strategy == "best" else -1,
+            per_device_train_batch_size=BATCH,
+            logging_steps=2,
+            report_to=[],
+            use_cpu=True,
+            save_strategy=strategy,
+            seed=0,
+            disable_tqdm=True,
+            **extra,
+        )
+        callback = ESSCallback(every_n_steps=2, indices=INDICES, sinks=[lambda r: None])
+        data = dataset(24)  # 6 steps per epoch
+        Trainer(model=llama(), args=args, train_dataset=data, eval_dataset=data[:8], callbacks=[callback]).train()
+        saved = json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())["stateful_callbacks"]
+        assert saved[STATE_KEY]["samples"] == step // 2 and saved[STATE_KEY]["failures"] == 0, strategy

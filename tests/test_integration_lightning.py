@@ -195,17 +195,20 @@ def test_csv_logger_rows_match_the_results(tmp_path):
     assert sum(1 for r in rows if r.get("train_loss")) == 8
 
 
-def test_resume_from_checkpoint_continues_the_schedule(tmp_path):
-    """A checkpoint at step 5 holds the callback's state; the resumed fit measures steps 7 and 11
-    (not 3 again) and its sample count continues from the checkpoint."""
+@pytest.mark.parametrize("background", [False, True])
+def test_resume_from_checkpoint_continues_the_schedule(tmp_path, background):
+    """A checkpoint at step 4 holds the callback's state; the resumed fit measures steps 7 and 11
+    (not 3 again) and its sample count continues from the checkpoint. With background=True the sample of
+    step 3 is still on the worker when that checkpoint is saved: it is emitted first and counted (regression:
+    the checkpoint held samples == 0, and the state at the end of a fit one sample short)."""
     ckpt_dir = tmp_path / "ckpt"
     first = []
     train, _ = loaders()
     t1 = trainer(
         tmp_path,
         [
-            ESSCallback(every_n_steps=4, sinks=[first.append], images=False),
-            ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=5, save_top_k=-1),
+            ESSCallback(every_n_steps=4, sinks=[first.append], images=False, background=background),
+            ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=4, save_top_k=-1),
         ],
         CSVLogger(str(tmp_path), name="run1"),
         max_steps=7,
@@ -213,12 +216,12 @@ def test_resume_from_checkpoint_continues_the_schedule(tmp_path):
     )
     t1.fit(TinyLM(), train)
     assert [r["step"] for r in first] == [3]
-    ckpt = ckpt_dir / "epoch=0-step=5.ckpt"
+    ckpt = ckpt_dir / "epoch=0-step=4.ckpt"
     state = torch.load(ckpt, weights_only=False)["callbacks"]["ESSCallback"]["watch"]
-    assert state["schedule"]["step"] == 5 and state["samples"] == 1
+    assert state["schedule"]["step"] == 4 and state["samples"] == 1
 
     second = []
-    cb = ESSCallback(every_n_steps=4, sinks=[second.append], images=False)
+    cb = ESSCallback(every_n_steps=4, sinks=[second.append], images=False, background=background)
     csv_logger = CSVLogger(str(tmp_path), name="run2")
     t2 = trainer(tmp_path, [cb], csv_logger, max_steps=14)
     t2.fit(TinyLM(seed=3), train, ckpt_path=str(ckpt))

@@ -563,6 +563,42 @@ def test_budget_level_survives_a_resume():
         esswatch.ESSWatch(model, **opts).load_state_dict(dict(state, budget=dict(lvl, heads=0)))
 
 
+def test_state_dict_includes_the_outstanding_background_sample():
+    """Regression: with background=True a state_dict() taken while a sample was on the worker (as a checkpoint
+    saved right after a sampled step) held neither that sample nor, for the first one, the budget's level, so a
+    resume timed a full-size first sample again. state_dict() now emits the outstanding sample first (flush),
+    from the training thread: the state counts every sample taken, and the results are the blocking mode's."""
+    torch.manual_seed(0)
+    model = SequenceModel(VOCAB, d_model=32, n_layers=1, mixer="attention", n_heads=4)
+    opts = dict(every_n_steps=2, batch_rows=4, indices=24, estimator="exact", histograms=False)
+    data = batches(3, length=128)
+    states, seen = {}, {}
+    for background in (False, True):
+        seen[background] = []
+        watch = esswatch.ESSWatch(model, background=background, sinks=[seen[background].append], **opts)
+        for x in data:
+            model(x)
+            settle(watch)  # the previous sample is done: none is skipped as busy
+            watch.step()
+        states[background] = watch.state_dict()  # step 2's sample may still be on the worker
+        assert [r["step"] for r in seen[background]] == [0, 2]  # emitted by now, on this thread
+        watch.close()
+    assert states[True] == states[False] and states[True]["samples"] == 2
+    for a, b in zip(seen[True], seen[False]):
+        assert a["scalars"]["ess/entropy/avg/model"] == pytest.approx(b["scalars"]["ess/entropy/avg/model"], rel=1e-6)
+    # the budget's level, decided from the first sample, is in a state taken while that sample was outstanding
+    first = []
+    watch = esswatch.ESSWatch(model, background=True, budget_seconds=1e-6, sinks=[first.append], **opts)
+    model(data[0])
+    watch.step()
+    state = watch.state_dict()
+    watch.close()
+    assert state["samples"] == 1 and state["budget"] == first[0]["budget"] and state["budget"] is not None
+    blocking = esswatch.ESSWatch(model, background=False)
+    assert blocking.flush() is None  # nothing to wait for
+    blocking.close()
+
+
 # -- CUDA -------------------------------------------------------------------------------------------
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -106,7 +106,7 @@ class Offload:
             result = penalty_result(step, source, watch.measure_config.metrics, penalty, watch._skipped_samples)
             watch._emitter.emit(result, watch.config)
 
-    def close(self, watch) -> Optional[Dict[str, Any]]:
+    def flush(self, watch) -> Optional[Dict[str, Any]]:
         """Wait for the outstanding sample and emit it (all ranks, with ``reduce``), then the
         penalty-only results held behind it."""
         try:
@@ -116,7 +116,11 @@ class Offload:
                     return watch._finish(out)
             return None
         finally:
-            try:
-                self._release(watch)
-            finally:
-                self.worker.shutdown()
+            self._release(watch)
+
+    def close(self, watch) -> Optional[Dict[str, Any]]:
+        """:meth:`flush`, then stop the worker."""
+        try:
+            return self.flush(watch)
+        finally:
+            self.worker.shutdown()

@@ -14,13 +14,12 @@ histograms, the ESS-versus-index profile image and the configuration (:mod:`essw
 
 How sampling works: :mod:`esswatch.watch.gate`; ``background=True``: :mod:`esswatch.watch.offload`;
 ``budget_seconds``: :mod:`esswatch.watch.budget`. Extension points (framework adapters, the
-regularizer): :meth:`set_step` feeds the framework's global step; :meth:`paused` suspends
-recording (e.g. during validation); :meth:`measure` measures what was captured and emits it;
-:class:`~esswatch.watch.sinks.Sink` routes results to another logger; :meth:`state_dict` /
-:meth:`load_state_dict`; :attr:`capture` is the owned :class:`~esswatch.probes.Capture`.
-
-The watch is a facade over one module per job: gate (arming), penalty, failures, finish and
-result (assembly), emit (sinks), state (checkpoints), lifetime (hooks), offload (background).
+regularizer): :meth:`set_step` feeds the framework's global step; :meth:`paused` suspends recording (e.g. during
+validation); :meth:`measure` measures what was captured and emits it; :class:`~esswatch.watch.sinks.Sink` routes
+results to another logger; :meth:`state_dict` / :meth:`load_state_dict` (:meth:`flush` first, with background);
+:attr:`capture` is the owned :class:`~esswatch.probes.Capture`. The watch is a facade over one module per job: gate
+(arming), penalty, failures, finish and result (assembly), emit (sinks), state (checkpoints), lifetime (hooks),
+offload (background).
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from ..ess import DEFAULT_RELATIVE, DEFAULT_TOL
 from ..probes import Capture
 from .args import checked_args
 from .background import Outcome, make_job, run_job
+from .distributed import world_size
 from .emit import Emitter
 from .failures import ESSMeasurementError, ESSWarning, FailurePolicy  # noqa: F401 - public names
 from .finish import finish
@@ -190,8 +190,8 @@ class ESSWatch:
         self._gate.arm((self.probe_batch is None and self.schedule.due_now) or penalize, penalize, self._penalty_rows)
 
     def paused(self) -> ContextManager[None]:
-        """A context during which nothing is recorded (nests); what the current step recorded
-        before it is kept, and recording resumes as armed when it ends::
+        """A context during which nothing is recorded (nests); what the current step recorded before it is kept,
+        and recording resumes as armed when it ends::
 
             with watch.paused():
                 evaluate(model)
@@ -199,9 +199,8 @@ class ESSWatch:
         return self._gate.suspended()
 
     def set_step(self, global_step: int) -> None:
-        """Declare the number of the training step about to run (e.g. a framework's
-        ``global_step`` at batch start). A no-op if it is already the current step, so
-        calling it for every micro-batch of an accumulated step keeps the record."""
+        """Declare the number of the training step about to run (e.g. a framework's ``global_step`` at batch
+        start). A no-op if it is already the current step: every micro-batch of a step may call it."""
         global_step = check_positive_int("global_step", global_step, minimum=0)
         if global_step != self.schedule.step:
             self.schedule.step = global_step
@@ -210,9 +209,8 @@ class ESSWatch:
     def step(self) -> Optional[Dict[str, Any]]:
         """End the current training step: measure and log it if it is sampled, then move on.
 
-        Returns the result (see :meth:`latest`) on sampled steps, else ``None``; with
-        ``background``, the result emitted during this call (an earlier sample's), else ``None``.
-        """
+        Returns the result (see :meth:`latest`) on sampled steps, else ``None``; with ``background``, the result
+        emitted during this call (an earlier sample's), else ``None``."""
         if self._closed:
             raise RuntimeError("ESSWatch.step() after close()")
         s = self.schedule.step
@@ -232,14 +230,12 @@ class ESSWatch:
     def penalty(self) -> Union[float, torch.Tensor]:
         """The ESS regularizer's term for the forward that just ran, to add to the loss.
 
-        Exactly ``0.0`` (a Python float: no graph, no cost) when the regularizer is off, on
-        steps it skips (``every_n_steps`` of :class:`esswatch.Regularizer`) and when no
-        watched layer ran a training-mode forward since the last call. Otherwise a
-        differentiable scalar tensor (float32, or float64 for a float64 model). Call it once
-        per forward, before ``backward()``; with gradient accumulation, once per micro-batch
-        (each call consumes the forward it penalizes). A layer whose term fails is skipped
-        with a warning (``strict=True`` raises).
-        """
+        Exactly ``0.0`` (a Python float: no graph, no cost) when the regularizer is off, on steps it skips
+        (``every_n_steps`` of :class:`esswatch.Regularizer`) and when no watched layer ran a training-mode forward
+        since the last call. Otherwise a differentiable scalar tensor (float32, or float64 for a float64 model).
+        Call it once per forward, before ``backward()``; with gradient accumulation, once per micro-batch (each
+        call consumes the forward it penalizes). A layer whose term fails is skipped with a warning
+        (``strict=True`` raises)."""
         return watch_penalty(self)
 
     # -- measuring -------------------------------------------------------------------
@@ -249,10 +245,8 @@ class ESSWatch:
     def measure(self, step: Optional[int] = None, source: str = "train") -> Optional[Dict[str, Any]]:
         """Measure every layer the capture recorded, log the result, clear the records.
 
-        Called by :meth:`step` on sampled steps; adapters may call it directly. With
-        ``reduce=True`` every rank must call it on the same steps. Returns the result, or
-        ``None`` when nothing was recorded (on every rank).
-        """
+        Called by :meth:`step` on sampled steps; adapters may call it directly. With ``reduce=True`` every rank
+        must call it on the same steps. Returns the result, or ``None`` when nothing was recorded (on every rank)."""
         step = self.schedule.step if step is None else step
         return self._finish(run_job(make_job(self, step, source)))
 
@@ -271,20 +265,27 @@ class ESSWatch:
         return self._policy.count
 
     def state_dict(self) -> Dict[str, Any]:
-        """Plain data to checkpoint: the step counter, failure counts, samples taken, the budget's level."""
+        """Plain data to checkpoint: step, failures, samples, the budget's level. With ``background`` the outstanding
+        sample is emitted first (:meth:`flush`; with ``reduce`` and several ranks, call that on every rank first)."""
+        if self._offload is not None and not self._closed and not (self.reduce and world_size() > 1):
+            self.flush()
         return state_of(self)
+
+    def flush(self) -> Optional[Dict[str, Any]]:
+        """Wait for the outstanding background sample and emit it now; returns it (``None``: nothing was
+        outstanding, or no ``background``). With ``reduce`` under ``torch.distributed``, every rank calls it."""
+        return None if self._offload is None or self._closed else self._offload.flush(self)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Resume: the step counter continues where ``state`` left it (the period is this watch's own
-        ``every_n_steps``), and a budget's level stays (if ``budget_seconds`` is the same). Every field is
-        validated first (``ValueError`` naming it); nothing is applied unless all are valid."""
-        load_state(self, state)  # everything is checked before anything is applied
+        ``every_n_steps``), and a budget's level stays (if ``budget_seconds`` is the same). Every field is validated
+        first (``ValueError`` naming it); nothing is applied unless all are valid."""
+        load_state(self, state)
         self._arm()
 
     # -- lifetime ----------------------------------------------------------------------
     def close(self) -> None:
-        """Wait for the outstanding background sample and emit it, then remove every hook, flush
-        and close the sinks (idempotent)."""
+        """Wait for the outstanding sample (:meth:`flush`), remove every hook, flush and close the sinks."""
         close_watch(self)
 
     def __enter__(self) -> "ESSWatch":
@@ -295,6 +296,5 @@ class ESSWatch:
 
     def __repr__(self) -> str:  # pragma: no cover - cosmetic
         return (
-            f"ESSWatch(layers={self.layer_names}, every_n_steps={self.schedule.every_n_steps}, "
-            f"step={self.schedule.step})"
+            f"ESSWatch(layers={self.layer_names}, every_n_steps={self.schedule.every_n_steps}, step={self.global_step})"
         )

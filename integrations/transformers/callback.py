@@ -28,6 +28,10 @@ attention layers and Mamba mixers):
   progress bar (``console=True`` prints them too, like the loss);
 - only the main process (rank zero) logs; every rank measures its own batch
   (``reduce=True`` averages across ranks);
+- checkpoints: where the Trainer saves one (``save_strategy`` ``"steps"``, ``"epoch"`` or ``"best"``), the watch's state
+  (step, failures, samples, skipped samples, the budget's level; after an outstanding background sample) goes
+  into its ``trainer_state.json`` (:mod:`.checkpoint`), and
+  ``train(resume_from_checkpoint=...)`` continues it;
 - the regularizer: a ``TrainerCallback`` cannot change the loss, so the penalty enters
   through the Trainer's loss hook, ``compute_loss_func``::
 
@@ -66,6 +70,7 @@ import transformers  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from . import provider as _provider  # noqa: E402,F401  (registers the Hugging Face capture provider)
+from .checkpoint import restore_watch_state, save_watch_state  # noqa: E402
 from .logstream import log_quietly, trainer_tensorboard_writer  # noqa: E402
 from .loss import NO_LOSS_HOOK, loss_function  # noqa: E402
 
@@ -203,6 +208,7 @@ class ESSCallback(TrainerCallback):
         if self.watch.regularizer is not None and self._trainer is not None and not hooked:
             self._close_watch()
             raise ValueError(NO_LOSS_HOOK)
+        restore_watch_state(self.watch, state)
 
     def on_train_end(self, args, state, control, **kwargs):
         background = self.watch is not None and self.watch.background
@@ -229,11 +235,22 @@ class ESSCallback(TrainerCallback):
             raise ValueError(NO_LOSS_HOOK)
         if self.watch.global_step == state.global_step:
             self.watch.step()
+        save_watch_state(self.watch, state, control)
         if control.should_training_stop and self.watch.background:
             # the last sample now, while the Trainer's TensorBoard writer is open (TensorBoardCallback's
             # on_train_end, which closes it, runs before this callback's)
             self._close_watch()
         self._log_pending(state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.watch is not None:  # save_strategy="epoch"
+            save_watch_state(self.watch, state, control)
+            self._log_pending(state, control)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.watch is not None and getattr(args, "save_strategy", None) == "best":  # a save may follow
+            save_watch_state(self.watch, state, control, always=True)
+            self._log_pending(state, control)
 
     def _log_pending(self, state, control) -> None:
         if self._trainer is None:
