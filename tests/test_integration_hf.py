@@ -602,3 +602,38 @@ def test_save_strategy_best_and_epoch_checkpoints_hold_the_watch_state(tmp_path)
         Trainer(model=llama(), args=args, train_dataset=data, eval_dataset=data[:8], callbacks=[callback]).train()
         saved = json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())["stateful_callbacks"]
         assert saved[STATE_KEY]["samples"] == step // 2 and saved[STATE_KEY]["failures"] == 0, strategy
+
+
+class GenerateOnLog(TrainerCallback):
+    """Test-only: a sample-logging callback that calls generate() on the model, left in training mode, every time
+    the Trainer logs (after a step ends: the next step is already armed)."""
+
+    def __init__(self, model) -> None:
+        self.model, self.calls = model, 0
+
+    def on_log(self, args, state, control, **kwargs):
+        prompt = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(state.global_step))
+        self.model.generate(prompt, max_new_tokens=3, do_sample=False)
+        self.calls += 1
+
+
+def test_generate_between_steps_is_not_measured_in_place_of_the_training_forward(tmp_path):
+    """Regression: generate() on the model in training mode (a callback logging samples) ran the next sampled
+    step's first forward, which was measured (L = 5 prompts) instead of the training batch, with a decoding
+    warning. A forward with gradients takes precedence: every value equals the NumPy reference of the step's
+    own training batch, and no decoding warning is raised."""
+    model = llama()
+    snap = Snapshot(model, [2, 4, 6])
+    gen = GenerateOnLog(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = train(tmp_path, model, [snap, gen, ESSCallback(every_n_steps=2, indices=INDICES)], logging_steps=1)
+    snap.handle.remove()
+    assert gen.calls >= 5
+    assert not [w for w in caught if "decoding" in str(w.message) or "prefill" in str(w.message)]
+    hist = ess_history(trainer)
+    assert sorted(hist) == [2, 4, 6]
+    for step in hist:
+        ref = reference_avg(snap.params[step], snap.inputs[step])
+        for layer in LLAMA_LAYERS:
+            assert hist[step][f"ess/entropy/avg/{layer}"] == pytest.approx(ref[layer], rel=1e-4), (step, layer)

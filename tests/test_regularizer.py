@@ -239,3 +239,38 @@ def test_ddp_two_ranks_with_regularizer(tmp_path):
     r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in (0, 1))
     assert all(np.isfinite(r0["loss"])) and r0["loss"] != r1["loss"]  # own data per rank
     np.testing.assert_allclose(r0["params"], r1["params"], rtol=0, atol=0)  # gradients all-reduced
+
+
+@pytest.mark.parametrize("mixer", ["attention", "gla"])
+def test_a_penalty_without_gradient_is_a_layer_warning_not_a_silent_no_op(mixer):
+    """Regression: under reentrant activation checkpointing (torch.utils.checkpoint(use_reentrant=True), Hugging
+    Face gradient_checkpointing with use_reentrant=True) the recorded forward runs under no_grad, so the penalty
+    had no gradient: it trained nothing, and ess/penalty was logged as if it had. Such a layer's term is now left
+    out with the usual once-per-layer warning (counted in failures). With use_reentrant=False the penalty and its
+    gradients equal those without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    x = _batches(1)[0]
+    grads, penalties = {}, {}
+    for mode in ("plain", "non_reentrant", "reentrant"):
+        model = _model(mixer)
+        watch = ew.ESSWatch(model, every_n_steps=1, regularizer=1.0, histograms=False, images=False)
+        if mode == "plain":
+            model(x)
+        else:
+            checkpoint(model, x, use_reentrant=mode == "reentrant")
+        if mode == "reentrant":
+            with pytest.warns(ew.ESSWarning, match="carries no gradient.*use_reentrant=False"):
+                p = watch.penalty()
+        else:
+            p = watch.penalty()
+            p.backward()
+            grads[mode] = [q.grad.clone() for q in model.parameters() if q.grad is not None]
+        penalties[mode] = p
+        watch.step()
+        assert watch.failures == (2 if mode == "reentrant" else 0)  # both layers, once each
+        watch.close()
+    assert penalties["reentrant"] == 0.0
+    assert torch.equal(penalties["plain"].detach(), penalties["non_reentrant"].detach())
+    assert len(grads["plain"]) == len(grads["non_reentrant"]) > 0
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads["plain"], grads["non_reentrant"]))

@@ -52,6 +52,22 @@ def test_bad_indices_raise_value_error(fn, indices, match):
         fn(causal(), indices)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
+def test_an_integer_mask_is_a_value_error(dtype):
+    """Regression: a 0/1 integer mask (the dtype of a Hugging Face attention_mask) was taken as an additive float
+    mask, adding 1 to the allowed scores and blocking nothing, silently. It is now a ValueError that names the
+    dtype; the same mask as bool gives the values of the bool mask."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 8, 4, generator=g) for _ in range(2))
+    allowed = torch.ones(8, 8, dtype=torch.bool).tril()
+    allowed[:, :2] = False  # two left-padded positions
+    allowed[:2, :2] = torch.eye(2, dtype=torch.bool)
+    with pytest.raises(ValueError, match=f"boolean.*{dtype}.*mask.bool"):
+        SoftmaxAttention(q, k, mask=allowed.to(dtype))
+    bool_ess = entropy_ess(SoftmaxAttention(q, k, mask=allowed.to(dtype).bool()), [3, 6])
+    torch.testing.assert_close(bool_ess, entropy_ess(SoftmaxAttention(q, k, mask=allowed), [3, 6]))
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_additive_mask_with_nan_or_plus_inf_is_a_value_error(bad):
     """+inf used to pass (only NaN was checked) and was then treated as a blocked position; softmax has no

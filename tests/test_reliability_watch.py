@@ -260,16 +260,28 @@ class MaybeNaN(nn.Module):
         return SoftmaxAttention(q, q)
 
 
-def test_length_one_is_skipped_silently_and_a_later_nan_still_warns():
+@pytest.mark.parametrize("indices", [8, [8, 9], "strict"])
+def test_length_one_is_skipped_silently_and_a_later_nan_still_warns(indices):
+    """L = 1, and (regression) a sequence shorter than every index of an explicit list (a length curriculum,
+    dynamic padding), which counted as a failure, used up the layer's one warning so that a later NaN went
+    unreported, and with strict=True stopped training."""
     torch.manual_seed(0)
     bad = MaybeNaN()
     model = nn.Sequential(CausalSelfAttention(D, n_heads=2), bad)
-    watch = esswatch.ESSWatch(model, every_n_steps=1)
+    strict = indices == "strict"
+    watch = esswatch.ESSWatch(model, every_n_steps=1, indices=[8, 9] if strict else indices, strict=strict)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model(torch.randn(B, 1, D))
-        assert watch.step() is None
+        for short in (1, 2, 6):
+            model(torch.randn(B, short, D))
+            if indices == 8 and short > 1:  # an int spreads over what the sequence has
+                assert set(watch.step()["layers"]) == {"0", "1"}
+            else:
+                assert watch.step() is None
         assert ours(caught) == [] and watch.failures == 0
+        if strict:
+            watch.close()
+            return
         model(torch.randn(B, L, D))
         assert set(watch.step()["layers"]) == {"0", "1"}
         bad.nan = True

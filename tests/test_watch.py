@@ -270,6 +270,43 @@ def test_eval_forwards_are_not_recorded():
         assert r["layers"][n]["entropy"]["avg"] == pytest.approx(ref, rel=1e-6)
 
 
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+def test_a_no_gradient_forward_in_training_mode_gives_way_to_the_training_forward(context):
+    """Regression: a forward without gradients on a model left in training mode (a validation batch under
+    torch.no_grad() or torch.inference_mode(), generate() for sample logging) between steps was measured
+    instead of the training forward that followed. A forward with gradients now takes precedence: it replaces
+    such a record, and after it no-gradient forwards record nothing. Values: the capture API on the training
+    batch. A step with only a no-gradient forward is still measured (that forward)."""
+    model = make_model()
+    xs = batches(4)
+    other = torch.randint(0, VOCAB, (3, 7), generator=torch.Generator().manual_seed(5))
+    ctx = torch.no_grad if context == "no_grad" else torch.inference_mode
+    watch = esswatch.ESSWatch(model, every_n_steps=1)
+    results = []
+    for before, after in ((True, False), (False, True)):
+        if before:
+            with ctx():
+                model(other)
+        model(xs[0]).sum().backward()
+        if after:
+            with ctx():
+                model(other)
+        results.append(watch.step())
+    with ctx():
+        model(other)
+    only = watch.step()
+    watch.close()
+    cap_model = make_model()
+    with esswatch.capture(cap_model, batch_rows=2) as cap:
+        cap_model(xs[0])
+    for r in results:
+        for n, op in cap.operators.items():
+            assert r["layers"][n]["indices"][-1] >= 7  # the training batch (L = 12), not the other one (7)
+            ref = esswatch.entropy_ess(op, r["layers"][n]["indices"]).mean().item()
+            assert r["layers"][n]["entropy"]["avg"] == pytest.approx(ref, rel=1e-6)
+    assert all(lay["indices"][-1] < 7 for lay in only["layers"].values())
+
+
 def test_no_forward_warns_once_and_logs_nothing():
     model = make_model()
     watch = esswatch.ESSWatch(model, every_n_steps=1)

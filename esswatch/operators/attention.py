@@ -88,6 +88,11 @@ class SoftmaxAttention(Operator):
             scale = check_finite_number("SoftmaxAttention: scale", scale)
         L = q.shape[-2]
         if mask is not None:
+            if isinstance(mask, torch.Tensor) and not (mask.dtype == torch.bool or mask.is_floating_point()):
+                raise ValueError(
+                    f"SoftmaxAttention: mask must be boolean (True = may attend) or an additive float mask, got "
+                    f"{mask.dtype} (for a 0/1 mask such as a Hugging Face attention_mask, pass mask.bool())"
+                )
             if not isinstance(mask, torch.Tensor) or mask.dim() < 2 or mask.shape[-2:] != (L, L):
                 raise ValueError(
                     f"SoftmaxAttention: mask must be (..., L, L) = (..., {L}, {L}), got "

@@ -38,7 +38,7 @@ import torch
 
 from ..operators import Operator
 from .failures import ESSWarning
-from .measure import MeasureConfig, measure_operator, select_indices
+from .measure import MeasureConfig, measurable, measure_operator, select_indices
 from .snapshot import TRANSFERS, _Copier, make_copier, snapshot
 
 __all__ = ["Job", "Outcome", "snapshot", "make_copier", "make_job", "run_job", "Worker"]
@@ -77,7 +77,7 @@ class Outcome:
     timings: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # calibration (budget)
     fatal: Optional[BaseException] = None
     calibrated: bool = False
-    short: List[str] = field(default_factory=list)  # too short to measure (L < 2): not a failure
+    short: List[str] = field(default_factory=list)  # too short to measure (no index fits): not a failure
 
 
 # -- the measurement -----------------------------------------------------------------
@@ -107,7 +107,7 @@ def run_job(job: Job) -> Outcome:
                         op = probe.realize(record)
                     else:
                         op = job.operators[name]
-                    if op is not None and op.seq_len < 2:
+                    if op is not None and not measurable(job.cfg.indices, op.seq_len):
                         out.short.append(name)
                         continue
                     if job.calibrate:

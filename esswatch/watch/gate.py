@@ -34,11 +34,12 @@ __all__ = ["Gate", "unwrap", "call_model", "record_probe_batch", "run_probe"]
 
 
 class Gate:
-    __slots__ = ("want", "capture", "hooks", "in_forward", "_paused", "_saved")
+    __slots__ = ("want", "capture", "hooks", "in_forward", "record_grad", "_paused", "_saved")
 
     def __init__(self, capture: Any) -> None:
         self.want = False
         self.in_forward = False  # a forward of the model started and has not completed
+        self.record_grad: Optional[bool] = None  # the step's record: none yet, from a forward with(out) gradients
         self.capture = capture
         self.hooks: list = []
         self._paused = 0
@@ -50,6 +51,7 @@ class Gate:
         if self.in_forward:
             self.in_forward = False
             self.capture.clear()
+            self.record_grad = None
 
     @property
     def paused(self) -> bool:
@@ -60,6 +62,7 @@ class Gate:
         keep ``penalty_rows`` rows and every head. While paused, this takes effect when the pause ends."""
         self.capture.keep_graph = keep_graph
         self.capture.penalty_view = (penalty_rows, None) if keep_graph else None
+        self.record_grad = None
         if self._paused:
             self._saved = (want, want)
             return

@@ -1,7 +1,7 @@
 """The lifetime of an :class:`~esswatch.ESSWatch`'s hooks.
 
 - :class:`GateHook` / :class:`DoneHook`: the model-level forward pre-hook (drops what an
-  aborted forward recorded; arms the capture only for training-mode forwards) and forward
+  aborted forward recorded; arms the capture for training-mode forwards, those with gradients first) and forward
   hook (marks the forward complete); module-level callables (picklable through
   :mod:`esswatch.probes.hooks`) that reference the gate, never the watch.
 - :func:`install` puts them on the model; :func:`release`: what ``close()`` and the garbage
@@ -16,13 +16,19 @@ from __future__ import annotations
 import warnings
 from typing import Any, List
 
+import torch
+
 __all__ = ["GateHook", "DoneHook", "install", "release", "close_watch"]
 
 
 class GateHook:
     """Forward pre-hook on the model: a forward that raised left records behind (the gate's
-    ``in_forward`` is still set), so they are dropped first; then, when the current step is
-    sampled and only training forwards count, ``gate.capture.armed = module.training``; a recording
+    ``in_forward`` is still set), so they are dropped first; then, when the current step is sampled and only
+    training forwards count, the capture is armed for forwards in training mode, and one with gradients enabled
+    takes precedence: it replaces what a no-gradient forward recorded (``generate()``, ``torch.no_grad()``,
+    ``torch.inference_mode()`` on a model left in training mode), and after a first forward no-gradient forwards
+    record nothing (nor do ``generate()``'s decoding steps; reentrant activation checkpointing disables gradients
+    only inside its segments); a recording
     forward of a penalized step also drops what an earlier forward recorded and ``penalty()`` did not take."""
 
     __slots__ = ("gate", "train_only")
@@ -37,9 +43,17 @@ class GateHook:
             return None
         if gate.in_forward:
             gate.capture.clear()
+            gate.record_grad = None
         gate.in_forward = True
         if self.train_only and gate.want:
-            gate.capture.armed = module.training
+            grad = torch.is_grad_enabled()
+            if grad and gate.record_grad is False:  # a training forward replaces a no-gradient one's record
+                gate.capture.clear()
+                gate.record_grad = None
+            armed = module.training and (grad or gate.record_grad is None)
+            gate.capture.armed = armed
+            if armed and gate.record_grad is None:
+                gate.record_grad = grad
         if gate.capture.keep_graph and gate.capture.armed:
             # the regularizer penalizes the forward that just ran: an earlier forward's record that penalty()
             # did not take (its graph may be freed by its own backward) gives way to this one

@@ -131,6 +131,14 @@ class MeasureConfig:
         }
 
 
+def measurable(spec: IndexSpec, seq_len: int) -> bool:
+    """Whether a sequence of ``seq_len`` has an index to measure under ``spec``; otherwise it is too short, like
+    ``L = 1`` (skipped silently, not a failure): an explicit list whose every index lies past ``L - 1``."""
+    if seq_len < 2:
+        return False
+    return spec == "all" or isinstance(spec, int) or any(1 <= i <= seq_len - 1 for i in spec)
+
+
 def select_indices(spec: IndexSpec, seq_len: int) -> List[int]:
     """The 0-based indices to measure for a sequence of length ``seq_len`` (see :class:`MeasureConfig`)."""
     if seq_len < 2:

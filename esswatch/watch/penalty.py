@@ -15,7 +15,13 @@ import torch
 
 from .regularizer import Regularizer, penalty_terms
 
-__all__ = ["PenaltyBook", "watch_penalty"]
+__all__ = ["PenaltyBook", "watch_penalty", "NO_GRADIENT"]
+
+NO_GRADIENT = (
+    "its recorded forward carries no gradient, so its penalty would train nothing (left out). Reentrant activation "
+    "checkpointing runs the layer under no_grad: use use_reentrant=False (torch.utils.checkpoint, or "
+    "gradient_checkpointing_kwargs={'use_reentrant': False} in Hugging Face)."
+)
 
 
 class PenaltyBook:
@@ -50,6 +56,10 @@ class PenaltyBook:
         if stash and self.stash is None:
             self.stash = ops
         capture.clear()  # the next micro-batch records anew
+        if torch.is_grad_enabled():  # a term without a gradient would be logged as a penalty that trains nothing
+            for name in [n for n, op in ops.items() if not op.requires_grad]:
+                on_error(name, RuntimeError(NO_GRADIENT))
+                del ops[name]
         if not ops:
             return 0.0
         total, terms = penalty_terms(ops, self.regularizer, on_error=on_error)

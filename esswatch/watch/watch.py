@@ -82,7 +82,7 @@ class ESSWatch:
             of warning once per layer, counting it (``ess/failures``) and skipping the layer.
         reduce: average the scalars over all ranks of ``torch.distributed`` (one
             ``all_reduce`` per sampled step, on every rank).
-        train_forwards_only: record only forwards of the model in training mode (default True).
+        train_forwards_only: record only forwards in training mode, those with gradients first (default True).
         histograms: TensorBoard per-head histograms (default on).
         images: the TensorBoard profile image on every ``images``-th sampled step (default 10;
             ``True`` = every sampled step, ``False`` = never).

@@ -20,8 +20,9 @@ layer computes for the real tokens); since per-index ESS then mixes positions of
 differently padded rows, :meth:`build` warns once per layer. Calls that have no square
 causal operator (key length != query length: KV cache or cross-attention; a
 non-causal call) are skipped with a warning naming the layer; so is a call with an
-attention sink. Decoding steps after a recorded prefill (``generate()`` under an armed
-capture) are not recorded: the capture warns once that only the prefill is measured. A
+attention sink. Decoding steps after a recorded prefill (cached forwards with gradients under an armed
+capture; the watch's gate does not arm ``generate()``'s no-gradient decoding steps after a first forward) are not
+recorded: the capture warns once that only the prefill is measured. A
 module whose forward ran while armed without calling the registry gets a warning too (its
 kernel bypasses the registry: no operator).
 
