@@ -196,6 +196,27 @@ def test_left_padding_handled_and_warned(tiny, impl):
         assert any(name in m and "padded batch" in m for m in msgs), msgs
 
 
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_packed_position_ids_are_warned_with_either_kernel(tiny, impl):
+    """Packed rows (position_ids that restart inside a row, as DataCollatorWithFlattening makes them, no mask):
+    the operator is still the kernel's own attention, and a warning names the packing with either kernel
+    (regression: only when the kernel got no mask, so eager, which gets a causal mask, was silent)."""
+    kind, model, names, _ = tiny
+    ids = _ids(batch=1)
+    pos = torch.cat([torch.arange(L // 2), torch.arange(L - L // 2)])[None]
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        ref = model(ids, position_ids=pos, output_attentions=True).attentions
+        model.set_attn_implementation(impl)
+        try:
+            cap, _, msgs = _capture(model, ids, position_ids=pos)
+        finally:
+            model.set_attn_implementation("eager")
+    for i, name in enumerate(names):
+        torch.testing.assert_close(cap.operators[name].dense(), ref[i].float(), **TOL)
+        assert any(name in m and "position_ids restart inside a row" in m for m in msgs), msgs
+
+
 def _flash_like_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """A user kernel registered in transformers' registry that gets flash-style (batch, keys) padding masks."""
     from transformers.integrations.sdpa_attention import repeat_kv

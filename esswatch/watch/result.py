@@ -90,7 +90,8 @@ def warn_empty(step: int, train_only: bool) -> None:
     warnings.warn(
         f"esswatch: step {step} was sampled but no watched layer ran a "
         f"{'training-mode ' if train_only else ''}forward to its end since the previous step() "
-        "(call watch.step() once per optimizer step, after the forward and backward)",
+        "(call watch.step() once per optimizer step, after the forward and backward), or each skipped its calls "
+        "(a capture warning says why: e.g. packed cu_seq_lens calls or a KV cache)",
         ESSWarning,
         stacklevel=5,
     )

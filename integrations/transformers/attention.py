@@ -157,7 +157,7 @@ class HFAttentionProbe(Probe):
         bias = kwargs.get("position_bias")
         if isinstance(bias, torch.Tensor):
             bias = self.keep(bias, head_dim=1)
-        position_ids = kwargs.get("position_ids") if mask is None else None
+        position_ids = kwargs.get("position_ids")
         if isinstance(position_ids, torch.Tensor):
             position_ids = self.keep(position_ids)
         else:
@@ -212,8 +212,11 @@ class HFAttentionProbe(Probe):
             if bool((position_ids[:, 1:] - position_ids[:, :-1] != 1).any()):
                 self._warn(
                     "positions",
-                    f"esswatch: {self.name}: position_ids restart inside a row (packed "
-                    "sequences?) but the kernel got no mask: the operator is causal over the whole row.",
+                    f"esswatch: {self.name}: position_ids restart inside a row (packed sequences?) but the kernel got "
+                    "no mask: the operator is causal over the whole row."
+                    if mask is None
+                    else f"esswatch: {self.name}: position_ids restart inside a row (packed sequences?): the operator "
+                    "follows the kernel's mask, which separates the documents only if it blocks attention across them.",
                 )
         if mask is None:
             return
