@@ -11,20 +11,17 @@
 A thin adapter over :class:`esswatch.ESSWatch` (all measuring happens there):
 
 - the watch is built at ``setup("fit")`` on the LightningModule and closed at teardown;
-- steps: the step of a batch is ``trainer.global_step`` at batch start (fed with
-  :meth:`ESSWatch.set_step`, so accumulated micro-batches share one step and a resumed run
-  keeps the schedule; manual optimization: the loggers' batch count). Lightning logs a
-  batch's loss at that step when ``(step + 1) % log_every_n_steps == 0``; the callback samples the same way, the steps
-  ``n - 1, 2n - 1, ...`` for ``every_n_steps=n`` (the n-th, 2n-th, ... batch), and logs
-  at that step, so ESS and the loss share the x axis whenever ``n`` is a multiple of
-  ``log_every_n_steps`` (setup warns otherwise);
+- steps: the step of a batch is ``trainer.global_step`` at batch start (fed with :meth:`ESSWatch.set_step`, so
+  accumulated micro-batches share one step and a resumed run keeps the schedule; manual optimization: the loggers'
+  batch count). Lightning logs a batch's loss at that step when ``(step + 1) % log_every_n_steps == 0``; the callback
+  samples the same way, the steps ``n - 1, 2n - 1, ...`` for ``every_n_steps=n`` (the n-th, 2n-th, ... batch), and
+  logs at that step, so ESS and the loss share the x axis whenever ``n`` is a multiple of ``log_every_n_steps``
+  (setup warns otherwise);
 - profile images: ``images=`` as in :class:`~esswatch.ESSWatch` (default every 10th sample, ``True`` every one);
-- results go to every logger of the trainer, from rank zero: a ``TensorBoardLogger``
-  receives everything the watch writes (scalars, per-head histograms, profile images,
-  the custom-scalars layout, the configuration) through its own ``SummaryWriter``; any
-  other logger (``CSVLogger``, W&B, MLflow, ...) receives the scalars through
-  ``log_metrics(scalars, step)``. ``logdir=`` also writes TensorBoard files there
-  (required when the trainer has no logger);
+- results go to every logger of the trainer, from rank zero: a ``TensorBoardLogger`` receives everything the watch
+  writes (scalars, per-head histograms, profile images, the custom-scalars layout, the configuration) through its own
+  ``SummaryWriter``; any other logger (``CSVLogger``, W&B, MLflow, ...) receives the scalars through
+  ``log_metrics(scalars, step)``. ``logdir=`` also writes TensorBoard files there (required without a logger);
 - validation and sanity-check forwards are never recorded;
 - the watch's state is saved in checkpoints (``Callback.state_dict``, after an outstanding background sample);
 - ``regularizer=``: the penalty of :meth:`ESSWatch.penalty` is added to the loss Lightning
@@ -37,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 import torch
@@ -63,11 +61,9 @@ from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 class LightningLoggerSink(Sink):
     """Sends each result to every logger of a Lightning trainer (called on rank zero only).
 
-    A :class:`~lightning.pytorch.loggers.TensorBoardLogger` gets a
-    :class:`~esswatch.watch.TensorBoardSink` on its ``experiment`` writer (all tags,
-    histograms, images, layout, configuration text); any other logger gets the flat
-    ``{tag: value}`` scalars through ``log_metrics(scalars, step=result["step"])``.
-    """
+    A :class:`~lightning.pytorch.loggers.TensorBoardLogger` gets a :class:`~esswatch.watch.TensorBoardSink` on its
+    ``experiment`` writer (all tags, histograms, images, layout, configuration text); any other logger gets the flat
+    ``{tag: value}`` scalars through ``log_metrics(scalars, step=result["step"])``."""
 
     def __init__(
         self, loggers: Iterable[Any], *, histograms: bool = True, images: Union[bool, int] = _WATCH_DEFAULTS["images"]
@@ -118,19 +114,18 @@ class ESSCallback(pl.Callback):
     """Measure and log each sequence-mixing layer's ESS during ``Trainer.fit``.
 
     Args:
-        every_n_steps: measure the training forward of every ``every_n_steps``-th
-            optimizer step (``trainer.global_step`` n - 1, 2n - 1, ..., where Lightning
-            logs the loss with ``log_every_n_steps`` dividing n).
-        logdir: also write TensorBoard event files here (rank zero); needed when the
-            trainer has no logger (``logger=False``).
-        regularizer: the ESS regularizer's weight (``None`` or ``0`` = off), or an
-            :class:`esswatch.Regularizer`; passed to :class:`~esswatch.ESSWatch`, whose
-            penalty is added to the training loss (automatic optimization; see
-            :meth:`on_before_backward`).
+        every_n_steps: measure the training forward of every ``every_n_steps``-th optimizer step
+            (``trainer.global_step`` n - 1, 2n - 1, ..., where Lightning logs the loss with ``log_every_n_steps``
+            dividing n).
+        logdir: also write TensorBoard event files here (rank zero); needed without a logger (``logger=False``).
+        regularizer: the ESS regularizer's weight (``None`` or ``0`` = off), or an :class:`esswatch.Regularizer`;
+            passed to :class:`~esswatch.ESSWatch`, whose penalty is added to the training loss (automatic
+            optimization; see :meth:`on_before_backward`).
         sinks: more destinations for the results (see :class:`~esswatch.ESSWatch`).
-        **watch_kwargs: any other :class:`~esswatch.ESSWatch` option (``batch_rows``,
-            ``heads``, ``indices``, ``estimator``, ``metrics``, ``layers``, ``probe_batch``,
-            ``reduce``, ``strict``, ``histograms``, ``images``, ...).
+        **watch_kwargs: any other :class:`~esswatch.ESSWatch` option (``batch_rows``, ``heads``, ``indices``,
+            ``estimator``, ``metrics``, ``layers``, ``probe_batch``, ``reduce``, ``strict``, ``histograms``,
+            ``images``, ...). A later fit of the same module continues the watch's state (counters, the budget's
+            level); another module's fit starts afresh.
 
     Attributes:
         watch: the :class:`~esswatch.ESSWatch` of the running fit (``None`` outside it).
@@ -161,6 +156,8 @@ class ESSCallback(pl.Callback):
         self.watch_kwargs = watch_kwargs
         self.watch: Optional[ESSWatch] = None
         self._pending_state: Optional[Dict[str, Any]] = None
+        self._pending_for: Any = None  # weakref to the module whose fit left _pending_state (None: a checkpoint's)
+        self._fit_module: Any = None  # weakref to the module of the running fit
         self._validation = contextlib.ExitStack()  # holds watch.paused() during validation
 
     # -- lifetime --------------------------------------------------------------------
@@ -199,9 +196,11 @@ class ESSCallback(pl.Callback):
                 "optimization add it yourself: `self.manual_backward(loss + ess_callback.penalty())`."
             )
         self._validation.close()
-        state = self._pending_state if self._pending_state is not None else self.watch.state_dict()
+        self._fit_module = weakref.ref(pl_module)
+        own = self._pending_for is None or self._pending_for() is pl_module  # another model's fit: start afresh
+        state = self._pending_state if self._pending_state is not None and own else self.watch.state_dict()
         self.watch.load_state_dict(state)  # (re-)arms the capture under the offset
-        self._pending_state = None
+        self._pending_state = self._pending_for = None
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage == "fit":
@@ -211,10 +210,11 @@ class ESSCallback(pl.Callback):
         self._close_watch()
 
     def _close_watch(self) -> None:
-        """Close the watch, keeping its state so that :meth:`state_dict` and a later fit continue it."""
+        """Close the watch, keeping its state so that :meth:`state_dict` and a later fit of the same module
+        continue it."""
         self._validation.close()
         if self.watch is not None:
-            self._pending_state = self.watch.state_dict()
+            self._pending_state, self._pending_for = self.watch.state_dict(), self._fit_module
             self.watch.close()
             self.watch = None
 
@@ -292,7 +292,7 @@ class ESSCallback(pl.Callback):
         if watch is not None:
             watch.load_state_dict(state)
         else:
-            self._pending_state = state
+            self._pending_state, self._pending_for = state, None
 
     def __repr__(self) -> str:  # pragma: no cover - cosmetic
         return (

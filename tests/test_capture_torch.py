@@ -667,3 +667,70 @@ def test_hooks_do_not_sync_on_cuda():
     assert torch.equal(ref, got)
     T = cap.operators["layers.0.self_attn"].dense()
     assert T.is_cuda and tuple(T.shape) == (2, H, L, L)
+
+
+class _FaultyDecayProbe(DecayMixerProbe):
+    """Test-only: a user probe with a bug in one place, chosen by ``fault``."""
+
+    fault = "hook"
+
+    def attach(self):
+        if self.fault == "attach_raises":
+            raise KeyError("bad attach")
+        if self.fault == "attach_none":
+            return None
+        if self.fault != "hook":
+            return super().attach()
+
+        def hook(module, args, output):
+            if self.wants_record():
+                raise IndexError("user bug in hook")
+
+        return [self.module.register_forward_hook(hook)]
+
+    def tss(self):
+        return {"tss_zero": 0, "tss_bool": True, "tss_str": "8"}.get(self.fault, 1)
+
+
+@pytest.mark.parametrize("fault", ["hook", "attach_raises", "attach_none", "tss_zero", "tss_bool", "tss_str"])
+def test_a_faulty_user_probe_is_named_and_never_stops_training(fault):
+    """Regressions found by a review of the extension API: a registered probe's hook that raised went through the
+    model's forward (training stopped, the layer unnamed); attach() returning None gave "'NoneType' object is not
+    iterable"; tss() of 0, True or '8' was accepted (utilization inf, or silently converted). Now: a raising hook is
+    one CaptureWarning naming the layer, the call is not recorded and the model's output is unchanged; attach()
+    faults are a CaptureError naming the layer and the probe; a bad tss() is a ValueError naming the layer (inside
+    the watch, the usual failure warning). The other layer (the esswatch_operator route) is still measured."""
+    _FaultyDecayProbe.fault = fault
+    register_probe(DecayMixer, _FaultyDecayProbe)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), DecayMixer(4), DecayMixerWithMethod(4))
+        x = torch.randn(2, 7, 3)
+        with torch.no_grad():
+            want = model(x)
+        if fault.startswith("attach"):
+            with pytest.raises(CaptureError, match=r"1: _FaultyDecayProbe\.attach\(\)"):
+                esswatch.ESSWatch(model, every_n_steps=1)
+            unregister_probe(DecayMixer)
+            with capture(model) as cap:  # nothing was left attached: a capture can attach now
+                model(x)
+            assert set(cap.operators) == {"2"}
+            return
+        watch = esswatch.ESSWatch(model, every_n_steps=1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = model(x)
+            out.sum().backward()
+            result = watch.step()
+        watch.close()
+        torch.testing.assert_close(out.detach(), want)
+        messages = [str(w.message) for w in caught]
+        assert set(result["layers"]) == {"2"}
+        if fault == "hook":
+            assert any("1: _FaultyDecayProbe's hook raised IndexError: user bug in hook" in m for m in messages)
+            assert watch.failures == 0
+        else:
+            assert any("skipped layer '1'" in m and "theoretical state size" in m for m in messages), messages
+            assert watch.failures == 1
+    finally:
+        unregister_probe(DecayMixer)

@@ -36,7 +36,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 import esswatch  # noqa: E402
 from esswatch import Regularizer  # noqa: E402
 from esswatch.probes import UnsupportedModelError  # noqa: E402
-from esswatch.watch import ESSWarning  # noqa: E402
+from esswatch.watch import ESSWarning, ESSWatch  # noqa: E402
 from esswatch.watch.regularizer import PENALTY_TAG  # noqa: E402
 
 VOCAB, SEQ, BATCH = 64, 16, 4
@@ -637,3 +637,50 @@ def test_generate_between_steps_is_not_measured_in_place_of_the_training_forward
         ref = reference_avg(snap.params[step], snap.inputs[step])
         for layer in LLAMA_LAYERS:
             assert hist[step][f"ess/entropy/avg/{layer}"] == pytest.approx(ref[layer], rel=1e-4), (step, layer)
+
+
+@pytest.mark.parametrize("kind", ["eager", "sdpa", "mamba"])
+def test_rows_that_are_all_padding_are_left_out_of_the_measurement_and_the_penalty(kind):
+    """Regression: a kept batch row that is all padding (an empty document) has a zero operator, so it was
+    measured as ESS 0 at every index: it lowered the step's averages, and a batch of such rows logged ESS 0 that
+    `esswatch report` read as collapse. Such rows are now left out (a batch of them is skipped silently, like
+    L = 1): the result equals the watch's on the batch without them, and for attention the NumPy reference of the
+    eager attention probabilities of the real rows; the penalty too."""
+    model = mamba() if kind == "mamba" else llama(kind)
+    names = MAMBA_LAYERS if kind == "mamba" else LLAMA_LAYERS
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, VOCAB, (3, SEQ), generator=g)
+    am = torch.ones(3, SEQ, dtype=torch.long)
+    am[1] = 0  # all padding
+    am[2, :5] = 0  # left padding
+
+    def measure(rows, regularizer=None):
+        watch = ESSWatch(model, every_n_steps=1, batch_rows=None, indices=INDICES, regularizer=regularizer)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model(ids[rows], attention_mask=am[rows])
+            p = watch.penalty() if regularizer else None
+            r = watch.step()
+        watch.close()
+        assert watch.failures == 0 and not [w for w in caught if issubclass(w.category, ESSWarning)]
+        return r, p
+
+    got, _ = measure([0, 1, 2])
+    ref, _ = measure([0, 2])
+    for name in names:
+        assert got["layers"][name]["rows"] == 2
+        assert got["layers"][name]["entropy"]["avg"] == pytest.approx(ref["layers"][name]["entropy"]["avg"], rel=1e-6)
+    if kind == "eager":
+        with torch.no_grad():
+            att = model(ids[[0, 2]], attention_mask=am[[0, 2]], output_attentions=True).attentions
+        for name, a in zip(names, att):
+            a = a.double().clone()
+            a[1, :, :5, :] = 0  # the padded positions of the left-padded row: zero rows and columns of the operator
+            a[1, :, :, :5] = 0  # (eager's output_attentions spreads a fully masked query row uniformly instead)
+            want = float(entropy_ess_ref(a.numpy(), INDICES).mean())
+            assert got["layers"][name]["entropy"]["avg"] == pytest.approx(want, rel=1e-4)
+    assert measure([1])[0] is None  # nothing to measure: skipped silently
+    if kind != "mamba":
+        (_, p_got), (_, p_ref) = measure([0, 1, 2], 1.0), measure([0, 2], 1.0)
+        assert float(p_got) == pytest.approx(float(p_ref), rel=1e-6) and p_got.requires_grad
+        assert measure([1], 1.0)[1] == 0.0

@@ -30,6 +30,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import esswatch  # noqa: E402
 from esswatch.layers import SequenceModel  # noqa: E402
+from esswatch.watch import ESSWarning  # noqa: E402
 from esswatch.watch.regularizer import PENALTY_TAG  # noqa: E402
 
 VOCAB, D, SEQ, VAL_SEQ, BATCH = 11, 16, 12, 9, 4
@@ -605,3 +606,34 @@ def test_background_skipped_samples_still_log_the_penalty(tmp_path):
     # ess/skipped: samples skipped before each result was emitted (all three, at fit end)
     skipped = [(int(r["step"]), float(r["ess/skipped"])) for r in runs[True] if r.get("ess/skipped")]
     assert skipped == [(0, 3.0), (1, 3.0), (2, 3.0), (3, 3.0)]
+
+
+def test_a_callback_reused_for_another_module_starts_afresh(tmp_path, monkeypatch):
+    """Regression: the state a fit leaves (for a later fit to continue) was loaded by the fit of any module, so a
+    callback reused for a fresh model carried the old run's counters (ess/failures started at the old total) and
+    never warned about the new model's failing layers (they had been reported for the old one). A later fit of the
+    same module still continues; another module's fit starts afresh. Every layer fails here (a memory limit of
+    1 kB): ess/failures grows by 2 per sample."""
+    import warnings
+
+    monkeypatch.setenv("ESSWATCH_MAX_BYTES", "1000")
+    train, _ = loaders()
+    results = []
+    cb = ESSCallback(every_n_steps=2, sinks=[results.append], images=False)
+    first = TinyLM()
+
+    def fit(module, name):
+        results.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer(tmp_path, [cb], CSVLogger(str(tmp_path), name=name), max_steps=4).fit(module, train)
+        warned = [w for w in caught if issubclass(w.category, ESSWarning)]
+        return [r["scalars"]["ess/failures"] for r in results], len(warned)
+
+    assert fit(first, "a") == ([2.0, 4.0], 2)
+    assert fit(TinyLM(seed=3), "b") == ([2.0, 4.0], 2)  # a fresh model: its own counters and warnings
+    assert fit(first, "c") == ([2.0, 4.0], 2)  # the last fit was another module's: afresh as well
+    cb2 = ESSCallback(every_n_steps=2, sinks=[results.append], images=False)
+    cb, module = cb2, TinyLM()
+    assert fit(module, "d") == ([2.0, 4.0], 2)
+    assert fit(module, "e") == ([6.0, 8.0], 0)  # the same module again: continued, nothing reported twice

@@ -174,3 +174,27 @@ def test_regularizer_example_adds_the_documented_penalty(tmp_path, monkeypatch):
     grads = dict(plain_model.named_parameters())
     torch.testing.assert_close(step["head.weight"], grads["head.weight"].grad, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(step["attn.in_proj_weight"], grads["attn.in_proj_weight"].grad, atol=1e-6)
+
+
+def test_custom_layer_example_runs_and_matches_numpy():
+    """The "Custom layers" example as written (a module, its probe, a capture): the operator is the layer itself
+    (T @ x equals its output), and entropy-ESS equals a NumPy SVD of that T."""
+    from esswatch.probes import registry
+
+    torch.manual_seed(0)
+    ns: dict = {}
+    try:
+        (ess,) = run_statements(readme_block("### Custom layers"), ns, "ess")
+        op = ns["cap"].operators["1"]
+        model = ns["model"]
+        x = torch.randn(2, 16, 8)
+        with torch.no_grad():
+            u = model[0](x)
+            y = model[1](u)
+            T = op.dense()  # (batch, channel, L, L)
+        torch.testing.assert_close(torch.einsum("bcts,bsc->btc", T, u), y, rtol=1e-5, atol=1e-6)
+        assert ess.shape == (2, 4, 3)
+        np.testing.assert_allclose(ess.double().numpy(), entropy_ess_ref(T.double().numpy(), [4, 8, 12]), rtol=1e-5)
+    finally:
+        if "DecayMixer" in ns:
+            registry.unregister_probe(ns["DecayMixer"])

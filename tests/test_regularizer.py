@@ -246,8 +246,8 @@ def test_a_penalty_without_gradient_is_a_layer_warning_not_a_silent_no_op(mixer)
     """Regression: under reentrant activation checkpointing (torch.utils.checkpoint(use_reentrant=True), Hugging
     Face gradient_checkpointing with use_reentrant=True) the recorded forward runs under no_grad, so the penalty
     had no gradient: it trained nothing, and ess/penalty was logged as if it had. Such a layer's term is now left
-    out with the usual once-per-layer warning (counted in failures). With use_reentrant=False the penalty and its
-    gradients equal those without checkpointing."""
+    out with a once-per-layer warning, and the layer is still measured (not a failure). With use_reentrant=False
+    the penalty and its gradients equal those without checkpointing."""
     from torch.utils.checkpoint import checkpoint
 
     x = _batches(1)[0]
@@ -260,17 +260,46 @@ def test_a_penalty_without_gradient_is_a_layer_warning_not_a_silent_no_op(mixer)
         else:
             checkpoint(model, x, use_reentrant=mode == "reentrant")
         if mode == "reentrant":
-            with pytest.warns(ew.ESSWarning, match="carries no gradient.*use_reentrant=False"):
+            with pytest.warns(ew.ESSWarning, match="carries no gradient.*use_reentrant=False") as caught:
                 p = watch.penalty()
+            assert len([w for w in caught if issubclass(w.category, ew.ESSWarning)]) == 2  # each layer once
         else:
             p = watch.penalty()
             p.backward()
             grads[mode] = [q.grad.clone() for q in model.parameters() if q.grad is not None]
         penalties[mode] = p
-        watch.step()
-        assert watch.failures == (2 if mode == "reentrant" else 0)  # both layers, once each
+        result = watch.step()
+        assert watch.failures == 0 and set(result["layers"]) == {"blocks.0.mixer", "blocks.1.mixer"}
         watch.close()
     assert penalties["reentrant"] == 0.0
     assert torch.equal(penalties["plain"].detach(), penalties["non_reentrant"].detach())
     assert len(grads["plain"]) == len(grads["non_reentrant"]) > 0
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads["plain"], grads["non_reentrant"]))
+
+
+def test_a_frozen_layer_is_still_measured_with_the_regularizer_on():
+    """Regression (found while fixing the above): leaving a term without gradient out of the penalty removed the
+    layer from the step's measurement too (the stash the measurement reuses was the same dict), so a frozen mixer
+    vanished from the logs once the regularizer was on. The frozen layer is measured, with the values the watch
+    gives without the regularizer; only its penalty term is left out, with one warning."""
+    x = _batches(1)[0]
+    model = _model("attention")
+    for p in model.blocks[0].parameters():
+        p.requires_grad_(False)
+    for q in model.embed.parameters():
+        q.requires_grad_(False)
+    results = {}
+    for reg in (None, 1.0):
+        watch = ew.ESSWatch(model, every_n_steps=1, regularizer=reg, histograms=False, images=False)
+        model(x)
+        if reg:
+            with pytest.warns(ew.ESSWarning, match="'blocks.0.mixer'.*carries no gradient"):
+                p = watch.penalty()
+            assert p.requires_grad
+        results[reg] = watch.step()
+        assert watch.failures == 0
+        watch.close()
+    for name in ("blocks.0.mixer", "blocks.1.mixer"):
+        a, b = (results[r]["layers"][name]["entropy"]["avg"] for r in (None, 1.0))
+        assert a == pytest.approx(b, rel=1e-6)
+    assert set(results[1.0]["penalty"]["layers"]) == {"blocks.1.mixer"}

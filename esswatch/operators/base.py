@@ -231,6 +231,18 @@ class Operator:
         rebuild = type(self).__dict__.get("_rebuild")
         return self if rebuild is None else rebuild(self, narrow)
 
+    def selected_rows(self, rows: torch.Tensor) -> "Operator":
+        """The entries ``rows`` (1-D int64) of the first batch dim (operands broadcast along it are left as they
+        are); ``self`` where the class does not define ``_rebuild(fn)`` itself (see :meth:`narrowed`)."""
+        b = self.batch_shape
+
+        def pick(x, core):
+            pos = (x.dim() - core) - len(b)  # the first batch dim of x (leading dims align from the right)
+            return x.index_select(pos, rows.to(x.device)) if pos >= 0 and x.shape[pos] > 1 else x
+
+        rebuild = type(self).__dict__.get("_rebuild")
+        return self if rebuild is None or not b else rebuild(self, pick)
+
     def __repr__(self) -> str:  # pragma: no cover - cosmetic
         return (
             f"{type(self).__name__}(batch_shape={tuple(self.batch_shape)}, L={self.seq_len}, "

@@ -10,7 +10,7 @@
 """
 
 from . import torch_probes  # noqa: F401  (registers the nn.MultiheadAttention probe)
-from .probe import PADDING_WARNING, CaptureError, CaptureWarning, Probe
+from .probe import PADDING_WARNING, CaptureError, CaptureWarning, NothingToMeasure, Probe
 from .registry import add_provider, probe_for, register_probe, supported_types, unregister_probe
 from .session import Capture, capture
 from .unsupported import UnsupportedModelError, UnsupportedProbe
@@ -21,6 +21,7 @@ __all__ = [
     "Probe",
     "CaptureError",
     "CaptureWarning",
+    "NothingToMeasure",
     "PADDING_WARNING",
     "register_probe",
     "unregister_probe",

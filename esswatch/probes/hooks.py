@@ -66,16 +66,23 @@ class InertHook:
 class EssHook:
     """A live esswatch hook (see the module doc)."""
 
-    __slots__ = ("fn", "key", "_module", "_copies", "__weakref__")
+    __slots__ = ("fn", "key", "guard", "_module", "_copies", "__weakref__")
 
-    def __init__(self, fn, key: int, module: Optional[torch.nn.Module]) -> None:
+    def __init__(self, fn, key: int, module: Optional[torch.nn.Module], guard=None) -> None:
         self.fn = fn
         self.key = key
+        self.guard = guard  # called with the exception of a raising hook, which then returns None (a probe's hooks)
         self._module = None if module is None else weakref.ref(module)
         self._copies: List[Any] = []  # weak references to deep copies of the module carrying an InertHook
 
     def __call__(self, *args, **kwargs):
-        return self.fn(*args, **kwargs)
+        if self.guard is None:
+            return self.fn(*args, **kwargs)
+        try:
+            return self.fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - a probe's bug never stops the user's forward
+            self.guard(e)
+            return None
 
     def __reduce__(self):
         return (InertHook, (self.key,))
@@ -106,9 +113,10 @@ def _owner(d: dict, modules: Iterable[torch.nn.Module]) -> Optional[torch.nn.Mod
     return None
 
 
-def adopt(handles: Iterable[Any], model: Optional[torch.nn.Module]) -> List[EssHook]:
+def adopt(handles: Iterable[Any], model: Optional[torch.nn.Module], guard=None) -> List[EssHook]:
     """Wrap the hook behind each :class:`RemovableHandle` in ``handles`` into an :class:`EssHook`
-    (in place: the handle still removes it). Other handle types are left alone."""
+    (in place: the handle still removes it). Other handle types are left alone. ``guard(exception)``: what a
+    raising hook calls instead of propagating (``None``: it propagates)."""
     modules = list(model.modules()) if model is not None else []
     out = []
     for h in handles:
@@ -121,7 +129,7 @@ def adopt(handles: Iterable[Any], model: Optional[torch.nn.Module]) -> List[EssH
         if isinstance(fn, EssHook):
             out.append(fn)
             continue
-        hook = EssHook(fn, h.id, _owner(d, modules))
+        hook = EssHook(fn, h.id, _owner(d, modules), guard)
         d[h.id] = hook
         out.append(hook)
     return out

@@ -18,14 +18,16 @@ Hot-path contract (hooks run on every training step):
 from __future__ import annotations
 
 import copy
+import warnings
 import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..engine.validation import check_positive_int
 from ..operators import Operator
 
-__all__ = ["Probe", "CaptureError", "CaptureWarning", "PADDING_WARNING"]
+__all__ = ["Probe", "CaptureError", "CaptureWarning", "NothingToMeasure", "PADDING_WARNING"]
 
 #: what a probe of an attention layer warns, once, when a captured batch is padded (after ``esswatch: <layer>: ``)
 PADDING_WARNING = (
@@ -43,6 +45,11 @@ class CaptureError(RuntimeError):
 
 class CaptureWarning(UserWarning):
     """Warned when a layer is skipped because its call cannot be captured faithfully (names the layer)."""
+
+
+class NothingToMeasure(Exception):
+    """Every kept batch row of a record is padding (:meth:`Probe.realize_rows`): like a sequence of length 1, the
+    watch skips the layer for that step silently (not a failure)."""
 
 
 class Probe:
@@ -135,16 +142,50 @@ class Probe:
             return None
         return self.realize(self._record)
 
+    def hook_failed(self, error: BaseException) -> None:
+        """One of this probe's hooks raised ``error`` (a bug in the probe): the call is not recorded, what it may
+        have recorded is dropped, and one :class:`CaptureWarning` names the layer; the forward goes on."""
+        self._record = None
+        if not getattr(self, "_hook_warned", False):
+            self._hook_warned = True
+            warnings.warn(
+                f"esswatch: {self.name}: {type(self).__name__}'s hook raised {type(error).__name__}: {error}; the "
+                "call is not recorded (training continues).",
+                CaptureWarning,
+                stacklevel=3,
+            )
+
+    def valid_rows(self, record: Dict[str, Any]) -> Optional[torch.Tensor]:
+        """Whether each kept batch row of ``record`` holds a real token (bool, one per row), or ``None``: all do, or
+        the probe cannot tell. Probes of layers that see a padding mask override it."""
+        return None
+
+    def realize_rows(self, record: Dict[str, Any]) -> Optional[Operator]:
+        """:meth:`realize`, without the batch rows that are all padding (:meth:`valid_rows`): what the watch
+        measures and penalizes (such a row's operator is zero, so its ESS, 0, says nothing about the layer). Raises
+        :class:`NothingToMeasure` when no row is left. One host sync where a mask is recorded (off the hooks)."""
+        op = self.realize(record)
+        valid = self.valid_rows(record)
+        if op is None or valid is None:
+            return op
+        valid = valid.reshape(-1).to(torch.bool)
+        if bool(valid.all()):
+            return op
+        if not bool(valid.any()):
+            raise NothingToMeasure(f"{self.name}: every kept batch row is padding")
+        return op.selected_rows(valid.nonzero().flatten())
+
     def realize(self, record: Dict[str, Any]) -> Optional[Operator]:
-        """:meth:`build` the operator of ``record``; when the operator has no ``state_size`` of
-        its own, it gets the layer's :meth:`tss`. So the TSS has one source downstream, the
-        operator's ``state_size`` (read by ``Operator.tss``, the logs and the regularizer)."""
+        """:meth:`build` the operator of ``record``; when the operator has no ``state_size`` of its own, it gets the
+        layer's :meth:`tss` (a positive int, else a ``ValueError`` naming the layer). So the TSS has one source
+        downstream, the operator's ``state_size`` (read by ``Operator.tss``, the logs and the regularizer)."""
         op = self.build(record)
-        if op is not None and op.state_size is None:
-            tss = self.tss()
-            if tss is not None:
+        tss = None if op is None else self.tss()
+        if tss is not None:  # validated also where the operator's own state size wins
+            tss = check_positive_int(f"{self.name}: the layer's theoretical state size (tss)", tss)
+            if op.state_size is None:
                 op = copy.copy(op)  # never change an operator a module handed us
-                op.state_size = int(tss)
+                op.state_size = tss
         return op
 
     def clear(self) -> None:

@@ -19,7 +19,7 @@ import torch
 from ..engine.validation import check_positive_int
 from ..operators import Operator
 from .hooks import EssHook, adopt
-from .probe import CaptureWarning, Probe
+from .probe import CaptureError, CaptureWarning, Probe
 from .registry import probe_for, supported_types
 from .unsupported import (
     HOW_TO_ADD,
@@ -188,11 +188,23 @@ class Capture:
                     f"esswatch capture is already attached to this {type(model).__name__}; exit the other "
                     "`esswatch.capture(...)` block (or close the other ESSWatch) first"
                 )
-            handles = []
+            handles, hooks = [], []
             try:
-                for probe in self.probes.values():
-                    handles.extend(probe.attach())
-                self._hooks = adopt(handles, model)
+                for name, probe in self.probes.items():
+                    try:
+                        own = probe.attach()
+                    except Exception as e:
+                        raise CaptureError(
+                            f"{name}: {type(probe).__name__}.attach() raised {type(e).__name__}: {e}"
+                        ) from e
+                    if not isinstance(own, (list, tuple)):
+                        raise CaptureError(
+                            f"{name}: {type(probe).__name__}.attach() must return a list of hook handles, got "
+                            f"{type(own).__name__}"
+                        )
+                    handles.extend(own)
+                    hooks += adopt(own, model, guard=probe.hook_failed)  # a raising hook never stops the forward
+                self._hooks = hooks
             except Exception:
                 for h in handles:
                     h.remove()

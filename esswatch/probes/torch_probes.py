@@ -271,6 +271,14 @@ class MultiheadAttentionProbe(Probe):
                 )
         return SoftmaxAttention(q, k, mask=mask, value_dim=self.module.head_dim)
 
+    def valid_rows(self, record: Dict[str, Any]) -> Optional[torch.Tensor]:
+        """Rows with a key that is not padding (``key_padding_mask``)."""
+        kpm = record["key_padding_mask"]
+        if kpm is None:
+            return None
+        pad = kpm if kpm.dtype == torch.bool else _blocked(kpm)
+        return ~pad.flatten(1).all(-1)
+
     def _warn_padding(self, key_padding_mask) -> None:
         """Once per layer, where a row is padded (outside the hooks: reading the mask syncs)."""
         if key_padding_mask is None or "padding" in self._warned:

@@ -37,6 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..operators import Operator
+from ..probes import NothingToMeasure
 from .failures import ESSWarning
 from .measure import MeasureConfig, measurable, measure_operator, select_indices
 from .snapshot import TRANSFERS, _Copier, make_copier, snapshot
@@ -77,7 +78,7 @@ class Outcome:
     timings: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # calibration (budget)
     fatal: Optional[BaseException] = None
     calibrated: bool = False
-    short: List[str] = field(default_factory=list)  # too short to measure (no index fits): not a failure
+    short: List[str] = field(default_factory=list)  # nothing to measure (no index fits, all padding): not a failure
 
 
 # -- the measurement -----------------------------------------------------------------
@@ -104,9 +105,16 @@ def run_job(job: Job) -> Outcome:
                 try:
                     if name in job.records:
                         probe, record = job.records[name]
-                        op = probe.realize(record)
+                        try:
+                            op = probe.realize_rows(record)
+                        except NothingToMeasure:  # every kept row is padding: like L = 1
+                            out.short.append(name)
+                            continue
                     else:
                         op = job.operators[name]
+                        if op is None:  # the penalty found every kept row padding
+                            out.short.append(name)
+                            continue
                     if op is not None and not measurable(job.cfg.indices, op.seq_len):
                         out.short.append(name)
                         continue
@@ -152,7 +160,8 @@ def make_job(watch, step: int, source: str, copier: Optional[_Copier] = None) ->
         probes = watch.capture.probes
         records = {n: p.recorded for n, p in probes.items() if p.has_record}
         cap = watch.capture  # the regularizer's operators hold every head: measure what the records would
-        ops = {n: op.narrowed(cap.batch_rows, cap.heads) for n, op in (watch._penalties.stash or {}).items()}
+        stash = (watch._penalties.stash or {}).items()
+        ops = {n: None if op is None else op.narrowed(cap.batch_rows, cap.heads) for n, op in stash}
         ops = {n: op for n, op in ops.items() if n not in records}
         ready = stream = None
         if copier is not None:

@@ -9,18 +9,22 @@ capturing again. :func:`watch_penalty` is ``ESSWatch.penalty()`` over the watch'
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from ..probes import NothingToMeasure
+from .failures import ESSWarning
 from .regularizer import Regularizer, penalty_terms
 
 __all__ = ["PenaltyBook", "watch_penalty", "NO_GRADIENT"]
 
 NO_GRADIENT = (
-    "its recorded forward carries no gradient, so its penalty would train nothing (left out). Reentrant activation "
-    "checkpointing runs the layer under no_grad: use use_reentrant=False (torch.utils.checkpoint, or "
-    "gradient_checkpointing_kwargs={'use_reentrant': False} in Hugging Face)."
+    "its recorded operator carries no gradient, so its penalty term would train nothing: the term is left out of "
+    "the penalty (the layer is still measured and logged). Causes: a frozen layer, an esswatch_operator that "
+    "detaches, or reentrant activation checkpointing, which runs layers under no_grad (use use_reentrant=False: "
+    "torch.utils.checkpoint, or gradient_checkpointing_kwargs={'use_reentrant': False} in Hugging Face)."
 )
 
 
@@ -29,11 +33,17 @@ class PenaltyBook:
         self.regularizer = regularizer
         self.stash: Optional[Dict[str, Any]] = None  # operators consumed by penalty() on a measured step
         self.log: List[Tuple[torch.Tensor, Dict[str, torch.Tensor]]] = []  # detached (total, terms) this step
+        self.no_gradient: set = set()  # layers warned about a term without gradient (once each)
 
     def due(self, step: int) -> bool:
         """The regularizer penalizes step ``step``."""
         reg = self.regularizer
         return reg is not None and step % reg.every_n_steps == 0
+
+    def _warn_no_gradient(self, name: str) -> None:
+        if name not in self.no_gradient:
+            self.no_gradient.add(name)
+            warnings.warn(f"esswatch: layer {name!r}: {NO_GRADIENT}", ESSWarning, stacklevel=5)
 
     def reset(self) -> None:
         """A new step: forget the stash and the terms of the previous one."""
@@ -50,15 +60,18 @@ class PenaltyBook:
             if not probe.has_record:
                 continue
             try:
-                ops[name] = probe.operator()
+                ops[name] = probe.realize_rows(probe.recorded)
+            except NothingToMeasure:  # every kept row is padding: no term, no failure (None: nothing to measure)
+                ops[name] = None
             except Exception as e:  # noqa: BLE001 - the monitor never stops training
                 on_error(name, e)
         if stash and self.stash is None:
-            self.stash = ops
+            self.stash = dict(ops)  # the step's measurement: every layer, also those the penalty leaves out
         capture.clear()  # the next micro-batch records anew
+        ops = {n: op for n, op in ops.items() if op is not None}
         if torch.is_grad_enabled():  # a term without a gradient would be logged as a penalty that trains nothing
             for name in [n for n, op in ops.items() if not op.requires_grad]:
-                on_error(name, RuntimeError(NO_GRADIENT))
+                self._warn_no_gradient(name)
                 del ops[name]
         if not ops:
             return 0.0

@@ -206,6 +206,15 @@ class HFAttentionProbe(Probe):
             return Dense(t, state_size=record["window"], value_dim=record["value_dim"])
         return SoftmaxAttention(q, k, scale=scale, window=record["window"], mask=mask, value_dim=record["value_dim"])
 
+    def valid_rows(self, record: Dict[str, Any]) -> Optional[torch.Tensor]:
+        """Rows whose mask lets some position attend causally (a row that is all padding has a zero operator)."""
+        q = record["q"]
+        mask = as_mask(record["mask"], q, q.shape[-2], self.name)
+        if mask is None:
+            return None
+        valid = torch.tril(mask if mask.dtype == torch.bool else torch.isfinite(mask)).flatten(1).any(-1)
+        return valid.expand(q.shape[0]) if valid.numel() == 1 else valid
+
     def _check_mask(self, mask: Optional[torch.Tensor], position_ids: Optional[torch.Tensor]) -> None:
         """Warnings about what the operator means (host syncs are fine here, off the hot path)."""
         if position_ids is not None and position_ids.dim() == 2 and position_ids.shape[-1] > 1:

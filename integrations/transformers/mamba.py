@@ -162,6 +162,11 @@ class _MixerProbe(Probe):
     #: what padding does to the operator (the padding warning's middle)
     padding_effect = "padded positions have zero input (B = C = 0), so they are zero rows and columns of the operator"
 
+    def valid_rows(self, record: Dict[str, Any]) -> Optional[torch.Tensor]:
+        """Rows with a token that is not padding (the ``attention_mask``)."""
+        mask = record.get("mask")
+        return None if mask is None else (mask != 0).any(-1)
+
     def _warn_padding(self, mask: Optional[torch.Tensor]) -> None:
         if mask is not None and not self._warned_pad and not bool((mask != 0).all()):
             self._warned_pad = True
