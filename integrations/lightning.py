@@ -213,9 +213,9 @@ class ESSCallback(pl.Callback):
         """Close the watch, keeping its state so that :meth:`state_dict` and a later fit of the same module
         continue it."""
         self._validation.close()
-        if self.watch is not None:
-            self._pending_state, self._pending_for = self.watch.state_dict(), self._fit_module
+        if self.watch is not None:  # closed first: the last background sample is in the state (also under reduce)
             self.watch.close()
+            self._pending_state, self._pending_for = self.watch.state_dict(), self._fit_module
             self.watch = None
 
     # -- the schedule ----------------------------------------------------------------

@@ -199,3 +199,19 @@ def test_the_memory_guard_counts_the_gramians_not_t(monkeypatch):
     assert torch.equal(esswatch.entropy_ess(op, idx), free)
     with pytest.raises(ESSMemoryError, match="DeltaRule"):
         esswatch.entropy_ess(op, idx, estimator="exact")
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_gramians_at_repeated_and_unsorted_indices_follow_the_given_order(grad):
+    """Regression (review of this release): the Gramian stacks, now written in place, left a repeated index's
+    other slots unwritten (uninitialised memory, silently wrong singular values), and with a graph the stack came
+    in sorted order. Every slot now holds its own index's Gramians, in the order given, with and without a graph:
+    the same matrices as one call per index."""
+    q, k, beta, ld = (x.requires_grad_(grad) for x in _inputs("random"))
+    idx = [90, 10, 10, 140, 45]
+    with torch.set_grad_enabled(grad):
+        P, Q = delta_gramians(q, k, beta, ld, torch.tensor(idx))
+        for j, i in enumerate(idx):
+            p1, q1 = delta_gramians(q, k, beta, ld, torch.tensor([i]))
+            torch.testing.assert_close(P[..., j, :, :], p1[..., 0, :, :], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(Q[..., j, :, :], q1[..., 0, :, :], rtol=1e-12, atol=1e-12)

@@ -576,13 +576,15 @@ def test_a_resumed_trainer_continues_the_watch_state(tmp_path, monkeypatch, back
     assert [e["ess/failures"] for e in trainer.state.log_history if "ess/failures" in e and e["step"] == 10] == [2.0]
 
 
-def test_save_strategy_best_and_epoch_checkpoints_hold_the_watch_state(tmp_path):
+@pytest.mark.parametrize("background", [False, True])
+def test_save_strategy_best_and_epoch_checkpoints_hold_the_watch_state(tmp_path, background):
     """The Trainer decides a "best" save after evaluating, after its callbacks' step hooks: the state is put into
     the TrainerState at every evaluation. An "epoch" save is decided at the epoch's end. Both checkpoints hold it,
-    with the samples taken up to their step."""
+    with the samples taken up to their step (regression, background: the last step closes the watch before the
+    epoch's end, and the final checkpoint held the previous save's state)."""
     for strategy, extra, step in (
         ("best", dict(eval_strategy="steps", eval_steps=4, metric_for_best_model="loss", greater_is_better=False), 4),
-        ("epoch", dict(num_train_epochs=1), 6),
+        ("epoch", dict(num_train_epochs=2), 12),
     ):
         out = tmp_path / strategy
         args = TrainingArguments(
@@ -597,7 +599,7 @@ def test_save_strategy_best_and_epoch_checkpoints_hold_the_watch_state(tmp_path)
             disable_tqdm=True,
             **extra,
         )
-        callback = ESSCallback(every_n_steps=2, indices=INDICES, sinks=[lambda r: None])
+        callback = ESSCallback(every_n_steps=2, indices=INDICES, sinks=[lambda r: None], background=background)
         data = dataset(24)  # 6 steps per epoch
         Trainer(model=llama(), args=args, train_dataset=data, eval_dataset=data[:8], callbacks=[callback]).train()
         saved = json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())["stateful_callbacks"]

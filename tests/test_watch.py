@@ -307,6 +307,27 @@ def test_a_no_gradient_forward_in_training_mode_gives_way_to_the_training_forwar
     assert all(lay["indices"][-1] < 7 for lay in only["layers"].values())
 
 
+def test_an_eval_mode_forward_with_gradients_keeps_the_training_mode_record():
+    """Regression (review of this release): an eval-mode forward with gradients after a training-mode forward
+    without them cleared that record although it would record nothing itself, and the step measured nothing."""
+    model = make_model()
+    xs = batches(2)
+    watch = esswatch.ESSWatch(model, every_n_steps=1)
+    with torch.no_grad():
+        model(xs[0])  # training mode, no gradients: the step's record
+    model.eval()
+    model(xs[1])  # eval mode with gradients: recorded nowhere, and it keeps the record above
+    model.train()
+    r = watch.step()
+    watch.close()
+    cap_model = make_model()
+    with esswatch.capture(cap_model, batch_rows=2) as cap:
+        cap_model(xs[0])
+    for n, op in cap.operators.items():
+        ref = esswatch.entropy_ess(op, r["layers"][n]["indices"]).mean().item()
+        assert r["layers"][n]["entropy"]["avg"] == pytest.approx(ref, rel=1e-6)
+
+
 def test_no_forward_warns_once_and_logs_nothing():
     model = make_model()
     watch = esswatch.ESSWatch(model, every_n_steps=1)

@@ -826,3 +826,70 @@ def test_report_on_a_run_with_penalty_only_steps(tmp_path, capsys):
         for stat in ("max", "total", "utilization"):
             assert row[stat] == ea.Scalars(f"ess/entropy/{stat}/{layer}")[-1].value
     assert run["failures"] == 0
+
+
+def test_close_while_handling_an_exception_under_reduce_drops_the_outstanding_sample(monkeypatch):
+    """Regression (DDP review): an exception on one rank (a user error in training_step) closed the watch
+    (Lightning's on_exception, a `with` block), whose background sample then entered its all_reduce while the other
+    rank was in DDP's gradient all_reduce: gloo aborted with a collective mismatch and the user's error vanished.
+    Closed while an exception is being handled, under reduce with several ranks, the outstanding sample is now
+    dropped without any collective; closed normally it is still reduced and emitted. (Two ranks are simulated:
+    world_size patched to 2, the reduction recorded.)"""
+    import esswatch.watch.distributed as dist_utils
+
+    def run(in_except):
+        seen, reduced = [], []
+        model = make_model()
+        watch = esswatch.ESSWatch(model, every_n_steps=1, background=True, reduce=True, sinks=[seen.append])
+        model(batches(1)[0])
+        watch.step()  # step 0's sample is on the worker
+        monkeypatch.setattr(dist_utils, "world_size", lambda: 2)
+        monkeypatch.setattr(
+            dist_utils,
+            "reduce_layers",
+            lambda layers, names, metrics, failures: reduced.append(1) or (layers, failures),
+        )
+        try:
+            if in_except:
+                try:
+                    raise RuntimeError("user error")
+                except RuntimeError:
+                    watch.close()
+            else:
+                watch.close()
+        finally:
+            monkeypatch.undo()
+        return seen, reduced
+
+    assert run(True) == ([], [])
+    seen, reduced = run(False)
+    assert reduced == [1] and [r["step"] for r in seen] == [0]
+
+
+def test_a_sink_that_calls_state_dict_keeps_every_sink_in_step_order():
+    """Regression (review of this release): state_dict() flushes an outstanding sample, and a sink that called it
+    (to checkpoint beside each result) emitted from inside the emission of an earlier result: a penalty-only result
+    held behind it reached the other sinks before the result being emitted (steps out of order). From inside a sink
+    state_dict() no longer flushes."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    seen_a, seen_b, states = [], [], []
+    holder = {}
+
+    def sink_a(result):
+        seen_a.append(result["step"])
+        states.append(holder["watch"].state_dict())
+
+    watch = esswatch.ESSWatch(
+        model, every_n_steps=1, background=True, regularizer=1e-2, sinks=[sink_a, lambda r: seen_b.append(r["step"])]
+    )
+    holder["watch"] = watch
+    gate = hold_worker(watch)
+    for step, x in enumerate(batches(4)):
+        penalized_step(model, opt, watch, x)
+        if step == 1:  # step 1 was skipped (busy worker): its penalty-only result is held behind step 0's
+            gate.set()
+            settle(watch)
+    watch.close()
+    assert seen_a == seen_b == sorted(seen_a) and seen_a[:2] == [0, 1]
+    assert len(states) == len(seen_a)

@@ -85,30 +85,33 @@ def _segment_inputs(q, k, beta, log_decay, a, b, reverse):
 
 def _forward(q, k, beta, log_decay, idx, C, reverse):
     """The Gramian ``P_b = X_b X_b^T`` of ``X_t = B_t X_{t-1} + u_t e_t^T`` (in reversed time if ``reverse``)
-    at the sorted unique boundaries ``idx`` (``batch + (n, N, N)``), and ``{b: X_b}`` (``batch + (N, b)``)
-    for those with ``b < N``."""
+    at the boundaries ``idx`` (``batch + (n, N, N)``, in the order of ``idx``, repeats included), and ``{b: X_b}``
+    (``batch + (N, b)``) for those with ``b < N``."""
     N = k.shape[-1]
-    bounds = sorted(set(range(0, idx[-1], C)) | set(idx))
-    wanted = {b: j for j, b in enumerate(idx)}
+    bounds = sorted(set(range(0, max(idx), C)) | set(idx))
+    wanted: dict = {}
+    for j, b in enumerate(idx):  # positions of each boundary (a repeated index fills every one of its slots)
+        wanted.setdefault(b, []).append(j)
     P = torch.zeros(*k.shape[:-2], N, N, dtype=torch.float64, device=k.device)
     X = P[..., :0]  # the columns themselves, while there are fewer than N
     # without a graph the stack is written in place (in reversed order if reverse): no list beside a stacked copy
     graph = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, beta, log_decay))
-    out, factors = ([] if graph else P.new_empty(*P.shape[:-2], len(idx), N, N)), {}
+    out, factors = ([None] * len(idx) if graph else P.new_empty(*P.shape[:-2], len(idx), N, N)), {}
     for a, b in zip(bounds[:-1], bounds[1:]):
         M, W, _ = _segment(*_segment_inputs(q, k, beta, log_decay, a, b, reverse))
         P = M @ P @ M.transpose(-1, -2) + W @ W.transpose(-1, -2)
         if b < N:
             X = torch.cat([M @ X, W], dim=-1)
-        if b in wanted:
+        for j in wanted.get(b, ()):
+            pos = len(idx) - 1 - j if reverse else j  # reversed time: stacked in the order of the forward indices
             if graph:
-                out.append(P)
+                out[pos] = P
             else:
-                out[..., len(idx) - 1 - wanted[b] if reverse else wanted[b], :, :] = P
-            if b < N:
-                factors[b] = X
+                out[..., pos, :, :] = P
+        if b in wanted and b < N:
+            factors[b] = X
     if graph:
-        out = torch.stack(out[::-1] if reverse else out, dim=-3)
+        out = torch.stack(out, dim=-3)
     return out, factors
 
 

@@ -19,6 +19,7 @@ class Emitter:
         self.sinks = sinks
         self.strict = strict
         self.started = False
+        self.active = 0  # > 0 while sinks run (a sink that calls state_dict() must not emit from inside)
         self._failed: set = set()
 
     def emit(self, result: Dict[str, Any], config: Callable[[], Dict[str, Any]]) -> None:
@@ -28,6 +29,13 @@ class Emitter:
         first = not self.started
         self.started = True
         cfg = dict(config(), start_step=result["step"]) if first else None
+        self.active += 1
+        try:
+            self._write(result, first, cfg)
+        finally:
+            self.active -= 1
+
+    def _write(self, result: Dict[str, Any], first: bool, cfg: Any) -> None:
         for sink in self.sinks:
             try:
                 if first:

@@ -13,10 +13,13 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any, List
 
 import torch
+
+from . import distributed as dist_utils
 
 __all__ = ["GateHook", "DoneHook", "install", "release", "close_watch"]
 
@@ -47,7 +50,7 @@ class GateHook:
         gate.in_forward = True
         if self.train_only and gate.want:
             grad = torch.is_grad_enabled()
-            if grad and gate.record_grad is False:  # a training forward replaces a no-gradient one's record
+            if module.training and grad and gate.record_grad is False:  # replaces a no-gradient forward's record
                 gate.capture.clear()
                 gate.record_grad = None
             armed = module.training and (grad or gate.record_grad is None)
@@ -111,13 +114,16 @@ def release(gate: Any, handles: List[Any], sinks: List[Any]) -> None:
 
 def close_watch(watch: Any) -> None:
     """:meth:`ESSWatch.close`: wait for the outstanding background sample and emit it, then release
-    the watch (its ``weakref.finalize`` runs :func:`release`); idempotent."""
+    the watch (its ``weakref.finalize`` runs :func:`release`); idempotent. Called while an exception is being
+    handled, under ``reduce`` with several ranks, the outstanding sample is dropped instead: the other ranks may
+    never reach its reduction (a collective mismatch would hide the error)."""
     if watch._closed:
         return
     watch._closed = True
     offload, watch._offload = watch._offload, None
     try:
         if offload is not None:
-            offload.close(watch)
+            abandon = sys.exc_info()[0] is not None and watch.reduce and dist_utils.world_size() > 1
+            offload.close(watch, abandon=abandon)
     finally:
         watch._finalizer()

@@ -106,6 +106,12 @@ class Offload:
             result = penalty_result(step, source, watch.measure_config.metrics, penalty, watch._skipped_samples)
             watch._emitter.emit(result, watch.config)
 
+    def before_state(self, watch) -> None:
+        """``state_dict()``'s flush: not under ``reduce`` with several ranks (a collective: every rank calls
+        :meth:`flush` itself), nor from inside a sink (results would reach the sinks out of step order)."""
+        if not (watch.reduce and dist_utils.world_size() > 1) and not watch._emitter.active:
+            self.flush(watch)
+
     def flush(self, watch) -> Optional[Dict[str, Any]]:
         """Wait for the outstanding sample and emit it (all ranks, with ``reduce``), then the
         penalty-only results held behind it."""
@@ -118,9 +124,14 @@ class Offload:
         finally:
             self._release(watch)
 
-    def close(self, watch) -> Optional[Dict[str, Any]]:
-        """:meth:`flush`, then stop the worker."""
+    def close(self, watch, abandon: bool = False) -> Optional[Dict[str, Any]]:
+        """:meth:`flush`, then stop the worker; ``abandon``: cancel the outstanding sample instead (nothing is
+        reduced or emitted but the penalty-only results held)."""
         try:
+            if abandon:
+                self.worker.cancel()
+                self._release(watch)
+                return None
             return self.flush(watch)
         finally:
             self.worker.shutdown()

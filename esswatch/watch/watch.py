@@ -35,7 +35,6 @@ from ..ess import DEFAULT_RELATIVE, DEFAULT_TOL
 from ..probes import Capture
 from .args import checked_args
 from .background import Outcome, make_job, run_job
-from .distributed import world_size
 from .emit import Emitter
 from .failures import ESSMeasurementError, ESSWarning, FailurePolicy  # noqa: F401 - public names
 from .finish import finish
@@ -266,9 +265,10 @@ class ESSWatch:
 
     def state_dict(self) -> Dict[str, Any]:
         """Plain data to checkpoint: step, failures, samples, the budget's level. With ``background`` the outstanding
-        sample is emitted first (:meth:`flush`; with ``reduce`` and several ranks, call that on every rank first)."""
-        if self._offload is not None and not self._closed and not (self.reduce and world_size() > 1):
-            self.flush()
+        sample is emitted first (:meth:`flush`; with ``reduce`` and several ranks, call that on every rank first;
+        not from inside a sink)."""
+        if self._offload is not None and not self._closed:
+            self._offload.before_state(self)
         return state_of(self)
 
     def flush(self) -> Optional[Dict[str, Any]]:

@@ -235,7 +235,8 @@ class ESSCallback(TrainerCallback):
             raise ValueError(NO_LOSS_HOOK)
         if self.watch.global_step == state.global_step:
             self.watch.step()
-        save_watch_state(self.watch, state, control)
+        # the last step: a save may follow at the epoch's end or an evaluation, after a background watch is closed
+        save_watch_state(self.watch, state, control, always=control.should_training_stop)
         if control.should_training_stop and self.watch.background:
             # the last sample now, while the Trainer's TensorBoard writer is open (TensorBoardCallback's
             # on_train_end, which closes it, runs before this callback's)
