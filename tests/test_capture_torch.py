@@ -696,8 +696,9 @@ class _FaultyDecayProbe(DecayMixerProbe):
 def test_a_faulty_user_probe_is_named_and_never_stops_training(fault):
     """Regressions found by a review of the extension API: a registered probe's hook that raised went through the
     model's forward (training stopped, the layer unnamed); attach() returning None gave "'NoneType' object is not
-    iterable"; tss() of 0, True or '8' was accepted (utilization inf, or silently converted). Now: a raising hook is
-    one CaptureWarning naming the layer, the call is not recorded and the model's output is unchanged; attach()
+    iterable"; tss() of 0, True or '8' was accepted (utilization inf, or silently converted). Now: a raising hook
+    leaves the model's output unchanged and is a failure of that layer (warned naming it, counted; strict raises);
+    attach()
     faults are a CaptureError naming the layer and the probe; a bad tss() is a ValueError naming the layer (inside
     the watch, the usual failure warning). The other layer (the esswatch_operator route) is still measured."""
     _FaultyDecayProbe.fault = fault
@@ -727,8 +728,13 @@ def test_a_faulty_user_probe_is_named_and_never_stops_training(fault):
         messages = [str(w.message) for w in caught]
         assert set(result["layers"]) == {"2"}
         if fault == "hook":
-            assert any("1: _FaultyDecayProbe's hook raised IndexError: user bug in hook" in m for m in messages)
-            assert watch.failures == 0
+            assert any("skipped layer '1'" in m and "hook raised IndexError: user bug in hook" in m for m in messages)
+            assert watch.failures == 1
+            strict = esswatch.ESSWatch(model, every_n_steps=1, strict=True)  # review: strict=True raises for it
+            model(x).sum().backward()
+            with pytest.raises(esswatch.ESSMeasurementError, match="1: _FaultyDecayProbe's hook raised IndexError"):
+                strict.step()
+            strict.close()
         else:
             assert any("skipped layer '1'" in m and "theoretical state size" in m for m in messages), messages
             assert watch.failures == 1

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -307,3 +308,10 @@ def test_narrowed_keeps_the_first_rows_and_heads_of_every_operator():
             assert tuple(cut.batch_shape) == (min(rows or 4, 4), min(heads or 3, 3)), type(op).__name__
             assert torch.equal(cut.dense(), full[: rows or 4, : heads or 3]), (type(op).__name__, rows, heads)
         assert op.narrowed(None, None) is op and op.narrowed(4, 3) is op
+        # selected_rows (rows that are all padding left out): any rows, in the order given, like indexing dense T
+        pick = torch.tensor([3, 1])
+        assert torch.equal(op.selected_rows(pick).dense(), full[pick]), type(op).__name__
+    # a state size given to an operator without one of its own (a probe's TSS) survives both rebuilds (review)
+    conv = copy.copy(Convolution(r(4, 3, 6)))
+    conv.state_size = 5
+    assert conv.narrowed(2, 1).state_size == 5 and conv.selected_rows(torch.tensor([0, 2])).state_size == 5

@@ -229,7 +229,13 @@ class Operator:
             return x
 
         rebuild = type(self).__dict__.get("_rebuild")
-        return self if rebuild is None else rebuild(self, narrow)
+        return self if rebuild is None else self._kept(rebuild(self, narrow))
+
+    def _kept(self, out: "Operator") -> "Operator":
+        """``out`` (rebuilt from this operator's operands) with the state size given to this one (a probe's TSS)."""
+        if out.state_size is None and self.state_size is not None:
+            out.state_size = self.state_size
+        return out
 
     def selected_rows(self, rows: torch.Tensor) -> "Operator":
         """The entries ``rows`` (1-D int64) of the first batch dim (operands broadcast along it are left as they
@@ -241,7 +247,7 @@ class Operator:
             return x.index_select(pos, rows.to(x.device)) if pos >= 0 and x.shape[pos] > 1 else x
 
         rebuild = type(self).__dict__.get("_rebuild")
-        return self if rebuild is None or not b else rebuild(self, pick)
+        return self if rebuild is None or not b else self._kept(rebuild(self, pick))
 
     def __repr__(self) -> str:  # pragma: no cover - cosmetic
         return (

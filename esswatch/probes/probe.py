@@ -18,7 +18,6 @@ Hot-path contract (hooks run on every training step):
 from __future__ import annotations
 
 import copy
-import warnings
 import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -35,6 +34,9 @@ PADDING_WARNING = (
     "different token positions across differently padded rows (and the geometric bound min(i, L-i) is that "
     "of the full length)."
 )
+
+#: the key of a record that holds a hook's exception instead (:meth:`Probe.hook_failed`)
+_HOOK_ERROR = "_esswatch_hook_error"
 
 _compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
@@ -143,17 +145,10 @@ class Probe:
         return self.realize(self._record)
 
     def hook_failed(self, error: BaseException) -> None:
-        """One of this probe's hooks raised ``error`` (a bug in the probe): the call is not recorded, what it may
-        have recorded is dropped, and one :class:`CaptureWarning` names the layer; the forward goes on."""
-        self._record = None
-        if not getattr(self, "_hook_warned", False):
-            self._hook_warned = True
-            warnings.warn(
-                f"esswatch: {self.name}: {type(self).__name__}'s hook raised {type(error).__name__}: {error}; the "
-                "call is not recorded (training continues).",
-                CaptureWarning,
-                stacklevel=3,
-            )
+        """One of this probe's hooks raised ``error`` (a bug in the probe): the forward goes on, and the record
+        holds the error instead, so that building the operator raises a :class:`CaptureError` naming the layer
+        (inside the watch a layer failure: one warning, counted, ``strict=True`` raises)."""
+        self._record = {_HOOK_ERROR: error}  # raised when the operator is built: a layer failure (counted, warned)
 
     def valid_rows(self, record: Dict[str, Any]) -> Optional[torch.Tensor]:
         """Whether each kept batch row of ``record`` holds a real token (bool, one per row), or ``None``: all do, or
@@ -179,6 +174,9 @@ class Probe:
         """:meth:`build` the operator of ``record``; when the operator has no ``state_size`` of its own, it gets the
         layer's :meth:`tss` (a positive int, else a ``ValueError`` naming the layer). So the TSS has one source
         downstream, the operator's ``state_size`` (read by ``Operator.tss``, the logs and the regularizer)."""
+        err = record.get(_HOOK_ERROR)
+        if err is not None:
+            raise CaptureError(f"{self.name}: {type(self).__name__}'s hook raised {type(err).__name__}: {err}") from err
         op = self.build(record)
         tss = None if op is None else self.tss()
         if tss is not None:  # validated also where the operator's own state size wins
