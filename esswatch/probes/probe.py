@@ -64,6 +64,8 @@ class Probe:
     """
 
     layer_type: str = "layer"
+    #: what a raising hook is called in the layer's failure (``None``: "<probe class>'s hook")
+    hook_what: Optional[str] = None
 
     def __init__(self, name: str, module: torch.nn.Module, session) -> None:
         self.name = name
@@ -176,7 +178,8 @@ class Probe:
         downstream, the operator's ``state_size`` (read by ``Operator.tss``, the logs and the regularizer)."""
         err = record.get(_HOOK_ERROR)
         if err is not None:
-            raise CaptureError(f"{self.name}: {type(self).__name__}'s hook raised {type(err).__name__}: {err}") from err
+            what = self.hook_what or f"{type(self).__name__}'s hook"
+            raise CaptureError(f"{self.name}: {what} raised {type(err).__name__}: {err}") from err
         op = self.build(record)
         tss = None if op is None else self.tss()
         if tss is not None:  # validated also where the operator's own state size wins

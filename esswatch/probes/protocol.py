@@ -17,32 +17,28 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 from ..operators import Operator
-from .probe import CaptureError, Probe
+from .probe import Probe
 
 __all__ = ["ProtocolProbe"]
 
 
 class ProtocolProbe(Probe):
     layer_type = "esswatch_operator protocol"
+    hook_what = "esswatch_operator"
 
     def attach(self) -> List[Any]:
         def hook(module, args, kwargs, output):
             if not self.wants_record():
                 return None
-            try:
-                op = module.esswatch_operator(args, kwargs, output)
-            except Exception as e:  # noqa: BLE001 - never reaches the user's forward
-                self.record(op=None, error=e)  # raised when the operator is built (a layer failure)
-                return None
+            # an exception never reaches the user's forward: the hook guard records it (Probe.hook_failed), and
+            # building the operator raises it as a CaptureError (a layer failure)
+            op = module.esswatch_operator(args, kwargs, output)
             self.record(op=op.narrowed(*self.view()) if isinstance(op, Operator) else op)
             return None
 
         return [self.module.register_forward_hook(hook, with_kwargs=True)]
 
     def build(self, record: Dict[str, Any]) -> Operator:
-        err = record.get("error")
-        if err is not None:
-            raise CaptureError(f"{self.name}: esswatch_operator raised {type(err).__name__}: {err}") from err
         op = record["op"]
         if not isinstance(op, Operator):
             raise TypeError(f"{self.name}: esswatch_operator returned {type(op).__name__}, not an Operator")

@@ -88,6 +88,12 @@ def _blocked(mask: torch.Tensor) -> torch.Tensor:
     return mask <= BLOCKED_BELOW
 
 
+def _padded(key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """``key_padding_mask`` as booleans, True where a key is padding (a bool mask, or a float one's blocked
+    entries)."""
+    return key_padding_mask if key_padding_mask.dtype == torch.bool else _blocked(key_padding_mask)
+
+
 @register_probe(torch.nn.MultiheadAttention)
 class MultiheadAttentionProbe(Probe):
     """Realizes the causal self-attention of a ``torch.nn.MultiheadAttention`` call."""
@@ -242,7 +248,7 @@ class MultiheadAttentionProbe(Probe):
                 else attn_mask.to(dtype)
             )
         if key_padding_mask is not None:
-            pad = key_padding_mask if key_padding_mask.dtype == torch.bool else _blocked(key_padding_mask)
+            pad = _padded(key_padding_mask)
             kp = (
                 torch.zeros(pad.shape, dtype=dtype, device=pad.device).masked_fill(pad, float("-inf"))
                 if key_padding_mask.dtype == torch.bool
@@ -276,15 +282,13 @@ class MultiheadAttentionProbe(Probe):
         kpm = record["key_padding_mask"]
         if kpm is None:
             return None
-        pad = kpm if kpm.dtype == torch.bool else _blocked(kpm)
-        return ~pad.flatten(1).all(-1)
+        return ~_padded(kpm).flatten(1).all(-1)
 
     def _warn_padding(self, key_padding_mask) -> None:
         """Once per layer, where a row is padded (outside the hooks: reading the mask syncs)."""
         if key_padding_mask is None or "padding" in self._warned:
             return
-        pad = key_padding_mask if key_padding_mask.dtype == torch.bool else _blocked(key_padding_mask)
-        if bool(pad.any()):
+        if bool(_padded(key_padding_mask).any()):
             self._warned.add("padding")
             warnings.warn(f"esswatch: {self._describe()}: {PADDING_WARNING}", CaptureWarning, stacklevel=3)
 

@@ -48,6 +48,12 @@ __all__ = ["HFAttentionProbe", "BypassingAttentionProbe", "BidirectionalAttentio
 _UNSEEN = object()
 
 
+def _allowed(mask: torch.Tensor) -> torch.Tensor:
+    """Where a boolean or additive float mask (``-inf`` = masked, :func:`~.attention_mask.as_mask`) lets a query
+    attend."""
+    return mask if mask.dtype == torch.bool else torch.isfinite(mask)
+
+
 class HFAttentionProbe(Probe):
     layer_type = "Hugging Face attention (attention-function registry)"
 
@@ -212,7 +218,7 @@ class HFAttentionProbe(Probe):
         mask = as_mask(record["mask"], q, q.shape[-2], self.name)
         if mask is None:
             return None
-        valid = torch.tril(mask if mask.dtype == torch.bool else torch.isfinite(mask)).flatten(1).any(-1)
+        valid = torch.tril(_allowed(mask)).flatten(1).any(-1)
         return valid.expand(q.shape[0]) if valid.numel() == 1 else valid
 
     def _check_mask(self, mask: Optional[torch.Tensor], position_ids: Optional[torch.Tensor]) -> None:
@@ -230,7 +236,7 @@ class HFAttentionProbe(Probe):
         if mask is None:
             return
         L = mask.shape[-1]
-        ok = mask if mask.dtype == torch.bool else torch.isfinite(mask)
+        ok = _allowed(mask)
         r = torch.arange(L, device=mask.device)
         if bool((ok & (r[None, :] > r[:, None])).any()):
             self._warn(
